@@ -1006,6 +1006,33 @@ lr_factors = [1.0, 2.6]
     }
 
     #[test]
+    fn shipped_sweeps_parse() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("sweeps");
+        let q = load_sweep(&dir.join("quickstart.toml")).unwrap();
+        let names: Vec<_> = q.trials.iter().map(|t| t.name.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "pretrain",
+                "baseline",
+                "freeze-1",
+                "freeze-2",
+                "freeze-3",
+                "freeze-all",
+                "gradual",
+                "inheritune-2",
+                "inheritune-3"
+            ]
+        );
+        let f = load_sweep(&dir.join("seed-freeze-ablation.toml")).unwrap();
+        // baseline, freeze 1, freeze 2/3/all x 2 lr factors, gradual x 2.
+        assert_eq!(f.trials.len(), 1 + 1 + 3 * 2 + 2);
+        let i = load_sweep(&dir.join("seed-inheritune.toml")).unwrap();
+        assert_eq!(i.trials.len(), 3);
+        assert_eq!(i.trials[1].data.max_train_tokens, Some(100_000_000));
+    }
+
+    #[test]
     fn trial_file_round_trips_through_toml() {
         let s = parse(GOOD).unwrap();
         let dir = tempfile::tempdir().unwrap();
