@@ -1,1 +1,473 @@
-//! (placeholder: being written)
+//! The sweep's comparison report: the summary table (stdout, Markdown, CSV, JSON), loss curves,
+//! sample generations and the exact config of every trial.
+//!
+//! The report reads only what the coordinator stored (through `Get` and `Events`), never a
+//! worker's disk, so `ablate report` on another machine gives the same files as `ablate run`.
+//! Everything here is a pure function over plain structs ([`TrialRecord`] in, [`SummaryRow`] and
+//! strings out) so the formats can be tested without a server; [`write_report`] is the only part
+//! that touches the filesystem.
+//!
+//! Machine formats (CSV, JSON) carry full-precision numbers; the human formats (Markdown, the
+//! stdout table) round perplexity to two decimals. Both come from the same [`SummaryRow`], so they
+//! cannot disagree beyond that rounding.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::path::Path;
+
+use anyhow::Context as _;
+use experiments::trial::{Method, Progress, TrialConfig, TrialMetrics};
+use serde::Serialize;
+
+/// One trial as the coordinator stores it: the input of every report function.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TrialRecord {
+    pub id: String,
+    /// The exact resolved config (None only if the stored JSON could not be read back).
+    pub config: Option<TrialConfig>,
+    /// Display name (the config's name; kept separately so a record without config still shows).
+    pub name: String,
+    /// Lower-case state as the coordinator names it: queued, running, done, failed, cancelled, ...
+    pub state: String,
+    pub attempts: u32,
+    pub metrics: Option<TrialMetrics>,
+    /// Short machine-readable failure reason (`diverged`, `out_of_memory`, ...).
+    pub reason: Option<String>,
+    /// Human failure message.
+    pub message: Option<String>,
+    /// Worker name / device that ran the (last) attempt.
+    pub worker: Option<String>,
+}
+
+/// One row of the summary table. Serialised as-is into `summary.json`.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct SummaryRow {
+    /// Trial id (hash of the resolved config).
+    pub trial: String,
+    pub name: String,
+    /// Method family: pretrain, baseline, freeze, gradual, inheritune.
+    pub method: String,
+    pub status: String,
+    pub perplexity: Option<f64>,
+    /// perplexity − perplexity of the baseline evaluated on the same data and base.
+    pub baseline_delta: Option<f64>,
+    pub valid_loss: Option<f64>,
+    pub trainable_params: Option<u64>,
+    pub total_params: Option<u64>,
+    pub train_tokens: Option<u64>,
+    pub steps: Option<u64>,
+    pub wall_seconds: Option<f64>,
+    pub attempts: u32,
+    pub reason: Option<String>,
+    pub message: Option<String>,
+    pub worker: Option<String>,
+}
+
+/// Sort key: pretrain, baseline, then family, then the family's parameter (freeze 1,2,3,all;
+/// gradual stage length; Inheritune depth), then discriminative-LR factor, seed, name.
+fn order_key(r: &TrialRecord) -> (u8, u64, u64, u64, String) {
+    let Some(c) = &r.config else {
+        return (9, 0, 0, 0, r.name.clone());
+    };
+    let (family, param) = match &c.method {
+        Method::Pretrain { .. } => (0, 0),
+        Method::Baseline => (1, 0),
+        Method::Freeze { top } => (2, *top as u64),
+        Method::Gradual { stage_steps } => (3, *stage_steps),
+        Method::Inheritune { blocks } => (4, *blocks as u64),
+    };
+    // Factors are ≥ 1; scale to keep ordering in an integer key (None = 1.0 sorts first).
+    let factor = c.train.lr_factor.map_or(0, |f| (f * 1000.0) as u64);
+    (family, param, factor, c.seed, r.name.clone())
+}
+
+/// Same-data-same-base test for the baseline delta.
+fn same_eval(a: &TrialConfig, b: &TrialConfig) -> bool {
+    a.data == b.data && a.base == b.base
+}
+
+/// Turn stored records into ordered summary rows with baseline deltas.
+pub fn summary_rows(records: &[TrialRecord]) -> Vec<SummaryRow> {
+    let mut sorted: Vec<&TrialRecord> = records.iter().collect();
+    sorted.sort_by_key(|r| order_key(r));
+    let baselines: Vec<(&TrialConfig, f64)> = records
+        .iter()
+        .filter_map(|r| {
+            let c = r.config.as_ref()?;
+            let m = r.metrics.as_ref()?;
+            (matches!(c.method, Method::Baseline) && is_done(&r.state) && m.perplexity.is_finite())
+                .then_some((c, m.perplexity))
+        })
+        .collect();
+    sorted
+        .into_iter()
+        .map(|r| {
+            let done = is_done(&r.state);
+            let metrics = if done { r.metrics.as_ref() } else { None };
+            let perplexity = metrics.map(|m| m.perplexity);
+            let baseline_delta = match (&r.config, perplexity) {
+                (Some(c), Some(p)) => baselines
+                    .iter()
+                    .find(|(b, _)| same_eval(b, c))
+                    .map(|(_, bp)| p - bp),
+                _ => None,
+            };
+            SummaryRow {
+                trial: r.id.clone(),
+                name: r.name.clone(),
+                method: r
+                    .config
+                    .as_ref()
+                    .map_or("?", |c| c.method.family())
+                    .to_string(),
+                status: r.state.clone(),
+                perplexity,
+                baseline_delta,
+                valid_loss: metrics.map(|m| m.valid_loss),
+                trainable_params: metrics.map(|m| m.trainable_params),
+                total_params: metrics.map(|m| m.total_params),
+                train_tokens: metrics.map(|m| m.train_tokens),
+                steps: metrics.map(|m| m.steps),
+                wall_seconds: metrics.map(|m| m.wall_seconds),
+                attempts: r.attempts,
+                reason: r.reason.clone().filter(|s| !s.is_empty()),
+                message: r.message.clone().filter(|s| !s.is_empty()),
+                worker: r.worker.clone().filter(|s| !s.is_empty()),
+            }
+        })
+        .collect()
+}
+
+/// True for the state of a trial that finished successfully.
+pub fn is_done(state: &str) -> bool {
+    matches!(state, "done" | "succeeded" | "completed" | "complete")
+}
+
+/// True for states from which a trial never moves again.
+pub fn is_terminal(state: &str) -> bool {
+    is_done(state) || matches!(state, "failed" | "cancelled" | "canceled")
+}
+
+fn fmt_ppl(p: Option<f64>) -> String {
+    p.map_or_else(|| "—".into(), |p| format!("{p:.2}"))
+}
+
+fn fmt_delta(d: Option<f64>) -> String {
+    d.map_or_else(|| "—".into(), |d| format!("{d:+.2}"))
+}
+
+fn fmt_opt<T: ToString>(v: Option<T>) -> String {
+    v.map_or_else(|| "—".into(), |v| v.to_string())
+}
+
+/// 124439808 → "124.4M": short enough for a terminal column.
+pub fn human_count(n: u64) -> String {
+    match n {
+        0..=9_999 => n.to_string(),
+        10_000..=999_999 => format!("{:.1}k", n as f64 / 1e3),
+        1_000_000..=999_999_999 => format!("{:.1}M", n as f64 / 1e6),
+        _ => format!("{:.2}G", n as f64 / 1e9),
+    }
+}
+
+/// 83.4 → "1m23s"; a table of minute-to-hour trials reads better than raw seconds.
+pub fn human_duration(secs: f64) -> String {
+    if !secs.is_finite() || secs < 0.0 {
+        return "—".into();
+    }
+    let s = secs.round() as u64;
+    if s < 60 {
+        format!("{secs:.1}s")
+    } else if s < 3600 {
+        format!("{}m{:02}s", s / 60, s % 60)
+    } else {
+        format!("{}h{:02}m", s / 3600, (s % 3600) / 60)
+    }
+}
+
+/// Status cell: a failed row carries its reason so the table alone says what went wrong.
+fn status_cell(r: &SummaryRow) -> String {
+    match &r.reason {
+        Some(reason) if !is_done(&r.status) => format!("{} ({reason})", r.status),
+        _ => r.status.clone(),
+    }
+}
+
+fn md_escape(s: &str) -> String {
+    s.replace('|', "\\|").replace(['\n', '\r'], " ")
+}
+
+/// `summary.md`: one Markdown table, then the failure messages (too long for a cell).
+pub fn to_markdown(rows: &[SummaryRow]) -> String {
+    let mut out = String::new();
+    out.push_str(
+        "| trial | name | method | status | perplexity | Δ baseline | trainable params | total params | train tokens | wall s | attempts | reason |\n",
+    );
+    out.push_str("|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|\n");
+    for r in rows {
+        let _ = writeln!(
+            out,
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            md_escape(&r.trial),
+            md_escape(&r.name),
+            md_escape(&r.method),
+            md_escape(&r.status),
+            fmt_ppl(r.perplexity),
+            fmt_delta(r.baseline_delta),
+            fmt_opt(r.trainable_params),
+            fmt_opt(r.total_params),
+            fmt_opt(r.train_tokens),
+            r.wall_seconds
+                .map_or_else(|| "—".into(), |w| format!("{w:.1}")),
+            r.attempts,
+            md_escape(r.reason.as_deref().unwrap_or("")),
+        );
+    }
+    let failures: Vec<&SummaryRow> = rows.iter().filter(|r| r.message.is_some()).collect();
+    if !failures.is_empty() {
+        out.push_str("\n## Failures\n\n");
+        for r in failures {
+            let _ = writeln!(
+                out,
+                "- **{}** (`{}`): {}: {}",
+                md_escape(&r.name),
+                r.trial,
+                r.reason.as_deref().unwrap_or(&r.status),
+                md_escape(r.message.as_deref().unwrap_or(""))
+            );
+        }
+    }
+    out
+}
+
+fn csv_field(s: &str) -> String {
+    if s.contains([',', '"', '\n', '\r']) {
+        format!("\"{}\"", s.replace('"', "\"\""))
+    } else {
+        s.to_string()
+    }
+}
+
+fn csv_opt<T: ToString>(v: Option<T>) -> String {
+    v.map_or_else(String::new, |v| v.to_string())
+}
+
+/// Header of `summary.csv`, in column order.
+pub const CSV_COLUMNS: [&str; 16] = [
+    "trial",
+    "name",
+    "method",
+    "status",
+    "perplexity",
+    "baseline_delta",
+    "valid_loss",
+    "trainable_params",
+    "total_params",
+    "train_tokens",
+    "steps",
+    "wall_seconds",
+    "attempts",
+    "reason",
+    "message",
+    "worker",
+];
+
+/// `summary.csv`: full-precision numbers (Rust's shortest round-trip form); empty cells for
+/// missing values.
+pub fn to_csv(rows: &[SummaryRow]) -> String {
+    let mut out = CSV_COLUMNS.join(",");
+    out.push('\n');
+    for r in rows {
+        let cells = [
+            csv_field(&r.trial),
+            csv_field(&r.name),
+            csv_field(&r.method),
+            csv_field(&r.status),
+            csv_opt(r.perplexity),
+            csv_opt(r.baseline_delta),
+            csv_opt(r.valid_loss),
+            csv_opt(r.trainable_params),
+            csv_opt(r.total_params),
+            csv_opt(r.train_tokens),
+            csv_opt(r.steps),
+            csv_opt(r.wall_seconds),
+            r.attempts.to_string(),
+            csv_field(r.reason.as_deref().unwrap_or("")),
+            csv_field(r.message.as_deref().unwrap_or("")),
+            csv_field(r.worker.as_deref().unwrap_or("")),
+        ];
+        out.push_str(&cells.join(","));
+        out.push('\n');
+    }
+    out
+}
+
+/// `summary.json`: an array of [`SummaryRow`] objects (nulls for missing values).
+pub fn to_json(rows: &[SummaryRow]) -> String {
+    // NaN cannot be written as JSON; serde_json turns it into null, which is what we want.
+    serde_json::to_string_pretty(rows).expect("summary rows serialise") + "\n"
+}
+
+/// The table printed to stdout at the end of `ablate run` and by `ablate status`.
+pub fn to_terminal_table(rows: &[SummaryRow]) -> String {
+    let header = [
+        "trial",
+        "method",
+        "status",
+        "perplexity",
+        "Δ baseline",
+        "trainable",
+        "wall",
+    ];
+    let body: Vec<[String; 7]> = rows
+        .iter()
+        .map(|r| {
+            [
+                r.name.clone(),
+                r.method.clone(),
+                status_cell(r),
+                fmt_ppl(r.perplexity),
+                fmt_delta(r.baseline_delta),
+                r.trainable_params.map_or_else(|| "—".into(), human_count),
+                r.wall_seconds.map_or_else(|| "—".into(), human_duration),
+            ]
+        })
+        .collect();
+    let mut widths = header.map(|h| h.chars().count());
+    for row in &body {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    // Numbers right-aligned, text left-aligned.
+    let right = [false, false, false, true, true, true, true];
+    let line = |cells: &[String]| {
+        let mut s = String::new();
+        for (i, cell) in cells.iter().enumerate() {
+            let pad = widths[i].saturating_sub(cell.chars().count());
+            if i > 0 {
+                s.push_str("  ");
+            }
+            if right[i] {
+                s.push_str(&" ".repeat(pad));
+                s.push_str(cell);
+            } else {
+                s.push_str(cell);
+                if i + 1 < cells.len() {
+                    s.push_str(&" ".repeat(pad));
+                }
+            }
+        }
+        s.push('\n');
+        s
+    };
+    let mut out = line(&header.map(String::from));
+    let total: usize = widths.iter().sum::<usize>() + 2 * (widths.len() - 1);
+    out.push_str(&"─".repeat(total));
+    out.push('\n');
+    for row in &body {
+        out.push_str(&line(row));
+    }
+    out
+}
+
+/// One trial's recorded progress events, in the order the coordinator stored them.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TrialEvents {
+    pub id: String,
+    pub name: String,
+    pub events: Vec<Progress>,
+}
+
+/// `curves.csv` (trial, step, train_loss, valid_loss): one row per trial and step that has a
+/// train loss or a validation loss. A retried attempt replays steps from its checkpoint; the
+/// latest value for a step wins.
+pub fn curves_csv(trials: &[TrialEvents]) -> String {
+    let mut out = String::from("trial,step,train_loss,valid_loss\n");
+    for t in trials {
+        let mut by_step: BTreeMap<u64, (Option<f64>, Option<f64>)> = BTreeMap::new();
+        for e in &t.events {
+            match e {
+                Progress::Step { step, loss, .. } => {
+                    by_step.entry(*step).or_default().0 = Some(*loss)
+                }
+                Progress::Eval { step, valid_loss } => {
+                    by_step.entry(*step).or_default().1 = Some(*valid_loss)
+                }
+                _ => {}
+            }
+        }
+        for (step, (train, valid)) in by_step {
+            let _ = writeln!(
+                out,
+                "{},{step},{},{}",
+                csv_field(&t.id),
+                csv_opt(train),
+                csv_opt(valid)
+            );
+        }
+    }
+    out
+}
+
+/// `samples.md`: the generations each trial reported, under one heading per trial.
+pub fn samples_md(trials: &[TrialEvents]) -> String {
+    let mut out = String::from("# Samples\n");
+    let mut any = false;
+    for t in trials {
+        let samples: Vec<(&String, &String)> = t
+            .events
+            .iter()
+            .filter_map(|e| match e {
+                Progress::Sample { prompt, text } => Some((prompt, text)),
+                _ => None,
+            })
+            .collect();
+        if samples.is_empty() {
+            continue;
+        }
+        any = true;
+        let _ = write!(out, "\n## {} (`{}`)\n", md_escape(&t.name), t.id);
+        for (prompt, text) in samples {
+            let _ = write!(out, "\n**Prompt:** {}\n\n", md_escape(prompt));
+            // Fence longer than any backtick run in the text, so generated text cannot end it.
+            let longest = text.split(|c| c != '`').map(str::len).max().unwrap_or(0);
+            let fence = "`".repeat(longest.max(2) + 1);
+            let _ = write!(out, "{fence}text\n{text}\n{fence}\n");
+        }
+    }
+    if !any {
+        out.push_str("\nNo trial reported samples.\n");
+    }
+    out
+}
+
+/// Write every report file into `dir`: summary.{md,csv,json}, curves.csv, samples.md and
+/// trials/<id>.json (the exact resolved config). Returns the summary rows (for the stdout table).
+pub fn write_report(
+    dir: &Path,
+    records: &[TrialRecord],
+    events: &[TrialEvents],
+) -> anyhow::Result<Vec<SummaryRow>> {
+    let rows = summary_rows(records);
+    let trials_dir = dir.join("trials");
+    std::fs::create_dir_all(&trials_dir)
+        .with_context(|| format!("creating report directory {}", trials_dir.display()))?;
+    let write = |name: &str, text: String| {
+        let path = dir.join(name);
+        std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))
+    };
+    write("summary.md", to_markdown(&rows))?;
+    write("summary.csv", to_csv(&rows))?;
+    write("summary.json", to_json(&rows))?;
+    write("curves.csv", curves_csv(events))?;
+    write("samples.md", samples_md(events))?;
+    for r in records {
+        if let Some(c) = &r.config {
+            let path = trials_dir.join(format!("{}.json", r.id));
+            let text = serde_json::to_string_pretty(c).expect("TrialConfig serialises") + "\n";
+            std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
+        }
+    }
+    Ok(rows)
+}

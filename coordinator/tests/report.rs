@@ -1,0 +1,433 @@
+//! The report formats, tested without a server: ordering, baseline deltas, agreement between the
+//! Markdown, CSV and JSON files, failure reasons, curves and samples. Trial configs come from the
+//! real quickstart sweep file, so the ordering is checked on the trials users actually get.
+
+use std::path::Path;
+
+use coordinator::report::{
+    curves_csv, samples_md, summary_rows, to_csv, to_json, to_markdown, to_terminal_table,
+    write_report, SummaryRow, TrialEvents, TrialRecord, CSV_COLUMNS,
+};
+use experiments::trial::{Progress, TrialConfig, TrialMetrics};
+
+fn quickstart() -> Vec<TrialConfig> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../experiments/sweeps/quickstart.toml");
+    experiments::spec::load_sweep(&path)
+        .expect("quickstart sweep parses")
+        .trials
+}
+
+fn metrics(ppl: f64, trainable: u64) -> TrialMetrics {
+    TrialMetrics {
+        perplexity: ppl,
+        valid_loss: ppl.ln(),
+        valid_tokens: 4096,
+        train_tokens: 153_600,
+        steps: 150,
+        trainable_params: trainable,
+        total_params: 1_000_000,
+        final_train_loss: Some(3.5),
+        wall_seconds: 61.25,
+    }
+}
+
+fn record(c: &TrialConfig, state: &str, m: Option<TrialMetrics>) -> TrialRecord {
+    TrialRecord {
+        id: c.id(),
+        config: Some(c.clone()),
+        name: c.name.clone(),
+        state: state.into(),
+        attempts: 1,
+        metrics: m,
+        reason: None,
+        message: None,
+        worker: Some("w0/cpu".into()),
+    }
+}
+
+/// Records for the whole quickstart: every trial done with a distinct perplexity except
+/// `freeze-2`, which diverged.
+fn records() -> Vec<TrialRecord> {
+    quickstart()
+        .iter()
+        .enumerate()
+        .map(|(i, c)| {
+            if c.name == "freeze-2" {
+                let mut r = record(c, "failed", None);
+                r.attempts = 3;
+                r.reason = Some("diverged".into());
+                r.message = Some("loss is NaN at step 17, lr=1e-3".into());
+                r
+            } else {
+                record(
+                    c,
+                    "done",
+                    Some(metrics(100.0 - 7.5 * i as f64, 1000 + i as u64)),
+                )
+            }
+        })
+        .collect()
+}
+
+fn row<'a>(rows: &'a [SummaryRow], name: &str) -> &'a SummaryRow {
+    rows.iter()
+        .find(|r| r.name == name)
+        .unwrap_or_else(|| panic!("no row {name}"))
+}
+
+#[test]
+fn rows_are_ordered_pretrain_baseline_then_family_and_parameter() {
+    let mut recs = records();
+    recs.reverse();
+    recs.swap(1, 4);
+    let rows = summary_rows(&recs);
+    let names: Vec<&str> = rows.iter().map(|r| r.name.as_str()).collect();
+    assert_eq!(
+        names,
+        [
+            "pretrain",
+            "baseline",
+            "freeze-1",
+            "freeze-2",
+            "freeze-3",
+            "freeze-all",
+            "gradual",
+            "inheritune-2",
+            "inheritune-3"
+        ]
+    );
+}
+
+#[test]
+fn baseline_delta_is_against_the_baseline_on_the_same_data_and_base() {
+    let recs = records();
+    let rows = summary_rows(&recs);
+    let base = row(&rows, "baseline").perplexity.unwrap();
+    for name in [
+        "freeze-1",
+        "freeze-3",
+        "freeze-all",
+        "gradual",
+        "inheritune-3",
+    ] {
+        let r = row(&rows, name);
+        let d = r.baseline_delta.unwrap();
+        assert!((d - (r.perplexity.unwrap() - base)).abs() < 1e-12, "{name}");
+    }
+    assert_eq!(row(&rows, "baseline").baseline_delta, Some(0.0));
+    // The pretrain stage is evaluated on other text, from another base: no comparable baseline.
+    assert!(row(&rows, "pretrain").perplexity.is_some());
+    assert_eq!(row(&rows, "pretrain").baseline_delta, None);
+    // Failed trials have neither perplexity nor delta.
+    assert_eq!(row(&rows, "freeze-2").perplexity, None);
+    assert_eq!(row(&rows, "freeze-2").baseline_delta, None);
+
+    // A second baseline on different data must not be used for trials of the first data set,
+    // and a trial on that data compares with it.
+    let qs = quickstart();
+    let b = qs.iter().find(|c| c.name == "baseline").unwrap();
+    let f = qs.iter().find(|c| c.name == "freeze-1").unwrap();
+    let mut b2 = b.clone();
+    b2.data.context = 64;
+    b2.name = "baseline ctx64".into();
+    let mut f2 = f.clone();
+    f2.data.context = 64;
+    f2.name = "freeze-1 ctx64".into();
+    let recs = vec![
+        record(&b2, "done", Some(metrics(80.0, 0))),
+        record(f, "done", Some(metrics(30.0, 10))),
+        record(b, "done", Some(metrics(50.0, 0))),
+        record(&f2, "done", Some(metrics(70.0, 10))),
+    ];
+    let rows = summary_rows(&recs);
+    assert_eq!(row(&rows, "freeze-1").baseline_delta, Some(-20.0));
+    assert_eq!(row(&rows, "freeze-1 ctx64").baseline_delta, Some(-10.0));
+
+    // No finished baseline: no delta (a queued baseline has no perplexity yet).
+    let recs = vec![
+        record(b, "queued", None),
+        record(f, "done", Some(metrics(30.0, 10))),
+    ];
+    let rows = summary_rows(&recs);
+    assert_eq!(row(&rows, "freeze-1").baseline_delta, None);
+}
+
+/// Minimal CSV reader for the test (quotes with doubled quotes, no embedded newlines needed).
+fn parse_csv_line(line: &str) -> Vec<String> {
+    let mut out = vec![String::new()];
+    let mut quoted = false;
+    let mut chars = line.chars().peekable();
+    while let Some(c) = chars.next() {
+        match (c, quoted) {
+            ('"', true) if chars.peek() == Some(&'"') => {
+                chars.next();
+                out.last_mut().unwrap().push('"');
+            }
+            ('"', _) => quoted = !quoted,
+            (',', false) => out.push(String::new()),
+            (c, _) => out.last_mut().unwrap().push(c),
+        }
+    }
+    out
+}
+
+#[test]
+fn markdown_csv_and_json_carry_the_same_numbers() {
+    let rows = summary_rows(&records());
+    let csv = to_csv(&rows);
+    let json: serde_json::Value = serde_json::from_str(&to_json(&rows)).unwrap();
+    let md = to_markdown(&rows);
+    let arr = json.as_array().unwrap();
+    assert_eq!(arr.len(), rows.len());
+
+    let mut lines = csv.lines();
+    let header = parse_csv_line(lines.next().unwrap());
+    assert_eq!(header, CSV_COLUMNS);
+    let col = |name: &str| header.iter().position(|h| h == name).unwrap();
+    let csv_rows: Vec<Vec<String>> = lines.map(parse_csv_line).collect();
+    assert_eq!(csv_rows.len(), rows.len());
+
+    for key in [
+        "trial",
+        "name",
+        "method",
+        "status",
+        "perplexity",
+        "baseline_delta",
+        "trainable_params",
+        "total_params",
+        "train_tokens",
+        "wall_seconds",
+        "attempts",
+        "reason",
+    ] {
+        assert!(arr[0].get(key).is_some(), "summary.json lacks `{key}`");
+    }
+
+    for ((r, c), j) in rows.iter().zip(&csv_rows).zip(arr) {
+        assert_eq!(c[col("trial")], r.trial);
+        assert_eq!(j["trial"], r.trial.as_str());
+        assert_eq!(j["name"], c[col("name")].as_str());
+        match r.perplexity {
+            Some(p) => {
+                let from_csv: f64 = c[col("perplexity")].parse().unwrap();
+                assert_eq!(from_csv, p);
+                assert_eq!(j["perplexity"].as_f64().unwrap(), p);
+                let delta = r
+                    .baseline_delta
+                    .map(|d| format!("{d:+.2}"))
+                    .unwrap_or("—".into());
+                let md_line = md.lines().find(|l| l.contains(&r.trial)).unwrap();
+                assert!(
+                    md_line.contains(&format!("| {p:.2} | {delta} |")),
+                    "markdown row `{md_line}` lacks {p:.2} / {delta}"
+                );
+            }
+            None => {
+                assert_eq!(c[col("perplexity")], "");
+                assert!(j["perplexity"].is_null());
+            }
+        }
+        match r.baseline_delta {
+            Some(d) => {
+                assert_eq!(c[col("baseline_delta")].parse::<f64>().unwrap(), d);
+                assert_eq!(j["baseline_delta"].as_f64().unwrap(), d);
+            }
+            None => assert!(j["baseline_delta"].is_null()),
+        }
+        if let Some(t) = r.trainable_params {
+            assert_eq!(c[col("trainable_params")].parse::<u64>().unwrap(), t);
+            assert_eq!(j["trainable_params"].as_u64().unwrap(), t);
+        }
+        assert_eq!(j["attempts"].as_u64().unwrap(), r.attempts as u64);
+    }
+}
+
+#[test]
+fn failed_rows_carry_their_reason_everywhere() {
+    let rows = summary_rows(&records());
+    let failed = row(&rows, "freeze-2");
+    assert_eq!(failed.status, "failed");
+    assert_eq!(failed.reason.as_deref(), Some("diverged"));
+    assert_eq!(failed.attempts, 3);
+
+    let md = to_markdown(&rows);
+    let md_line = md
+        .lines()
+        .find(|l| l.contains(&failed.trial) && l.starts_with('|'))
+        .unwrap();
+    assert!(
+        md_line.contains("| failed |") && md_line.contains("| diverged |"),
+        "{md_line}"
+    );
+    assert!(
+        md.contains("loss is NaN at step 17"),
+        "markdown lacks the failure message"
+    );
+
+    let csv = to_csv(&rows);
+    let line = csv.lines().find(|l| l.starts_with(&failed.trial)).unwrap();
+    let cells = parse_csv_line(line);
+    assert_eq!(cells[3], "failed");
+    assert_eq!(cells[13], "diverged");
+    // The message contains a comma: it must come back whole.
+    assert_eq!(cells[14], "loss is NaN at step 17, lr=1e-3");
+
+    let json: serde_json::Value = serde_json::from_str(&to_json(&rows)).unwrap();
+    let j = json
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|j| j["name"] == "freeze-2")
+        .unwrap();
+    assert_eq!(j["reason"], "diverged");
+    assert_eq!(j["status"], "failed");
+
+    let table = to_terminal_table(&rows);
+    let line = table.lines().find(|l| l.starts_with("freeze-2 ")).unwrap();
+    assert!(line.contains("failed (diverged)"), "{line}");
+    // Every trial appears once, after a header and a rule.
+    assert_eq!(table.lines().count(), rows.len() + 2);
+    let ok = table.lines().find(|l| l.starts_with("freeze-1 ")).unwrap();
+    let r = row(&rows, "freeze-1");
+    assert!(
+        ok.contains(&format!("{:.2}", r.perplexity.unwrap())),
+        "{ok}"
+    );
+    assert!(
+        ok.contains(&format!("{:+.2}", r.baseline_delta.unwrap())),
+        "{ok}"
+    );
+    assert!(ok.contains("1m01s"), "{ok}");
+}
+
+#[test]
+fn curves_merge_train_and_valid_loss_by_step_and_keep_the_latest_attempt() {
+    let events = vec![TrialEvents {
+        id: "abc".into(),
+        name: "freeze-1".into(),
+        events: vec![
+            Progress::Step {
+                step: 1,
+                total: 4,
+                loss: 5.0,
+                lr: 1e-3,
+                tokens_per_sec: 10.0,
+            },
+            Progress::Step {
+                step: 2,
+                total: 4,
+                loss: 4.5,
+                lr: 1e-3,
+                tokens_per_sec: 10.0,
+            },
+            Progress::Eval {
+                step: 2,
+                valid_loss: 4.75,
+            },
+            Progress::Checkpoint {
+                step: 2,
+                dir: "ckpt".into(),
+            },
+            // The attempt was preempted after step 3 and resumed from the step-2 checkpoint.
+            Progress::Step {
+                step: 3,
+                total: 4,
+                loss: 9.0,
+                lr: 1e-3,
+                tokens_per_sec: 10.0,
+            },
+            Progress::Step {
+                step: 3,
+                total: 4,
+                loss: 4.25,
+                lr: 1e-3,
+                tokens_per_sec: 10.0,
+            },
+            Progress::Eval {
+                step: 4,
+                valid_loss: 4.5,
+            },
+        ],
+    }];
+    let csv = curves_csv(&events);
+    assert_eq!(
+        csv,
+        "trial,step,train_loss,valid_loss\nabc,1,5,\nabc,2,4.5,4.75\nabc,3,4.25,\nabc,4,,4.5\n"
+    );
+}
+
+#[test]
+fn samples_are_grouped_by_trial_and_fenced_safely() {
+    let events = vec![
+        TrialEvents {
+            id: "t1".into(),
+            name: "baseline".into(),
+            events: vec![],
+        },
+        TrialEvents {
+            id: "t2".into(),
+            name: "freeze-1".into(),
+            events: vec![
+                Progress::Sample {
+                    prompt: "To be".into(),
+                    text: "To be or ``` not".into(),
+                },
+                Progress::Step {
+                    step: 1,
+                    total: 1,
+                    loss: 1.0,
+                    lr: 0.0,
+                    tokens_per_sec: 1.0,
+                },
+            ],
+        },
+    ];
+    let md = samples_md(&events);
+    assert!(md.contains("## freeze-1 (`t2`)"));
+    assert!(!md.contains("## baseline"));
+    assert!(md.contains("**Prompt:** To be"));
+    assert!(md.contains("````text\nTo be or ``` not\n````"), "{md}");
+}
+
+#[test]
+fn write_report_writes_every_file_and_the_exact_configs() {
+    let dir = tempfile::tempdir().unwrap();
+    let recs = records();
+    let events: Vec<TrialEvents> = recs
+        .iter()
+        .map(|r| TrialEvents {
+            id: r.id.clone(),
+            name: r.name.clone(),
+            events: vec![Progress::Eval {
+                step: 10,
+                valid_loss: 3.0,
+            }],
+        })
+        .collect();
+    let rows = write_report(dir.path(), &recs, &events).unwrap();
+    assert_eq!(rows.len(), recs.len());
+    for f in [
+        "summary.md",
+        "summary.csv",
+        "summary.json",
+        "curves.csv",
+        "samples.md",
+    ] {
+        let text = std::fs::read_to_string(dir.path().join(f)).unwrap();
+        assert!(!text.is_empty(), "{f} is empty");
+    }
+    for r in &recs {
+        let text =
+            std::fs::read_to_string(dir.path().join(format!("trials/{}.json", r.id))).unwrap();
+        let back: TrialConfig = serde_json::from_str(&text).unwrap();
+        assert_eq!(&back, r.config.as_ref().unwrap());
+        assert_eq!(
+            back.id(),
+            r.id,
+            "the stored config must hash back to the trial id"
+        );
+    }
+    let curves = std::fs::read_to_string(dir.path().join("curves.csv")).unwrap();
+    assert_eq!(curves.lines().count(), recs.len() + 1);
+}
