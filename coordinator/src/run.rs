@@ -1,1 +1,367 @@
-//! (placeholder: being written)
+//! `ablate run`: the whole job on one machine in one command.
+//!
+//! Loads and validates the sweep, starts the coordinator in-process on loopback (state in
+//! `DIR/state`, so running the same command again skips finished trials), spawns local
+//! `ablate-worker` processes (one per visible GPU, or a few CPU workers), submits, shows progress,
+//! writes the report and prints the summary table. Workers are real child processes talking gRPC
+//! to the embedded server — the same path a multi-machine deployment takes — so a crash in one
+//! trial cannot take the sweep down, and a worker that dies is restarted (a bounded number of
+//! times) while its lease re-queues the trial.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context as _};
+
+use crate::cli::DeviceKind;
+
+/// Locate `ablate-worker`: next to the running executable (a cargo build puts both binaries in
+/// the same target dir), then on PATH.
+pub fn find_worker_bin() -> anyhow::Result<PathBuf> {
+    let name = format!("ablate-worker{}", std::env::consts::EXE_SUFFIX);
+    let exe = std::env::current_exe().ok();
+    if let Some(dir) = exe.as_deref().and_then(Path::parent) {
+        let candidate = dir.join(&name);
+        if candidate.is_file() {
+            return Ok(candidate);
+        }
+        // `cargo test` runs binaries from target/debug/deps; the worker sits one level up.
+        if let Some(up) = dir.parent() {
+            let candidate = up.join(&name);
+            if dir.file_name().is_some_and(|n| n == "deps") && candidate.is_file() {
+                return Ok(candidate);
+            }
+        }
+    }
+    if let Some(path) = std::env::var_os("PATH") {
+        for dir in std::env::split_paths(&path) {
+            let candidate = dir.join(&name);
+            if candidate.is_file() {
+                return Ok(candidate);
+            }
+        }
+    }
+    let next_to = exe.as_deref().and_then(Path::parent).map_or_else(
+        || "this executable".to_string(),
+        |d| d.display().to_string(),
+    );
+    bail!(
+        "ablate-worker not found in {next_to} or on PATH. `ablate run` starts worker processes, so \
+         build both binaries: `cargo build --release` (then run target/release/ablate), or pass \
+         --worker-bin PATH"
+    )
+}
+
+/// GPUs this process may use, as the ids to put in each worker's CUDA_VISIBLE_DEVICES:
+/// CUDA_VISIBLE_DEVICES when set (empty or `-1` means none), otherwise `nvidia-smi -L`.
+pub fn visible_gpus() -> anyhow::Result<Vec<String>> {
+    if let Ok(v) = std::env::var("CUDA_VISIBLE_DEVICES") {
+        return Ok(parse_visible_devices(&v));
+    }
+    let out = Command::new("nvidia-smi")
+        .arg("-L")
+        .stderr(Stdio::null())
+        .output()
+        .context(
+            "--device cuda: CUDA_VISIBLE_DEVICES is unset and `nvidia-smi -L` could not run",
+        )?;
+    if !out.status.success() {
+        bail!("--device cuda: `nvidia-smi -L` failed ({})", out.status);
+    }
+    Ok(parse_nvidia_smi(&String::from_utf8_lossy(&out.stdout)))
+}
+
+/// `0,2` → ["0", "2"]; `""` and `-1` → none (CUDA's own convention for hiding every GPU).
+pub fn parse_visible_devices(v: &str) -> Vec<String> {
+    let ids: Vec<String> = v
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(String::from)
+        .collect();
+    // CUDA stops at the first invalid entry; -1 is the usual way to say "no GPU".
+    ids.into_iter()
+        .take_while(|s| !s.starts_with('-'))
+        .collect()
+}
+
+/// Count `GPU N: ...` lines of `nvidia-smi -L` (MIG lines are indented and skipped).
+pub fn parse_nvidia_smi(out: &str) -> Vec<String> {
+    out.lines()
+        .filter_map(|l| l.strip_prefix("GPU "))
+        .filter_map(|rest| rest.split(':').next())
+        .map(|n| n.trim().to_string())
+        .collect()
+}
+
+/// Default number of CPU workers: two when there are two cores or more; candle uses every thread
+/// it is given, so more workers than that only share the same cores.
+pub fn default_cpu_workers(cores: usize) -> usize {
+    cores.clamp(1, 2)
+}
+
+/// Threads per worker so N workers together use every core once.
+pub fn threads_per_worker(cores: usize, workers: usize) -> usize {
+    (cores / workers.max(1)).max(1)
+}
+
+pub fn cores() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+/// How one local worker is started.
+#[derive(Clone, Debug)]
+pub struct WorkerSpec {
+    pub index: usize,
+    pub name: String,
+    /// `cpu` or `cuda:0` (with `cuda_visible` narrowing the process to one GPU).
+    pub device: String,
+    pub cuda_visible: Option<String>,
+    pub threads: Option<usize>,
+    pub work_dir: PathBuf,
+    pub log: PathBuf,
+}
+
+/// Plan the local workers for a device choice.
+pub fn plan_workers(
+    out: &Path,
+    device: DeviceKind,
+    workers: Option<usize>,
+) -> anyhow::Result<Vec<WorkerSpec>> {
+    let cores = cores();
+    if workers == Some(0) {
+        bail!("--workers must be at least 1");
+    }
+    let mk = |i: usize, device: String, cuda_visible: Option<String>, threads: Option<usize>| {
+        WorkerSpec {
+            index: i,
+            name: format!("local-{i}"),
+            device,
+            cuda_visible,
+            threads,
+            work_dir: out.join("workers").join(i.to_string()),
+            log: out.join("workers").join(format!("{i}.log")),
+        }
+    };
+    match device {
+        DeviceKind::Cpu => {
+            let n = workers.unwrap_or_else(|| default_cpu_workers(cores));
+            let threads = threads_per_worker(cores, n);
+            Ok((0..n)
+                .map(|i| mk(i, "cpu".into(), None, Some(threads)))
+                .collect())
+        }
+        DeviceKind::Cuda => {
+            let mut gpus = visible_gpus()?;
+            if gpus.is_empty() {
+                bail!("--device cuda: no GPU is visible (CUDA_VISIBLE_DEVICES / nvidia-smi -L)");
+            }
+            if let Some(n) = workers {
+                gpus.truncate(n);
+            }
+            // GPU workers need few CPU threads; give them a fair share for data work.
+            let threads = threads_per_worker(cores, gpus.len());
+            Ok(gpus
+                .into_iter()
+                .enumerate()
+                .map(|(i, id)| mk(i, "cuda:0".into(), Some(id), Some(threads)))
+                .collect())
+        }
+    }
+}
+
+/// A running local worker and its restart budget.
+pub struct WorkerProc {
+    pub spec: WorkerSpec,
+    pub child: Option<Child>,
+    pub restarts: u32,
+    pub started: Instant,
+}
+
+/// What `ablate-worker` needs to reach the embedded coordinator.
+#[derive(Clone, Debug)]
+pub struct WorkerEnv {
+    pub bin: PathBuf,
+    pub coordinator: String,
+    pub token_file: Option<PathBuf>,
+    pub cache: Option<PathBuf>,
+}
+
+impl WorkerProc {
+    pub fn spawn(spec: WorkerSpec, env: &WorkerEnv) -> anyhow::Result<WorkerProc> {
+        let child = spawn_worker(&spec, env)?;
+        Ok(WorkerProc {
+            spec,
+            child: Some(child),
+            restarts: 0,
+            started: Instant::now(),
+        })
+    }
+
+    pub fn respawn(&mut self, env: &WorkerEnv) -> anyhow::Result<()> {
+        self.child = Some(spawn_worker(&self.spec, env)?);
+        self.restarts += 1;
+        self.started = Instant::now();
+        Ok(())
+    }
+
+    /// The exit status if the child has exited (and reaps it).
+    pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        let child = self.child.as_mut()?;
+        match child.try_wait() {
+            Ok(Some(status)) => {
+                self.child = None;
+                Some(status)
+            }
+            _ => None,
+        }
+    }
+
+    /// SIGTERM (the worker checkpoints and reports the attempt as preempted), then SIGKILL after
+    /// `grace`.
+    pub fn stop(&mut self, grace: Duration) {
+        let Some(mut child) = self.child.take() else {
+            return;
+        };
+        terminate(&child);
+        let deadline = Instant::now() + grace;
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+}
+
+fn terminate(child: &Child) {
+    #[cfg(unix)]
+    // SAFETY: kill(2) on the pid of a child we own and have not reaped yet.
+    unsafe {
+        libc::kill(child.id() as libc::pid_t, libc::SIGTERM);
+    }
+    #[cfg(not(unix))]
+    let _ = child;
+}
+
+fn spawn_worker(spec: &WorkerSpec, env: &WorkerEnv) -> anyhow::Result<Child> {
+    std::fs::create_dir_all(&spec.work_dir)
+        .with_context(|| format!("creating worker directory {}", spec.work_dir.display()))?;
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&spec.log)
+        .with_context(|| format!("opening worker log {}", spec.log.display()))?;
+    let log2 = log
+        .try_clone()
+        .context("duplicating the worker log handle")?;
+    let mut cmd = Command::new(&env.bin);
+    cmd.arg("--coordinator")
+        .arg(&env.coordinator)
+        .arg("--device")
+        .arg(&spec.device)
+        .arg("--work-dir")
+        .arg(&spec.work_dir)
+        .arg("--name")
+        .arg(&spec.name)
+        .stdin(Stdio::null())
+        .stdout(log)
+        .stderr(log2);
+    if let Some(f) = &env.token_file {
+        cmd.arg("--token-file").arg(f);
+    }
+    if let Some(c) = &env.cache {
+        cmd.arg("--cache").arg(c);
+    }
+    if let Some(t) = spec.threads {
+        cmd.env("RAYON_NUM_THREADS", t.to_string());
+    }
+    if let Some(v) = &spec.cuda_visible {
+        cmd.env("CUDA_VISIBLE_DEVICES", v);
+    }
+    // Own process group: a Ctrl-C in the terminal reaches `ablate run` only, which then stops the
+    // workers in order (SIGTERM → checkpoint → exit) instead of racing them.
+    #[cfg(unix)]
+    {
+        use std::os::unix::process::CommandExt;
+        cmd.process_group(0);
+    }
+    // If `ablate run` itself is killed (SIGKILL, OOM), take the workers with it rather than
+    // leaving them retrying a coordinator that is gone.
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::unix::process::CommandExt;
+        // SAFETY: prctl is async-signal-safe and touches only the child's own attributes.
+        unsafe {
+            cmd.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
+                Ok(())
+            });
+        }
+    }
+    cmd.spawn()
+        .with_context(|| format!("starting {}", env.bin.display()))
+}
+
+/// A random hex token from the OS (the embedded coordinator authenticates its own workers too,
+/// so another local user cannot lease or report on loopback).
+pub fn random_token() -> anyhow::Result<String> {
+    use std::io::Read;
+    let mut buf = [0u8; 24];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut buf))
+        .context("reading /dev/urandom for a session token")?;
+    Ok(buf.iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// Write a secret readable only by this user.
+pub fn write_secret(path: &Path, secret: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        opts.mode(0o600);
+    }
+    let mut f = opts
+        .open(path)
+        .with_context(|| format!("writing {}", path.display()))?;
+    f.write_all(secret.as_bytes())
+        .with_context(|| format!("writing {}", path.display()))?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn visible_devices_follow_cuda_conventions() {
+        assert_eq!(parse_visible_devices("0,2"), ["0", "2"]);
+        assert_eq!(parse_visible_devices(" 1 "), ["1"]);
+        assert!(parse_visible_devices("").is_empty());
+        assert!(parse_visible_devices("-1").is_empty());
+        assert_eq!(parse_visible_devices("3,-1,4"), ["3"]);
+    }
+
+    #[test]
+    fn nvidia_smi_lines_are_counted_without_mig_entries() {
+        let out = "GPU 0: NVIDIA H100 80GB HBM3 (UUID: GPU-aaa)\n  MIG 1g.10gb Device 0: (UUID: MIG-x)\nGPU 1: NVIDIA H100 80GB HBM3 (UUID: GPU-bbb)\n";
+        assert_eq!(parse_nvidia_smi(out), ["0", "1"]);
+        assert!(parse_nvidia_smi("No devices were found\n").is_empty());
+    }
+
+    #[test]
+    fn cpu_workers_share_the_cores() {
+        assert_eq!(default_cpu_workers(1), 1);
+        assert_eq!(default_cpu_workers(2), 2);
+        assert_eq!(default_cpu_workers(64), 2);
+        assert_eq!(threads_per_worker(2, 2), 1);
+        assert_eq!(threads_per_worker(16, 3), 5);
+        assert_eq!(threads_per_worker(2, 8), 1);
+    }
+}
