@@ -1,1 +1,289 @@
-//! (placeholder: being written)
+//! Fine-tuning methods as plans over layer groups: which parameters train at a given step, and at
+//! which learning rate.
+//!
+//! A GPT-2 of `n_layer` blocks is cut into `G` layer groups: group 0 holds the embeddings (wte,
+//! wpe); groups 1..G-1 hold contiguous runs of blocks, split as evenly as possible with the larger
+//! groups at the top when `n_layer` does not divide; ln_f and the tied head belong to the top group
+//! G-1. Every method (freeze-top-k, ULMFiT gradual unfreezing, discriminative learning rates,
+//! Inheritune, pretraining) is expressed as "which groups are on at step s" plus "lr per group", so
+//! the training loop has one code path for all of them.
+//!
+//! The tied head makes wte special: when the top group trains, wte receives gradient through the
+//! head even if the embedding group is frozen. It is then trained at the top group's rate (the head
+//! is the top group's parameter); when group 0 is on, at group 0's rate.
+
+use std::ops::Range;
+
+use crate::trial::Method;
+use crate::{Error, Result};
+
+/// The split of a model's blocks into layer groups.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LayerGroups {
+    pub n_layer: usize,
+    pub groups: usize,
+    /// Block ranges of groups 1..G-1: `blocks[g - 1]` belongs to group g.
+    pub blocks: Vec<Range<usize>>,
+}
+
+/// Which parts of the model are trainable, in the shape the model's forward pass takes
+/// (`model::Trainable` has the same three fields).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TrainMask {
+    pub embeddings: bool,
+    pub blocks: Vec<bool>,
+    /// ln_f and the tied head.
+    pub top: bool,
+}
+
+impl TrainMask {
+    pub fn any(&self) -> bool {
+        self.embeddings || self.top || self.blocks.iter().any(|b| *b)
+    }
+}
+
+impl LayerGroups {
+    /// Errors (Config) when `groups < 2` (there must be an embedding group and at least one block
+    /// group) or when there are more block groups than blocks.
+    pub fn new(n_layer: usize, groups: usize) -> Result<Self> {
+        if groups < 2 {
+            return Err(Error::Config(format!(
+                "groups = {groups}: need at least 2 layer groups (embeddings + at least one block group)"
+            )));
+        }
+        let block_groups = groups - 1;
+        if block_groups > n_layer {
+            return Err(Error::Config(format!(
+                "groups = {groups}: {block_groups} block groups but the model has only {n_layer} blocks"
+            )));
+        }
+        let base = n_layer / block_groups;
+        let rem = n_layer % block_groups;
+        let mut blocks = Vec::with_capacity(block_groups);
+        let mut start = 0;
+        for i in 0..block_groups {
+            // The top `rem` groups take one extra block.
+            let size = base + usize::from(i >= block_groups - rem);
+            blocks.push(start..start + size);
+            start += size;
+        }
+        Ok(LayerGroups {
+            n_layer,
+            groups,
+            blocks,
+        })
+    }
+
+    /// The group a parameter (Hugging Face name without `transformer.`) belongs to; None for names
+    /// that are not GPT-2 parameters.
+    pub fn group_of(&self, name: &str) -> Option<usize> {
+        let name = name.strip_prefix("transformer.").unwrap_or(name);
+        if name.starts_with("wte.") || name.starts_with("wpe.") {
+            return Some(0);
+        }
+        if name.starts_with("ln_f.") || name.starts_with("lm_head.") {
+            return Some(self.groups - 1);
+        }
+        let rest = name.strip_prefix("h.")?;
+        let idx: usize = rest.split('.').next()?.parse().ok()?;
+        self.blocks
+            .iter()
+            .position(|r| r.contains(&idx))
+            .map(|g| g + 1)
+    }
+
+    /// Turns per-group on/off flags into the model's trainable mask.
+    pub fn mask(&self, on: &[bool]) -> TrainMask {
+        let mut blocks = vec![false; self.n_layer];
+        for (g, r) in self.blocks.iter().enumerate() {
+            for b in r.clone() {
+                blocks[b] = on[g + 1];
+            }
+        }
+        TrainMask {
+            embeddings: on[0],
+            blocks,
+            top: on[self.groups - 1],
+        }
+    }
+
+    /// Learning rate of parameter `name` under the flags `on` and per-group rates `lrs`, or None
+    /// when it is frozen (see the module doc for the tied wte).
+    pub fn param_lr(&self, name: &str, on: &[bool], lrs: &[f64]) -> Option<f64> {
+        let top = self.groups - 1;
+        let bare = name.strip_prefix("transformer.").unwrap_or(name);
+        if bare.starts_with("wte.") {
+            return if on[0] {
+                Some(lrs[0])
+            } else if on[top] {
+                Some(lrs[top])
+            } else {
+                None
+            };
+        }
+        let g = self.group_of(name)?;
+        on[g].then(|| lrs[g])
+    }
+}
+
+/// Per-group learning rates: group g trains at `lr / factor^(G-1-g)` (ULMFiT discriminative
+/// fine-tuning; no factor means one rate for all).
+pub fn group_lrs(lr: f64, factor: Option<f64>, groups: usize) -> Vec<f64> {
+    (0..groups)
+        .map(|g| match factor {
+            Some(f) => lr / f.powi((groups - 1 - g) as i32),
+            None => lr,
+        })
+        .collect()
+}
+
+/// Checks that `method` fits a base of `n_layer` blocks split into `groups` groups; the error names
+/// the offending value.
+pub fn validate(method: &Method, groups: usize, n_layer: usize) -> Result<()> {
+    match method {
+        Method::Inheritune { blocks } => {
+            if *blocks == 0 || *blocks > n_layer {
+                return Err(Error::Config(format!(
+                    "inheritune blocks = {blocks}: must be between 1 and the base model's {n_layer} blocks"
+                )));
+            }
+            LayerGroups::new(*blocks, groups)?;
+        }
+        Method::Freeze { top } => {
+            LayerGroups::new(n_layer, groups)?;
+            if *top == 0 || *top > groups {
+                return Err(Error::Config(format!(
+                    "freeze top = {top}: must be between 1 and the {groups} layer groups"
+                )));
+            }
+        }
+        Method::Gradual { stage_steps } => {
+            LayerGroups::new(n_layer, groups)?;
+            if *stage_steps == 0 {
+                return Err(Error::Config(
+                    "gradual stage_steps = 0: must be at least 1".into(),
+                ));
+            }
+        }
+        Method::Baseline | Method::Pretrain { .. } => {}
+    }
+    Ok(())
+}
+
+/// Which groups train at optimizer step `step` (0-based).
+pub fn active_groups(method: &Method, groups: usize, step: u64) -> Result<Vec<bool>> {
+    let on_top = |k: usize| -> Vec<bool> { (0..groups).map(|g| g + k >= groups).collect() };
+    Ok(match method {
+        Method::Baseline => vec![false; groups],
+        Method::Pretrain { .. } | Method::Inheritune { .. } => vec![true; groups],
+        Method::Freeze { top } => {
+            if *top == 0 || *top > groups {
+                return Err(Error::Config(format!(
+                    "freeze top = {top}: must be between 1 and the {groups} layer groups"
+                )));
+            }
+            on_top(*top)
+        }
+        Method::Gradual { stage_steps } => {
+            let stage = step / (*stage_steps).max(1);
+            on_top((stage as usize).saturating_add(1).min(groups))
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gpt2_small_splits_into_three_groups_of_four() {
+        let lg = LayerGroups::new(12, 4).unwrap();
+        assert_eq!(lg.blocks, vec![0..4, 4..8, 8..12]);
+        assert_eq!(lg.group_of("wte.weight"), Some(0));
+        assert_eq!(lg.group_of("wpe.weight"), Some(0));
+        assert_eq!(lg.group_of("h.0.attn.c_attn.weight"), Some(1));
+        assert_eq!(lg.group_of("h.7.mlp.c_fc.bias"), Some(2));
+        assert_eq!(lg.group_of("h.11.ln_2.weight"), Some(3));
+        assert_eq!(lg.group_of("ln_f.weight"), Some(3));
+        assert_eq!(lg.group_of("transformer.h.5.ln_1.bias"), Some(2));
+        assert_eq!(lg.group_of("h.12.ln_1.bias"), None);
+        assert_eq!(lg.group_of("bogus"), None);
+    }
+
+    #[test]
+    fn uneven_split_puts_larger_groups_on_top() {
+        let lg = LayerGroups::new(7, 4).unwrap();
+        assert_eq!(lg.blocks, vec![0..2, 2..4, 4..7]);
+        let lg = LayerGroups::new(8, 4).unwrap();
+        assert_eq!(lg.blocks, vec![0..2, 2..5, 5..8]);
+        let lg = LayerGroups::new(2, 3).unwrap();
+        assert_eq!(lg.blocks, vec![0..1, 1..2]);
+    }
+
+    #[test]
+    fn bad_group_counts_are_config_errors() {
+        assert!(matches!(LayerGroups::new(12, 1), Err(Error::Config(_))));
+        let e = LayerGroups::new(2, 4).unwrap_err();
+        assert!(matches!(e, Error::Config(_)));
+        assert!(e.to_string().contains("only 2 blocks"), "{e}");
+    }
+
+    #[test]
+    fn freeze_trains_top_k_groups() {
+        let on = active_groups(&Method::Freeze { top: 1 }, 4, 0).unwrap();
+        assert_eq!(on, vec![false, false, false, true]);
+        let on = active_groups(&Method::Freeze { top: 4 }, 4, 99).unwrap();
+        assert_eq!(on, vec![true; 4]);
+        let e = active_groups(&Method::Freeze { top: 5 }, 4, 0).unwrap_err();
+        assert!(
+            e.to_string().contains("top = 5") && e.to_string().contains("4 layer groups"),
+            "{e}"
+        );
+        assert!(validate(&Method::Freeze { top: 5 }, 4, 12).is_err());
+    }
+
+    #[test]
+    fn gradual_unfreezes_one_group_per_stage() {
+        let m = Method::Gradual { stage_steps: 10 };
+        assert_eq!(active_groups(&m, 3, 0).unwrap(), vec![false, false, true]);
+        assert_eq!(active_groups(&m, 3, 9).unwrap(), vec![false, false, true]);
+        assert_eq!(active_groups(&m, 3, 10).unwrap(), vec![false, true, true]);
+        assert_eq!(active_groups(&m, 3, 20).unwrap(), vec![true, true, true]);
+        assert_eq!(active_groups(&m, 3, 1000).unwrap(), vec![true, true, true]);
+    }
+
+    #[test]
+    fn discriminative_rates_and_tied_wte() {
+        let lrs = group_lrs(1.0, Some(2.0), 4);
+        assert_eq!(lrs, vec![0.125, 0.25, 0.5, 1.0]);
+        assert_eq!(group_lrs(0.3, None, 3), vec![0.3; 3]);
+        let lg = LayerGroups::new(6, 4).unwrap();
+        let top1 = [false, false, false, true];
+        assert_eq!(lg.param_lr("wte.weight", &top1, &lrs), Some(1.0));
+        assert_eq!(lg.param_lr("wpe.weight", &top1, &lrs), None);
+        assert_eq!(lg.param_lr("h.5.mlp.c_fc.weight", &top1, &lrs), Some(1.0));
+        assert_eq!(lg.param_lr("h.3.mlp.c_fc.weight", &top1, &lrs), None);
+        let all = [true; 4];
+        assert_eq!(lg.param_lr("wte.weight", &all, &lrs), Some(0.125));
+        assert_eq!(lg.param_lr("h.1.attn.c_proj.bias", &all, &lrs), Some(0.25));
+        let m = lg.mask(&top1);
+        assert_eq!(
+            m,
+            TrainMask {
+                embeddings: false,
+                blocks: vec![false, false, false, false, true, true],
+                top: true
+            }
+        );
+    }
+
+    #[test]
+    fn inheritune_depth_is_checked() {
+        assert!(validate(&Method::Inheritune { blocks: 6 }, 4, 12).is_ok());
+        let e = validate(&Method::Inheritune { blocks: 13 }, 4, 12).unwrap_err();
+        assert!(
+            e.to_string().contains("blocks = 13") && e.to_string().contains("12 blocks"),
+            "{e}"
+        );
+    }
+}
