@@ -1,1 +1,1047 @@
-//! (placeholder: being written)
+//! The coordinator's durable memory: one SQLite database (WAL mode) at `<state_dir>/ablate.sqlite`
+//! plus artifact files under `<state_dir>/artifacts/<trial_id>/<name>`.
+//!
+//! Nothing a user submitted or a worker reported lives only in memory: every method here commits
+//! before it returns, and the server answers an RPC only after the store call returned. A restarted
+//! coordinator rebuilds its scheduler from [`Store::restored_trials`]. Trials are keyed by the hash of
+//! their config, so a trial submitted by several sweeps (or twice) is stored and run once; the
+//! `sweep_trials` table records which sweeps include it. Progress events are unique by
+//! (trial, attempt, seq), which makes a replayed report a no-op.
+//!
+//! The store is synchronous (rusqlite); the server serialises access behind one mutex, which is
+//! plenty for a few dozen workers reporting a few times per second.
+
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use rusqlite::{params, Connection, OptionalExtension};
+
+use crate::scheduler::{Decision, RestoredTrial, TrialSpec, TrialState};
+use experiments::trial::TrialConfig;
+
+/// Errors of the store. Input problems name the field or artifact at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("database {path}: {source}")]
+    Db {
+        path: PathBuf,
+        source: rusqlite::Error,
+    },
+    #[error("io error on {path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Invalid(String),
+    #[error("not found: {0}")]
+    NotFound(String),
+}
+
+pub type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+/// A trial as submitted: its id (recomputed from the config by the caller) and the config.
+#[derive(Clone, Debug)]
+pub struct NewTrial {
+    pub id: String,
+    pub config: TrialConfig,
+}
+
+/// Result of storing a sweep.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Submitted {
+    pub sweep_id: String,
+    pub added: Vec<String>,
+    pub already_present: Vec<String>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct SweepRow {
+    pub id: String,
+    pub name: String,
+    pub text: String,
+    pub created_ms: i64,
+}
+
+/// Everything the store keeps about a trial.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TrialRow {
+    pub id: String,
+    pub name: String,
+    pub method: String,
+    pub config_json: String,
+    pub state: TrialState,
+    pub attempts: u32,
+    pub spent: u32,
+    pub deterministic: bool,
+    pub metrics_json: Option<String>,
+    pub failure_reason: String,
+    pub failure_message: String,
+    pub worker_id: Option<String>,
+    pub started_ms: Option<i64>,
+    pub finished_ms: Option<i64>,
+    pub depends_on: Option<String>,
+    pub cost: f64,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct AttemptRow {
+    pub trial_id: String,
+    pub attempt: u32,
+    pub worker_id: String,
+    pub started_ms: i64,
+    pub ended_ms: Option<i64>,
+    pub outcome: Option<String>,
+    pub reason: String,
+    pub message: String,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct EventRow {
+    pub attempt: u32,
+    pub seq: u64,
+    pub unix_ms: i64,
+    pub json: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Default)]
+pub struct WorkerInfo {
+    pub name: String,
+    pub host: String,
+    pub device_kind: String,
+    pub device_name: String,
+    pub memory_bytes: u64,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct WorkerRow {
+    pub id: String,
+    pub info: WorkerInfo,
+    pub registered_ms: i64,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct ArtifactRow {
+    pub name: String,
+    pub size: u64,
+    pub sha256: String,
+}
+
+/// The SQLite store plus the artifact directory.
+pub struct Store {
+    conn: Connection,
+    dir: PathBuf,
+    db_path: PathBuf,
+}
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS sweeps (
+    id TEXT PRIMARY KEY,
+    name TEXT NOT NULL,
+    text TEXT NOT NULL,
+    created_ms INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS sweep_trials (
+    sweep_id TEXT NOT NULL REFERENCES sweeps(id),
+    trial_id TEXT NOT NULL REFERENCES trials(id),
+    position INTEGER NOT NULL,
+    PRIMARY KEY (sweep_id, trial_id)
+);
+CREATE TABLE IF NOT EXISTS trials (
+    id TEXT PRIMARY KEY,
+    seq INTEGER NOT NULL,
+    name TEXT NOT NULL,
+    method TEXT NOT NULL,
+    config_json TEXT NOT NULL,
+    depends_on TEXT,
+    cost REAL NOT NULL,
+    state TEXT NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    spent INTEGER NOT NULL DEFAULT 0,
+    deterministic INTEGER NOT NULL DEFAULT 0,
+    metrics_json TEXT,
+    failure_reason TEXT NOT NULL DEFAULT '',
+    failure_message TEXT NOT NULL DEFAULT '',
+    worker_id TEXT,
+    started_ms INTEGER,
+    finished_ms INTEGER
+);
+CREATE TABLE IF NOT EXISTS attempts (
+    trial_id TEXT NOT NULL,
+    attempt INTEGER NOT NULL,
+    worker_id TEXT NOT NULL,
+    started_ms INTEGER NOT NULL,
+    ended_ms INTEGER,
+    outcome TEXT,
+    reason TEXT NOT NULL DEFAULT '',
+    message TEXT NOT NULL DEFAULT '',
+    PRIMARY KEY (trial_id, attempt)
+);
+CREATE TABLE IF NOT EXISTS events (
+    trial_id TEXT NOT NULL,
+    attempt INTEGER NOT NULL,
+    seq INTEGER NOT NULL,
+    unix_ms INTEGER NOT NULL,
+    json TEXT NOT NULL,
+    UNIQUE (trial_id, attempt, seq)
+);
+CREATE TABLE IF NOT EXISTS workers (
+    id TEXT PRIMARY KEY,
+    name TEXT NOT NULL,
+    host TEXT NOT NULL,
+    device_kind TEXT NOT NULL,
+    device_name TEXT NOT NULL,
+    memory_bytes INTEGER NOT NULL,
+    registered_ms INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS artifacts (
+    trial_id TEXT NOT NULL,
+    name TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    sha256 TEXT NOT NULL,
+    stored_ms INTEGER NOT NULL,
+    PRIMARY KEY (trial_id, name)
+);
+";
+
+const TRIAL_COLS: &str = "id, name, method, config_json, state, attempts, spent, deterministic, \
+    metrics_json, failure_reason, failure_message, worker_id, started_ms, finished_ms, depends_on, cost";
+
+impl Store {
+    /// Open (or create) the store in `state_dir`.
+    pub fn open(state_dir: &Path) -> Result<Store> {
+        fs::create_dir_all(state_dir).map_err(|e| StoreError::Io {
+            path: state_dir.to_path_buf(),
+            source: e,
+        })?;
+        let db_path = state_dir.join("ablate.sqlite");
+        let conn = Connection::open(&db_path).map_err(|e| StoreError::Db {
+            path: db_path.clone(),
+            source: e,
+        })?;
+        let s = Store {
+            conn,
+            dir: state_dir.to_path_buf(),
+            db_path,
+        };
+        let mode: String = s
+            .conn
+            .query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))
+            .map_err(|e| s.db(e))?;
+        if !mode.eq_ignore_ascii_case("wal") {
+            return Err(StoreError::Invalid(format!(
+                "{}: could not switch to WAL mode (got {mode})",
+                s.db_path.display()
+            )));
+        }
+        s.conn
+            .execute_batch("PRAGMA synchronous=NORMAL; PRAGMA busy_timeout=5000;")
+            .map_err(|e| s.db(e))?;
+        s.conn.execute_batch(SCHEMA).map_err(|e| s.db(e))?;
+        Ok(s)
+    }
+
+    pub fn state_dir(&self) -> &Path {
+        &self.dir
+    }
+
+    fn db(&self, e: rusqlite::Error) -> StoreError {
+        StoreError::Db {
+            path: self.db_path.clone(),
+            source: e,
+        }
+    }
+
+    /// Store a sweep and the trials it names. A sweep with the same name and text is the same
+    /// sweep (its id is reused); trials already stored are linked, not added again.
+    pub fn submit(
+        &mut self,
+        name: &str,
+        text: &str,
+        trials: &[NewTrial],
+        now_ms: i64,
+    ) -> Result<Submitted> {
+        if name.trim().is_empty() {
+            return Err(StoreError::Invalid("sweep_name: must not be empty".into()));
+        }
+        let db_path = self.db_path.clone();
+        let db = |e| StoreError::Db {
+            path: db_path.clone(),
+            source: e,
+        };
+        let tx = self.conn.transaction().map_err(db)?;
+        let existing: Option<String> = tx
+            .query_row(
+                "SELECT id FROM sweeps WHERE name = ?1 AND text = ?2 ORDER BY created_ms DESC LIMIT 1",
+                params![name, text],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(db)?;
+        let sweep_id = match existing {
+            Some(id) => id,
+            None => {
+                let n: i64 = tx
+                    .query_row("SELECT COUNT(*) FROM sweeps", [], |r| r.get(0))
+                    .map_err(db)?;
+                let id = format!("{}-{}", slug(name), n + 1);
+                tx.execute(
+                    "INSERT INTO sweeps (id, name, text, created_ms) VALUES (?1, ?2, ?3, ?4)",
+                    params![id, name, text, now_ms],
+                )
+                .map_err(db)?;
+                id
+            }
+        };
+        let mut added = Vec::new();
+        let mut already = Vec::new();
+        let mut next_seq: i64 = tx
+            .query_row("SELECT COALESCE(MAX(seq), 0) + 1 FROM trials", [], |r| {
+                r.get(0)
+            })
+            .map_err(db)?;
+        for (pos, t) in trials.iter().enumerate() {
+            let exists: bool = tx
+                .query_row("SELECT 1 FROM trials WHERE id = ?1", [&t.id], |_| Ok(()))
+                .optional()
+                .map_err(db)?
+                .is_some();
+            if exists {
+                already.push(t.id.clone());
+            } else {
+                let json = serde_json::to_string(&t.config)
+                    .map_err(|e| StoreError::Invalid(format!("trial {}: {e}", t.id)))?;
+                tx.execute(
+                    "INSERT INTO trials (id, seq, name, method, config_json, depends_on, cost, state)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, 'waiting')",
+                    params![
+                        t.id,
+                        next_seq,
+                        t.config.name,
+                        t.config.method.family(),
+                        json,
+                        t.config.depends_on(),
+                        t.config.expected_cost()
+                    ],
+                )
+                .map_err(db)?;
+                next_seq += 1;
+                added.push(t.id.clone());
+            }
+            tx.execute(
+                "INSERT OR IGNORE INTO sweep_trials (sweep_id, trial_id, position) VALUES (?1, ?2, ?3)",
+                params![sweep_id, t.id, pos as i64],
+            )
+            .map_err(db)?;
+        }
+        tx.commit().map_err(db)?;
+        Ok(Submitted {
+            sweep_id,
+            added,
+            already_present: already,
+        })
+    }
+
+    pub fn sweeps(&self) -> Result<Vec<SweepRow>> {
+        let mut st = self
+            .conn
+            .prepare("SELECT id, name, text, created_ms FROM sweeps ORDER BY created_ms, rowid")
+            .map_err(|e| self.db(e))?;
+        let rows = st
+            .query_map([], |r| {
+                Ok(SweepRow {
+                    id: r.get(0)?,
+                    name: r.get(1)?,
+                    text: r.get(2)?,
+                    created_ms: r.get(3)?,
+                })
+            })
+            .map_err(|e| self.db(e))?;
+        rows.collect::<rusqlite::Result<Vec<_>>>()
+            .map_err(|e| self.db(e))
+    }
+
+    /// A sweep by id, or the latest sweep of that name.
+    pub fn find_sweep(&self, key: &str) -> Result<Option<SweepRow>> {
+        self.conn
+            .query_row(
+                "SELECT id, name, text, created_ms FROM sweeps WHERE id = ?1 OR name = ?1
+                 ORDER BY (id = ?1) DESC, created_ms DESC, rowid DESC LIMIT 1",
+                [key],
+                |r| {
+                    Ok(SweepRow {
+                        id: r.get(0)?,
+                        name: r.get(1)?,
+                        text: r.get(2)?,
+                        created_ms: r.get(3)?,
+                    })
+                },
+            )
+            .optional()
+            .map_err(|e| self.db(e))
+    }
+
+    /// The trials of a sweep, in the order the sweep file listed them.
+    pub fn sweep_trials(&self, sweep_id: &str) -> Result<Vec<TrialRow>> {
+        let cols = TRIAL_COLS
+            .split(", ")
+            .map(|c| format!("t.{c}"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let sql = format!(
+            "SELECT {cols} FROM sweep_trials s JOIN trials t ON t.id = s.trial_id
+             WHERE s.sweep_id = ?1 ORDER BY s.position"
+        );
+        self.query_trials(&sql, [sweep_id])
+    }
+
+    /// Ids of the sweeps a trial belongs to.
+    pub fn sweeps_of(&self, trial_id: &str) -> Result<Vec<String>> {
+        let mut st = self
+            .conn
+            .prepare("SELECT sweep_id FROM sweep_trials WHERE trial_id = ?1")
+            .map_err(|e| self.db(e))?;
+        let rows = st
+            .query_map([trial_id], |r| r.get(0))
+            .map_err(|e| self.db(e))?;
+        rows.collect::<rusqlite::Result<Vec<String>>>()
+            .map_err(|e| self.db(e))
+    }
+
+    pub fn trial(&self, id: &str) -> Result<Option<TrialRow>> {
+        let sql = format!("SELECT {TRIAL_COLS} FROM trials WHERE id = ?1");
+        Ok(self.query_trials(&sql, [id])?.pop())
+    }
+
+    /// All trials in submission order.
+    pub fn trials(&self) -> Result<Vec<TrialRow>> {
+        let sql = format!("SELECT {TRIAL_COLS} FROM trials ORDER BY seq");
+        self.query_trials(&sql, [])
+    }
+
+    fn query_trials<P: rusqlite::Params>(&self, sql: &str, p: P) -> Result<Vec<TrialRow>> {
+        let mut st = self.conn.prepare(sql).map_err(|e| self.db(e))?;
+        let rows = st
+            .query_map(p, |r| {
+                let state: String = r.get(4)?;
+                Ok(TrialRow {
+                    id: r.get(0)?,
+                    name: r.get(1)?,
+                    method: r.get(2)?,
+                    config_json: r.get(3)?,
+                    state: TrialState::parse(&state).unwrap_or(TrialState::Failed),
+                    attempts: r.get(5)?,
+                    spent: r.get(6)?,
+                    deterministic: r.get::<_, i64>(7)? != 0,
+                    metrics_json: r.get(8)?,
+                    failure_reason: r.get(9)?,
+                    failure_message: r.get(10)?,
+                    worker_id: r.get(11)?,
+                    started_ms: r.get(12)?,
+                    finished_ms: r.get(13)?,
+                    depends_on: r.get(14)?,
+                    cost: r.get(15)?,
+                })
+            })
+            .map_err(|e| self.db(e))?;
+        rows.collect::<rusqlite::Result<Vec<_>>>()
+            .map_err(|e| self.db(e))
+    }
+
+    /// What the scheduler needs to rebuild itself after a restart.
+    pub fn restored_trials(&self) -> Result<Vec<RestoredTrial>> {
+        Ok(self
+            .trials()?
+            .into_iter()
+            .map(|t| RestoredTrial {
+                spec: TrialSpec {
+                    id: t.id,
+                    depends_on: t.depends_on,
+                    cost: t.cost,
+                },
+                state: t.state,
+                attempts: t.attempts,
+                spent: t.spent,
+                deterministic: t.deterministic,
+                worker_id: t.worker_id,
+            })
+            .collect())
+    }
+
+    /// Persist the scheduler's decisions, all in one transaction.
+    pub fn apply(&mut self, decisions: &[Decision], now_ms: i64) -> Result<()> {
+        if decisions.is_empty() {
+            return Ok(());
+        }
+        let db_path = self.db_path.clone();
+        let db = |e| StoreError::Db {
+            path: db_path.clone(),
+            source: e,
+        };
+        let tx = self.conn.transaction().map_err(db)?;
+        for d in decisions {
+            match d {
+                Decision::Started {
+                    trial_id,
+                    attempt,
+                    worker_id,
+                    ..
+                } => {
+                    tx.execute(
+                        "INSERT OR REPLACE INTO attempts (trial_id, attempt, worker_id, started_ms)
+                         VALUES (?1, ?2, ?3, ?4)",
+                        params![trial_id, attempt, worker_id, now_ms],
+                    )
+                    .map_err(db)?;
+                    tx.execute(
+                        "UPDATE trials SET worker_id = ?2, started_ms = ?3, finished_ms = NULL,
+                         failure_reason = '', failure_message = '' WHERE id = ?1",
+                        params![trial_id, worker_id, now_ms],
+                    )
+                    .map_err(db)?;
+                }
+                Decision::Ended {
+                    trial_id,
+                    attempt,
+                    outcome,
+                    reason,
+                    message,
+                    metrics_json,
+                } => {
+                    tx.execute(
+                        "UPDATE attempts SET ended_ms = ?3, outcome = ?4, reason = ?5, message = ?6
+                         WHERE trial_id = ?1 AND attempt = ?2",
+                        params![trial_id, attempt, now_ms, outcome.as_str(), reason, message],
+                    )
+                    .map_err(db)?;
+                    if let Some(m) = metrics_json {
+                        tx.execute(
+                            "UPDATE trials SET metrics_json = ?2 WHERE id = ?1",
+                            params![trial_id, m],
+                        )
+                        .map_err(db)?;
+                    }
+                }
+                Decision::State {
+                    trial_id,
+                    state,
+                    attempts,
+                    spent,
+                    deterministic,
+                    reason,
+                    message,
+                } => {
+                    let finished = if state.is_terminal() {
+                        Some(now_ms)
+                    } else {
+                        None
+                    };
+                    tx.execute(
+                        "UPDATE trials SET state = ?2, attempts = ?3, spent = ?4, deterministic = ?5,
+                         failure_reason = ?6, failure_message = ?7,
+                         finished_ms = COALESCE(?8, finished_ms) WHERE id = ?1",
+                        params![
+                            trial_id,
+                            state.as_str(),
+                            attempts,
+                            spent,
+                            *deterministic as i64,
+                            reason,
+                            message,
+                            finished
+                        ],
+                    )
+                    .map_err(db)?;
+                }
+            }
+        }
+        tx.commit().map_err(db)
+    }
+
+    pub fn attempts(&self, trial_id: &str) -> Result<Vec<AttemptRow>> {
+        let mut st = self
+            .conn
+            .prepare(
+                "SELECT trial_id, attempt, worker_id, started_ms, ended_ms, outcome, reason, message
+                 FROM attempts WHERE trial_id = ?1 ORDER BY attempt",
+            )
+            .map_err(|e| self.db(e))?;
+        let rows = st
+            .query_map([trial_id], |r| {
+                Ok(AttemptRow {
+                    trial_id: r.get(0)?,
+                    attempt: r.get(1)?,
+                    worker_id: r.get(2)?,
+                    started_ms: r.get(3)?,
+                    ended_ms: r.get(4)?,
+                    outcome: r.get(5)?,
+                    reason: r.get(6)?,
+                    message: r.get(7)?,
+                })
+            })
+            .map_err(|e| self.db(e))?;
+        rows.collect::<rusqlite::Result<Vec<_>>>()
+            .map_err(|e| self.db(e))
+    }
+
+    /// Record one progress event. Returns false when (trial, attempt, seq) was already recorded.
+    pub fn record_event(
+        &mut self,
+        trial_id: &str,
+        attempt: u32,
+        seq: u64,
+        json: &str,
+        now_ms: i64,
+    ) -> Result<bool> {
+        let n = self
+            .conn
+            .execute(
+                "INSERT OR IGNORE INTO events (trial_id, attempt, seq, unix_ms, json)
+                 VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![trial_id, attempt, seq as i64, now_ms, json],
+            )
+            .map_err(|e| self.db(e))?;
+        Ok(n == 1)
+    }
+
+    /// All events of a trial, by attempt then sequence number.
+    pub fn events(&self, trial_id: &str) -> Result<Vec<EventRow>> {
+        let mut st = self
+            .conn
+            .prepare(
+                "SELECT attempt, seq, unix_ms, json FROM events WHERE trial_id = ?1
+                 ORDER BY attempt, seq",
+            )
+            .map_err(|e| self.db(e))?;
+        let rows = st
+            .query_map([trial_id], |r| {
+                Ok(EventRow {
+                    attempt: r.get(0)?,
+                    seq: r.get::<_, i64>(1)? as u64,
+                    unix_ms: r.get(2)?,
+                    json: r.get(3)?,
+                })
+            })
+            .map_err(|e| self.db(e))?;
+        rows.collect::<rusqlite::Result<Vec<_>>>()
+            .map_err(|e| self.db(e))
+    }
+
+    /// The latest `step` progress event of a trial (JSON), for status tables.
+    pub fn latest_step_event(&self, trial_id: &str) -> Result<Option<String>> {
+        self.conn
+            .query_row(
+                "SELECT json FROM events WHERE trial_id = ?1 AND json LIKE '{\"kind\":\"step\"%'
+                 ORDER BY attempt DESC, seq DESC LIMIT 1",
+                [trial_id],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(|e| self.db(e))
+    }
+
+    /// Register a worker; ids are `w<n>` in registration order.
+    pub fn register_worker(&mut self, info: &WorkerInfo, now_ms: i64) -> Result<String> {
+        let n: i64 = self
+            .conn
+            .query_row("SELECT COUNT(*) FROM workers", [], |r| r.get(0))
+            .map_err(|e| self.db(e))?;
+        let id = format!("w{}", n + 1);
+        self.conn
+            .execute(
+                "INSERT INTO workers (id, name, host, device_kind, device_name, memory_bytes, registered_ms)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                params![
+                    id,
+                    info.name,
+                    info.host,
+                    info.device_kind,
+                    info.device_name,
+                    info.memory_bytes as i64,
+                    now_ms
+                ],
+            )
+            .map_err(|e| self.db(e))?;
+        Ok(id)
+    }
+
+    pub fn worker(&self, id: &str) -> Result<Option<WorkerRow>> {
+        self.conn
+            .query_row(
+                "SELECT id, name, host, device_kind, device_name, memory_bytes, registered_ms
+                 FROM workers WHERE id = ?1",
+                [id],
+                worker_row,
+            )
+            .optional()
+            .map_err(|e| self.db(e))
+    }
+
+    pub fn workers(&self) -> Result<Vec<WorkerRow>> {
+        let mut st = self
+            .conn
+            .prepare(
+                "SELECT id, name, host, device_kind, device_name, memory_bytes, registered_ms
+                 FROM workers ORDER BY registered_ms, rowid",
+            )
+            .map_err(|e| self.db(e))?;
+        let rows = st.query_map([], worker_row).map_err(|e| self.db(e))?;
+        rows.collect::<rusqlite::Result<Vec<_>>>()
+            .map_err(|e| self.db(e))
+    }
+
+    /// Where an artifact's bytes live. Errors when `name` is not a safe relative path.
+    pub fn artifact_path(&self, trial_id: &str, name: &str) -> Result<PathBuf> {
+        validate_trial_id(trial_id)?;
+        validate_artifact_name(name)?;
+        Ok(self.dir.join("artifacts").join(trial_id).join(name))
+    }
+
+    /// Begin writing an artifact: bytes go to a temporary file that [`ArtifactWriter::finish`]
+    /// renames into place, so a reader never sees half a file. Call `record_artifact` after.
+    pub fn artifact_writer(&self, trial_id: &str, name: &str) -> Result<ArtifactWriter> {
+        let path = self.artifact_path(trial_id, name)?;
+        ArtifactWriter::create(path, name.to_string())
+    }
+
+    /// Record a finished artifact (replacing an older version of the same name).
+    pub fn record_artifact(
+        &mut self,
+        trial_id: &str,
+        art: &ArtifactRow,
+        now_ms: i64,
+    ) -> Result<()> {
+        self.conn
+            .execute(
+                "INSERT OR REPLACE INTO artifacts (trial_id, name, size, sha256, stored_ms)
+                 VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![trial_id, art.name, art.size as i64, art.sha256, now_ms],
+            )
+            .map_err(|e| self.db(e))?;
+        Ok(())
+    }
+
+    /// Write a whole artifact at once (tests, small files).
+    pub fn put_artifact(
+        &mut self,
+        trial_id: &str,
+        name: &str,
+        bytes: &[u8],
+        now_ms: i64,
+    ) -> Result<ArtifactRow> {
+        let mut w = self.artifact_writer(trial_id, name)?;
+        w.write(bytes)?;
+        let row = w.finish()?;
+        self.record_artifact(trial_id, &row, now_ms)?;
+        Ok(row)
+    }
+
+    /// Artifacts of a trial, by name; those whose name starts with `prefix` when given.
+    pub fn artifacts(&self, trial_id: &str, prefix: Option<&str>) -> Result<Vec<ArtifactRow>> {
+        let mut st = self
+            .conn
+            .prepare("SELECT name, size, sha256 FROM artifacts WHERE trial_id = ?1 ORDER BY name")
+            .map_err(|e| self.db(e))?;
+        let rows = st
+            .query_map([trial_id], |r| {
+                Ok(ArtifactRow {
+                    name: r.get(0)?,
+                    size: r.get::<_, i64>(1)? as u64,
+                    sha256: r.get(2)?,
+                })
+            })
+            .map_err(|e| self.db(e))?;
+        let all = rows
+            .collect::<rusqlite::Result<Vec<_>>>()
+            .map_err(|e| self.db(e))?;
+        Ok(all
+            .into_iter()
+            .filter(|a| prefix.is_none_or(|p| a.name.starts_with(p)))
+            .collect())
+    }
+}
+
+fn worker_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<WorkerRow> {
+    Ok(WorkerRow {
+        id: r.get(0)?,
+        info: WorkerInfo {
+            name: r.get(1)?,
+            host: r.get(2)?,
+            device_kind: r.get(3)?,
+            device_name: r.get(4)?,
+            memory_bytes: r.get::<_, i64>(5)? as u64,
+        },
+        registered_ms: r.get(6)?,
+    })
+}
+
+fn slug(name: &str) -> String {
+    let s: String = name
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                c
+            } else {
+                '-'
+            }
+        })
+        .take(40)
+        .collect();
+    if s.is_empty() {
+        "sweep".into()
+    } else {
+        s
+    }
+}
+
+/// Trial ids are hex hashes; anything else would let a client pick a directory name.
+pub fn validate_trial_id(id: &str) -> Result<()> {
+    if id.is_empty() || id.len() > 64 || !id.chars().all(|c| c.is_ascii_alphanumeric()) {
+        return Err(StoreError::Invalid(format!(
+            "trial_id {id:?}: must be 1-64 ASCII letters or digits"
+        )));
+    }
+    Ok(())
+}
+
+/// Artifact names are relative paths like `model/model.safetensors`: no absolute paths, no `..`,
+/// no empty or dot components, only `[A-Za-z0-9._-]` in each component, at most 200 bytes.
+pub fn validate_artifact_name(name: &str) -> Result<()> {
+    let bad = |why: &str| {
+        Err(StoreError::Invalid(format!(
+            "artifact name {name:?}: {why}"
+        )))
+    };
+    if name.is_empty() || name.len() > 200 {
+        return bad("must be 1-200 bytes");
+    }
+    if name.starts_with('/') {
+        return bad("must be relative");
+    }
+    for comp in name.split('/') {
+        if comp.is_empty() || comp == "." || comp == ".." {
+            return bad("empty, `.` or `..` path component");
+        }
+        if !comp
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+        {
+            return bad("only letters, digits, `.`, `_`, `-` and `/` are allowed");
+        }
+        if comp.starts_with('.') {
+            return bad("components must not start with `.`");
+        }
+    }
+    Ok(())
+}
+
+/// An artifact being written: bytes to a temporary sibling file, hashed as they arrive.
+pub struct ArtifactWriter {
+    path: PathBuf,
+    tmp: PathBuf,
+    file: fs::File,
+    hash: Sha256,
+    size: u64,
+    name: String,
+}
+
+impl ArtifactWriter {
+    fn create(path: PathBuf, name: String) -> Result<Self> {
+        let parent = path
+            .parent()
+            .expect("artifact path has a parent")
+            .to_path_buf();
+        fs::create_dir_all(&parent).map_err(|e| StoreError::Io {
+            path: parent.clone(),
+            source: e,
+        })?;
+        let file_name = path
+            .file_name()
+            .expect("artifact has a file name")
+            .to_string_lossy();
+        let tmp = parent.join(format!(
+            ".{file_name}.tmp-{}-{}",
+            std::process::id(),
+            TMP_COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        ));
+        let file = fs::File::create(&tmp).map_err(|e| StoreError::Io {
+            path: tmp.clone(),
+            source: e,
+        })?;
+        Ok(ArtifactWriter {
+            path,
+            tmp,
+            file,
+            hash: Sha256::new(),
+            size: 0,
+            name,
+        })
+    }
+
+    pub fn write(&mut self, bytes: &[u8]) -> Result<()> {
+        self.file.write_all(bytes).map_err(|e| StoreError::Io {
+            path: self.tmp.clone(),
+            source: e,
+        })?;
+        self.hash.update(bytes);
+        self.size += bytes.len() as u64;
+        Ok(())
+    }
+
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// Flush, fsync and rename into place; the row is ready for [`Store::record_artifact`].
+    pub fn finish(mut self) -> Result<ArtifactRow> {
+        self.file.sync_all().map_err(|e| StoreError::Io {
+            path: self.tmp.clone(),
+            source: e,
+        })?;
+        fs::rename(&self.tmp, &self.path).map_err(|e| StoreError::Io {
+            path: self.path.clone(),
+            source: e,
+        })?;
+        let digest = std::mem::replace(&mut self.hash, Sha256::new()).finish();
+        Ok(ArtifactRow {
+            name: self.name.clone(),
+            size: self.size,
+            sha256: to_hex(&digest),
+        })
+    }
+}
+
+impl Drop for ArtifactWriter {
+    fn drop(&mut self) {
+        // An abandoned upload leaves no temporary file behind (after finish it no longer exists).
+        let _ = fs::remove_file(&self.tmp);
+    }
+}
+
+static TMP_COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+fn to_hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// SHA-256 of a byte string as lowercase hex (artifact digests; the coordinator has no sha2 dep).
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    let mut h = Sha256::new();
+    h.update(bytes);
+    to_hex(&h.finish())
+}
+
+/// A small streaming SHA-256 (FIPS 180-4), so artifact digests need no extra dependency.
+#[derive(Clone)]
+struct Sha256 {
+    state: [u32; 8],
+    buf: [u8; 64],
+    buf_len: usize,
+    len: u64,
+}
+
+const K: [u32; 64] = [
+    0x428a2f98, 0x71374491, 0xb5c0fbcf, 0xe9b5dba5, 0x3956c25b, 0x59f111f1, 0x923f82a4, 0xab1c5ed5,
+    0xd807aa98, 0x12835b01, 0x243185be, 0x550c7dc3, 0x72be5d74, 0x80deb1fe, 0x9bdc06a7, 0xc19bf174,
+    0xe49b69c1, 0xefbe4786, 0x0fc19dc6, 0x240ca1cc, 0x2de92c6f, 0x4a7484aa, 0x5cb0a9dc, 0x76f988da,
+    0x983e5152, 0xa831c66d, 0xb00327c8, 0xbf597fc7, 0xc6e00bf3, 0xd5a79147, 0x06ca6351, 0x14292967,
+    0x27b70a85, 0x2e1b2138, 0x4d2c6dfc, 0x53380d13, 0x650a7354, 0x766a0abb, 0x81c2c92e, 0x92722c85,
+    0xa2bfe8a1, 0xa81a664b, 0xc24b8b70, 0xc76c51a3, 0xd192e819, 0xd6990624, 0xf40e3585, 0x106aa070,
+    0x19a4c116, 0x1e376c08, 0x2748774c, 0x34b0bcb5, 0x391c0cb3, 0x4ed8aa4a, 0x5b9cca4f, 0x682e6ff3,
+    0x748f82ee, 0x78a5636f, 0x84c87814, 0x8cc70208, 0x90befffa, 0xa4506ceb, 0xbef9a3f7, 0xc67178f2,
+];
+
+impl Sha256 {
+    fn new() -> Self {
+        Sha256 {
+            state: [
+                0x6a09e667, 0xbb67ae85, 0x3c6ef372, 0xa54ff53a, 0x510e527f, 0x9b05688c, 0x1f83d9ab,
+                0x5be0cd19,
+            ],
+            buf: [0; 64],
+            buf_len: 0,
+            len: 0,
+        }
+    }
+
+    fn update(&mut self, mut data: &[u8]) {
+        self.len += data.len() as u64;
+        if self.buf_len > 0 {
+            let take = (64 - self.buf_len).min(data.len());
+            self.buf[self.buf_len..self.buf_len + take].copy_from_slice(&data[..take]);
+            self.buf_len += take;
+            data = &data[take..];
+            if self.buf_len == 64 {
+                let block = self.buf;
+                self.compress(&block);
+                self.buf_len = 0;
+            }
+        }
+        while data.len() >= 64 {
+            let (block, rest) = data.split_at(64);
+            self.compress(block.try_into().expect("64-byte block"));
+            data = rest;
+        }
+        if !data.is_empty() {
+            self.buf[..data.len()].copy_from_slice(data);
+            self.buf_len = data.len();
+        }
+    }
+
+    fn finish(mut self) -> [u8; 32] {
+        let bit_len = self.len.wrapping_mul(8);
+        let mut pad = vec![0x80u8];
+        let rem = (self.len % 64) as usize;
+        let zeros = if rem < 56 { 55 - rem } else { 119 - rem };
+        pad.extend(std::iter::repeat_n(0u8, zeros));
+        pad.extend_from_slice(&bit_len.to_be_bytes());
+        let len = self.len;
+        self.update(&pad);
+        self.len = len;
+        let mut out = [0u8; 32];
+        for (i, w) in self.state.iter().enumerate() {
+            out[i * 4..i * 4 + 4].copy_from_slice(&w.to_be_bytes());
+        }
+        out
+    }
+
+    fn compress(&mut self, block: &[u8; 64]) {
+        let mut w = [0u32; 64];
+        for i in 0..16 {
+            w[i] = u32::from_be_bytes(block[i * 4..i * 4 + 4].try_into().expect("4 bytes"));
+        }
+        for i in 16..64 {
+            let s0 = w[i - 15].rotate_right(7) ^ w[i - 15].rotate_right(18) ^ (w[i - 15] >> 3);
+            let s1 = w[i - 2].rotate_right(17) ^ w[i - 2].rotate_right(19) ^ (w[i - 2] >> 10);
+            w[i] = w[i - 16]
+                .wrapping_add(s0)
+                .wrapping_add(w[i - 7])
+                .wrapping_add(s1);
+        }
+        let [mut a, mut b, mut c, mut d, mut e, mut f, mut g, mut h] = self.state;
+        for i in 0..64 {
+            let s1 = e.rotate_right(6) ^ e.rotate_right(11) ^ e.rotate_right(25);
+            let ch = (e & f) ^ (!e & g);
+            let t1 = h
+                .wrapping_add(s1)
+                .wrapping_add(ch)
+                .wrapping_add(K[i])
+                .wrapping_add(w[i]);
+            let s0 = a.rotate_right(2) ^ a.rotate_right(13) ^ a.rotate_right(22);
+            let maj = (a & b) ^ (a & c) ^ (b & c);
+            let t2 = s0.wrapping_add(maj);
+            h = g;
+            g = f;
+            f = e;
+            e = d.wrapping_add(t1);
+            d = c;
+            c = b;
+            b = a;
+            a = t1.wrapping_add(t2);
+        }
+        for (s, v) in self.state.iter_mut().zip([a, b, c, d, e, f, g, h]) {
+            *s = s.wrapping_add(v);
+        }
+    }
+}
