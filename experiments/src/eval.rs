@@ -1,1 +1,140 @@
-//! (placeholder: being written)
+//! Perplexity: the one number every method is compared on.
+//!
+//! Definition (the same for baseline, every fine-tuning method, Inheritune and pretraining):
+//! the validation token stream is cut into **non-overlapping** chunks of `context` tokens, in
+//! order; a last, shorter chunk is included when it has at least 2 tokens (a 1-token chunk predicts
+//! nothing). Inside each chunk every token after the first is predicted from its prefix within the
+//! chunk, so a chunk of n tokens contributes n − 1 predictions and context never crosses a chunk
+//! boundary. Then
+//!
+//! ```text
+//! perplexity = exp( Σ NLL over all predictions / number of predictions )
+//! ```
+//!
+//! Periodic evaluations during training may cap the number of chunks (the first `max_chunks`);
+//! the final evaluation of a trial uses the whole split (or `data.max_valid_windows`). Full chunks
+//! are evaluated in batches; the short tail chunk on its own.
+
+use candle_core::{Device, Tensor};
+
+use crate::model::{Gpt2, Trainable};
+use crate::ops;
+use crate::{Error, Result};
+
+/// Result of one evaluation.
+#[derive(Clone, Copy, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct EvalResult {
+    /// Total negative log-likelihood (nats) over all predicted tokens.
+    pub nll: f64,
+    /// Number of predicted tokens.
+    pub tokens: u64,
+    /// nll / tokens.
+    pub loss: f64,
+    /// exp(loss).
+    pub perplexity: f64,
+    /// Chunks evaluated.
+    pub chunks: usize,
+}
+
+/// The chunk boundaries of the definition above: `(start, len)` pairs, at most `max_chunks`.
+pub fn chunks(n_tokens: usize, context: usize, max_chunks: Option<usize>) -> Vec<(usize, usize)> {
+    let mut out = Vec::new();
+    if context < 2 {
+        return out;
+    }
+    let mut start = 0;
+    while start < n_tokens {
+        let len = context.min(n_tokens - start);
+        if len >= 2 {
+            out.push((start, len));
+        }
+        start += context;
+    }
+    if let Some(m) = max_chunks {
+        out.truncate(m);
+    }
+    out
+}
+
+/// A trainable mask with everything frozen: evaluation builds no gradient graph.
+pub fn frozen(n_layer: usize) -> Trainable {
+    Trainable::none(n_layer)
+}
+
+/// Perplexity of `model` on `tokens` by the definition in the module doc. `batch_size` bounds how
+/// many full chunks go through the model at once (memory: batch·context·vocab logits).
+pub fn perplexity(
+    model: &Gpt2,
+    tokens: &[u32],
+    context: usize,
+    batch_size: usize,
+    max_chunks: Option<usize>,
+    device: &Device,
+) -> Result<EvalResult> {
+    if context < 2 {
+        return Err(Error::Config(format!(
+            "evaluation context {context} must be at least 2"
+        )));
+    }
+    let all = chunks(tokens.len(), context, max_chunks);
+    if all.is_empty() {
+        return Err(Error::Config(format!(
+            "validation text has {} tokens: too few for one evaluation chunk (need at least 2)",
+            tokens.len()
+        )));
+    }
+    let n_layer = n_layer_of(model);
+    let none = frozen(n_layer);
+    let batch_size = batch_size.max(1);
+    let mut nll = 0f64;
+    let mut predicted = 0u64;
+    // Full chunks share a length and batch together; a short tail is evaluated alone.
+    let (full, tail): (Vec<&(usize, usize)>, Vec<&(usize, usize)>) = all.iter().partition(|(_, len)| *len == context);
+    for group in full.chunks(batch_size).chain(tail.chunks(1)) {
+        let len = group[0].1;
+        let b = group.len();
+        let mut inputs = Vec::with_capacity(b * (len - 1));
+        let mut targets = Vec::with_capacity(b * (len - 1));
+        for &&(start, len) in group {
+            let c = &tokens[start..start + len];
+            inputs.extend_from_slice(&c[..len - 1]);
+            targets.extend_from_slice(&c[1..]);
+        }
+        let ids = Tensor::from_vec(inputs, (b, len - 1), device)?;
+        let tgt = Tensor::from_vec(targets, b * (len - 1), device)?;
+        let logits = model.forward_with(&ids, &none)?;
+        let v = logits.dim(2)?;
+        let logits = logits.reshape((b * (len - 1), v))?;
+        nll += ops::nll_sum(&logits, &tgt)?;
+        predicted += (b * (len - 1)) as u64;
+    }
+    let loss = nll / predicted as f64;
+    Ok(EvalResult {
+        nll,
+        tokens: predicted,
+        loss,
+        perplexity: loss.exp(),
+        chunks: all.len(),
+    })
+}
+
+/// Number of transformer blocks of `model`.
+pub fn n_layer_of(model: &Gpt2) -> usize {
+    model.config().n_layer
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chunking_follows_the_definition() {
+        assert_eq!(chunks(10, 4, None), vec![(0, 4), (4, 4), (8, 2)]);
+        // A 1-token tail predicts nothing and is dropped.
+        assert_eq!(chunks(9, 4, None), vec![(0, 4), (4, 4)]);
+        assert_eq!(chunks(8, 4, None), vec![(0, 4), (4, 4)]);
+        assert_eq!(chunks(3, 4, None), vec![(0, 3)]);
+        assert_eq!(chunks(1, 4, None), vec![]);
+        assert_eq!(chunks(100, 4, Some(2)), vec![(0, 4), (4, 4)]);
+    }
+}

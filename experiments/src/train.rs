@@ -1,1 +1,378 @@
-//! (placeholder: being written)
+//! The training loop shared by every method, with checkpoints that resume bit-exactly.
+//!
+//! One optimizer step: `grad_accum` micro-batches from the [`Batcher`], each `loss.backward()`
+//! summed into a [`GradAccumulator`], averaged, clipped to the global norm, then one AdamW update
+//! per trainable parameter at its group's scheduled learning rate. What is trainable comes from
+//! [`crate::methods`] at every step, so gradual unfreezing is just a mask that grows.
+//!
+//! Checkpoints live in `OUT/ckpt/`: `model.safetensors` (every parameter by its Hugging Face
+//! name), `optimizer.safetensors` (moments and per-parameter step counts) and `state.json` (step,
+//! batcher position, loss history, run key). They are written to `ckpt.tmp/` and swapped in by
+//! renames (`ckpt` → `ckpt.old`, `ckpt.tmp` → `ckpt`, then `ckpt.old` removed), so a crash at any
+//! moment leaves one complete checkpoint behind (`ckpt`, or `ckpt.old` if the crash fell between
+//! the renames). There is no randomness in a step besides the batch order (GPT-2 here has no
+//! dropout), so restoring weights, optimizer state and batcher state reproduces the uninterrupted
+//! run exactly.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+use candle_core::{Device, Tensor, Var};
+use serde::{Deserialize, Serialize};
+
+use crate::data::{Batcher, BatcherState};
+use crate::eval;
+use crate::methods::{self, LayerGroups, TrainMask};
+use crate::model::{Gpt2, Trainable};
+use crate::ops;
+use crate::optim::{self, AdamW, AdamWConfig, GradAccumulator, ParamUpdate};
+use crate::trial::{Method, Progress, TrainSpec};
+use crate::{Error, Result};
+
+/// Everything one training run needs. `run_key` identifies the run (the trial id): a checkpoint
+/// made by a different run in the same out dir is refused rather than silently continued.
+pub struct TrainJob<'a> {
+    pub model: &'a Gpt2,
+    pub method: &'a Method,
+    pub spec: &'a TrainSpec,
+    pub groups: usize,
+    pub context: usize,
+    pub seed: u64,
+    pub train_tokens: &'a [u32],
+    pub valid_tokens: &'a [u32],
+    pub out_dir: &'a Path,
+    pub stop: &'a AtomicBool,
+    pub device: &'a Device,
+    pub run_key: String,
+}
+
+/// How a run ended.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TrainReport {
+    /// Optimizer steps done (== spec.steps unless stopped).
+    pub steps: u64,
+    pub stopped: bool,
+    /// Training tokens consumed (inputs), including those before a resume.
+    pub train_tokens: u64,
+    /// (step, mean micro-batch loss) for every step, including those before a resume.
+    pub losses: Vec<(u64, f64)>,
+    /// Steps that were restored from a checkpoint at start (0 for a fresh run).
+    pub resumed_from: u64,
+}
+
+impl TrainReport {
+    pub fn final_loss(&self) -> Option<f64> {
+        self.losses.last().map(|(_, l)| *l)
+    }
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug)]
+struct CkptState {
+    run_key: String,
+    step: u64,
+    total: u64,
+    train_tokens: u64,
+    batcher: BatcherState,
+    losses: Vec<(u64, f64)>,
+}
+
+/// Converts the method plan's mask into the model's.
+pub fn to_trainable(m: &TrainMask) -> Trainable {
+    Trainable {
+        embeddings: m.embeddings,
+        blocks: m.blocks.clone(),
+        top: m.top,
+    }
+}
+
+/// Parameters that train under the group flags `on`, with their (unscheduled) learning rates.
+pub fn trainable_params(
+    named: &[(String, Var)],
+    lg: &LayerGroups,
+    on: &[bool],
+    lrs: &[f64],
+) -> Vec<(String, Var, f64)> {
+    named
+        .iter()
+        .filter_map(|(n, v)| lg.param_lr(n, on, lrs).map(|lr| (n.clone(), v.clone(), lr)))
+        .collect()
+}
+
+/// Number of parameters that train at step `step` (wte counted once, even when tied).
+pub fn count_trainable(model: &Gpt2, method: &Method, groups: usize, step: u64) -> Result<u64> {
+    let named = model.named_vars();
+    let n_layer = eval::n_layer_of(model);
+    if matches!(method, Method::Baseline) {
+        return Ok(0);
+    }
+    let lg = LayerGroups::new(n_layer, groups)?;
+    let on = methods::active_groups(method, groups, step)?;
+    let lrs = vec![1.0; groups];
+    Ok(trainable_params(&named, &lg, &on, &lrs)
+        .iter()
+        .map(|(_, v, _)| v.elem_count() as u64)
+        .sum())
+}
+
+pub fn ckpt_dir(out_dir: &Path) -> PathBuf {
+    out_dir.join("ckpt")
+}
+
+/// The checkpoint to resume from, if any (see the module doc for `ckpt.old`).
+pub fn find_checkpoint(out_dir: &Path) -> Option<PathBuf> {
+    let cur = out_dir.join("ckpt");
+    if cur.join("state.json").is_file() {
+        return Some(cur);
+    }
+    let old = out_dir.join("ckpt.old");
+    old.join("state.json").is_file().then_some(old)
+}
+
+/// Runs (or resumes) the training of `job`. Returns when all steps are done or, after writing a
+/// checkpoint, when `job.stop` is set.
+pub fn train(job: &TrainJob<'_>, on_progress: &mut dyn FnMut(&Progress)) -> Result<TrainReport> {
+    let spec = job.spec;
+    let total = spec.steps;
+    let named = job.model.named_vars();
+    let n_layer = eval::n_layer_of(job.model);
+    let lg = LayerGroups::new(n_layer, job.groups)?;
+    methods::validate(job.method, job.groups, n_layer)?;
+    if spec.batch_size == 0 || spec.grad_accum == 0 {
+        return Err(Error::Config(format!(
+            "train.batch_size ({}) and train.grad_accum ({}) must be positive",
+            spec.batch_size, spec.grad_accum
+        )));
+    }
+    let lrs = methods::group_lrs(spec.lr, spec.lr_factor, job.groups);
+    let mut opt = AdamW::new(AdamWConfig {
+        beta1: spec.beta1,
+        beta2: spec.beta2,
+        eps: spec.eps,
+        weight_decay: spec.weight_decay,
+    });
+    let mut batcher = Batcher::new(job.train_tokens, job.context, spec.batch_size, job.seed)?;
+
+    let mut step = 0u64;
+    let mut train_tokens = 0u64;
+    let mut losses: Vec<(u64, f64)> = Vec::new();
+    if let Some(dir) = find_checkpoint(job.out_dir) {
+        let st = load_checkpoint(&dir, &named, &mut opt, job.device)?;
+        if st.run_key != job.run_key {
+            return Err(Error::input(
+                dir.join("state.json"),
+                format!(
+                    "checkpoint belongs to run {} but this is run {}: remove it or use another out dir",
+                    st.run_key, job.run_key
+                ),
+            ));
+        }
+        batcher.restore(&st.batcher)?;
+        step = st.step;
+        train_tokens = st.train_tokens;
+        losses = st.losses;
+        tracing::info!(step, dir = %dir.display(), "resumed from checkpoint");
+    }
+    let resumed_from = step;
+
+    let per_step_tokens = (spec.batch_size * spec.grad_accum * job.context) as u64;
+    let mut acc = GradAccumulator::new();
+    while step < total {
+        if job.stop.load(Ordering::SeqCst) {
+            write_checkpoint(job, &named, &opt, &batcher, step, train_tokens, &losses)?;
+            on_progress(&Progress::Checkpoint {
+                step,
+                dir: "ckpt".into(),
+            });
+            return Ok(TrainReport {
+                steps: step,
+                stopped: true,
+                train_tokens,
+                losses,
+                resumed_from,
+            });
+        }
+        let started = Instant::now();
+        let on = methods::active_groups(job.method, job.groups, step)?;
+        let mask = lg.mask(&on);
+        let trainable = to_trainable(&mask);
+        let params = trainable_params(&named, &lg, &on, &lrs);
+        if params.is_empty() {
+            return Err(Error::Config(format!(
+                "method {} trains no parameters",
+                job.method.family()
+            )));
+        }
+        let refs: Vec<(&str, &Var)> = params.iter().map(|(n, v, _)| (n.as_str(), v)).collect();
+        let mut loss_sum = 0f64;
+        for _ in 0..spec.grad_accum {
+            let (x, y) = batcher.next_batch();
+            let ids = Tensor::from_vec(x, (spec.batch_size, job.context), job.device)?;
+            let tgt = Tensor::from_vec(y, spec.batch_size * job.context, job.device)?;
+            let logits = job.model.forward_with(&ids, &trainable)?;
+            let v = logits.dim(2)?;
+            let logits = logits.reshape((spec.batch_size * job.context, v))?;
+            let loss = ops::cross_entropy(&logits, &tgt)?;
+            let l = loss.to_scalar::<f32>()? as f64;
+            if !l.is_finite() {
+                return Err(Error::Diverged(format!("loss {l} at step {}", step + 1)));
+            }
+            loss_sum += l;
+            let grads = loss.backward()?;
+            acc.add(&grads, &refs)?;
+        }
+        let mut grads = acc.finish()?;
+        if let Some(max) = spec.clip_norm {
+            let norm = optim::clip_grad_norm(&mut grads, max)?;
+            if !norm.is_finite() {
+                return Err(Error::Diverged(format!(
+                    "gradient norm {norm} at step {}",
+                    step + 1
+                )));
+            }
+        }
+        let scale = optim::lr_at(&spec.schedule, 1.0, spec.warmup_steps, step, total);
+        let updates: Vec<ParamUpdate<'_>> = params
+            .iter()
+            .map(|(n, v, lr)| ParamUpdate {
+                name: n.as_str(),
+                var: v,
+                lr: lr * scale,
+            })
+            .collect();
+        opt.step(&updates, &grads)?;
+        step += 1;
+        train_tokens += per_step_tokens;
+        let loss = loss_sum / spec.grad_accum as f64;
+        losses.push((step, loss));
+        let secs = started.elapsed().as_secs_f64().max(1e-9);
+        on_progress(&Progress::Step {
+            step,
+            total,
+            loss,
+            lr: lrs[job.groups - 1] * scale,
+            tokens_per_sec: per_step_tokens as f64 / secs,
+        });
+        if spec.eval_every > 0 && step % spec.eval_every == 0 && !job.valid_tokens.is_empty() {
+            let r = eval::perplexity(
+                job.model,
+                job.valid_tokens,
+                job.context,
+                spec.batch_size,
+                Some(spec.eval_windows.max(1)),
+                job.device,
+            )?;
+            on_progress(&Progress::Eval {
+                step,
+                valid_loss: r.loss,
+            });
+        }
+        if spec.checkpoint_every > 0 && step % spec.checkpoint_every == 0 && step < total {
+            write_checkpoint(job, &named, &opt, &batcher, step, train_tokens, &losses)?;
+            on_progress(&Progress::Checkpoint {
+                step,
+                dir: "ckpt".into(),
+            });
+        }
+    }
+    if step > resumed_from || find_checkpoint(job.out_dir).is_none() {
+        write_checkpoint(job, &named, &opt, &batcher, step, train_tokens, &losses)?;
+        on_progress(&Progress::Checkpoint {
+            step,
+            dir: "ckpt".into(),
+        });
+    }
+    Ok(TrainReport {
+        steps: step,
+        stopped: false,
+        train_tokens,
+        losses,
+        resumed_from,
+    })
+}
+
+fn write_checkpoint(
+    job: &TrainJob<'_>,
+    named: &[(String, Var)],
+    opt: &AdamW,
+    batcher: &Batcher<'_>,
+    step: u64,
+    train_tokens: u64,
+    losses: &[(u64, f64)],
+) -> Result<()> {
+    let out = job.out_dir;
+    fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
+    let tmp = out.join("ckpt.tmp");
+    if tmp.exists() {
+        fs::remove_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
+    }
+    fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
+    let weights: HashMap<String, Tensor> = named
+        .iter()
+        .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
+        .collect();
+    let model_path = tmp.join("model.safetensors");
+    candle_core::safetensors::save(&weights, &model_path)
+        .map_err(|e| Error::input(&model_path, format!("cannot write checkpoint weights: {e}")))?;
+    opt.save(&tmp.join("optimizer.safetensors"))?;
+    let st = CkptState {
+        run_key: job.run_key.clone(),
+        step,
+        total: job.spec.steps,
+        train_tokens,
+        batcher: batcher.state(),
+        losses: losses.to_vec(),
+    };
+    let state_path = tmp.join("state.json");
+    let json = serde_json::to_vec_pretty(&st).map_err(|e| Error::Other(e.to_string()))?;
+    fs::write(&state_path, json).map_err(|e| Error::io(&state_path, e))?;
+    let cur = out.join("ckpt");
+    let old = out.join("ckpt.old");
+    if old.exists() {
+        fs::remove_dir_all(&old).map_err(|e| Error::io(&old, e))?;
+    }
+    if cur.exists() {
+        fs::rename(&cur, &old).map_err(|e| Error::io(&cur, e))?;
+    }
+    fs::rename(&tmp, &cur).map_err(|e| Error::io(&tmp, e))?;
+    if old.exists() {
+        fs::remove_dir_all(&old).map_err(|e| Error::io(&old, e))?;
+    }
+    Ok(())
+}
+
+fn load_checkpoint(
+    dir: &Path,
+    named: &[(String, Var)],
+    opt: &mut AdamW,
+    device: &Device,
+) -> Result<CkptState> {
+    let state_path = dir.join("state.json");
+    let text = fs::read_to_string(&state_path).map_err(|e| Error::io(&state_path, e))?;
+    let st: CkptState = serde_json::from_str(&text)
+        .map_err(|e| Error::input(&state_path, format!("malformed checkpoint state: {e}")))?;
+    let model_path = dir.join("model.safetensors");
+    let weights = candle_core::safetensors::load(&model_path, device)
+        .map_err(|e| Error::input(&model_path, format!("cannot read checkpoint weights: {e}")))?;
+    let weights: BTreeMap<String, Tensor> = weights.into_iter().collect();
+    for (name, var) in named {
+        let t = weights
+            .get(name)
+            .ok_or_else(|| Error::input(&model_path, format!("missing tensor {name}")))?;
+        if t.dims() != var.dims() {
+            return Err(Error::input(
+                &model_path,
+                format!(
+                    "tensor {name} has shape {:?}, the model expects {:?}",
+                    t.dims(),
+                    var.dims()
+                ),
+            ));
+        }
+        var.set(&t.to_dtype(var.dtype())?)?;
+    }
+    opt.load(&dir.join("optimizer.safetensors"), device)?;
+    Ok(st)
+}
