@@ -1,1 +1,898 @@
-//! (placeholder: being written)
+//! The coordinator's gRPC server: `WorkerService` and `SweepService` on one port.
+//!
+//! This module only translates. Requests are checked and converted to domain types here (JSON of
+//! the shared trial types is parsed and rejected with the field named), the [`Scheduler`] decides,
+//! the [`Store`] persists the decisions, and only then does the RPC answer. A background task ticks
+//! the scheduler so expired leases are re-queued; long-polling `Lease` calls sleep on a `Notify`
+//! woken whenever a trial becomes leasable; `Watch` streams come from a broadcast channel.
+//!
+//! On start the scheduler is rebuilt from the store: attempts that were running when the previous
+//! coordinator died are recorded as lost and their trials queued again.
+
+use std::collections::HashSet;
+use std::future::Future;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use ablate_proto::pb;
+use ablate_proto::pb::sweep_service_client::SweepServiceClient;
+use ablate_proto::pb::sweep_service_server::{SweepService, SweepServiceServer};
+use ablate_proto::pb::worker_service_client::WorkerServiceClient;
+use ablate_proto::pb::worker_service_server::{WorkerService, WorkerServiceServer};
+use experiments::trial::{Progress, TrialConfig, TrialMetrics};
+use tokio::sync::{broadcast, mpsc, watch, Notify};
+use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
+use tokio_stream::StreamExt;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::auth::{BearerToken, RequireToken};
+use crate::scheduler::{Decision, Failure, SchedError, Scheduler, TrialSpec, TrialState};
+use crate::store::{NewTrial, Store, StoreError, TrialRow, WorkerInfo};
+
+/// Longest a `Lease` call is held open, whatever the worker asks for.
+pub const MAX_LEASE_WAIT: Duration = Duration::from_secs(30);
+/// Artifact chunk size on the wire (well under the 16 MiB message limit).
+pub const CHUNK_BYTES: usize = 1 << 20;
+const MAX_MESSAGE_BYTES: usize = 16 << 20;
+
+/// How to run the coordinator.
+#[derive(Clone, Debug)]
+pub struct ServeOpts {
+    /// Holds `ablate.sqlite` and `artifacts/`.
+    pub state_dir: PathBuf,
+    /// Token `WorkerService` callers must present; `None` accepts everyone (loopback only).
+    pub worker_token: Option<String>,
+    /// Token `SweepService` callers must present; `None` accepts everyone (loopback only).
+    pub admin_token: Option<String>,
+    /// How long a lease lives without a heartbeat. Workers heartbeat every third of it.
+    pub lease_ttl: Duration,
+}
+
+impl ServeOpts {
+    /// Defaults: no tokens, 30 s leases.
+    pub fn new(state_dir: impl Into<PathBuf>) -> Self {
+        ServeOpts {
+            state_dir: state_dir.into(),
+            worker_token: None,
+            admin_token: None,
+            lease_ttl: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Client type for `SweepService` with the admin token attached.
+pub type AdminClient = SweepServiceClient<InterceptedService<Channel, BearerToken>>;
+/// Client type for `WorkerService` with the worker token attached.
+pub type WorkerClient = WorkerServiceClient<InterceptedService<Channel, BearerToken>>;
+
+/// Connect to a coordinator's `SweepService` (url like `http://127.0.0.1:7070`).
+pub async fn admin_client(url: &str, token: Option<&str>) -> anyhow::Result<AdminClient> {
+    let channel = connect(url).await?;
+    Ok(
+        SweepServiceClient::with_interceptor(channel, BearerToken::new(token)?)
+            .max_decoding_message_size(MAX_MESSAGE_BYTES),
+    )
+}
+
+/// Connect to a coordinator's `WorkerService` (tests; the worker binary has its own client).
+pub async fn worker_client(url: &str, token: Option<&str>) -> anyhow::Result<WorkerClient> {
+    let channel = connect(url).await?;
+    Ok(
+        WorkerServiceClient::with_interceptor(channel, BearerToken::new(token)?)
+            .max_decoding_message_size(MAX_MESSAGE_BYTES),
+    )
+}
+
+async fn connect(url: &str) -> anyhow::Result<Channel> {
+    let ep = Endpoint::from_shared(url.to_string())
+        .map_err(|e| anyhow::anyhow!("coordinator url {url:?}: {e}"))?
+        .connect_timeout(Duration::from_secs(10));
+    ep.connect()
+        .await
+        .map_err(|e| anyhow::anyhow!("connecting to {url}: {e}"))
+}
+
+/// Serve both services on `listener` until `shutdown` resolves.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    opts: ServeOpts,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let ttl_ms = opts.lease_ttl.as_millis().clamp(1, i64::MAX as u128) as i64;
+    let store = Store::open(&opts.state_dir)?;
+    let restored = store.restored_trials()?;
+    let workers = store.workers()?.into_iter().map(|w| w.id).collect();
+    let (sched, decisions) = Scheduler::restore(
+        ttl_ms,
+        crate::scheduler::DEFAULT_RETRY_BUDGET,
+        restored,
+        workers,
+    );
+    let (bus, _) = broadcast::channel(1024);
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let shared = Arc::new(Shared {
+        inner: Mutex::new(Inner { store, sched }),
+        notify: Notify::new(),
+        bus,
+        ttl_ms,
+        stop: stop_rx,
+    });
+    {
+        let mut inner = shared.lock();
+        if !decisions.is_empty() {
+            tracing::info!(
+                requeued = decisions.len() / 2,
+                "attempts lost in a restart re-queued"
+            );
+        }
+        shared
+            .apply(&mut inner, &decisions, now_ms())
+            .map_err(status_to_anyhow)?;
+    }
+    let addr = listener.local_addr().ok();
+    tracing::info!(?addr, state_dir = %opts.state_dir.display(), "coordinator listening");
+
+    let ticker = tokio::spawn(tick_loop(shared.clone()));
+
+    let worker_svc = WorkerServiceServer::new(WorkerApi(shared.clone()))
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    let sweep_svc = SweepServiceServer::new(SweepApi(shared.clone()))
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    let worker_auth = RequireToken::new(opts.worker_token.as_deref(), "worker");
+    let admin_auth = RequireToken::new(opts.admin_token.as_deref(), "admin");
+
+    let signal = async move {
+        shutdown.await;
+        // Wake long polls and watch streams so graceful shutdown does not wait on them.
+        let _ = stop_tx.send(true);
+    };
+    let result = tonic::transport::Server::builder()
+        .add_service(InterceptedService::new(worker_svc, worker_auth))
+        .add_service(InterceptedService::new(sweep_svc, admin_auth))
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), signal)
+        .await;
+    ticker.abort();
+    result.map_err(|e| anyhow::anyhow!("grpc server: {e}"))
+}
+
+struct Inner {
+    store: Store,
+    sched: Scheduler,
+}
+
+/// Messages for `Watch` streams.
+#[derive(Clone, Debug)]
+enum Bus {
+    Trial(Box<pb::TrialStatus>),
+    Progress(pb::TrialProgress),
+}
+
+struct Shared {
+    inner: Mutex<Inner>,
+    /// Woken whenever a trial may have become leasable.
+    notify: Notify,
+    bus: broadcast::Sender<Bus>,
+    ttl_ms: i64,
+    stop: watch::Receiver<bool>,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        // A panic while holding the lock leaves SQLite consistent (transactions), so go on.
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Persist decisions, then announce state changes and wake lease waiters.
+    fn apply(&self, inner: &mut Inner, decisions: &[Decision], now: i64) -> Result<(), Status> {
+        if decisions.is_empty() {
+            return Ok(());
+        }
+        inner.store.apply(decisions, now).map_err(store_status)?;
+        let mut seen = HashSet::new();
+        let mut wake = false;
+        for d in decisions {
+            if let Decision::State {
+                trial_id, state, ..
+            } = d
+            {
+                wake |= *state == TrialState::Queued;
+                if seen.insert(trial_id.clone()) {
+                    if let Ok(Some(row)) = inner.store.trial(trial_id) {
+                        let status = trial_status(&inner.store, &row);
+                        let _ = self.bus.send(Bus::Trial(Box::new(status)));
+                    }
+                }
+            }
+        }
+        if wake {
+            self.notify.notify_waiters();
+        }
+        Ok(())
+    }
+
+    fn stopping(&self) -> bool {
+        *self.stop.borrow()
+    }
+}
+
+async fn tick_loop(shared: Arc<Shared>) {
+    let period = Duration::from_millis((shared.ttl_ms / 10).clamp(20, 1000) as u64);
+    let mut interval = tokio::time::interval(period);
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        interval.tick().await;
+        let now = now_ms();
+        let mut inner = shared.lock();
+        let decisions = inner.sched.tick(now);
+        if !decisions.is_empty() {
+            for d in &decisions {
+                if let Decision::Ended {
+                    trial_id, attempt, ..
+                } = d
+                {
+                    tracing::warn!(trial = %trial_id, attempt, "lease expired");
+                }
+            }
+            if let Err(e) = shared.apply(&mut inner, &decisions, now) {
+                tracing::error!(cause = %e.message(), "could not persist expired leases");
+            }
+        }
+    }
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+fn store_status(e: StoreError) -> Status {
+    match e {
+        StoreError::Invalid(m) => Status::invalid_argument(m),
+        StoreError::NotFound(m) => Status::not_found(m),
+        other => {
+            tracing::error!(cause = %other, "store error");
+            Status::internal(other.to_string())
+        }
+    }
+}
+
+fn sched_status(e: SchedError) -> Status {
+    match e {
+        SchedError::UnknownWorker(w) => {
+            Status::not_found(format!("unknown worker {w}: register again"))
+        }
+        SchedError::UnknownTrial(t) => Status::not_found(format!("unknown trial {t}")),
+    }
+}
+
+fn status_to_anyhow(s: Status) -> anyhow::Error {
+    anyhow::anyhow!("{}", s.message())
+}
+
+fn non_empty(field: &str, v: &str) -> Result<(), Status> {
+    if v.is_empty() {
+        Err(Status::invalid_argument(format!(
+            "{field}: must not be empty"
+        )))
+    } else {
+        Ok(())
+    }
+}
+
+/// The status a user sees for one trial.
+fn trial_status(store: &Store, row: &TrialRow) -> pb::TrialStatus {
+    let worker = row
+        .worker_id
+        .as_deref()
+        .and_then(|w| store.worker(w).ok().flatten());
+    let progress =
+        store.latest_step_event(&row.id).ok().flatten().and_then(
+            |json| match serde_json::from_str::<Progress>(&json) {
+                Ok(Progress::Step {
+                    step,
+                    total,
+                    loss,
+                    tokens_per_sec,
+                    ..
+                }) => Some(pb::LatestProgress {
+                    step,
+                    total,
+                    loss,
+                    tokens_per_sec,
+                }),
+                _ => None,
+            },
+        );
+    pb::TrialStatus {
+        id: row.id.clone(),
+        name: row.name.clone(),
+        method: row.method.clone(),
+        state: row.state.as_str().to_string(),
+        attempts: row.attempts,
+        metrics_json: row.metrics_json.clone().unwrap_or_default(),
+        failure_reason: row.failure_reason.clone(),
+        failure_message: row.failure_message.clone(),
+        worker_name: worker
+            .as_ref()
+            .map(|w| w.info.name.clone())
+            .unwrap_or_default(),
+        device_name: worker
+            .as_ref()
+            .map(|w| w.info.device_name.clone())
+            .unwrap_or_default(),
+        started_unix_ms: row.started_ms.unwrap_or(0),
+        finished_unix_ms: row.finished_ms.unwrap_or(0),
+        progress,
+        config_json: row.config_json.clone(),
+    }
+}
+
+fn sweep_snapshot(store: &Store, key: &str) -> Result<pb::GetResponse, Status> {
+    let sweep = store
+        .find_sweep(key)
+        .map_err(store_status)?
+        .ok_or_else(|| Status::not_found(format!("no sweep with id or name {key:?}")))?;
+    let trials = store.sweep_trials(&sweep.id).map_err(store_status)?;
+    Ok(pb::GetResponse {
+        sweep_id: sweep.id,
+        name: sweep.name,
+        sweep_text: sweep.text,
+        created_unix_ms: sweep.created_ms,
+        trials: trials.iter().map(|t| trial_status(store, t)).collect(),
+    })
+}
+
+// ------------------------------------------------------------------------------ WorkerService
+
+struct WorkerApi(Arc<Shared>);
+
+type ChunkStream =
+    Pin<Box<dyn tokio_stream::Stream<Item = Result<pb::ArtifactChunk, Status>> + Send>>;
+type WatchStream = Pin<Box<dyn tokio_stream::Stream<Item = Result<pb::WatchEvent, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl WorkerService for WorkerApi {
+    async fn register(
+        &self,
+        req: Request<pb::RegisterRequest>,
+    ) -> Result<Response<pb::RegisterResponse>, Status> {
+        let r = req.into_inner();
+        let kind = r.device_kind.trim().to_string();
+        if kind != "cpu" && kind != "cuda" && kind != "metal" {
+            return Err(Status::invalid_argument(format!(
+                "device_kind: {kind:?} is not one of cpu, cuda, metal"
+            )));
+        }
+        let info = WorkerInfo {
+            name: r.worker_name,
+            host: r.host,
+            device_kind: kind,
+            device_name: r.device_name,
+            memory_bytes: r.memory_bytes,
+        };
+        let mut inner = self.0.lock();
+        let id = inner
+            .store
+            .register_worker(&info, now_ms())
+            .map_err(store_status)?;
+        inner.sched.register_worker(&id);
+        tracing::info!(worker = %id, name = %info.name, host = %info.host, device = %info.device_name, "worker registered");
+        Ok(Response::new(pb::RegisterResponse {
+            worker_id: id,
+            lease_ttl_ms: self.0.ttl_ms as u64,
+        }))
+    }
+
+    async fn lease(
+        &self,
+        req: Request<pb::LeaseRequest>,
+    ) -> Result<Response<pb::LeaseResponse>, Status> {
+        let r = req.into_inner();
+        non_empty("worker_id", &r.worker_id)?;
+        let wait = Duration::from_millis(r.wait_ms).min(MAX_LEASE_WAIT);
+        let until = tokio::time::Instant::now() + wait;
+        let mut stop = self.0.stop.clone();
+        loop {
+            let notified = self.0.notify.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if let Some(lease) = self.try_lease(&r.worker_id)? {
+                return Ok(Response::new(pb::LeaseResponse { lease: Some(lease) }));
+            }
+            if self.0.stopping() {
+                return Ok(Response::new(pb::LeaseResponse { lease: None }));
+            }
+            tokio::select! {
+                _ = &mut notified => {}
+                _ = tokio::time::sleep_until(until) => {
+                    return Ok(Response::new(pb::LeaseResponse { lease: None }));
+                }
+                _ = stop.changed() => {}
+            }
+        }
+    }
+
+    async fn heartbeat(
+        &self,
+        req: Request<pb::HeartbeatRequest>,
+    ) -> Result<Response<pb::HeartbeatResponse>, Status> {
+        let r = req.into_inner();
+        let held: Vec<(String, u32)> = r
+            .held
+            .into_iter()
+            .map(|h| (h.trial_id, h.attempt))
+            .collect();
+        let mut inner = self.0.lock();
+        let ans = inner
+            .sched
+            .heartbeat(&r.worker_id, &held, now_ms())
+            .map_err(sched_status)?;
+        Ok(Response::new(pb::HeartbeatResponse {
+            renewed: ans
+                .renewed
+                .into_iter()
+                .map(|(trial_id, attempt, deadline_unix_ms)| pb::RenewedLease {
+                    trial_id,
+                    attempt,
+                    deadline_unix_ms,
+                })
+                .collect(),
+            cancel: ans
+                .cancel
+                .into_iter()
+                .map(|(trial_id, attempt)| pb::HeldLease { trial_id, attempt })
+                .collect(),
+        }))
+    }
+
+    async fn report(
+        &self,
+        req: Request<pb::ReportRequest>,
+    ) -> Result<Response<pb::ReportResponse>, Status> {
+        let r = req.into_inner();
+        // Validate before anything is stored: the report reads this JSON back later.
+        serde_json::from_str::<Progress>(&r.progress_json)
+            .map_err(|e| Status::invalid_argument(format!("progress_json: {e}")))?;
+        let mut inner = self.0.lock();
+        if !inner.sched.report(&r.trial_id, r.attempt) {
+            return Ok(Response::new(pb::ReportResponse { accepted: false }));
+        }
+        let fresh = inner
+            .store
+            .record_event(&r.trial_id, r.attempt, r.seq, &r.progress_json, now_ms())
+            .map_err(store_status)?;
+        if fresh {
+            let _ = self.0.bus.send(Bus::Progress(pb::TrialProgress {
+                trial_id: r.trial_id,
+                attempt: r.attempt,
+                progress_json: r.progress_json,
+            }));
+        }
+        Ok(Response::new(pb::ReportResponse { accepted: true }))
+    }
+
+    async fn complete(
+        &self,
+        req: Request<pb::CompleteRequest>,
+    ) -> Result<Response<pb::CompleteResponse>, Status> {
+        let r = req.into_inner();
+        let metrics: TrialMetrics = serde_json::from_str(&r.metrics_json)
+            .map_err(|e| Status::invalid_argument(format!("metrics_json: {e}")))?;
+        let mut inner = self.0.lock();
+        let decisions = inner.sched.complete(&r.trial_id, r.attempt, r.metrics_json);
+        let accepted = !decisions.is_empty();
+        self.0.apply(&mut inner, &decisions, now_ms())?;
+        if accepted {
+            tracing::info!(trial = %r.trial_id, attempt = r.attempt, perplexity = metrics.perplexity, "trial finished");
+        } else {
+            tracing::info!(trial = %r.trial_id, attempt = r.attempt, "stale completion ignored");
+        }
+        Ok(Response::new(pb::CompleteResponse { accepted }))
+    }
+
+    async fn fail(
+        &self,
+        req: Request<pb::FailRequest>,
+    ) -> Result<Response<pb::FailResponse>, Status> {
+        let r = req.into_inner();
+        let failure = Failure {
+            reason: if r.reason.is_empty() {
+                "error".into()
+            } else {
+                r.reason
+            },
+            message: r.message,
+            deterministic: r.deterministic,
+            preempted: r.preempted,
+        };
+        tracing::info!(trial = %r.trial_id, attempt = r.attempt, reason = %failure.reason, preempted = failure.preempted, "attempt failed");
+        let mut inner = self.0.lock();
+        let decisions = inner.sched.fail(&r.trial_id, r.attempt, failure);
+        let accepted = !decisions.is_empty();
+        self.0.apply(&mut inner, &decisions, now_ms())?;
+        Ok(Response::new(pb::FailResponse { accepted }))
+    }
+
+    async fn upload_artifact(
+        &self,
+        req: Request<Streaming<pb::ArtifactChunk>>,
+    ) -> Result<Response<pb::UploadArtifactResponse>, Status> {
+        let mut stream = req.into_inner();
+        let first = stream
+            .next()
+            .await
+            .ok_or_else(|| Status::invalid_argument("upload stream was empty"))??;
+        let (trial_id, attempt, name) = (first.trial_id.clone(), first.attempt, first.name.clone());
+        let mut writer = {
+            let inner = self.0.lock();
+            if !inner.sched.is_current(&trial_id, attempt) {
+                return Err(Status::failed_precondition(format!(
+                    "attempt {attempt} of trial {trial_id} does not own the trial"
+                )));
+            }
+            inner
+                .store
+                .artifact_writer(&trial_id, &name)
+                .map_err(store_status)?
+        };
+        writer.write(&first.data).map_err(store_status)?;
+        while let Some(chunk) = stream.next().await {
+            writer.write(&chunk?.data).map_err(store_status)?;
+        }
+        let row = tokio::task::spawn_blocking(move || writer.finish())
+            .await
+            .map_err(|e| Status::internal(format!("artifact writer: {e}")))?
+            .map_err(store_status)?;
+        let mut inner = self.0.lock();
+        inner
+            .store
+            .record_artifact(&trial_id, &row, now_ms())
+            .map_err(store_status)?;
+        tracing::debug!(trial = %trial_id, name = %row.name, size = row.size, "artifact stored");
+        Ok(Response::new(pb::UploadArtifactResponse {
+            size: row.size,
+            sha256: row.sha256,
+        }))
+    }
+
+    type DownloadArtifactStream = ChunkStream;
+
+    async fn download_artifact(
+        &self,
+        req: Request<pb::DownloadArtifactRequest>,
+    ) -> Result<Response<Self::DownloadArtifactStream>, Status> {
+        let r = req.into_inner();
+        let path = {
+            let inner = self.0.lock();
+            let path = inner
+                .store
+                .artifact_path(&r.trial_id, &r.name)
+                .map_err(store_status)?;
+            let known = inner
+                .store
+                .artifacts(&r.trial_id, Some(&r.name))
+                .map_err(store_status)?
+                .into_iter()
+                .any(|a| a.name == r.name);
+            if !known {
+                return Err(Status::not_found(format!(
+                    "trial {} has no artifact {}",
+                    r.trial_id, r.name
+                )));
+            }
+            path
+        };
+        let mut file = tokio::fs::File::open(&path)
+            .await
+            .map_err(|e| Status::internal(format!("{}: {e}", path.display())))?;
+        let (tx, rx) = mpsc::channel(4);
+        let (trial_id, name) = (r.trial_id, r.name);
+        tokio::spawn(async move {
+            use tokio::io::AsyncReadExt;
+            let mut first = true;
+            loop {
+                let mut buf = vec![0u8; CHUNK_BYTES];
+                let n = match file.read(&mut buf).await {
+                    Ok(n) => n,
+                    Err(e) => {
+                        let _ = tx
+                            .send(Err(Status::internal(format!("reading artifact: {e}"))))
+                            .await;
+                        return;
+                    }
+                };
+                if n == 0 && !first {
+                    return;
+                }
+                buf.truncate(n);
+                let chunk = pb::ArtifactChunk {
+                    trial_id: if first {
+                        trial_id.clone()
+                    } else {
+                        String::new()
+                    },
+                    attempt: 0,
+                    name: if first { name.clone() } else { String::new() },
+                    data: buf,
+                };
+                first = false;
+                if tx.send(Ok(chunk)).await.is_err() || n == 0 {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn list_artifacts(
+        &self,
+        req: Request<pb::ListArtifactsRequest>,
+    ) -> Result<Response<pb::ListArtifactsResponse>, Status> {
+        let r = req.into_inner();
+        let inner = self.0.lock();
+        let rows = inner
+            .store
+            .artifacts(&r.trial_id, None)
+            .map_err(store_status)?;
+        Ok(Response::new(pb::ListArtifactsResponse {
+            artifacts: rows
+                .into_iter()
+                .map(|a| pb::ArtifactInfo {
+                    name: a.name,
+                    size: a.size,
+                    sha256: a.sha256,
+                })
+                .collect(),
+        }))
+    }
+}
+
+impl WorkerApi {
+    fn try_lease(&self, worker_id: &str) -> Result<Option<pb::Lease>, Status> {
+        let mut inner = self.0.lock();
+        let now = now_ms();
+        let (grant, decisions) = inner.sched.lease(worker_id, now).map_err(sched_status)?;
+        let Some(grant) = grant else { return Ok(None) };
+        self.0.apply(&mut inner, &decisions, now)?;
+        let row = inner
+            .store
+            .trial(&grant.trial_id)
+            .map_err(store_status)?
+            .ok_or_else(|| {
+                Status::internal(format!("leased trial {} is not stored", grant.trial_id))
+            })?;
+        let resume = inner
+            .store
+            .artifacts(&grant.trial_id, Some("ckpt/"))
+            .map_err(store_status)?
+            .into_iter()
+            .map(|a| a.name)
+            .collect();
+        tracing::info!(trial = %grant.trial_id, attempt = grant.attempt, worker = %worker_id, "lease granted");
+        Ok(Some(pb::Lease {
+            trial_id: grant.trial_id,
+            attempt: grant.attempt,
+            config_json: row.config_json,
+            base_trial_id: row.depends_on.unwrap_or_default(),
+            resume_artifacts: resume,
+            deadline_unix_ms: grant.deadline_ms,
+        }))
+    }
+}
+
+// ------------------------------------------------------------------------------- SweepService
+
+struct SweepApi(Arc<Shared>);
+
+#[tonic::async_trait]
+impl SweepService for SweepApi {
+    async fn submit(
+        &self,
+        req: Request<pb::SubmitRequest>,
+    ) -> Result<Response<pb::SubmitResponse>, Status> {
+        let r = req.into_inner();
+        let mut trials = Vec::with_capacity(r.trials.len());
+        for (i, t) in r.trials.iter().enumerate() {
+            let config: TrialConfig = serde_json::from_str(&t.config_json)
+                .map_err(|e| Status::invalid_argument(format!("trials[{i}].config_json: {e}")))?;
+            let id = config.id();
+            if !t.id.is_empty() && t.id != id {
+                return Err(Status::invalid_argument(format!(
+                    "trials[{i}].id: {} does not match the config's id {id} (client and \
+                     coordinator versions differ?)",
+                    t.id
+                )));
+            }
+            trials.push(NewTrial { id, config });
+        }
+        let now = now_ms();
+        let mut inner = self.0.lock();
+        let submitted = inner
+            .store
+            .submit(&r.sweep_name, &r.sweep_text, &trials, now)
+            .map_err(store_status)?;
+        let mut decisions = Vec::new();
+        for t in &trials {
+            decisions.extend(inner.sched.submit(TrialSpec {
+                id: t.id.clone(),
+                depends_on: t.config.depends_on().map(str::to_string),
+                cost: t.config.expected_cost(),
+            }));
+        }
+        self.0.apply(&mut inner, &decisions, now)?;
+        tracing::info!(sweep = %submitted.sweep_id, added = submitted.added.len(), present = submitted.already_present.len(), "sweep submitted");
+        Ok(Response::new(pb::SubmitResponse {
+            sweep_id: submitted.sweep_id,
+            added: submitted.added,
+            already_present: submitted.already_present,
+        }))
+    }
+
+    async fn list(
+        &self,
+        _req: Request<pb::ListRequest>,
+    ) -> Result<Response<pb::ListResponse>, Status> {
+        let inner = self.0.lock();
+        let mut sweeps = Vec::new();
+        for s in inner.store.sweeps().map_err(store_status)? {
+            let trials = inner.store.sweep_trials(&s.id).map_err(store_status)?;
+            let count = |st: TrialState| trials.iter().filter(|t| t.state == st).count() as u32;
+            sweeps.push(pb::SweepSummary {
+                sweep_id: s.id,
+                name: s.name,
+                created_unix_ms: s.created_ms,
+                trials: trials.len() as u32,
+                queued: count(TrialState::Queued) + count(TrialState::Waiting),
+                running: count(TrialState::Running),
+                finished: count(TrialState::Finished),
+                failed: count(TrialState::Failed),
+                cancelled: count(TrialState::Cancelled),
+            });
+        }
+        Ok(Response::new(pb::ListResponse { sweeps }))
+    }
+
+    async fn get(&self, req: Request<pb::GetRequest>) -> Result<Response<pb::GetResponse>, Status> {
+        let r = req.into_inner();
+        let inner = self.0.lock();
+        Ok(Response::new(sweep_snapshot(&inner.store, &r.sweep)?))
+    }
+
+    type WatchStream = WatchStream;
+
+    async fn watch(
+        &self,
+        req: Request<pb::WatchRequest>,
+    ) -> Result<Response<Self::WatchStream>, Status> {
+        let key = req.into_inner().sweep;
+        // Subscribe before the snapshot so nothing falls between them.
+        let mut rx = self.0.bus.subscribe();
+        let snapshot = {
+            let inner = self.0.lock();
+            sweep_snapshot(&inner.store, &key)?
+        };
+        let ids: HashSet<String> = snapshot.trials.iter().map(|t| t.id.clone()).collect();
+        let sweep_id = snapshot.sweep_id.clone();
+        let (tx, out) = mpsc::channel(256);
+        let shared = self.0.clone();
+        let mut stop = self.0.stop.clone();
+        tokio::spawn(async move {
+            let send = |e| pb::WatchEvent { event: Some(e) };
+            if tx
+                .send(Ok(send(pb::watch_event::Event::Snapshot(snapshot))))
+                .await
+                .is_err()
+            {
+                return;
+            }
+            loop {
+                let msg = tokio::select! {
+                    m = rx.recv() => m,
+                    _ = tx.closed() => return,
+                    _ = stop.changed() => return,
+                };
+                let event = match msg {
+                    Ok(Bus::Trial(t)) if ids.contains(&t.id) => pb::watch_event::Event::Trial(*t),
+                    Ok(Bus::Progress(p)) if ids.contains(&p.trial_id) => {
+                        pb::watch_event::Event::Progress(p)
+                    }
+                    Ok(_) => continue,
+                    Err(broadcast::error::RecvError::Lagged(_)) => {
+                        // Too slow to follow every event: send the whole picture again.
+                        let snap = {
+                            let inner = shared.lock();
+                            sweep_snapshot(&inner.store, &sweep_id)
+                        };
+                        match snap {
+                            Ok(s) => pb::watch_event::Event::Snapshot(s),
+                            Err(e) => {
+                                let _ = tx.send(Err(e)).await;
+                                return;
+                            }
+                        }
+                    }
+                    Err(broadcast::error::RecvError::Closed) => return,
+                };
+                if tx.send(Ok(send(event))).await.is_err() {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(out))))
+    }
+
+    async fn cancel(
+        &self,
+        req: Request<pb::CancelRequest>,
+    ) -> Result<Response<pb::CancelResponse>, Status> {
+        let r = req.into_inner();
+        let mut inner = self.0.lock();
+        let mut ids = Vec::new();
+        if !r.sweep.is_empty() {
+            let sweep = inner
+                .store
+                .find_sweep(&r.sweep)
+                .map_err(store_status)?
+                .ok_or_else(|| {
+                    Status::not_found(format!("no sweep with id or name {:?}", r.sweep))
+                })?;
+            ids.extend(
+                inner
+                    .store
+                    .sweep_trials(&sweep.id)
+                    .map_err(store_status)?
+                    .into_iter()
+                    .map(|t| t.id),
+            );
+        }
+        ids.extend(r.trial_ids);
+        let mut decisions = Vec::new();
+        let mut cancelled = Vec::new();
+        for id in ids {
+            let ds = inner.sched.cancel(&id).map_err(sched_status)?;
+            if !ds.is_empty() {
+                cancelled.push(id);
+            }
+            decisions.extend(ds);
+        }
+        self.0.apply(&mut inner, &decisions, now_ms())?;
+        tracing::info!(n = cancelled.len(), "trials cancelled");
+        Ok(Response::new(pb::CancelResponse { cancelled }))
+    }
+
+    async fn events(
+        &self,
+        req: Request<pb::EventsRequest>,
+    ) -> Result<Response<pb::EventsResponse>, Status> {
+        let r = req.into_inner();
+        let inner = self.0.lock();
+        if inner
+            .store
+            .trial(&r.trial_id)
+            .map_err(store_status)?
+            .is_none()
+        {
+            return Err(Status::not_found(format!("unknown trial {}", r.trial_id)));
+        }
+        let events = inner.store.events(&r.trial_id).map_err(store_status)?;
+        Ok(Response::new(pb::EventsResponse {
+            events: events
+                .into_iter()
+                .map(|e| pb::RecordedEvent {
+                    attempt: e.attempt,
+                    seq: e.seq,
+                    unix_ms: e.unix_ms,
+                    progress_json: e.json,
+                })
+                .collect(),
+        }))
+    }
+}
