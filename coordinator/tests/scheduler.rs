@@ -1,0 +1,287 @@
+//! The scheduler's rules, driven with explicit times and no gRPC.
+
+use coordinator::scheduler::*;
+
+const TTL: i64 = 1_000;
+
+fn spec(id: &str, cost: f64, dep: Option<&str>) -> TrialSpec {
+    TrialSpec {
+        id: id.into(),
+        depends_on: dep.map(str::to_string),
+        cost,
+    }
+}
+
+fn sched_with(trials: &[TrialSpec]) -> Scheduler {
+    let mut s = Scheduler::new(TTL, 3);
+    for t in trials {
+        s.submit(t.clone());
+    }
+    s.register_worker("w1");
+    s.register_worker("w2");
+    s
+}
+
+fn lease(s: &mut Scheduler, w: &str, now: i64) -> Option<Grant> {
+    s.lease(w, now).unwrap().0
+}
+
+fn transient(reason: &str) -> Failure {
+    Failure {
+        reason: reason.into(),
+        message: "boom".into(),
+        deterministic: false,
+        preempted: false,
+    }
+}
+
+#[test]
+fn longest_expected_trial_is_leased_first() {
+    let mut s = sched_with(&[
+        spec("a", 10.0, None),
+        spec("b", 30.0, None),
+        spec("c", 20.0, None),
+    ]);
+    let order: Vec<String> = (0..3)
+        .map(|_| lease(&mut s, "w1", 0).unwrap().trial_id)
+        .collect();
+    assert_eq!(order, ["b", "c", "a"]);
+    assert!(lease(&mut s, "w1", 0).is_none());
+}
+
+#[test]
+fn unknown_worker_is_refused() {
+    let mut s = sched_with(&[spec("a", 1.0, None)]);
+    assert_eq!(
+        s.lease("nobody", 0).unwrap_err(),
+        SchedError::UnknownWorker("nobody".into())
+    );
+    assert!(s.heartbeat("nobody", &[], 0).is_err());
+}
+
+#[test]
+fn expired_lease_requeues_with_next_attempt_and_stale_messages_are_ignored() {
+    let mut s = sched_with(&[spec("a", 1.0, None)]);
+    let g = lease(&mut s, "w1", 0).unwrap();
+    assert_eq!((g.attempt, g.deadline_ms), (1, TTL));
+    // Heartbeats renew the deadline.
+    let hb = s.heartbeat("w1", &[("a".into(), 1)], 900).unwrap();
+    assert_eq!(hb.renewed, vec![("a".to_string(), 1, 900 + TTL)]);
+    assert!(s.tick(1_500).is_empty(), "renewed lease must not expire");
+    // No heartbeat: lost at its deadline.
+    let ds = s.tick(1_900);
+    assert!(ds.iter().any(|d| matches!(
+        d,
+        Decision::Ended {
+            outcome: AttemptOutcome::Expired,
+            attempt: 1,
+            ..
+        }
+    )));
+    assert_eq!(s.state("a"), Some(TrialState::Queued));
+    let g2 = lease(&mut s, "w2", 2_000).unwrap();
+    assert_eq!(g2.attempt, 2);
+    // The first worker wakes up: its messages about attempt 1 change nothing.
+    assert!(!s.report("a", 1));
+    assert!(s.complete("a", 1, "{}".into()).is_empty());
+    assert!(s.fail("a", 1, transient("io")).is_empty());
+    let hb = s.heartbeat("w1", &[("a".into(), 1)], 2_100).unwrap();
+    assert_eq!(hb.cancel, vec![("a".to_string(), 1)]);
+    assert!(hb.renewed.is_empty());
+    // A worker can't renew someone else's attempt either.
+    assert_eq!(
+        s.heartbeat("w1", &[("a".into(), 2)], 2_100)
+            .unwrap()
+            .cancel
+            .len(),
+        1
+    );
+    assert!(s.report("a", 2));
+    let ds = s.complete("a", 2, "{\"perplexity\":3}".into());
+    assert!(ds.iter().any(|d| matches!(
+        d,
+        Decision::Ended {
+            metrics_json: Some(_),
+            ..
+        }
+    )));
+    assert_eq!(s.state("a"), Some(TrialState::Finished));
+    assert!(
+        s.complete("a", 2, "{}".into()).is_empty(),
+        "second completion is stale"
+    );
+}
+
+#[test]
+fn deterministic_failures_are_final_and_transient_ones_spend_a_bounded_budget() {
+    let mut s = sched_with(&[spec("det", 2.0, None), spec("flaky", 1.0, None)]);
+    let g = lease(&mut s, "w1", 0).unwrap();
+    assert_eq!(g.trial_id, "det");
+    let f = Failure {
+        reason: "diverged".into(),
+        message: "nan".into(),
+        deterministic: true,
+        preempted: false,
+    };
+    s.fail("det", 1, f);
+    assert_eq!(s.state("det"), Some(TrialState::Failed));
+
+    for attempt in 1..=3 {
+        let g = lease(&mut s, "w1", 0).expect("flaky is retried");
+        assert_eq!((g.trial_id.as_str(), g.attempt), ("flaky", attempt));
+        let ds = s.fail("flaky", attempt, transient("io"));
+        let last = ds.last().unwrap();
+        if attempt < 3 {
+            assert!(
+                matches!(last, Decision::State { state: TrialState::Queued, spent, .. } if *spent == attempt)
+            );
+        } else {
+            assert!(
+                matches!(last, Decision::State { state: TrialState::Failed, reason, .. } if reason == "io")
+            );
+        }
+    }
+    assert!(lease(&mut s, "w1", 0).is_none());
+}
+
+#[test]
+fn preempted_attempts_spend_no_budget() {
+    let mut s = sched_with(&[spec("a", 1.0, None)]);
+    for attempt in 1..=10 {
+        let g = lease(&mut s, "w1", 0).unwrap();
+        assert_eq!(g.attempt, attempt);
+        let f = Failure {
+            reason: "stopped".into(),
+            message: "SIGTERM".into(),
+            deterministic: false,
+            preempted: true,
+        };
+        s.fail("a", attempt, f);
+        assert_eq!(s.state("a"), Some(TrialState::Queued));
+    }
+}
+
+#[test]
+fn dependants_wait_for_their_base_and_fail_when_it_fails() {
+    // The dependant is costlier but must wait for its base.
+    let mut s = sched_with(&[
+        spec("ft", 100.0, Some("pre")),
+        spec("pre", 1.0, None),
+        spec("ft2", 50.0, Some("pre2")),
+        spec("pre2", 1.0, None),
+    ]);
+    assert_eq!(s.state("ft"), Some(TrialState::Waiting));
+    let g = lease(&mut s, "w1", 0).unwrap();
+    assert_eq!(g.trial_id, "pre");
+    let g2 = lease(&mut s, "w2", 0).unwrap();
+    assert_eq!(g2.trial_id, "pre2");
+    assert!(lease(&mut s, "w1", 0).is_none(), "dependants wait");
+    let ds = s.complete("pre", 1, "{}".into());
+    assert!(ds.iter().any(|d| matches!(d, Decision::State { trial_id, state: TrialState::Queued, .. } if trial_id == "ft")));
+    assert_eq!(lease(&mut s, "w1", 0).unwrap().trial_id, "ft");
+    let f = Failure {
+        reason: "bad_input".into(),
+        message: "x".into(),
+        deterministic: true,
+        preempted: false,
+    };
+    s.fail("pre2", 1, f);
+    assert_eq!(s.state("ft2"), Some(TrialState::Failed));
+    // A dependant submitted after its base failed fails at once.
+    let ds = s.submit(spec("ft3", 1.0, Some("pre2")));
+    assert!(ds.iter().any(|d| matches!(d, Decision::State { state: TrialState::Failed, reason, .. } if reason == "dependency_failed")));
+}
+
+#[test]
+fn cancel_stops_running_attempts_and_resubmit_requeues() {
+    let mut s = sched_with(&[spec("a", 1.0, None), spec("b", 2.0, Some("a"))]);
+    let g = lease(&mut s, "w1", 0).unwrap();
+    let ds = s.cancel("a").unwrap();
+    assert!(ds.iter().any(|d| matches!(
+        d,
+        Decision::Ended {
+            outcome: AttemptOutcome::Cancelled,
+            ..
+        }
+    )));
+    assert_eq!(s.state("a"), Some(TrialState::Cancelled));
+    assert_eq!(
+        s.state("b"),
+        Some(TrialState::Cancelled),
+        "dependant of a cancelled base"
+    );
+    let hb = s
+        .heartbeat("w1", &[(g.trial_id.clone(), g.attempt)], 10)
+        .unwrap();
+    assert_eq!(hb.cancel.len(), 1, "the worker is told to stop");
+    assert!(
+        s.cancel("a").unwrap().is_empty(),
+        "cancelling twice is a no-op"
+    );
+    assert!(s.cancel("zzz").is_err());
+    // Resubmitting an identical trial that already finished adds nothing; a cancelled one runs again.
+    s.submit(spec("a", 1.0, None));
+    assert_eq!(s.state("a"), Some(TrialState::Queued));
+    assert_eq!(lease(&mut s, "w1", 20).unwrap().attempt, 2);
+}
+
+#[test]
+fn restore_requeues_running_attempts_without_spending_budget() {
+    let restored = vec![
+        RestoredTrial {
+            spec: spec("run", 1.0, None),
+            state: TrialState::Running,
+            attempts: 2,
+            spent: 1,
+            deterministic: false,
+            worker_id: Some("w1".into()),
+        },
+        RestoredTrial {
+            spec: spec("done", 1.0, None),
+            state: TrialState::Finished,
+            attempts: 1,
+            spent: 0,
+            deterministic: false,
+            worker_id: None,
+        },
+        RestoredTrial {
+            spec: spec("dep", 1.0, Some("done")),
+            state: TrialState::Waiting,
+            attempts: 0,
+            spent: 0,
+            deterministic: false,
+            worker_id: None,
+        },
+    ];
+    let (mut s, ds) = Scheduler::restore(TTL, 3, restored, vec!["w1".into()]);
+    assert!(ds.iter().any(|d| matches!(d, Decision::Ended { trial_id, attempt: 2, outcome: AttemptOutcome::Lost, .. } if trial_id == "run")));
+    assert_eq!(s.state("run"), Some(TrialState::Queued));
+    assert_eq!(
+        s.state("dep"),
+        Some(TrialState::Queued),
+        "base already finished"
+    );
+    assert_eq!(s.state("done"), Some(TrialState::Finished));
+    // The old worker's heartbeat for the lost attempt is answered with a cancel order.
+    assert_eq!(
+        s.heartbeat("w1", &[("run".into(), 2)], 0)
+            .unwrap()
+            .cancel
+            .len(),
+        1
+    );
+    let mut got: Vec<(String, u32)> = Vec::new();
+    while let Some(g) = lease(&mut s, "w1", 0) {
+        got.push((g.trial_id, g.attempt));
+    }
+    got.sort();
+    assert_eq!(got, vec![("dep".to_string(), 1), ("run".to_string(), 3)]);
+}
+
+#[test]
+fn next_deadline_follows_leases() {
+    let mut s = sched_with(&[spec("a", 1.0, None)]);
+    assert_eq!(s.next_deadline(), None);
+    lease(&mut s, "w1", 5);
+    assert_eq!(s.next_deadline(), Some(5 + TTL));
+}
