@@ -564,6 +564,21 @@ fn measure_shakespeare_bpe() {
     }
     let serial_s = t.elapsed().as_secs_f64();
     assert_eq!(serial, batched);
+    // For a cross-check against Hugging Face's Python `tokenizers`: the tokenizer and some ids.
+    if let Ok(out) = std::env::var("ABLATE_MEASURE_OUT") {
+        let out = PathBuf::from(out);
+        tok.save(&out.join("tokenizer.json")).unwrap();
+        let sample: Vec<(String, Vec<u32>)> = docs
+            .iter()
+            .step_by(97)
+            .map(|d| (d.clone(), tok.encode(d).unwrap()))
+            .collect();
+        std::fs::write(
+            out.join("sample.json"),
+            serde_json::to_vec(&sample).unwrap(),
+        )
+        .unwrap();
+    }
     let data = DataSpec {
         train: spec.clone(),
         valid: None,
