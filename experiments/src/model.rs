@@ -1,1 +1,473 @@
-//! (placeholder: being written)
+//! GPT-2 in candle, with Hugging Face parameter names and per-part trainability.
+//!
+//! The parameters live in a [`candle_nn::VarMap`] under the names of a Hugging Face GPT-2
+//! checkpoint without the `transformer.` prefix (`wte.weight`, `h.3.attn.c_attn.weight`, ...), so
+//! checkpoints map one to one ([`crate::checkpoint`]). Linear weights are stored `[out, in]`
+//! (candle's layout; HF's Conv1D `[in, out]` is transposed on load and save). The LM head is tied
+//! to `wte`, as in GPT-2.
+//!
+//! The forward pass uses only the gradient-correct ops of [`crate::ops`]. There is no dropout:
+//! ablate fine-tunes and evaluates small models for a few thousand steps, where dropout mostly
+//! slows convergence, and leaving it out keeps training deterministic for a seed.
+//!
+//! Freezing is done in the graph, not only in the optimizer: a frozen part is read through a
+//! *detached* tensor, so backward never computes gradients for it, and when everything below a
+//! block is frozen the activation entering it is detached too, so backward stops there.
+//!
+//! Parameters are updated in place (`Var::set`, what optimizers and `VarMap::load` do); the model
+//! keeps handles to the same `Var`s, so do not replace entries of the `VarMap` with new `Var`s.
+
+use std::collections::HashMap;
+
+use candle_core::{DType, Device, Tensor, Var};
+use candle_nn::VarMap;
+use rand::{rngs::StdRng, Rng, SeedableRng};
+use serde::{Deserialize, Serialize};
+
+use crate::ops::{causal_attention, gelu_new, layer_norm};
+use crate::{Error, Result};
+
+/// Shape of a GPT-2 model (the fields of a Hugging Face `GPT2Config` that matter here).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Gpt2Config {
+    pub vocab_size: usize,
+    pub n_positions: usize,
+    pub n_embd: usize,
+    pub n_layer: usize,
+    pub n_head: usize,
+    pub layer_norm_epsilon: f64,
+}
+
+const PRESETS: &[&str] = &["tiny", "gpt2", "gpt2-medium"];
+
+impl Gpt2Config {
+    /// Named shapes: `tiny` is for tests (2 layers, 64 wide, 4 heads, 128 context, vocab 512);
+    /// `gpt2` and `gpt2-medium` are OpenAI's 124M and 355M models.
+    pub fn preset(name: &str) -> Option<Gpt2Config> {
+        let (vocab_size, n_positions, n_embd, n_layer, n_head) = match name {
+            "tiny" => (512, 128, 64, 2, 4),
+            "gpt2" => (50257, 1024, 768, 12, 12),
+            "gpt2-medium" => (50257, 1024, 1024, 24, 16),
+            _ => return None,
+        };
+        Some(Gpt2Config {
+            vocab_size,
+            n_positions,
+            n_embd,
+            n_layer,
+            n_head,
+            layer_norm_epsilon: 1e-5,
+        })
+    }
+
+    pub fn preset_names() -> &'static [&'static str] {
+        PRESETS
+    }
+
+    /// Checks the shape is buildable (non-zero sizes, heads dividing the width).
+    pub fn validate(&self) -> Result<()> {
+        let c = self;
+        if c.vocab_size == 0
+            || c.n_positions == 0
+            || c.n_embd == 0
+            || c.n_layer == 0
+            || c.n_head == 0
+        {
+            return Err(Error::Config(format!(
+                "GPT-2 config has a zero size: {c:?}"
+            )));
+        }
+        if c.n_embd % c.n_head != 0 {
+            return Err(Error::Config(format!(
+                "GPT-2 config: n_embd {} is not divisible by n_head {}",
+                c.n_embd, c.n_head
+            )));
+        }
+        if !(c.layer_norm_epsilon.is_finite() && c.layer_norm_epsilon > 0.0) {
+            return Err(Error::Config(format!(
+                "GPT-2 config: layer_norm_epsilon must be positive, got {}",
+                c.layer_norm_epsilon
+            )));
+        }
+        Ok(())
+    }
+
+    /// Every parameter's name and shape in candle layout (`[out, in]` for linear weights), in a
+    /// fixed order: wte, wpe, blocks 0..n_layer, ln_f. Checkpoint loading checks against this.
+    pub fn param_shapes(&self) -> Vec<(String, Vec<usize>)> {
+        let c = self.n_embd;
+        let mut v = vec![
+            ("wte.weight".to_string(), vec![self.vocab_size, c]),
+            ("wpe.weight".to_string(), vec![self.n_positions, c]),
+        ];
+        for i in 0..self.n_layer {
+            for (suffix, shape) in block_param_shapes(c) {
+                v.push((format!("h.{i}.{suffix}"), shape));
+            }
+        }
+        v.push(("ln_f.weight".to_string(), vec![c]));
+        v.push(("ln_f.bias".to_string(), vec![c]));
+        v
+    }
+}
+
+/// Names (after `h.{i}.`) and candle shapes of one block's parameters.
+fn block_param_shapes(c: usize) -> [(&'static str, Vec<usize>); 12] {
+    [
+        ("ln_1.weight", vec![c]),
+        ("ln_1.bias", vec![c]),
+        ("attn.c_attn.weight", vec![3 * c, c]),
+        ("attn.c_attn.bias", vec![3 * c]),
+        ("attn.c_proj.weight", vec![c, c]),
+        ("attn.c_proj.bias", vec![c]),
+        ("ln_2.weight", vec![c]),
+        ("ln_2.bias", vec![c]),
+        ("mlp.c_fc.weight", vec![4 * c, c]),
+        ("mlp.c_fc.bias", vec![4 * c]),
+        ("mlp.c_proj.weight", vec![c, 4 * c]),
+        ("mlp.c_proj.bias", vec![c]),
+    ]
+}
+
+/// Which parts receive gradients. Frozen parts use detached tensors (no gradient work at all); if
+/// everything below block j is frozen the activation entering block j is detached too, so backward
+/// never walks frozen blocks.
+///
+/// `top` covers ln_f and the tied head. The head is `wte`, so with `top` true and `embeddings`
+/// false, the embedding *lookup* reads a detached `wte` while the head reads the live `wte` Var:
+/// `wte` then gets gradient only through the head, as in PyTorch where `lm_head.weight` *is*
+/// `wte`. With `top` false the head reads a detached `wte` too.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Trainable {
+    /// wte (as the input lookup) and wpe.
+    pub embeddings: bool,
+    /// One flag per transformer block, bottom first.
+    pub blocks: Vec<bool>,
+    /// ln_f and the tied head.
+    pub top: bool,
+}
+
+impl Trainable {
+    pub fn all(n_layer: usize) -> Self {
+        Trainable {
+            embeddings: true,
+            blocks: vec![true; n_layer],
+            top: true,
+        }
+    }
+
+    pub fn none(n_layer: usize) -> Self {
+        Trainable {
+            embeddings: false,
+            blocks: vec![false; n_layer],
+            top: false,
+        }
+    }
+}
+
+struct BlockVars {
+    ln_1_w: Var,
+    ln_1_b: Var,
+    c_attn_w: Var,
+    c_attn_b: Var,
+    attn_proj_w: Var,
+    attn_proj_b: Var,
+    ln_2_w: Var,
+    ln_2_b: Var,
+    c_fc_w: Var,
+    c_fc_b: Var,
+    mlp_proj_w: Var,
+    mlp_proj_b: Var,
+}
+
+/// A GPT-2 language model (tied head, no dropout), parameters f32.
+pub struct Gpt2 {
+    cfg: Gpt2Config,
+    device: Device,
+    varmap: VarMap,
+    wte: Var,
+    wpe: Var,
+    blocks: Vec<BlockVars>,
+    ln_f_w: Var,
+    ln_f_b: Var,
+}
+
+/// The parameter tensor, live (gradient flows to the Var) or detached (treated as a constant).
+fn p(v: &Var, live: bool) -> Tensor {
+    if live {
+        v.as_tensor().clone()
+    } else {
+        v.as_detached_tensor()
+    }
+}
+
+/// `x (.., in) · wᵀ + b` with `w` stored `[out, in]`. The batch dims are folded into one so a
+/// single 2-D GEMM runs (candle reads the transposed weight through strides, without a copy).
+fn linear(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
+    let dims = x.dims().to_vec();
+    let k = *dims.last().expect("linear input has a last dim");
+    let n: usize = dims.iter().product::<usize>() / k;
+    let out = w.dim(0)?;
+    let y = x.reshape((n, k))?.matmul(&w.t()?)?.broadcast_add(b)?;
+    let mut out_dims = dims;
+    *out_dims.last_mut().expect("non-empty") = out;
+    Ok(y.reshape(out_dims)?)
+}
+
+/// N(0, std) samples from a seeded generator (Box–Muller), so initialisation is the same for a
+/// seed on every machine and device (the device RNGs are not seedable portably).
+fn normal_vec(rng: &mut StdRng, n: usize, std: f64) -> Vec<f32> {
+    let mut v = Vec::with_capacity(n);
+    while v.len() < n {
+        let u1: f64 = 1.0 - rng.gen::<f64>(); // (0, 1]
+        let u2: f64 = rng.gen::<f64>();
+        let r = (-2.0 * u1.ln()).sqrt() * std;
+        let th = 2.0 * std::f64::consts::PI * u2;
+        v.push((r * th.cos()) as f32);
+        if v.len() < n {
+            v.push((r * th.sin()) as f32);
+        }
+    }
+    v
+}
+
+impl Gpt2 {
+    /// GPT-2 initialisation (as transformers' `_init_weights`): weights and embeddings N(0, 0.02);
+    /// the residual projections (`c_proj`, attn and mlp) N(0, 0.02/sqrt(2·n_layer)); LayerNorm
+    /// weight 1, bias 0; all biases 0. Deterministic for a seed.
+    pub fn new_random(cfg: &Gpt2Config, seed: u64, device: &Device) -> Result<Self> {
+        cfg.validate()?;
+        let mut rng = StdRng::seed_from_u64(seed);
+        let resid_std = 0.02 / (2.0 * cfg.n_layer as f64).sqrt();
+        let mut tensors = HashMap::new();
+        for (name, shape) in cfg.param_shapes() {
+            let n: usize = shape.iter().product();
+            let data = if name.ends_with("ln_1.weight")
+                || name.ends_with("ln_2.weight")
+                || name == "ln_f.weight"
+            {
+                vec![1f32; n]
+            } else if name.ends_with(".bias") {
+                vec![0f32; n]
+            } else if name.ends_with("c_proj.weight") {
+                normal_vec(&mut rng, n, resid_std)
+            } else {
+                normal_vec(&mut rng, n, 0.02)
+            };
+            tensors.insert(name, Tensor::from_vec(data, shape, device)?);
+        }
+        Self::from_tensors(cfg, tensors, device)
+    }
+
+    /// Builds a model from named tensors (names and candle shapes of
+    /// [`Gpt2Config::param_shapes`]); each becomes a fresh f32 `Var` on `device` (copied, so the
+    /// inputs are not aliased). Missing or mis-shaped tensors are an `Error::Config`; checkpoint
+    /// loading checks them first to name the file.
+    pub fn from_tensors(
+        cfg: &Gpt2Config,
+        mut tensors: HashMap<String, Tensor>,
+        device: &Device,
+    ) -> Result<Self> {
+        cfg.validate()?;
+        let varmap = VarMap::new();
+        let mut vars: HashMap<String, Var> = HashMap::new();
+        for (name, shape) in cfg.param_shapes() {
+            let t = tensors
+                .remove(&name)
+                .ok_or_else(|| Error::Config(format!("GPT-2 parameter {name} is missing")))?;
+            if t.dims() != shape.as_slice() {
+                return Err(Error::Config(format!(
+                    "GPT-2 parameter {name} has shape {:?}, expected {shape:?}",
+                    t.dims()
+                )));
+            }
+            // `detach` guarantees `from_tensor` copies into new storage, even if `t` is a Var.
+            let t = t.to_device(device)?.to_dtype(DType::F32)?.detach();
+            vars.insert(name, Var::from_tensor(&t)?);
+        }
+        {
+            let mut data = varmap.data().lock().expect("fresh VarMap lock");
+            for (k, v) in &vars {
+                data.insert(k.clone(), v.clone());
+            }
+        }
+        let mut take = |name: &str| vars.remove(name).expect("inserted above from param_shapes");
+        let wte = take("wte.weight");
+        let wpe = take("wpe.weight");
+        let mut blocks = Vec::with_capacity(cfg.n_layer);
+        for i in 0..cfg.n_layer {
+            let mut b = |s: &str| take(&format!("h.{i}.{s}"));
+            blocks.push(BlockVars {
+                ln_1_w: b("ln_1.weight"),
+                ln_1_b: b("ln_1.bias"),
+                c_attn_w: b("attn.c_attn.weight"),
+                c_attn_b: b("attn.c_attn.bias"),
+                attn_proj_w: b("attn.c_proj.weight"),
+                attn_proj_b: b("attn.c_proj.bias"),
+                ln_2_w: b("ln_2.weight"),
+                ln_2_b: b("ln_2.bias"),
+                c_fc_w: b("mlp.c_fc.weight"),
+                c_fc_b: b("mlp.c_fc.bias"),
+                mlp_proj_w: b("mlp.c_proj.weight"),
+                mlp_proj_b: b("mlp.c_proj.bias"),
+            });
+        }
+        let ln_f_w = take("ln_f.weight");
+        let ln_f_b = take("ln_f.bias");
+        Ok(Gpt2 {
+            cfg: cfg.clone(),
+            device: device.clone(),
+            varmap,
+            wte,
+            wpe,
+            blocks,
+            ln_f_w,
+            ln_f_b,
+        })
+    }
+
+    pub fn config(&self) -> &Gpt2Config {
+        &self.cfg
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    pub fn varmap(&self) -> &VarMap {
+        &self.varmap
+    }
+
+    /// All parameters with their Hugging Face names (no `transformer.` prefix), sorted by name.
+    pub fn named_vars(&self) -> Vec<(String, Var)> {
+        let data = self.varmap.data().lock().expect("VarMap lock poisoned");
+        let mut v: Vec<(String, Var)> = data.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        v.sort_by(|a, b| a.0.cmp(&b.0));
+        v
+    }
+
+    /// ids (B,T) u32 → logits (B,T,V) f32, everything trainable.
+    pub fn forward(&self, ids: &Tensor) -> Result<Tensor> {
+        self.forward_with(ids, &Trainable::all(self.cfg.n_layer))
+    }
+
+    /// ids (B,T) u32 → logits (B,T,V) f32, with gradients only for the parts `trainable` marks
+    /// (see [`Trainable`]). `Trainable::none` gives a graph-free forward for evaluation.
+    pub fn forward_with(&self, ids: &Tensor, trainable: &Trainable) -> Result<Tensor> {
+        let cfg = &self.cfg;
+        let (b, t) = ids.dims2().map_err(|_| {
+            Error::Config(format!(
+                "GPT-2 input ids must be (batch, time), got {:?}",
+                ids.dims()
+            ))
+        })?;
+        if ids.dtype() != DType::U32 {
+            return Err(Error::Config(format!(
+                "GPT-2 input ids must be u32, got {:?}",
+                ids.dtype()
+            )));
+        }
+        if t == 0 || t > cfg.n_positions {
+            return Err(Error::Config(format!(
+                "GPT-2 input length {t} must be between 1 and n_positions {}",
+                cfg.n_positions
+            )));
+        }
+        if trainable.blocks.len() != cfg.n_layer {
+            return Err(Error::Config(format!(
+                "Trainable has {} block flags, the model has {} blocks",
+                trainable.blocks.len(),
+                cfg.n_layer
+            )));
+        }
+        let c = cfg.n_embd;
+        let emb = trainable.embeddings;
+        let tok = p(&self.wte, emb)
+            .index_select(&ids.flatten_all()?, 0)?
+            .reshape((b, t, c))?;
+        let pos = p(&self.wpe, emb).narrow(0, 0, t)?;
+        let mut x = tok.broadcast_add(&pos)?;
+        let mut below_trainable = emb;
+        for (blk, &live) in self.blocks.iter().zip(&trainable.blocks) {
+            if !below_trainable {
+                // Nothing below needs gradient: cut the graph so backward stops here.
+                x = x.detach();
+            }
+            x = self.block(&x, blk, live)?;
+            below_trainable |= live;
+        }
+        if !below_trainable {
+            x = x.detach();
+        }
+        let top = trainable.top;
+        let h = layer_norm(
+            &x,
+            &p(&self.ln_f_w, top),
+            &p(&self.ln_f_b, top),
+            cfg.layer_norm_epsilon,
+        )?;
+        // Tied head: logits = h · wteᵀ, with the live wte exactly when the top group trains.
+        let head = p(&self.wte, top);
+        let logits = h.reshape((b * t, c))?.matmul(&head.t()?)?;
+        Ok(logits.reshape((b, t, cfg.vocab_size))?)
+    }
+
+    fn block(&self, x: &Tensor, blk: &BlockVars, live: bool) -> Result<Tensor> {
+        let cfg = &self.cfg;
+        let (b, t, c) = x.dims3()?;
+        let nh = cfg.n_head;
+        let hd = c / nh;
+        let eps = cfg.layer_norm_epsilon;
+        let h = layer_norm(x, &p(&blk.ln_1_w, live), &p(&blk.ln_1_b, live), eps)?;
+        let qkv = linear(&h, &p(&blk.c_attn_w, live), &p(&blk.c_attn_b, live))?; // (B,T,3C)
+                                                                                 // One copy to (3, B, H, T, D); q, k and v are then contiguous slices of it.
+        let qkv = qkv
+            .reshape((b, t, 3, nh, hd))?
+            .permute((2, 0, 3, 1, 4))?
+            .contiguous()?;
+        let q = qkv.get(0)?;
+        let k = qkv.get(1)?;
+        let v = qkv.get(2)?;
+        let y = causal_attention(&q, &k, &v)?; // (B,H,T,D)
+        let y = y.transpose(1, 2)?.reshape((b, t, c))?;
+        let y = linear(&y, &p(&blk.attn_proj_w, live), &p(&blk.attn_proj_b, live))?;
+        let x = (x + y)?;
+        let h = layer_norm(&x, &p(&blk.ln_2_w, live), &p(&blk.ln_2_b, live), eps)?;
+        let h = gelu_new(&linear(&h, &p(&blk.c_fc_w, live), &p(&blk.c_fc_b, live))?)?;
+        let h = linear(&h, &p(&blk.mlp_proj_w, live), &p(&blk.mlp_proj_b, live))?;
+        Ok((x + h)?)
+    }
+
+    /// Inheritune: a new model holding copies of the first n blocks plus wte, wpe, ln_f (tied head).
+    pub fn truncate(&self, n_blocks: usize) -> Result<Gpt2> {
+        if n_blocks == 0 || n_blocks > self.cfg.n_layer {
+            return Err(Error::Config(format!(
+                "cannot keep {n_blocks} blocks of a {}-block model",
+                self.cfg.n_layer
+            )));
+        }
+        let cfg = Gpt2Config {
+            n_layer: n_blocks,
+            ..self.cfg.clone()
+        };
+        let mut tensors = HashMap::new();
+        for (name, _) in cfg.param_shapes() {
+            let var = self.var(&name)?;
+            tensors.insert(name, var.as_detached_tensor());
+        }
+        Self::from_tensors(&cfg, tensors, &self.device)
+    }
+
+    /// Looks a parameter up by its Hugging Face name (without `transformer.`).
+    pub fn var(&self, name: &str) -> Result<Var> {
+        let data = self.varmap.data().lock().expect("VarMap lock poisoned");
+        data.get(name)
+            .cloned()
+            .ok_or_else(|| Error::Config(format!("GPT-2 has no parameter named {name}")))
+    }
+
+    /// Number of parameters, the tied head counted once.
+    pub fn num_params(&self) -> usize {
+        self.named_vars().iter().map(|(_, v)| v.elem_count()).sum()
+    }
+}
