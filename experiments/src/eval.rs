@@ -89,7 +89,8 @@ pub fn perplexity(
     let mut nll = 0f64;
     let mut predicted = 0u64;
     // Full chunks share a length and batch together; a short tail is evaluated alone.
-    let (full, tail): (Vec<&(usize, usize)>, Vec<&(usize, usize)>) = all.iter().partition(|(_, len)| *len == context);
+    let (full, tail): (Vec<&(usize, usize)>, Vec<&(usize, usize)>) =
+        all.iter().partition(|(_, len)| *len == context);
     for group in full.chunks(batch_size).chain(tail.chunks(1)) {
         let len = group[0].1;
         let b = group.len();
@@ -126,6 +127,59 @@ pub fn n_layer_of(model: &Gpt2) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::Gpt2Config;
+
+    /// The batched evaluation equals the definition computed by hand: each chunk on its own,
+    /// `nll_sum` of its shifted predictions, summed, divided by the prediction count.
+    #[test]
+    fn perplexity_matches_hand_computation() -> Result<()> {
+        let dev = Device::Cpu;
+        let cfg = Gpt2Config {
+            vocab_size: 50,
+            n_positions: 16,
+            n_embd: 32,
+            n_layer: 2,
+            n_head: 2,
+            layer_norm_epsilon: 1e-5,
+        };
+        let model = Gpt2::new_random(&cfg, 3, &dev)?;
+        let tokens: Vec<u32> = (0..22u32).map(|i| (i * 7 + 3) % 50).collect();
+        // context 8: chunks [0,8) [8,16) [16,22) → 7 + 7 + 5 predictions.
+        let mut nll = 0.0;
+        for (start, len) in [(0usize, 8usize), (8, 8), (16, 6)] {
+            let c = &tokens[start..start + len];
+            let ids = Tensor::from_slice(&c[..len - 1], (1, len - 1), &dev)?;
+            let tgt = Tensor::from_slice(&c[1..], len - 1, &dev)?;
+            let logits = model.forward(&ids)?.reshape((len - 1, 50))?;
+            nll += ops::nll_sum(&logits, &tgt)?;
+        }
+        for batch in [1, 2, 5] {
+            let r = perplexity(&model, &tokens, 8, batch, None, &dev)?;
+            assert_eq!(r.tokens, 19);
+            assert_eq!(r.chunks, 3);
+            assert!(
+                (r.nll - nll).abs() < 1e-4 * nll,
+                "batch {batch}: {} vs {nll}",
+                r.nll
+            );
+            assert!((r.perplexity - (nll / 19.0).exp()).abs() < 1e-3 * r.perplexity);
+        }
+        // A random model is close to uniform: perplexity near the vocabulary size.
+        let r = perplexity(&model, &tokens, 8, 4, None, &dev)?;
+        assert!(
+            r.perplexity > 25.0 && r.perplexity < 100.0,
+            "{}",
+            r.perplexity
+        );
+        // Capped: only the first chunk.
+        let capped = perplexity(&model, &tokens, 8, 4, Some(1), &dev)?;
+        assert_eq!(capped.tokens, 7);
+        assert!(matches!(
+            perplexity(&model, &tokens[..1], 8, 4, None, &dev),
+            Err(Error::Config(_))
+        ));
+        Ok(())
+    }
 
     #[test]
     fn chunking_follows_the_definition() {
