@@ -104,13 +104,13 @@ fn doc_split_variants() {
         ]
     );
 
-    let paras = load_documents(&[a.clone()], &DocSplit::Paragraphs).unwrap();
+    let paras = load_documents(std::slice::from_ref(&a), &DocSplit::Paragraphs).unwrap();
     assert_eq!(paras, ["First para\nline two", "Second para"]);
 
     let sep = DocSplit::Separator {
         separator: "%".into(),
     };
-    let fortunes = load_documents(&[b.clone()], &sep).unwrap();
+    let fortunes = load_documents(std::slice::from_ref(&b), &sep).unwrap();
     assert_eq!(fortunes, ["one", "two\nlines", "three"]);
 
     let empty = DocSplit::Separator {
@@ -127,7 +127,7 @@ fn invalid_utf8_is_an_input_error_naming_the_file() {
     let dir = tempfile::tempdir().unwrap();
     let bad = dir.path().join("latin1.txt");
     write(&bad, b"caf\xe9 au lait");
-    match load_documents(&[bad.clone()], &DocSplit::File) {
+    match load_documents(std::slice::from_ref(&bad), &DocSplit::File) {
         Err(Error::Input { path, msg }) => {
             assert_eq!(path, bad);
             assert!(msg.contains("UTF-8") && msg.contains("offset 3"), "{msg}");
@@ -182,7 +182,7 @@ fn corpus_and_tok(dir: &Path, n: usize) -> (DataSpec, Tok) {
         .collect();
     let file = dir.join("corpus").join("text.txt");
     write(&file, text.as_bytes());
-    let docs = load_documents(&[file.clone()], &DocSplit::Paragraphs).unwrap();
+    let docs = load_documents(std::slice::from_ref(&file), &DocSplit::Paragraphs).unwrap();
     let tok = Tok::train_bpe(&docs, 300).unwrap();
     let spec = DataSpec {
         train: local(&[&file], DocSplit::Paragraphs),
