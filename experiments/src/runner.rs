@@ -1,1 +1,336 @@
-//! (placeholder: being written)
+//! The entry point a worker calls for every trial: config in, trained model and metrics out.
+//!
+//! [`run_trial`] builds the starting model for the trial's base and method, prepares the data
+//! (shared token cache), trains with [`crate::train`] (resuming from `OUT/ckpt/` when a previous
+//! attempt left one), evaluates perplexity on the validation split with [`crate::eval`], and writes
+//! into the trial's out dir:
+//!
+//! * `model/` — the final Hugging Face directory (config.json, model.safetensors, tokenizer.json),
+//!   for every method that trains; a pretrain trial's is what dependent trials start from;
+//! * `ckpt/` — the resumable checkpoint;
+//! * `metrics.json` — [`TrialMetrics`];
+//! * `samples.json` — a few seeded generations from fixed prompts (also sent as
+//!   `Progress::Sample`).
+//!
+//! When the stop flag is set the run checkpoints and returns [`Outcome::Stopped`]; calling
+//! `run_trial` again with the same out dir continues where it stopped.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::time::Instant;
+
+use candle_core::Device;
+use sha2::{Digest, Sha256};
+
+use crate::checkpoint;
+use crate::data;
+use crate::eval;
+use crate::methods;
+use crate::model::{Gpt2, Gpt2Config};
+use crate::sample::{self, SampleOpts};
+use crate::tokenizer::Tok;
+use crate::train::{self, TrainJob};
+use crate::trial::{Base, Method, Progress, TrialConfig, TrialMetrics};
+use crate::{Error, Result};
+
+/// Where a trial runs and what it may read.
+pub struct TrialEnv {
+    pub device: Device,
+    /// Checkpoint dir (a `model/` HF directory) of `Base::Trial`, fetched by the worker.
+    pub base_dir: Option<PathBuf>,
+    pub out_dir: PathBuf,
+    pub cache_dir: PathBuf,
+    pub stop: Arc<AtomicBool>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum Outcome {
+    Finished(TrialMetrics),
+    Stopped { step: u64 },
+}
+
+/// Fixed prompts for `samples.json`: the same for every trial so generations compare.
+pub const SAMPLE_PROMPTS: [&str; 3] = ["The", "Once upon a time", "And then he said"];
+
+/// "cpu" or "cuda:N" (CUDA only in builds with the `cuda` feature).
+pub fn parse_device(s: &str) -> Result<Device> {
+    let s = s.trim();
+    if s == "cpu" {
+        return Ok(Device::Cpu);
+    }
+    let ordinal = match s.strip_prefix("cuda") {
+        Some("") => 0,
+        Some(rest) => rest
+            .strip_prefix(':')
+            .and_then(|n| n.parse::<usize>().ok())
+            .ok_or_else(|| {
+                Error::Config(format!("device `{s}`: expected `cpu`, `cuda` or `cuda:N`"))
+            })?,
+        None => {
+            return Err(Error::Config(format!(
+                "device `{s}`: expected `cpu`, `cuda` or `cuda:N`"
+            )))
+        }
+    };
+    cuda_device(ordinal, s)
+}
+
+#[cfg(feature = "cuda")]
+fn cuda_device(ordinal: usize, s: &str) -> Result<Device> {
+    Device::new_cuda(ordinal).map_err(|e| Error::Config(format!("device `{s}`: {e}")))
+}
+
+#[cfg(not(feature = "cuda"))]
+fn cuda_device(_ordinal: usize, s: &str) -> Result<Device> {
+    Err(Error::Config(format!(
+        "device `{s}`: this build has no CUDA support (rebuild with `--features cuda`)"
+    )))
+}
+
+/// Runs one trial; see the module doc for what it writes.
+pub fn run_trial(
+    cfg: &TrialConfig,
+    env: &TrialEnv,
+    on_progress: &mut dyn FnMut(&Progress),
+) -> Result<Outcome> {
+    let started = Instant::now();
+    let out = &env.out_dir;
+    fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
+    let dev = &env.device;
+
+    // 1. Starting model and tokenizer.
+    let (mut model, tok, tok_path) = match (&cfg.base, &cfg.method) {
+        (Base::Scratch { shape }, Method::Pretrain { vocab_size }) => {
+            let (tok, tok_path) = pretrain_tokenizer(cfg, *vocab_size, &env.cache_dir)?;
+            let mcfg = Gpt2Config {
+                vocab_size: tok.vocab_size(),
+                n_positions: shape.n_positions,
+                n_embd: shape.n_embd,
+                n_layer: shape.n_layer,
+                n_head: shape.n_head,
+                layer_norm_epsilon: 1e-5,
+            };
+            (Gpt2::new_random(&mcfg, cfg.seed, dev)?, tok, tok_path)
+        }
+        (Base::Scratch { .. }, m) => {
+            return Err(Error::Config(format!(
+                "base `scratch` needs method `pretrain` (got `{}`): other methods start from trained weights",
+                m.family()
+            )))
+        }
+        (Base::HfDir { path }, _) => load_base(Path::new(path), dev)?,
+        (Base::Trial { id }, _) => {
+            let dir = env.base_dir.as_ref().ok_or_else(|| {
+                Error::input(
+                    format!("trial {id}"),
+                    "this trial starts from another trial's model, but no base checkpoint dir was given",
+                )
+            })?;
+            load_base(dir, dev)?
+        }
+    };
+    let base_layers = eval::n_layer_of(&model);
+    methods::validate(&cfg.method, cfg.groups, base_layers)?;
+    if let Method::Inheritune { blocks } = cfg.method {
+        model = model.truncate(blocks)?;
+    }
+    let n_positions = model.config().n_positions;
+    if cfg.data.context > n_positions || cfg.data.context < 2 {
+        return Err(Error::Config(format!(
+            "data.context = {}: must be between 2 and the model's n_positions ({n_positions})",
+            cfg.data.context
+        )));
+    }
+    if tok.vocab_size() > model.config().vocab_size {
+        return Err(Error::input(
+            &tok_path,
+            format!(
+                "tokenizer has {} tokens but the model's vocabulary is {}",
+                tok.vocab_size(),
+                model.config().vocab_size
+            ),
+        ));
+    }
+
+    // 2. Data.
+    let data = data::prepare(&cfg.data, &tok, &env.cache_dir)?;
+    let train_tokens = data.train.capped(cfg.data.max_train_tokens);
+    let valid_tokens = data.valid.as_slice();
+
+    // 3. Train.
+    let trains = !matches!(cfg.method, Method::Baseline);
+    let mut report = None;
+    if trains {
+        let job = TrainJob {
+            model: &model,
+            method: &cfg.method,
+            spec: &cfg.train,
+            groups: cfg.groups,
+            context: cfg.data.context,
+            seed: cfg.seed,
+            train_tokens,
+            valid_tokens,
+            out_dir: out,
+            stop: &env.stop,
+            device: dev,
+            run_key: cfg.id(),
+        };
+        let r = train::train(&job, on_progress)?;
+        if r.stopped {
+            return Ok(Outcome::Stopped { step: r.steps });
+        }
+        report = Some(r);
+    }
+
+    // 4. Final evaluation on the whole validation split (or max_valid_windows chunks).
+    let ev = eval::perplexity(
+        &model,
+        valid_tokens,
+        cfg.data.context,
+        cfg.train.batch_size.max(1),
+        cfg.data.max_valid_windows,
+        dev,
+    )?;
+    on_progress(&Progress::Eval {
+        step: report.as_ref().map_or(0, |r| r.steps),
+        valid_loss: ev.loss,
+    });
+
+    // 5. Model directory for everything that trained.
+    if trains {
+        let final_dir = out.join("model");
+        let tmp = out.join("model.tmp");
+        if tmp.exists() {
+            fs::remove_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
+        }
+        checkpoint::save_hf_dir(&model, &tmp, Some(&tok_path))?;
+        if final_dir.exists() {
+            fs::remove_dir_all(&final_dir).map_err(|e| Error::io(&final_dir, e))?;
+        }
+        fs::rename(&tmp, &final_dir).map_err(|e| Error::io(&tmp, e))?;
+    }
+
+    // 6. Samples.
+    let samples = make_samples(&model, &tok, cfg.seed)?;
+    for (prompt, text) in &samples {
+        on_progress(&Progress::Sample {
+            prompt: prompt.clone(),
+            text: text.clone(),
+        });
+    }
+    let samples_json: Vec<_> = samples
+        .iter()
+        .map(|(p, t)| serde_json::json!({"prompt": p, "text": t}))
+        .collect();
+    write_json(
+        &out.join("samples.json"),
+        &serde_json::Value::Array(samples_json),
+    )?;
+
+    // 7. Metrics.
+    let trainable_params = train::count_trainable(
+        &model,
+        &cfg.method,
+        cfg.groups,
+        cfg.train.steps.saturating_sub(1),
+    )?;
+    let metrics = TrialMetrics {
+        perplexity: ev.perplexity,
+        valid_loss: ev.loss,
+        valid_tokens: ev.tokens,
+        train_tokens: report.as_ref().map_or(0, |r| r.train_tokens),
+        steps: report.as_ref().map_or(0, |r| r.steps),
+        trainable_params,
+        total_params: model.num_params() as u64,
+        final_train_loss: report.as_ref().and_then(|r| r.final_loss()),
+        wall_seconds: started.elapsed().as_secs_f64(),
+    };
+    write_json(&out.join("metrics.json"), &metrics)?;
+    Ok(Outcome::Finished(metrics))
+}
+
+/// Loads a Hugging Face GPT-2 directory and its tokenizer.json.
+pub fn load_base(dir: &Path, dev: &Device) -> Result<(Gpt2, Tok, PathBuf)> {
+    let model = checkpoint::load_hf_dir(dir, None, dev)?;
+    let tok_path = dir.join("tokenizer.json");
+    let tok = Tok::load(&tok_path)?;
+    Ok((model, tok, tok_path))
+}
+
+/// Seeded top-k 40 / top-p 0.9 generations of ~40 tokens from [`SAMPLE_PROMPTS`].
+pub fn make_samples(model: &Gpt2, tok: &Tok, seed: u64) -> Result<Vec<(String, String)>> {
+    let mut out = Vec::new();
+    for (i, prompt) in SAMPLE_PROMPTS.iter().enumerate() {
+        let ids = tok.encode(prompt)?;
+        if ids.is_empty() {
+            continue;
+        }
+        let opts = SampleOpts {
+            max_new_tokens: 40,
+            temperature: 1.0,
+            top_k: Some(40),
+            top_p: Some(0.9),
+            seed: seed.wrapping_add(i as u64),
+        };
+        let gen = sample::generate(model, &ids, &opts, tok.eot_id())?;
+        out.push((prompt.to_string(), tok.decode(&gen)?));
+    }
+    Ok(out)
+}
+
+/// Trains (or reuses from `cache_dir/tokenizers/<hash>/tokenizer.json`) the byte-level BPE of a
+/// pretrain trial, on the training documents only, so validation text never shapes the vocabulary.
+fn pretrain_tokenizer(
+    cfg: &TrialConfig,
+    vocab_size: usize,
+    cache_dir: &Path,
+) -> Result<(Tok, PathBuf)> {
+    let files = data::resolve_corpus(&cfg.data.train, cache_dir)?;
+    let mut h = Sha256::new();
+    h.update(b"ablate-bpe-v1\0");
+    h.update((vocab_size as u64).to_le_bytes());
+    h.update(serde_json::to_vec(&cfg.data.train.documents).unwrap_or_default());
+    let separate_valid = cfg.data.valid.is_some();
+    h.update([separate_valid as u8]);
+    h.update(cfg.data.valid_fraction.to_bits().to_le_bytes());
+    for f in &files {
+        let name = f
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        h.update((name.len() as u64).to_le_bytes());
+        h.update(name.as_bytes());
+        let bytes = fs::read(f).map_err(|e| Error::io(f, e))?;
+        h.update(Sha256::digest(&bytes));
+    }
+    let key = hex::encode(&h.finalize()[..16]);
+    let dir = cache_dir.join("tokenizers").join(&key);
+    let path = dir.join("tokenizer.json");
+    if path.is_file() {
+        if let Ok(tok) = Tok::load(&path) {
+            return Ok((tok, path));
+        }
+    }
+    let docs = data::load_documents(&files, &cfg.data.train.documents)?;
+    let docs = if separate_valid {
+        docs
+    } else {
+        data::split_documents(docs, cfg.data.valid_fraction).0
+    };
+    let tok = Tok::train_bpe(&docs, vocab_size)?;
+    fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+    // Private temp name then rename: concurrent workers training the same tokenizer are harmless.
+    let tmp = dir.join(format!(".tokenizer.json.tmp-{}", std::process::id()));
+    tok.save(&tmp)?;
+    fs::rename(&tmp, &path).map_err(|e| Error::io(&path, e))?;
+    Ok((tok, path))
+}
+
+fn write_json<T: serde::Serialize>(path: &Path, v: &T) -> Result<()> {
+    let bytes = serde_json::to_vec_pretty(v).map_err(|e| Error::Other(e.to_string()))?;
+    let tmp = path.with_extension("json.tmp");
+    fs::write(&tmp, bytes).map_err(|e| Error::io(&tmp, e))?;
+    fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
+}
