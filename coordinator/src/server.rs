@@ -459,21 +459,23 @@ impl WorkerService for WorkerApi {
     ) -> Result<Response<pb::ReportResponse>, Status> {
         let r = req.into_inner();
         // Validate before anything is stored: the report reads this JSON back later.
-        serde_json::from_str::<Progress>(&r.progress_json)
+        let progress = serde_json::from_str::<Progress>(&r.progress_json)
             .map_err(|e| Status::invalid_argument(format!("progress_json: {e}")))?;
+        // Stored in canonical form (tag first, no whitespace) so the store can find step events.
+        let json = serde_json::to_string(&progress).expect("Progress serialises");
         let mut inner = self.0.lock();
         if !inner.sched.report(&r.trial_id, r.attempt) {
             return Ok(Response::new(pb::ReportResponse { accepted: false }));
         }
         let fresh = inner
             .store
-            .record_event(&r.trial_id, r.attempt, r.seq, &r.progress_json, now_ms())
+            .record_event(&r.trial_id, r.attempt, r.seq, &json, now_ms())
             .map_err(store_status)?;
         if fresh {
             let _ = self.0.bus.send(Bus::Progress(pb::TrialProgress {
                 trial_id: r.trial_id,
                 attempt: r.attempt,
-                progress_json: r.progress_json,
+                progress_json: json,
             }));
         }
         Ok(Response::new(pb::ReportResponse { accepted: true }))

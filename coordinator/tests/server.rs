@@ -1,0 +1,637 @@
+//! The gRPC server in-process on 127.0.0.1:0, driven by the generated tonic clients.
+
+use std::time::Duration;
+
+use ablate_proto::pb;
+use coordinator::server::{
+    admin_client, serve, worker_client, AdminClient, ServeOpts, WorkerClient,
+};
+use experiments::trial::*;
+use tokio::sync::oneshot;
+use tokio_stream::StreamExt;
+
+const WORKER_TOKEN: &str = "worker-secret";
+const ADMIN_TOKEN: &str = "admin-secret";
+
+struct Server {
+    url: String,
+    stop: Option<oneshot::Sender<()>>,
+    handle: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+impl Server {
+    async fn start(state_dir: &std::path::Path, ttl: Duration) -> Server {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let mut opts = ServeOpts::new(state_dir);
+        opts.worker_token = Some(WORKER_TOKEN.into());
+        opts.admin_token = Some(ADMIN_TOKEN.into());
+        opts.lease_ttl = ttl;
+        let (tx, rx) = oneshot::channel::<()>();
+        let handle = tokio::spawn(serve(listener, opts, async move {
+            let _ = rx.await;
+        }));
+        Server {
+            url,
+            stop: Some(tx),
+            handle,
+        }
+    }
+
+    async fn admin(&self) -> AdminClient {
+        admin_client(&self.url, Some(ADMIN_TOKEN)).await.unwrap()
+    }
+
+    async fn worker(&self) -> WorkerClient {
+        worker_client(&self.url, Some(WORKER_TOKEN)).await.unwrap()
+    }
+
+    async fn shutdown(mut self) {
+        let _ = self.stop.take().unwrap().send(());
+        tokio::time::timeout(Duration::from_secs(10), self.handle)
+            .await
+            .expect("server stops within 10 s")
+            .unwrap()
+            .unwrap();
+    }
+}
+
+fn config(name: &str, base: Base, steps: u64) -> TrialConfig {
+    TrialConfig {
+        name: name.into(),
+        method: Method::Freeze { top: 1 },
+        base,
+        data: DataSpec {
+            train: CorpusSpec {
+                paths: vec!["/tmp/x.txt".into()],
+                package: None,
+                documents: DocSplit::File,
+            },
+            valid: None,
+            valid_fraction: 0.1,
+            context: 32,
+            max_train_tokens: None,
+            max_valid_windows: None,
+        },
+        train: TrainSpec {
+            steps,
+            batch_size: 2,
+            grad_accum: 1,
+            lr: 1e-3,
+            lr_factor: None,
+            weight_decay: 0.0,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            schedule: Schedule::Constant,
+            warmup_steps: 0,
+            clip_norm: None,
+            eval_every: 0,
+            eval_windows: 1,
+            checkpoint_every: 0,
+        },
+        groups: 2,
+        seed: 0,
+    }
+}
+
+fn submitted(c: &TrialConfig) -> pb::SubmittedTrial {
+    pb::SubmittedTrial {
+        id: c.id(),
+        config_json: serde_json::to_string(c).unwrap(),
+    }
+}
+
+async fn register(w: &mut WorkerClient, name: &str) -> String {
+    w.register(pb::RegisterRequest {
+        device_kind: "cpu".into(),
+        device_name: "cpu".into(),
+        memory_bytes: 1 << 30,
+        host: "localhost".into(),
+        worker_name: name.into(),
+    })
+    .await
+    .unwrap()
+    .into_inner()
+    .worker_id
+}
+
+async fn lease(w: &mut WorkerClient, worker_id: &str, wait_ms: u64) -> Option<pb::Lease> {
+    w.lease(pb::LeaseRequest {
+        worker_id: worker_id.into(),
+        wait_ms,
+    })
+    .await
+    .unwrap()
+    .into_inner()
+    .lease
+}
+
+fn step_json(step: u64) -> String {
+    serde_json::to_string(&Progress::Step {
+        step,
+        total: 10,
+        loss: 4.5,
+        lr: 1e-3,
+        tokens_per_sec: 123.0,
+    })
+    .unwrap()
+}
+
+#[tokio::test]
+async fn submit_lease_report_complete_get() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), Duration::from_secs(30)).await;
+    let mut admin = server.admin().await;
+    let mut w = server.worker().await;
+
+    let pre = config("pre", Base::HfDir { path: "/m".into() }, 10);
+    let ft = config("ft", Base::Trial { id: pre.id() }, 1000);
+    let req = pb::SubmitRequest {
+        sweep_name: "sw".into(),
+        sweep_text: "# sweep".into(),
+        trials: vec![submitted(&ft), submitted(&pre)],
+    };
+    let sub = admin.submit(req.clone()).await.unwrap().into_inner();
+    assert_eq!(sub.added.len(), 2);
+    let again = admin.submit(req).await.unwrap().into_inner();
+    assert_eq!(
+        (
+            again.sweep_id.as_str(),
+            again.added.len(),
+            again.already_present.len()
+        ),
+        (sub.sweep_id.as_str(), 0, 2)
+    );
+
+    let wid = register(&mut w, "w-test").await;
+    // The costlier trial waits for its base, so the base comes first.
+    let l = lease(&mut w, &wid, 1000).await.expect("a lease");
+    assert_eq!(l.trial_id, pre.id());
+    assert_eq!(l.attempt, 1);
+    assert!(l.base_trial_id.is_empty());
+    let cfg: TrialConfig = serde_json::from_str(&l.config_json).unwrap();
+    assert_eq!(cfg, pre);
+
+    // The same (trial, attempt, seq) twice is counted once.
+    for _ in 0..2 {
+        let r = w
+            .report(pb::ReportRequest {
+                trial_id: l.trial_id.clone(),
+                attempt: 1,
+                seq: 0,
+                progress_json: step_json(1),
+            })
+            .await
+            .unwrap();
+        assert!(r.into_inner().accepted);
+    }
+    w.report(pb::ReportRequest {
+        trial_id: l.trial_id.clone(),
+        attempt: 1,
+        seq: 1,
+        progress_json: step_json(2),
+    })
+    .await
+    .unwrap();
+    let bad = w
+        .report(pb::ReportRequest {
+            trial_id: l.trial_id.clone(),
+            attempt: 1,
+            seq: 2,
+            progress_json: "{nope".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(bad.code(), tonic::Code::InvalidArgument);
+    assert!(bad.message().contains("progress_json"));
+    let events = admin
+        .events(pb::EventsRequest {
+            trial_id: l.trial_id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .events;
+    assert_eq!(events.iter().map(|e| e.seq).collect::<Vec<_>>(), vec![0, 1]);
+
+    // Artifacts: upload in chunks, list, download.
+    let data: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
+    let chunks: Vec<pb::ArtifactChunk> = data
+        .chunks(1 << 20)
+        .enumerate()
+        .map(|(i, c)| pb::ArtifactChunk {
+            trial_id: if i == 0 {
+                l.trial_id.clone()
+            } else {
+                String::new()
+            },
+            attempt: 1,
+            name: if i == 0 {
+                "model/model.safetensors".into()
+            } else {
+                String::new()
+            },
+            data: c.to_vec(),
+        })
+        .collect();
+    let up = w
+        .upload_artifact(tokio_stream::iter(chunks))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(up.size, data.len() as u64);
+    let bad_name = pb::ArtifactChunk {
+        trial_id: l.trial_id.clone(),
+        attempt: 1,
+        name: "../../etc/x".into(),
+        data: vec![1],
+    };
+    let err = w
+        .upload_artifact(tokio_stream::iter(vec![bad_name]))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    let list = w
+        .list_artifacts(pb::ListArtifactsRequest {
+            trial_id: l.trial_id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(list.artifacts.len(), 1);
+    assert_eq!(list.artifacts[0].sha256, up.sha256);
+    let mut down = w
+        .download_artifact(pb::DownloadArtifactRequest {
+            trial_id: l.trial_id.clone(),
+            name: "model/model.safetensors".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut got = Vec::new();
+    while let Some(c) = down.next().await {
+        got.extend(c.unwrap().data);
+    }
+    assert!(got == data, "downloaded bytes equal uploaded bytes");
+
+    let metrics = TrialMetrics {
+        perplexity: 42.5,
+        steps: 10,
+        ..Default::default()
+    };
+    let done = w
+        .complete(pb::CompleteRequest {
+            trial_id: l.trial_id.clone(),
+            attempt: 1,
+            metrics_json: serde_json::to_string(&metrics).unwrap(),
+        })
+        .await
+        .unwrap();
+    assert!(done.into_inner().accepted);
+    // A late report from the finished attempt is not accepted.
+    let late = w
+        .report(pb::ReportRequest {
+            trial_id: l.trial_id.clone(),
+            attempt: 1,
+            seq: 5,
+            progress_json: step_json(9),
+        })
+        .await
+        .unwrap();
+    assert!(!late.into_inner().accepted);
+
+    // Now the dependant is released, with its base named in the lease.
+    let l2 = lease(&mut w, &wid, 1000).await.expect("dependant released");
+    assert_eq!(
+        (l2.trial_id.as_str(), l2.base_trial_id.as_str()),
+        (ft.id().as_str(), pre.id().as_str())
+    );
+
+    let got = admin
+        .get(pb::GetRequest { sweep: "sw".into() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(got.sweep_id, sub.sweep_id);
+    let by_id = |id: &str| got.trials.iter().find(|t| t.id == id).unwrap().clone();
+    let p = by_id(&pre.id());
+    assert_eq!(
+        (p.state.as_str(), p.attempts, p.worker_name.as_str()),
+        ("finished", 1, "w-test")
+    );
+    let m: TrialMetrics = serde_json::from_str(&p.metrics_json).unwrap();
+    assert_eq!(m.perplexity, 42.5);
+    assert_eq!(p.progress.unwrap().step, 2);
+    assert!(p.finished_unix_ms >= p.started_unix_ms && p.started_unix_ms > 0);
+    assert_eq!(by_id(&ft.id()).state, "running");
+    let list = admin.list(pb::ListRequest {}).await.unwrap().into_inner();
+    assert_eq!(
+        (
+            list.sweeps.len(),
+            list.sweeps[0].finished,
+            list.sweeps[0].running
+        ),
+        (1, 1, 1)
+    );
+
+    // Nothing left: a short long-poll comes back empty.
+    assert!(lease(&mut w, &wid, 100).await.is_none());
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn stale_attempts_are_ignored_and_expired_leases_requeued() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), Duration::from_millis(300)).await;
+    let mut admin = server.admin().await;
+    let mut w = server.worker().await;
+    let a = config("a", Base::HfDir { path: "/m".into() }, 10);
+    admin
+        .submit(pb::SubmitRequest {
+            sweep_name: "s".into(),
+            sweep_text: String::new(),
+            trials: vec![submitted(&a)],
+        })
+        .await
+        .unwrap();
+    let w1 = register(&mut w, "one").await;
+    let w2 = register(&mut w, "two").await;
+    let l1 = lease(&mut w, &w1, 1000).await.unwrap();
+    // Heartbeats keep it alive past the ttl...
+    for _ in 0..4 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let hb = w
+            .heartbeat(pb::HeartbeatRequest {
+                worker_id: w1.clone(),
+                held: vec![pb::HeldLease {
+                    trial_id: a.id(),
+                    attempt: 1,
+                }],
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(hb.renewed.len(), 1);
+    }
+    // ...then silence: the second worker's long poll receives attempt 2 once the lease expires.
+    let l2 = tokio::time::timeout(Duration::from_secs(5), lease(&mut w, &w2, 5000))
+        .await
+        .unwrap()
+        .expect("re-queued");
+    assert_eq!(
+        (l2.trial_id.as_str(), l2.attempt),
+        (l1.trial_id.as_str(), 2)
+    );
+    // The first worker's messages about attempt 1 are ignored and it is told to stop.
+    let r = w
+        .report(pb::ReportRequest {
+            trial_id: a.id(),
+            attempt: 1,
+            seq: 0,
+            progress_json: step_json(1),
+        })
+        .await
+        .unwrap();
+    assert!(!r.into_inner().accepted);
+    let c = w.complete(pb::CompleteRequest { trial_id: a.id(), attempt: 1, metrics_json: "{\"perplexity\":1.0,\"valid_loss\":0,\"valid_tokens\":0,\"train_tokens\":0,\"steps\":0,\"trainable_params\":0,\"total_params\":0,\"final_train_loss\":null,\"wall_seconds\":0}".into() }).await.unwrap();
+    assert!(!c.into_inner().accepted);
+    let hb = w
+        .heartbeat(pb::HeartbeatRequest {
+            worker_id: w1.clone(),
+            held: vec![pb::HeldLease {
+                trial_id: a.id(),
+                attempt: 1,
+            }],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(hb.cancel.len(), 1);
+    let up = pb::ArtifactChunk {
+        trial_id: a.id(),
+        attempt: 1,
+        name: "ckpt/x".into(),
+        data: vec![1],
+    };
+    assert_eq!(
+        w.upload_artifact(tokio_stream::iter(vec![up]))
+            .await
+            .unwrap_err()
+            .code(),
+        tonic::Code::FailedPrecondition
+    );
+    let got = admin
+        .events(pb::EventsRequest { trial_id: a.id() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(got.events.is_empty());
+    // The current attempt fails transiently: retried as attempt 3.
+    let f = w
+        .fail(pb::FailRequest {
+            trial_id: a.id(),
+            attempt: 2,
+            reason: "io".into(),
+            message: "disk".into(),
+            deterministic: false,
+            preempted: false,
+        })
+        .await
+        .unwrap();
+    assert!(f.into_inner().accepted);
+    let l3 = lease(&mut w, &w2, 1000).await.unwrap();
+    assert_eq!(l3.attempt, 3);
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn wrong_or_missing_tokens_are_rejected() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), Duration::from_secs(30)).await;
+    // The worker token does not open the sweep service, nor the admin token the worker service.
+    let mut as_worker = admin_client(&server.url, Some(WORKER_TOKEN)).await.unwrap();
+    let err = as_worker.list(pb::ListRequest {}).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unauthenticated);
+    assert!(!err.message().contains(ADMIN_TOKEN) && !err.message().contains(WORKER_TOKEN));
+    let mut as_admin = worker_client(&server.url, Some(ADMIN_TOKEN)).await.unwrap();
+    let req = pb::RegisterRequest {
+        device_kind: "cpu".into(),
+        ..Default::default()
+    };
+    assert_eq!(
+        as_admin.register(req.clone()).await.unwrap_err().code(),
+        tonic::Code::Unauthenticated
+    );
+    let mut anon = worker_client(&server.url, None).await.unwrap();
+    assert_eq!(
+        anon.register(req.clone()).await.unwrap_err().code(),
+        tonic::Code::Unauthenticated
+    );
+    // The right tokens work, and bad input is named.
+    let mut w = server.worker().await;
+    let bad = RegisterReqExt::kind(req.clone(), "tpu");
+    let err = w.register(bad).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    assert!(err.message().contains("device_kind"));
+    assert!(w.register(req).await.is_ok());
+    let mut admin = server.admin().await;
+    let err = admin
+        .submit(pb::SubmitRequest {
+            sweep_name: "s".into(),
+            sweep_text: String::new(),
+            trials: vec![pb::SubmittedTrial {
+                id: "x".into(),
+                config_json: "{}".into(),
+            }],
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    assert!(
+        err.message().contains("trials[0].config_json"),
+        "{}",
+        err.message()
+    );
+    let mut c = submitted(&config("a", Base::HfDir { path: "/m".into() }, 1));
+    c.id = "0000000000000000".into();
+    let err = admin
+        .submit(pb::SubmitRequest {
+            sweep_name: "s".into(),
+            sweep_text: String::new(),
+            trials: vec![c],
+        })
+        .await
+        .unwrap_err();
+    assert!(err.message().contains("trials[0].id"), "{}", err.message());
+    server.shutdown().await;
+}
+
+trait RegisterReqExt {
+    fn kind(self, k: &str) -> Self;
+}
+impl RegisterReqExt for pb::RegisterRequest {
+    fn kind(mut self, k: &str) -> Self {
+        self.device_kind = k.into();
+        self
+    }
+}
+
+#[tokio::test]
+async fn restart_keeps_results_and_requeues_running_attempts_and_watch_streams() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = config("a", Base::HfDir { path: "/m".into() }, 100);
+    let b = config("b", Base::HfDir { path: "/m".into() }, 10);
+    {
+        let server = Server::start(dir.path(), Duration::from_secs(30)).await;
+        let mut admin = server.admin().await;
+        let mut w = server.worker().await;
+        admin
+            .submit(pb::SubmitRequest {
+                sweep_name: "s".into(),
+                sweep_text: "t".into(),
+                trials: vec![submitted(&a), submitted(&b)],
+            })
+            .await
+            .unwrap();
+        let wid = register(&mut w, "one").await;
+        let la = lease(&mut w, &wid, 1000).await.unwrap();
+        assert_eq!(la.trial_id, a.id());
+        let lb = lease(&mut w, &wid, 1000).await.unwrap();
+        w.complete(pb::CompleteRequest {
+            trial_id: lb.trial_id,
+            attempt: 1,
+            metrics_json: serde_json::to_string(&TrialMetrics {
+                perplexity: 7.0,
+                ..Default::default()
+            })
+            .unwrap(),
+        })
+        .await
+        .unwrap();
+        // A watch stream must not hold up shutdown.
+        let _watch = admin
+            .watch(pb::WatchRequest { sweep: "s".into() })
+            .await
+            .unwrap()
+            .into_inner();
+        server.shutdown().await;
+    }
+    let server = Server::start(dir.path(), Duration::from_secs(30)).await;
+    let mut admin = server.admin().await;
+    let got = admin
+        .get(pb::GetRequest { sweep: "s".into() })
+        .await
+        .unwrap()
+        .into_inner();
+    let st = |id: &str| got.trials.iter().find(|t| t.id == id).unwrap().clone();
+    assert_eq!(st(&b.id()).state, "finished");
+    assert!(st(&b.id()).metrics_json.contains("7.0"));
+    assert_eq!(
+        (st(&a.id()).state.as_str(), st(&a.id()).attempts),
+        ("queued", 1)
+    );
+
+    let mut watch = admin
+        .watch(pb::WatchRequest { sweep: "s".into() })
+        .await
+        .unwrap()
+        .into_inner();
+    let first = watch.next().await.unwrap().unwrap();
+    assert!(
+        matches!(first.event, Some(pb::watch_event::Event::Snapshot(ref s)) if s.trials.len() == 2)
+    );
+    let mut w = server.worker().await;
+    let wid = register(&mut w, "two").await;
+    let l = lease(&mut w, &wid, 1000).await.unwrap();
+    assert_eq!((l.trial_id.as_str(), l.attempt), (a.id().as_str(), 2));
+    w.report(pb::ReportRequest {
+        trial_id: a.id(),
+        attempt: 2,
+        seq: 0,
+        progress_json: step_json(3),
+    })
+    .await
+    .unwrap();
+    let ev = tokio::time::timeout(Duration::from_secs(5), watch.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    match ev.event {
+        Some(pb::watch_event::Event::Trial(t)) => assert_eq!(
+            (t.id.as_str(), t.state.as_str()),
+            (a.id().as_str(), "running")
+        ),
+        other => panic!("expected a trial state change, got {other:?}"),
+    }
+    let ev = tokio::time::timeout(Duration::from_secs(5), watch.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert!(matches!(ev.event, Some(pb::watch_event::Event::Progress(ref p)) if p.attempt == 2));
+    let c = admin
+        .cancel(pb::CancelRequest {
+            sweep: "s".into(),
+            trial_ids: vec![],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(c.cancelled, vec![a.id()]);
+    let hb = w
+        .heartbeat(pb::HeartbeatRequest {
+            worker_id: wid,
+            held: vec![pb::HeldLease {
+                trial_id: a.id(),
+                attempt: 2,
+            }],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(hb.cancel.len(), 1, "the cancel order reaches the worker");
+    drop(watch);
+    server.shutdown().await;
+}
