@@ -137,6 +137,20 @@ pub fn group_lrs(lr: f64, factor: Option<f64>, groups: usize) -> Vec<f64> {
         .collect()
 }
 
+/// The number of layer groups actually used for a model of `n_layer` blocks. Methods that train
+/// every group (pretrain, Inheritune) or none (baseline) do not depend on the split, so a sweep-wide
+/// `groups` larger than a shallow model allows (e.g. Inheritune keeping 2 blocks with `groups = 4`)
+/// is reduced to one group per block there instead of failing. Freeze and gradual keep `groups` as
+/// given: their meaning depends on it, so a mismatch is an error.
+pub fn effective_groups(method: &Method, groups: usize, n_layer: usize) -> usize {
+    match method {
+        Method::Baseline | Method::Pretrain { .. } | Method::Inheritune { .. } if groups >= 2 => {
+            groups.min(n_layer + 1).max(2)
+        }
+        _ => groups,
+    }
+}
+
 /// Checks that `method` fits a base of `n_layer` blocks split into `groups` groups; the error names
 /// the offending value.
 pub fn validate(method: &Method, groups: usize, n_layer: usize) -> Result<()> {
@@ -147,7 +161,7 @@ pub fn validate(method: &Method, groups: usize, n_layer: usize) -> Result<()> {
                     "inheritune blocks = {blocks}: must be between 1 and the base model's {n_layer} blocks"
                 )));
             }
-            LayerGroups::new(*blocks, groups)?;
+            LayerGroups::new(*blocks, effective_groups(method, groups, *blocks))?;
         }
         Method::Freeze { top } => {
             LayerGroups::new(n_layer, groups)?;
@@ -280,6 +294,11 @@ mod tests {
     #[test]
     fn inheritune_depth_is_checked() {
         assert!(validate(&Method::Inheritune { blocks: 6 }, 4, 12).is_ok());
+        // Two blocks under a sweep-wide 4 groups: all groups train anyway, so 3 groups are used.
+        assert!(validate(&Method::Inheritune { blocks: 2 }, 4, 12).is_ok());
+        assert_eq!(effective_groups(&Method::Inheritune { blocks: 2 }, 4, 2), 3);
+        assert_eq!(effective_groups(&Method::Freeze { top: 1 }, 4, 2), 4);
+        assert!(validate(&Method::Freeze { top: 1 }, 4, 2).is_err());
         let e = validate(&Method::Inheritune { blocks: 13 }, 4, 12).unwrap_err();
         assert!(
             e.to_string().contains("blocks = 13") && e.to_string().contains("12 blocks"),

@@ -108,6 +108,7 @@ pub fn count_trainable(model: &Gpt2, method: &Method, groups: usize, step: u64) 
     if matches!(method, Method::Baseline) {
         return Ok(0);
     }
+    let groups = methods::effective_groups(method, groups, n_layer);
     let lg = LayerGroups::new(n_layer, groups)?;
     let on = methods::active_groups(method, groups, step)?;
     let lrs = vec![1.0; groups];
@@ -138,15 +139,18 @@ pub fn train(job: &TrainJob<'_>, on_progress: &mut dyn FnMut(&Progress)) -> Resu
     let total = spec.steps;
     let named = job.model.named_vars();
     let n_layer = eval::n_layer_of(job.model);
-    let lg = LayerGroups::new(n_layer, job.groups)?;
-    methods::validate(job.method, job.groups, n_layer)?;
+    let groups = methods::effective_groups(job.method, job.groups, n_layer);
+    let lg = LayerGroups::new(n_layer, groups)?;
+    if let Method::Freeze { .. } | Method::Gradual { .. } = job.method {
+        methods::validate(job.method, groups, n_layer)?;
+    }
     if spec.batch_size == 0 || spec.grad_accum == 0 {
         return Err(Error::Config(format!(
             "train.batch_size ({}) and train.grad_accum ({}) must be positive",
             spec.batch_size, spec.grad_accum
         )));
     }
-    let lrs = methods::group_lrs(spec.lr, spec.lr_factor, job.groups);
+    let lrs = methods::group_lrs(spec.lr, spec.lr_factor, groups);
     let mut opt = AdamW::new(AdamWConfig {
         beta1: spec.beta1,
         beta2: spec.beta2,
@@ -195,7 +199,7 @@ pub fn train(job: &TrainJob<'_>, on_progress: &mut dyn FnMut(&Progress)) -> Resu
             });
         }
         let started = Instant::now();
-        let on = methods::active_groups(job.method, job.groups, step)?;
+        let on = methods::active_groups(job.method, groups, step)?;
         let mask = lg.mask(&on);
         let trainable = to_trainable(&mask);
         let params = trainable_params(&named, &lg, &on, &lrs);
@@ -252,7 +256,7 @@ pub fn train(job: &TrainJob<'_>, on_progress: &mut dyn FnMut(&Progress)) -> Resu
             step,
             total,
             loss,
-            lr: lrs[job.groups - 1] * scale,
+            lr: lrs[groups - 1] * scale,
             tokens_per_sec: per_step_tokens as f64 / secs,
         });
         if spec.eval_every > 0 && step % spec.eval_every == 0 && !job.valid_tokens.is_empty() {
