@@ -167,6 +167,7 @@ pub fn ensure_package(pkg: &PackageSource, cache_dir: &Path) -> Result<PathBuf> 
         return Ok(final_dir);
     }
     fs::create_dir_all(&packages).map_err(|e| Error::io(&packages, e))?;
+    remove_stale_temps(&packages);
     let tmp = packages.join(format!(".tmp-{dir_name}-{}", unique_suffix()));
     fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
     let result = install_into(pkg, &label, &tmp);
@@ -292,6 +293,35 @@ fn run_client(mut cmd: Command, label: &str, program: &str) -> Result<()> {
     )))
 }
 
+/// Remove `.tmp-*` / `.*.tmp-*` leftovers of crashed installs or writes in `dir`. Only entries
+/// untouched for a day go: a live install by another process is never that old.
+fn remove_stale_temps(dir: &Path) {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return;
+    };
+    let day = std::time::Duration::from_secs(24 * 3600);
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if !(name.starts_with('.') && name.contains(".tmp-")) {
+            continue;
+        }
+        let old = e
+            .metadata()
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.elapsed().ok())
+            .is_some_and(|age| age > day);
+        if old {
+            let p = e.path();
+            let _ = if p.is_dir() {
+                fs::remove_dir_all(&p)
+            } else {
+                fs::remove_file(&p)
+            };
+        }
+    }
+}
+
 /// A name no other thread or process on this host uses at the same time.
 fn unique_suffix() -> String {
     static COUNTER: AtomicU64 = AtomicU64::new(0);
@@ -415,6 +445,23 @@ pub fn split_documents(docs: Vec<String>, valid_fraction: f64) -> (Vec<String>, 
         }
     }
     (train, valid)
+}
+
+/// The training-side documents of `spec`: what a tokenizer for a from-scratch base is trained on.
+///
+/// Uses the same resolution, document cut and split as [`prepare`], so no validation text leaks
+/// into the tokenizer's merges.
+pub fn train_documents(spec: &DataSpec, cache_dir: &Path) -> Result<Vec<String>> {
+    let files = resolve_corpus(&spec.train, cache_dir)?;
+    let docs = load_documents(&files, &spec.train.documents)?;
+    let train = match spec.valid {
+        Some(_) => docs,
+        None => split_documents(docs, spec.valid_fraction).0,
+    };
+    if train.is_empty() {
+        return Err(Error::Config("the training split has no documents".into()));
+    }
+    Ok(train)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -590,6 +637,7 @@ pub fn prepare(spec: &DataSpec, tok: &Tok, cache_dir: &Path) -> Result<TokenData
     let train = encode_stream(tok, &train_docs)?;
     let valid = encode_stream(tok, &valid_docs)?;
     fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+    remove_stale_temps(&dir);
     write_atomic(&valid_path, &valid)?;
     write_atomic(&train_path, &train)?;
     let meta = serde_json::json!({

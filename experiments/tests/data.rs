@@ -5,7 +5,8 @@ use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 
 use experiments::data::{
-    load_documents, prepare, resolve_corpus, split_documents, Batcher, BatcherState,
+    load_documents, prepare, resolve_corpus, split_documents, train_documents, Batcher,
+    BatcherState,
 };
 use experiments::tokenizer::Tok;
 use experiments::trial::{CorpusSpec, DataSpec, DocSplit, PackageSource};
@@ -221,6 +222,15 @@ fn token_cache_is_built_once_then_reused() {
         (20..=60).contains(&valid_docs),
         "{valid_docs} valid documents"
     );
+    // The documents a from-scratch tokenizer trains on are exactly the train side.
+    let train_docs = train_documents(&spec, &cache).unwrap();
+    assert_eq!(train_docs.len(), count_eot(first.train.as_slice()));
+    let mut joined: Vec<u32> = Vec::new();
+    for d in &train_docs {
+        joined.extend(tok.encode(d).unwrap());
+        joined.push(eot);
+    }
+    assert_eq!(joined.as_slice(), first.train.as_slice());
 
     let train_bin = cache.join("tokens").join(&first.key).join("train.bin");
     let mtime = std::fs::metadata(&train_bin).unwrap().modified().unwrap();
