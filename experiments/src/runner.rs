@@ -251,6 +251,37 @@ pub fn run_trial(
     Ok(Outcome::Finished(metrics))
 }
 
+/// Reads a trial file: a [`TrialConfig`] serialised as TOML (what `ablate-worker train --trial`
+/// takes). A syntax or schema error is an [`Error::Spec`] with the file, line and column.
+pub fn read_trial_file(path: &Path) -> Result<TrialConfig> {
+    let text = fs::read_to_string(path)
+        .map_err(|e| Error::input(path, format!("cannot read trial file: {e}")))?;
+    toml::from_str::<TrialConfig>(&text).map_err(|e| {
+        let (line, col) = match e.span() {
+            Some(span) => line_col(&text, span.start),
+            None => (1, 1),
+        };
+        Error::Spec {
+            file: path.display().to_string(),
+            line,
+            col,
+            msg: e.message().trim().to_string(),
+        }
+    })
+}
+
+/// 1-based line and column (in characters) of byte offset `at`.
+fn line_col(text: &str, at: usize) -> (usize, usize) {
+    let mut at = at.min(text.len());
+    while at > 0 && !text.is_char_boundary(at) {
+        at -= 1;
+    }
+    let before = &text[..at];
+    let line = before.matches('\n').count() + 1;
+    let col = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+    (line, col)
+}
+
 /// Loads a Hugging Face GPT-2 directory and its tokenizer.json.
 pub fn load_base(dir: &Path, dev: &Device) -> Result<(Gpt2, Tok, PathBuf)> {
     let model = checkpoint::load_hf_dir(dir, None, dev)?;
@@ -333,4 +364,39 @@ fn write_json<T: serde::Serialize>(path: &Path, v: &T) -> Result<()> {
     let tmp = path.with_extension("json.tmp");
     fs::write(&tmp, bytes).map_err(|e| Error::io(&tmp, e))?;
     fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn line_and_column_are_one_based() {
+        let t = "a = 1\nbé = 2\n";
+        assert_eq!(line_col(t, 0), (1, 1));
+        assert_eq!(line_col(t, 6), (2, 1));
+        assert_eq!(line_col(t, 9), (2, 3));
+    }
+
+    #[test]
+    fn trial_file_errors_carry_line_and_column() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("t.toml");
+        fs::write(
+            &p,
+            "name = \"x\"\ngroups = 4\nseed = 0\n\n[method]\nkind = \"shrink\"\n",
+        )
+        .unwrap();
+        let e = read_trial_file(&p).unwrap_err();
+        match &e {
+            Error::Spec { file, line, .. } => {
+                assert!(file.ends_with("t.toml"));
+                assert_eq!(*line, 6, "{e}");
+            }
+            other => panic!("expected a spec error, got {other}"),
+        }
+        assert!(e.to_string().contains("shrink"), "{e}");
+        let e = read_trial_file(&dir.path().join("missing.toml")).unwrap_err();
+        assert!(e.to_string().contains("missing.toml"), "{e}");
+    }
 }
