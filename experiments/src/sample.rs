@@ -183,3 +183,165 @@ pub fn generate(
     }
     Ok(new)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::Gpt2Config;
+    use candle_core::Device;
+
+    fn tiny_model() -> Gpt2 {
+        let cfg = Gpt2Config {
+            vocab_size: 50,
+            n_positions: 8,
+            n_embd: 16,
+            n_layer: 1,
+            n_head: 2,
+            layer_norm_epsilon: 1e-5,
+        };
+        Gpt2::new_random(&cfg, 3, &Device::Cpu).unwrap()
+    }
+
+    fn opts(temperature: f64, top_k: Option<usize>, top_p: Option<f64>, seed: u64) -> SampleOpts {
+        SampleOpts {
+            max_new_tokens: 12,
+            temperature,
+            top_k,
+            top_p,
+            seed,
+        }
+    }
+
+    fn greedy(model: &Gpt2, prompt: &[u32], n: usize) -> Vec<u32> {
+        let mut toks = prompt.to_vec();
+        let mut out = Vec::new();
+        for _ in 0..n {
+            let start = toks.len().saturating_sub(model.config().n_positions);
+            let w = &toks[start..];
+            let ids = Tensor::from_slice(w, (1, w.len()), model.device()).unwrap();
+            let logits = model.forward(&ids).unwrap();
+            let last: Vec<f32> = logits
+                .get(0)
+                .unwrap()
+                .get(w.len() - 1)
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            let next = argmax(&last) as u32;
+            toks.push(next);
+            out.push(next);
+        }
+        out
+    }
+
+    #[test]
+    fn top_k_one_is_greedy() {
+        let model = tiny_model();
+        let prompt = [1u32, 7, 3];
+        // 12 new tokens with an 8-token context also exercises the cropping.
+        let want = greedy(&model, &prompt, 12);
+        for seed in [0, 1, 2] {
+            let got = generate(&model, &prompt, &opts(1.0, Some(1), None, seed), None).unwrap();
+            assert_eq!(got, want, "seed {seed}");
+        }
+        let zero_t = generate(&model, &prompt, &opts(0.0, None, None, 9), None).unwrap();
+        assert_eq!(zero_t, want);
+    }
+
+    #[test]
+    fn top_p_keeps_smallest_nucleus() {
+        // softmax of ln(p) is p: probabilities 0.5, 0.2, 0.15, 0.1, 0.05 (shuffled positions).
+        let p = [0.1f32, 0.5, 0.05, 0.2, 0.15];
+        let logits: Vec<f32> = p.iter().map(|x| x.ln()).collect();
+        let keep = |top_p: f64| -> Vec<usize> {
+            let out = filter_probs(&logits, 1.0, None, Some(top_p));
+            let s: f32 = out.iter().sum();
+            assert!((s - 1.0).abs() < 1e-6);
+            (0..5).filter(|&i| out[i] > 0.0).collect()
+        };
+        assert_eq!(keep(0.49), vec![1]); // 0.5 alone reaches 0.49
+        assert_eq!(keep(0.51), vec![1, 3]); // 0.7
+        assert_eq!(keep(0.69), vec![1, 3]);
+        assert_eq!(keep(0.71), vec![1, 3, 4]); // 0.85
+        assert_eq!(keep(0.9), vec![0, 1, 3, 4]); // 0.95
+        assert_eq!(keep(1.0), vec![0, 1, 2, 3, 4]);
+        assert_eq!(keep(0.01), vec![1]);
+        // Renormalised within the nucleus: 0.5/0.7 and 0.2/0.7.
+        let out = filter_probs(&logits, 1.0, None, Some(0.6));
+        assert!((out[1] - 0.5 / 0.7).abs() < 1e-6 && (out[3] - 0.2 / 0.7).abs() < 1e-6);
+        // top-k first, then top-p on the renormalised top-k (transformers' order): top-2 gives
+        // 0.714/0.286, so p = 0.7 already keeps only the first.
+        let out = filter_probs(&logits, 1.0, Some(2), Some(0.7));
+        assert_eq!(
+            (0..5).filter(|&i| out[i] > 0.0).collect::<Vec<_>>(),
+            vec![1]
+        );
+    }
+
+    #[test]
+    fn top_k_keeps_k_most_likely() {
+        let logits = [0.0f32, 3.0, 1.0, 2.0, -1.0];
+        let out = filter_probs(&logits, 1.0, Some(2), None);
+        assert_eq!(
+            (0..5).filter(|&i| out[i] > 0.0).collect::<Vec<_>>(),
+            vec![1, 3]
+        );
+        let e = 1f32.exp();
+        assert!((out[1] - e / (e + 1.0)).abs() < 1e-6);
+    }
+
+    #[test]
+    fn temperature_scales_logits() {
+        let logits = [1.0f32, 2.0, 4.0];
+        let soft = |t: f64| -> Vec<f64> {
+            let z: Vec<f64> = logits.iter().map(|&l| (l as f64 / t).exp()).collect();
+            let s: f64 = z.iter().sum();
+            z.iter().map(|x| x / s).collect()
+        };
+        for t in [0.5, 1.0, 2.0] {
+            let out = filter_probs(&logits, t, None, None);
+            for (a, b) in out.iter().zip(soft(t)) {
+                assert!((*a as f64 - b).abs() < 1e-6, "t={t}");
+            }
+        }
+        // Lower temperature sharpens: the top token's probability rises.
+        let top = |t| filter_probs(&logits, t, None, None)[2];
+        assert!(top(0.5) > top(1.0) && top(1.0) > top(2.0));
+        assert_eq!(filter_probs(&logits, 0.0, None, None), vec![0.0, 0.0, 1.0]);
+    }
+
+    #[test]
+    fn same_seed_same_output() {
+        let model = tiny_model();
+        let o = opts(1.5, Some(20), Some(0.95), 11);
+        let a = generate(&model, &[4, 5], &o, None).unwrap();
+        let b = generate(&model, &[4, 5], &o, None).unwrap();
+        assert_eq!(a, b);
+        assert_eq!(a.len(), 12);
+        // Different seeds give a different stream for a near-uniform random model.
+        let c = generate(
+            &model,
+            &[4, 5],
+            &SampleOpts {
+                seed: 12,
+                ..o.clone()
+            },
+            None,
+        )
+        .unwrap();
+        assert_ne!(a, c);
+    }
+
+    #[test]
+    fn stops_at_stop_token_and_rejects_bad_options() {
+        let model = tiny_model();
+        let first = greedy(&model, &[2, 2], 1)[0];
+        let out = generate(&model, &[2, 2], &opts(0.0, None, None, 0), Some(first)).unwrap();
+        assert_eq!(out, vec![first]);
+        assert!(generate(&model, &[], &opts(1.0, None, None, 0), None).is_err());
+        assert!(generate(&model, &[99], &opts(1.0, None, None, 0), None).is_err());
+        assert!(generate(&model, &[1], &opts(-1.0, None, None, 0), None).is_err());
+        assert!(generate(&model, &[1], &opts(1.0, Some(0), None, 0), None).is_err());
+        assert!(generate(&model, &[1], &opts(1.0, None, Some(1.5), 0), None).is_err());
+    }
+}
