@@ -1,1 +1,994 @@
-//! (placeholder: being written)
+//! Remote mode: dial a coordinator, lease one trial at a time, run it, report, repeat.
+//!
+//! The worker always dials out (rented machines sit behind NAT) and owns nothing but its current
+//! lease: the coordinator decides who runs what. For each lease it fetches the base trial's model
+//! and any checkpoint an earlier attempt left, runs [`experiments::runner::run_trial`] on a blocking
+//! thread, and meanwhile:
+//!
+//! - heartbeats every third of the lease ttl; a cancel order (or a report the coordinator no longer
+//!   accepts) sets the trial's stop flag, and the runner checkpoints and returns;
+//! - streams every `Progress` as a `Report` with an increasing sequence number, retrying each one
+//!   until delivered, so a network cut only delays reports (the coordinator dedups replays);
+//! - uploads `ckpt/` after every checkpoint (from a snapshot copy, so training can go on writing).
+//!
+//! On finish it uploads `model/`, `metrics.json` and `samples.json`, then `Complete`; on error,
+//! `Fail` with the error's reason and whether retrying can help. SIGTERM/SIGINT (see `main.rs`) set
+//! the global stop flag: the trial checkpoints, `ckpt/` is uploaded, the attempt is reported as
+//! preempted (no retry budget spent) and the worker exits. Every call to the coordinator is retried
+//! with capped, jittered exponential backoff while it is unreachable.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use ablate_proto::pb;
+use ablate_proto::pb::worker_service_client::WorkerServiceClient;
+use anyhow::Context;
+use experiments::runner::{run_trial, Outcome, TrialEnv};
+use experiments::trial::{Progress, TrialConfig};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::StreamExt;
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::service::interceptor::InterceptedService;
+use tonic::service::Interceptor;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Code, Request, Status};
+use tracing::Instrument;
+
+/// How long one `Lease` long-poll may wait on the coordinator.
+const LEASE_WAIT: Duration = Duration::from_secs(20);
+const CHUNK_BYTES: usize = 1 << 20;
+const MAX_MESSAGE_BYTES: usize = 16 << 20;
+/// Longest pause between reconnection attempts.
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
+
+/// Everything remote mode needs, resolved from flags and environment by `main.rs`.
+#[derive(Clone, Debug)]
+pub struct RemoteOpts {
+    /// e.g. `http://coord:7070`.
+    pub coordinator: String,
+    /// `cpu` or `cuda:N`.
+    pub device: String,
+    pub token: Option<String>,
+    /// Shared by all workers on a host: corpus packages, token caches, downloaded base models.
+    pub cache_dir: PathBuf,
+    /// This worker's own scratch space: one out dir per trial.
+    pub work_dir: PathBuf,
+    pub name: String,
+}
+
+/// Builds the runner's environment for one trial (base dir, out dir, cache dir, stop flag).
+type EnvFactory =
+    Arc<dyn Fn(Option<PathBuf>, PathBuf, PathBuf, Arc<AtomicBool>) -> TrialEnv + Send + Sync>;
+
+type Client = WorkerServiceClient<InterceptedService<Channel, Bearer>>;
+
+#[derive(Clone)]
+struct Bearer(Option<MetadataValue<Ascii>>);
+
+impl Interceptor for Bearer {
+    fn call(&mut self, mut req: Request<()>) -> Result<Request<()>, Status> {
+        if let Some(v) = &self.0 {
+            req.metadata_mut().insert("authorization", v.clone());
+        }
+        Ok(req)
+    }
+}
+
+/// Run until the stop flag is set (between trials, or after the running trial checkpointed).
+pub async fn run_remote(opts: RemoteOpts, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
+    let device = experiments::runner::parse_device(&opts.device)
+        .with_context(|| format!("--device {}", opts.device))?;
+    // The worker crate does not name candle's types: a closure carries the device instead.
+    let make_env: EnvFactory = Arc::new(move |base_dir, out_dir, cache_dir, stop| TrialEnv {
+        device: device.clone(),
+        base_dir,
+        out_dir,
+        cache_dir,
+        stop,
+    });
+    let client = client(&opts)?;
+    std::fs::create_dir_all(&opts.work_dir)
+        .with_context(|| format!("creating work dir {}", opts.work_dir.display()))?;
+    std::fs::create_dir_all(&opts.cache_dir)
+        .with_context(|| format!("creating cache dir {}", opts.cache_dir.display()))?;
+    let mut w = Worker {
+        opts,
+        client,
+        make_env,
+        stop,
+        worker_id: String::new(),
+        ttl: Duration::from_secs(30),
+    };
+    w.register().await?;
+    while !w.stopping() {
+        let lease = match w.lease().await {
+            Ok(Some(l)) => l,
+            Ok(None) => continue,
+            Err(e) if e.code() == Code::NotFound => {
+                // The coordinator lost our registration (fresh state dir): register again.
+                tracing::warn!(cause = %e.message(), "registering again");
+                w.register().await?;
+                continue;
+            }
+            Err(e) => return Err(anyhow::anyhow!("lease: {}", e.message())),
+        };
+        let span = tracing::info_span!("trial", id = %lease.trial_id, attempt = lease.attempt);
+        w.run_lease(lease).instrument(span).await?;
+    }
+    tracing::info!("stopping: no trial running");
+    Ok(())
+}
+
+fn client(opts: &RemoteOpts) -> anyhow::Result<Client> {
+    let ep = Endpoint::from_shared(opts.coordinator.clone())
+        .map_err(|e| anyhow::anyhow!("--coordinator {:?}: {e}", opts.coordinator))?
+        .connect_timeout(Duration::from_secs(10))
+        .http2_keep_alive_interval(Duration::from_secs(20))
+        .keep_alive_while_idle(true);
+    // Lazy: the channel (re)connects on use, so an unreachable coordinator is just a failed call.
+    let channel = ep.connect_lazy();
+    let token = match opts.token.as_deref() {
+        None => None,
+        Some(t) => Some(
+            MetadataValue::try_from(format!("Bearer {}", t.trim())).map_err(|_| {
+                anyhow::anyhow!("worker token holds characters not allowed in a header")
+            })?,
+        ),
+    };
+    Ok(
+        WorkerServiceClient::with_interceptor(channel, Bearer(token))
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES),
+    )
+}
+
+/// Errors worth retrying: the coordinator is down, restarting, or the network is cut.
+fn transient(s: &Status) -> bool {
+    matches!(
+        s.code(),
+        Code::Unavailable
+            | Code::Unknown
+            | Code::DeadlineExceeded
+            | Code::Cancelled
+            | Code::Aborted
+            | Code::ResourceExhausted
+            | Code::Internal
+    )
+}
+
+/// Capped exponential backoff with jitter; state kept by the caller.
+struct Backoff {
+    next: Duration,
+}
+
+impl Backoff {
+    fn new() -> Self {
+        Backoff {
+            next: Duration::from_millis(200),
+        }
+    }
+
+    async fn wait(&mut self) {
+        let jitter = jitter_fraction();
+        let d = self.next.mul_f64(0.5 + jitter);
+        tokio::time::sleep(d).await;
+        self.next = (self.next * 2).min(MAX_BACKOFF);
+    }
+}
+
+/// A number in [0, 1) from the clock's nanoseconds: enough to spread reconnecting workers apart.
+fn jitter_fraction() -> f64 {
+    let n = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    let x = (n as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 11;
+    x as f64 / (1u64 << 53) as f64
+}
+
+/// Retry `f` while it fails transiently; give up when `stop` says so (returns the last error).
+async fn retry<T, F, Fut>(
+    what: &str,
+    give_up: &(dyn Fn() -> bool + Sync),
+    mut f: F,
+) -> Result<T, Status>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, Status>>,
+{
+    let mut backoff = Backoff::new();
+    loop {
+        match f().await {
+            Ok(v) => return Ok(v),
+            Err(e) if transient(&e) && !give_up() => {
+                tracing::warn!(call = what, cause = %e.message(), "coordinator unreachable, retrying");
+                backoff.wait().await;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+struct Worker {
+    opts: RemoteOpts,
+    client: Client,
+    make_env: EnvFactory,
+    stop: Arc<AtomicBool>,
+    worker_id: String,
+    ttl: Duration,
+}
+
+impl Worker {
+    fn stopping(&self) -> bool {
+        self.stop.load(Ordering::SeqCst)
+    }
+
+    async fn register(&mut self) -> anyhow::Result<()> {
+        let (kind, name, memory) = describe_device(&self.opts.device);
+        let req = pb::RegisterRequest {
+            device_kind: kind,
+            device_name: name,
+            memory_bytes: memory,
+            host: hostname(),
+            worker_name: self.opts.name.clone(),
+        };
+        let stop = self.stop.clone();
+        let client = self.client.clone();
+        let resp = retry("register", &|| stop.load(Ordering::SeqCst), || {
+            let mut c = client.clone();
+            let req = req.clone();
+            async move { c.register(req).await }
+        })
+        .await
+        .map_err(|e| anyhow::anyhow!("register with {}: {}", self.opts.coordinator, e.message()))?
+        .into_inner();
+        self.worker_id = resp.worker_id;
+        self.ttl = Duration::from_millis(resp.lease_ttl_ms.max(300));
+        tracing::info!(worker_id = %self.worker_id, coordinator = %self.opts.coordinator, "registered");
+        Ok(())
+    }
+
+    async fn lease(&mut self) -> Result<Option<pb::Lease>, Status> {
+        let req = pb::LeaseRequest {
+            worker_id: self.worker_id.clone(),
+            wait_ms: LEASE_WAIT.as_millis() as u64,
+        };
+        let stop = self.stop.clone();
+        let client = self.client.clone();
+        let r = retry("lease", &|| stop.load(Ordering::SeqCst), || {
+            let mut c = client.clone();
+            let req = req.clone();
+            async move { c.lease(req).await }
+        })
+        .await;
+        match r {
+            Ok(resp) => Ok(resp.into_inner().lease),
+            Err(e) if self.stopping() && transient(&e) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Run one leased attempt to its end (finished, failed, stopped or taken away).
+    async fn run_lease(&mut self, lease: pb::Lease) -> anyhow::Result<()> {
+        let trial_id = lease.trial_id.clone();
+        let attempt = lease.attempt;
+        tracing::info!("leased");
+        let out_dir = self.opts.work_dir.join("trials").join(&trial_id);
+        let cfg: TrialConfig = match serde_json::from_str(&lease.config_json) {
+            Ok(c) => c,
+            Err(e) => {
+                self.fail(
+                    &trial_id,
+                    attempt,
+                    "bad_config",
+                    &format!("config_json: {e}"),
+                    true,
+                    false,
+                )
+                .await;
+                return Ok(());
+            }
+        };
+        // Fetch what the run starts from.
+        if let Err(e) = self.fetch_inputs(&lease, &out_dir).await {
+            tracing::warn!(cause = %e, "fetching inputs failed");
+            self.fail(&trial_id, attempt, "fetch", &format!("{e:#}"), false, false)
+                .await;
+            return Ok(());
+        }
+        let base_dir = (!lease.base_trial_id.is_empty()).then(|| {
+            self.opts
+                .cache_dir
+                .join("bases")
+                .join(&lease.base_trial_id)
+                .join("model")
+        });
+
+        let trial_stop = Arc::new(AtomicBool::new(false));
+        let lost = Arc::new(AtomicBool::new(false));
+        // Heartbeats; a cancel order or a global stop sets the trial's stop flag.
+        let hb = tokio::spawn(heartbeat_loop(
+            self.client.clone(),
+            self.worker_id.clone(),
+            trial_id.clone(),
+            attempt,
+            self.ttl / 3,
+            trial_stop.clone(),
+            lost.clone(),
+            self.stop.clone(),
+        ));
+        // Reports (and checkpoint uploads), in order, retried until delivered.
+        let (tx, rx) = mpsc::unbounded_channel::<Outgoing>();
+        let reporter = tokio::spawn(report_loop(
+            self.client.clone(),
+            trial_id.clone(),
+            attempt,
+            out_dir.clone(),
+            rx,
+            trial_stop.clone(),
+            lost.clone(),
+        ));
+
+        let env = (self.make_env)(
+            base_dir,
+            out_dir.clone(),
+            self.opts.cache_dir.clone(),
+            trial_stop.clone(),
+        );
+        let snapshot_root = out_dir.with_extension("ckpt-upload");
+        let result = tokio::task::spawn_blocking(move || {
+            let mut snap_n = 0u64;
+            let mut on_progress = |p: &Progress| {
+                if let Progress::Checkpoint { dir, .. } = p {
+                    // Snapshot the checkpoint so the upload reads a consistent copy while training
+                    // goes on overwriting the original.
+                    snap_n += 1;
+                    let snap = snapshot_root.join(snap_n.to_string());
+                    match copy_dir(&env.out_dir.join(dir), &snap) {
+                        Ok(()) => {
+                            let _ = tx.send(Outgoing::Progress(p.clone()));
+                            let _ = tx.send(Outgoing::UploadDir {
+                                local: snap,
+                                prefix: "ckpt".into(),
+                                remove_after: true,
+                            });
+                            return;
+                        }
+                        Err(e) => tracing::warn!(cause = %e, "could not snapshot checkpoint"),
+                    }
+                }
+                let _ = tx.send(Outgoing::Progress(p.clone()));
+            };
+            let r = run_trial(&cfg, &env, &mut on_progress);
+            drop(tx);
+            r
+        })
+        .await
+        .context("trial thread panicked")?;
+        // Drain every report before the final word.
+        let _ = reporter.await;
+        let _ = std::fs::remove_dir_all(out_dir.with_extension("ckpt-upload"));
+        let lost_lease = lost.load(Ordering::SeqCst);
+        match result {
+            Ok(Outcome::Finished(metrics)) if !lost_lease => {
+                tracing::info!(
+                    perplexity = metrics.perplexity,
+                    "finished; uploading results"
+                );
+                let mut uploads_ok = true;
+                for (local, prefix) in [(out_dir.join("model"), "model")] {
+                    if local.is_dir() {
+                        uploads_ok &= self.upload_dir(&trial_id, attempt, &local, prefix).await;
+                    }
+                }
+                for f in ["metrics.json", "samples.json"] {
+                    let p = out_dir.join(f);
+                    if p.is_file() {
+                        uploads_ok &= self.upload_file(&trial_id, attempt, f, &p).await;
+                    }
+                }
+                if !uploads_ok {
+                    self.fail(
+                        &trial_id,
+                        attempt,
+                        "upload",
+                        "could not upload the trial's results",
+                        false,
+                        false,
+                    )
+                    .await;
+                } else {
+                    let json = serde_json::to_string(&metrics).expect("metrics serialise");
+                    let client = self.client.clone();
+                    let req = pb::CompleteRequest {
+                        trial_id: trial_id.clone(),
+                        attempt,
+                        metrics_json: json,
+                    };
+                    match retry("complete", &|| false, || {
+                        let mut c = client.clone();
+                        let req = req.clone();
+                        async move { c.complete(req).await }
+                    })
+                    .await
+                    {
+                        Ok(r) if r.get_ref().accepted => tracing::info!("completed"),
+                        Ok(_) => {
+                            tracing::warn!("completion not accepted: the lease was taken away")
+                        }
+                        Err(e) => {
+                            tracing::error!(cause = %e.message(), "could not report completion")
+                        }
+                    }
+                }
+            }
+            Ok(Outcome::Finished(_)) => {
+                tracing::warn!("finished, but the lease was lost; result dropped")
+            }
+            Ok(Outcome::Stopped { step }) => {
+                if lost_lease {
+                    tracing::info!(step, "stopped: the lease was cancelled or taken away");
+                } else {
+                    tracing::info!(
+                        step,
+                        "stopped; uploading checkpoint and reporting preemption"
+                    );
+                    let ckpt = out_dir.join("ckpt");
+                    if ckpt.is_dir() {
+                        self.upload_dir(&trial_id, attempt, &ckpt, "ckpt").await;
+                    }
+                    self.fail(
+                        &trial_id,
+                        attempt,
+                        "preempted",
+                        &format!("worker stopped at step {step}"),
+                        false,
+                        true,
+                    )
+                    .await;
+                }
+            }
+            Err(e) => {
+                tracing::warn!(reason = e.reason(), cause = %e, "trial failed");
+                if !lost_lease {
+                    // A stop that surfaced as an error is still a preemption.
+                    let preempted = matches!(e, experiments::Error::Stopped);
+                    self.fail(
+                        &trial_id,
+                        attempt,
+                        e.reason(),
+                        &e.to_string(),
+                        e.is_deterministic(),
+                        preempted,
+                    )
+                    .await;
+                }
+            }
+        }
+        hb.abort();
+        Ok(())
+    }
+
+    async fn fail(
+        &self,
+        trial_id: &str,
+        attempt: u32,
+        reason: &str,
+        message: &str,
+        deterministic: bool,
+        preempted: bool,
+    ) {
+        let req = pb::FailRequest {
+            trial_id: trial_id.into(),
+            attempt,
+            reason: reason.into(),
+            message: message.into(),
+            deterministic,
+            preempted,
+        };
+        let client = self.client.clone();
+        // A preempted worker gives up quickly (the machine is going away); the lease expires anyway.
+        let deadline = tokio::time::Instant::now()
+            + if preempted {
+                Duration::from_secs(20)
+            } else {
+                Duration::from_secs(600)
+            };
+        let r = retry("fail", &|| tokio::time::Instant::now() > deadline, || {
+            let mut c = client.clone();
+            let req = req.clone();
+            async move { c.fail(req).await }
+        })
+        .await;
+        if let Err(e) = r {
+            tracing::error!(cause = %e.message(), "could not report the failure");
+        }
+    }
+
+    /// Download the base trial's model (once per host) and the checkpoint to resume from.
+    async fn fetch_inputs(&self, lease: &pb::Lease, out_dir: &Path) -> anyhow::Result<()> {
+        if !lease.base_trial_id.is_empty() {
+            let base = self.opts.cache_dir.join("bases").join(&lease.base_trial_id);
+            let done = base.join(".complete");
+            if !done.exists() {
+                let list = self.list(&lease.base_trial_id).await?;
+                let names: Vec<String> = list
+                    .into_iter()
+                    .map(|a| a.name)
+                    .filter(|n| n.starts_with("model/"))
+                    .collect();
+                if names.is_empty() {
+                    anyhow::bail!("base trial {} has no model/ artifacts", lease.base_trial_id);
+                }
+                for n in &names {
+                    self.download(&lease.base_trial_id, n, &base.join(n))
+                        .await?;
+                }
+                std::fs::write(&done, b"")
+                    .with_context(|| format!("writing {}", done.display()))?;
+                tracing::info!(base = %lease.base_trial_id, files = names.len(), "base model fetched");
+            }
+        }
+        if !lease.resume_artifacts.is_empty() {
+            let ckpt = out_dir.join("ckpt");
+            let _ = std::fs::remove_dir_all(&ckpt);
+            for n in &lease.resume_artifacts {
+                experiments_safe_name(n)?;
+                self.download(&lease.trial_id, n, &out_dir.join(n)).await?;
+            }
+            tracing::info!(
+                files = lease.resume_artifacts.len(),
+                "resuming from the coordinator's checkpoint"
+            );
+        }
+        Ok(())
+    }
+
+    async fn list(&self, trial_id: &str) -> anyhow::Result<Vec<pb::ArtifactInfo>> {
+        let client = self.client.clone();
+        let req = pb::ListArtifactsRequest {
+            trial_id: trial_id.into(),
+        };
+        let stop = self.stop.clone();
+        let r = retry("list_artifacts", &|| stop.load(Ordering::SeqCst), || {
+            let mut c = client.clone();
+            let req = req.clone();
+            async move { c.list_artifacts(req).await }
+        })
+        .await
+        .map_err(|e| anyhow::anyhow!("listing artifacts of {trial_id}: {}", e.message()))?;
+        Ok(r.into_inner().artifacts)
+    }
+
+    async fn download(&self, trial_id: &str, name: &str, dest: &Path) -> anyhow::Result<()> {
+        experiments_safe_name(name)?;
+        let mut backoff = Backoff::new();
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            match download_once(&self.client, trial_id, name, dest).await {
+                Ok(()) => return Ok(()),
+                Err(e) if tries < 6 && !self.stopping() => {
+                    tracing::warn!(cause = %format!("{e:#}"), name, "download failed, retrying");
+                    backoff.wait().await;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    async fn upload_dir(&self, trial_id: &str, attempt: u32, dir: &Path, prefix: &str) -> bool {
+        upload_dir(&self.client, trial_id, attempt, dir, prefix).await
+    }
+
+    async fn upload_file(&self, trial_id: &str, attempt: u32, name: &str, path: &Path) -> bool {
+        upload_file_retrying(&self.client, trial_id, attempt, name, path).await
+    }
+}
+
+/// Names coming from the coordinator become local paths: same rules as the coordinator's store.
+fn experiments_safe_name(name: &str) -> anyhow::Result<()> {
+    let ok = !name.is_empty()
+        && !name.starts_with('/')
+        && name.split('/').all(|c| {
+            !c.is_empty()
+                && c != "."
+                && c != ".."
+                && c.chars()
+                    .all(|ch| ch.is_ascii_alphanumeric() || matches!(ch, '.' | '_' | '-'))
+        });
+    if ok {
+        Ok(())
+    } else {
+        anyhow::bail!("artifact name {name:?} from the coordinator is not a safe relative path")
+    }
+}
+
+enum Outgoing {
+    Progress(Progress),
+    /// Upload every file below `local` as `<prefix>/<relative path>`.
+    UploadDir {
+        local: PathBuf,
+        prefix: String,
+        remove_after: bool,
+    },
+}
+
+async fn report_loop(
+    client: Client,
+    trial_id: String,
+    attempt: u32,
+    _out_dir: PathBuf,
+    mut rx: mpsc::UnboundedReceiver<Outgoing>,
+    trial_stop: Arc<AtomicBool>,
+    lost: Arc<AtomicBool>,
+) {
+    let mut seq = 0u64;
+    while let Some(msg) = rx.recv().await {
+        if lost.load(Ordering::SeqCst) {
+            if let Outgoing::UploadDir {
+                local,
+                remove_after: true,
+                ..
+            } = msg
+            {
+                let _ = std::fs::remove_dir_all(local);
+            }
+            continue; // drain without sending: the attempt no longer counts
+        }
+        match msg {
+            Outgoing::Progress(p) => {
+                let req = pb::ReportRequest {
+                    trial_id: trial_id.clone(),
+                    attempt,
+                    seq,
+                    progress_json: serde_json::to_string(&p).expect("progress serialises"),
+                };
+                seq += 1;
+                // Keep trying while the coordinator is away: the lease decides who owns the trial.
+                let r = retry("report", &|| false, || {
+                    let mut c = client.clone();
+                    let req = req.clone();
+                    async move { c.report(req).await }
+                })
+                .await;
+                match r {
+                    Ok(resp) if !resp.get_ref().accepted => {
+                        tracing::warn!(
+                            "report refused: the lease was taken away; stopping the trial"
+                        );
+                        lost.store(true, Ordering::SeqCst);
+                        trial_stop.store(true, Ordering::SeqCst);
+                    }
+                    Ok(_) => {}
+                    Err(e) => tracing::warn!(cause = %e.message(), "report rejected"),
+                }
+            }
+            Outgoing::UploadDir {
+                local,
+                prefix,
+                remove_after,
+            } => {
+                upload_dir(&client, &trial_id, attempt, &local, &prefix).await;
+                if remove_after {
+                    let _ = std::fs::remove_dir_all(&local);
+                }
+            }
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn heartbeat_loop(
+    client: Client,
+    worker_id: String,
+    trial_id: String,
+    attempt: u32,
+    every: Duration,
+    trial_stop: Arc<AtomicBool>,
+    lost: Arc<AtomicBool>,
+    global_stop: Arc<AtomicBool>,
+) {
+    let mut interval = tokio::time::interval(every.max(Duration::from_millis(100)));
+    let mut poll = tokio::time::interval(Duration::from_millis(100));
+    loop {
+        tokio::select! {
+            _ = interval.tick() => {
+                let req = pb::HeartbeatRequest {
+                    worker_id: worker_id.clone(),
+                    held: vec![pb::HeldLease { trial_id: trial_id.clone(), attempt }],
+                };
+                let mut c = client.clone();
+                match c.heartbeat(req).await {
+                    Ok(resp) => {
+                        let resp = resp.into_inner();
+                        if resp.cancel.iter().any(|h| h.trial_id == trial_id && h.attempt == attempt) {
+                            tracing::info!("cancel order received: stopping the trial");
+                            lost.store(true, Ordering::SeqCst);
+                            trial_stop.store(true, Ordering::SeqCst);
+                        }
+                    }
+                    Err(e) if e.code() == Code::NotFound => {
+                        tracing::warn!("coordinator no longer knows this worker: stopping the trial");
+                        lost.store(true, Ordering::SeqCst);
+                        trial_stop.store(true, Ordering::SeqCst);
+                    }
+                    // Unreachable: keep training; the lease decides.
+                    Err(e) => tracing::warn!(cause = %e.message(), "heartbeat failed"),
+                }
+            }
+            _ = poll.tick() => {
+                if global_stop.load(Ordering::SeqCst) {
+                    trial_stop.store(true, Ordering::SeqCst);
+                }
+            }
+        }
+    }
+}
+
+async fn upload_dir(
+    client: &Client,
+    trial_id: &str,
+    attempt: u32,
+    dir: &Path,
+    prefix: &str,
+) -> bool {
+    let files = match list_files(dir) {
+        Ok(f) => f,
+        Err(e) => {
+            tracing::warn!(dir = %dir.display(), cause = %e, "cannot list files to upload");
+            return false;
+        }
+    };
+    let mut ok = true;
+    for rel in files {
+        let name = format!("{prefix}/{rel}");
+        ok &= upload_file_retrying(client, trial_id, attempt, &name, &dir.join(&rel)).await;
+    }
+    ok
+}
+
+async fn upload_file_retrying(
+    client: &Client,
+    trial_id: &str,
+    attempt: u32,
+    name: &str,
+    path: &Path,
+) -> bool {
+    let mut backoff = Backoff::new();
+    for _ in 0..8 {
+        match upload_once(client, trial_id, attempt, name, path).await {
+            Ok(()) => return true,
+            Err(e) if transient(&e) => {
+                tracing::warn!(name, cause = %e.message(), "upload failed, retrying");
+                backoff.wait().await;
+            }
+            Err(e) => {
+                tracing::warn!(name, cause = %e.message(), "upload refused");
+                return false;
+            }
+        }
+    }
+    false
+}
+
+async fn upload_once(
+    client: &Client,
+    trial_id: &str,
+    attempt: u32,
+    name: &str,
+    path: &Path,
+) -> Result<(), Status> {
+    use tokio::io::AsyncReadExt;
+    let mut file = tokio::fs::File::open(path)
+        .await
+        .map_err(|e| Status::failed_precondition(format!("{}: {e}", path.display())))?;
+    let (tx, rx) = mpsc::channel::<pb::ArtifactChunk>(4);
+    let (t, n) = (trial_id.to_string(), name.to_string());
+    let reader = tokio::spawn(async move {
+        let mut first = true;
+        loop {
+            let mut buf = vec![0u8; CHUNK_BYTES];
+            let k = file.read(&mut buf).await?;
+            if k == 0 && !first {
+                return Ok::<(), std::io::Error>(());
+            }
+            buf.truncate(k);
+            let chunk = pb::ArtifactChunk {
+                trial_id: t.clone(),
+                attempt,
+                name: n.clone(),
+                data: buf,
+            };
+            first = false;
+            if tx.send(chunk).await.is_err() || k == 0 {
+                return Ok(());
+            }
+        }
+    });
+    let mut c = client.clone();
+    let r = c.upload_artifact(ReceiverStream::new(rx)).await;
+    match reader.await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => {
+            return Err(Status::failed_precondition(format!(
+                "reading {}: {e}",
+                path.display()
+            )))
+        }
+        Err(e) => return Err(Status::internal(format!("upload reader: {e}"))),
+    }
+    r.map(|_| ())
+}
+
+async fn download_once(
+    client: &Client,
+    trial_id: &str,
+    name: &str,
+    dest: &Path,
+) -> anyhow::Result<()> {
+    use tokio::io::AsyncWriteExt;
+    let parent = dest
+        .parent()
+        .context("download destination has no parent")?;
+    tokio::fs::create_dir_all(parent)
+        .await
+        .with_context(|| format!("creating {}", parent.display()))?;
+    let tmp = dest.with_extension(format!("part-{}", std::process::id()));
+    let mut c = client.clone();
+    let mut stream = c
+        .download_artifact(pb::DownloadArtifactRequest {
+            trial_id: trial_id.into(),
+            name: name.into(),
+        })
+        .await
+        .map_err(|e| anyhow::anyhow!("downloading {trial_id}/{name}: {}", e.message()))?
+        .into_inner();
+    let mut f = tokio::fs::File::create(&tmp)
+        .await
+        .with_context(|| format!("creating {}", tmp.display()))?;
+    while let Some(chunk) = stream.next().await {
+        let chunk =
+            chunk.map_err(|e| anyhow::anyhow!("downloading {trial_id}/{name}: {}", e.message()))?;
+        f.write_all(&chunk.data)
+            .await
+            .with_context(|| format!("writing {}", tmp.display()))?;
+    }
+    f.sync_all()
+        .await
+        .with_context(|| format!("writing {}", tmp.display()))?;
+    drop(f);
+    tokio::fs::rename(&tmp, dest)
+        .await
+        .with_context(|| format!("renaming to {}", dest.display()))?;
+    Ok(())
+}
+
+/// Regular files below `dir`, as sorted `/`-separated relative paths.
+fn list_files(dir: &Path) -> std::io::Result<Vec<String>> {
+    fn walk(root: &Path, dir: &Path, out: &mut Vec<String>) -> std::io::Result<()> {
+        for e in std::fs::read_dir(dir)? {
+            let e = e?;
+            let p = e.path();
+            let ft = e.file_type()?;
+            if ft.is_dir() {
+                walk(root, &p, out)?;
+            } else if ft.is_file() {
+                let rel = p.strip_prefix(root).expect("below root");
+                let rel: Vec<String> = rel
+                    .components()
+                    .map(|c| c.as_os_str().to_string_lossy().into_owned())
+                    .collect();
+                out.push(rel.join("/"));
+            }
+        }
+        Ok(())
+    }
+    let mut out = Vec::new();
+    walk(dir, dir, &mut out)?;
+    out.sort();
+    Ok(out)
+}
+
+fn copy_dir(src: &Path, dst: &Path) -> std::io::Result<()> {
+    let _ = std::fs::remove_dir_all(dst);
+    for rel in list_files(src)? {
+        let to = dst.join(&rel);
+        if let Some(p) = to.parent() {
+            std::fs::create_dir_all(p)?;
+        }
+        std::fs::copy(src.join(&rel), to)?;
+    }
+    Ok(())
+}
+
+/// (kind, name, memory bytes) for the registration: what the status table shows.
+fn describe_device(device: &str) -> (String, String, u64) {
+    if device.starts_with("cuda") {
+        let visible = std::env::var("CUDA_VISIBLE_DEVICES").unwrap_or_default();
+        let name = if visible.is_empty() {
+            device.to_string()
+        } else {
+            format!("{device} (CUDA_VISIBLE_DEVICES={visible})")
+        };
+        ("cuda".into(), name, 0)
+    } else {
+        let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+        let model = cpuinfo
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix("model name")
+                    .and_then(|r| r.split_once(':'))
+                    .map(|(_, v)| v.trim().to_string())
+            })
+            .unwrap_or_else(|| "cpu".into());
+        let mem = std::fs::read_to_string("/proc/meminfo")
+            .ok()
+            .and_then(|m| {
+                m.lines().find_map(|l| {
+                    l.strip_prefix("MemTotal:")
+                        .and_then(|r| r.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+                })
+            })
+            .map(|kb| kb * 1024)
+            .unwrap_or(0);
+        ("cpu".into(), model, mem)
+    }
+}
+
+fn hostname() -> String {
+    let mut buf = [0u8; 256];
+    // SAFETY: the buffer is valid for its length; gethostname NUL-terminates within it on success.
+    let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
+    if rc == 0 {
+        let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+        String::from_utf8_lossy(&buf[..end]).into_owned()
+    } else {
+        "unknown".into()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_is_capped_and_jitter_in_range() {
+        let mut b = Backoff::new();
+        for _ in 0..20 {
+            b.next = (b.next * 2).min(MAX_BACKOFF);
+        }
+        assert_eq!(b.next, MAX_BACKOFF);
+        for _ in 0..100 {
+            let j = jitter_fraction();
+            assert!((0.0..1.0).contains(&j));
+        }
+    }
+
+    #[test]
+    fn names_from_the_coordinator_are_checked() {
+        assert!(experiments_safe_name("ckpt/state.safetensors").is_ok());
+        for bad in ["../x", "/etc/passwd", "a//b", "ckpt/../../x", ""] {
+            assert!(experiments_safe_name(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn lists_files_recursively_and_sorted() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(d.path().join("b/c")).unwrap();
+        std::fs::write(d.path().join("b/c/x"), b"1").unwrap();
+        std::fs::write(d.path().join("a"), b"2").unwrap();
+        assert_eq!(
+            list_files(d.path()).unwrap(),
+            vec!["a".to_string(), "b/c/x".to_string()]
+        );
+        let d2 = tempfile::tempdir().unwrap();
+        let dst = d2.path().join("copy");
+        copy_dir(d.path(), &dst).unwrap();
+        assert_eq!(std::fs::read(dst.join("b/c/x")).unwrap(), b"1");
+    }
+}
