@@ -113,7 +113,7 @@ pub fn run_local(cmd: LocalCommand) -> Result<()> {
                 max_new_tokens,
                 temperature,
                 top_k: (top_k > 0).then_some(top_k),
-                top_p: (top_p < 1.0).then_some(top_p),
+                top_p: (top_p != 1.0).then_some(top_p),
                 seed,
             };
             sample_cmd(&model, &prompt, &opts, &device)
