@@ -10,6 +10,7 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use clap::Parser;
+use worker::local::{run_local, LocalCommand};
 use worker::remote::{run_remote, RemoteOpts};
 
 #[derive(Parser, Debug)]
@@ -18,10 +19,14 @@ use worker::remote::{run_remote, RemoteOpts};
     version,
     about = "Lease ablate trials from a coordinator and train them"
 )]
+#[command(args_conflicts_with_subcommands = true)]
 struct Cli {
-    /// Coordinator URL, e.g. http://coord:7070.
+    /// Run one trial, evaluate or sample locally, without a coordinator.
+    #[command(subcommand)]
+    local: Option<LocalCommand>,
+    /// Coordinator URL, e.g. http://coord:7070 (remote mode).
     #[arg(long, env = "ABLATE_COORDINATOR")]
-    coordinator: String,
+    coordinator: Option<String>,
     /// Device to train on: cpu or cuda:N.
     #[arg(long, default_value = "cpu")]
     device: String,
@@ -29,7 +34,7 @@ struct Cli {
     #[arg(long, env = "ABLATE_WORKER_TOKEN_FILE")]
     token_file: Option<PathBuf>,
     /// Cache shared by the workers of a host (corpora, token caches, base models)
-    /// [default: $ABLATE_CACHE or ~/.cache/ablate].
+    /// [default: $ABLATE_CACHE, else $XDG_CACHE_HOME/ablate or ~/.cache/ablate].
     #[arg(long, env = "ABLATE_CACHE")]
     cache: Option<PathBuf>,
     /// This worker's scratch directory [default: <cache>/work/<name>].
@@ -40,7 +45,7 @@ struct Cli {
     name: Option<String>,
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() -> std::process::ExitCode {
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_env_filter(
@@ -48,16 +53,28 @@ fn main() -> anyhow::Result<()> {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .init();
-    let cli = Cli::parse();
+    match real_main() {
+        // The trial thread may still be unwinding after a stop; exit without waiting for it.
+        Ok(()) => std::process::exit(0),
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn real_main() -> anyhow::Result<()> {
+    let mut cli = Cli::parse();
+    if let Some(cmd) = cli.local.take() {
+        return run_local(cmd);
+    }
     let opts = remote_opts(cli)?;
     let rt = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     rt.block_on(async move {
         let stop = Arc::new(AtomicBool::new(false));
         tokio::spawn(watch_signals(stop.clone()));
         run_remote(opts, stop).await
-    })?;
-    // The trial thread may still be unwinding; exit without waiting for it.
-    std::process::exit(0);
+    })
 }
 
 fn remote_opts(cli: Cli) -> anyhow::Result<RemoteOpts> {
@@ -65,14 +82,11 @@ fn remote_opts(cli: Cli) -> anyhow::Result<RemoteOpts> {
         None => None,
         Some(f) => Some(read_token(f)?),
     };
-    let cache_dir = match cli.cache {
-        Some(c) => c,
-        None => {
-            let home = std::env::var_os("HOME")
-                .context("neither --cache, $ABLATE_CACHE nor $HOME is set")?;
-            PathBuf::from(home).join(".cache").join("ablate")
-        }
-    };
+    let coordinator = cli.coordinator.context(
+        "--coordinator URL (or $ABLATE_COORDINATOR) is required in remote mode; \
+         or use a local subcommand (see --help)",
+    )?;
+    let cache_dir = cli.cache.unwrap_or_else(worker::local::default_cache_dir);
     let host = std::fs::read_to_string("/etc/hostname")
         .map(|h| h.trim().to_string())
         .unwrap_or_default();
@@ -91,7 +105,7 @@ fn remote_opts(cli: Cli) -> anyhow::Result<RemoteOpts> {
         .work_dir
         .unwrap_or_else(|| cache_dir.join("work").join(&name));
     Ok(RemoteOpts {
-        coordinator: cli.coordinator,
+        coordinator,
         device: cli.device,
         token,
         cache_dir,
