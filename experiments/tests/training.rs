@@ -356,3 +356,76 @@ fn bad_group_settings_are_config_errors() {
     .unwrap_err();
     assert!(matches!(err, Error::Config(_)), "{err}");
 }
+
+/// Step-time measurement through the real loop (not a correctness test; run by hand):
+/// `ABLATE_BENCH_PRESETS=tiny,gpt2 cargo test -p experiments --test training -- --ignored --nocapture step_time`
+/// Batch 8 × context 128 for tiny, batch 4 × context 256 for gpt2 (facts.md's shapes), all layers
+/// trained, AdamW, clipping; the first step (allocation warm-up) is reported separately.
+#[test]
+#[ignore]
+fn step_time() {
+    let presets = std::env::var("ABLATE_BENCH_PRESETS").unwrap_or_else(|_| "tiny".into());
+    for preset in presets.split(',') {
+        let cfg = Gpt2Config::preset(preset).expect("preset name");
+        let (batch, context, steps) = if preset == "tiny" {
+            (8, 128, 12)
+        } else {
+            (4, 256, 3)
+        };
+        let tokens: Vec<u32> = (0..(batch * context * (steps + 1) + 1) as u64)
+            .map(|i| ((i * 2654435761) % cfg.vocab_size as u64) as u32)
+            .collect();
+        let fx = Fixture {
+            tokens,
+            valid: vec![],
+            cfg: cfg.clone(),
+        };
+        let model = Gpt2::new_random(&cfg, 0, &Device::Cpu).unwrap();
+        let mut s = spec(steps as u64, 1e-4);
+        s.batch_size = batch;
+        s.clip_norm = Some(1.0);
+        s.weight_decay = 0.01;
+        let dir = tempfile::tempdir().unwrap();
+        let stop = AtomicBool::new(false);
+        let mut times = vec![];
+        let mut last = std::time::Instant::now();
+        let job = TrainJob {
+            model: &model,
+            method: &Method::Pretrain {
+                vocab_size: cfg.vocab_size,
+            },
+            spec: &s,
+            groups: 4.min(cfg.n_layer + 1),
+            context,
+            seed: 1,
+            train_tokens: &fx.tokens,
+            valid_tokens: &fx.valid,
+            out_dir: dir.path(),
+            stop: &stop,
+            device: &Device::Cpu,
+            run_key: "bench".into(),
+        };
+        let job = TrainJob {
+            method: &Method::Pretrain {
+                vocab_size: cfg.vocab_size,
+            },
+            ..job
+        };
+        train::train(&job, &mut |p| {
+            if let Progress::Step { .. } = p {
+                times.push(last.elapsed().as_secs_f64());
+                last = std::time::Instant::now();
+            }
+        })
+        .unwrap();
+        let rest = &times[1..];
+        let mean = rest.iter().sum::<f64>() / rest.len() as f64;
+        println!(
+            "{preset}: {} params, batch {batch} x context {context}: first step {:.2} s, then {mean:.3} s/step ({:.0} tokens/s) over {} steps",
+            model.num_params(),
+            times[0],
+            (batch * context) as f64 / mean,
+            rest.len()
+        );
+    }
+}
