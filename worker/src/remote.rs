@@ -159,6 +159,13 @@ fn transient(s: &Status) -> bool {
     )
 }
 
+/// Resolves once `flag` is set (polled: the flag is set from a signal handler task).
+async fn flag_set(flag: &AtomicBool) {
+    while !flag.load(Ordering::SeqCst) {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// Capped exponential backoff with jitter; state kept by the caller.
 struct Backoff {
     next: Duration,
@@ -258,12 +265,18 @@ impl Worker {
         };
         let stop = self.stop.clone();
         let client = self.client.clone();
-        let r = retry("lease", &|| stop.load(Ordering::SeqCst), || {
+        let give_up = stop.clone();
+        let give_up = move || give_up.load(Ordering::SeqCst);
+        let call = retry("lease", &give_up, || {
             let mut c = client.clone();
             let req = req.clone();
             async move { c.lease(req).await }
-        })
-        .await;
+        });
+        // A stop while idle must not wait for the long poll to run out.
+        let r = tokio::select! {
+            r = call => r,
+            _ = flag_set(&stop) => return Ok(None),
+        };
         match r {
             Ok(resp) => Ok(resp.into_inner().lease),
             Err(e) if self.stopping() && transient(&e) => Ok(None),
