@@ -635,3 +635,69 @@ async fn restart_keeps_results_and_requeues_running_attempts_and_watch_streams()
     drop(watch);
     server.shutdown().await;
 }
+
+#[tokio::test]
+async fn long_poll_wakes_when_work_arrives_and_unknown_ids_are_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), Duration::from_secs(30)).await;
+    let mut admin = server.admin().await;
+    let mut w = server.worker().await;
+    let wid = register(&mut w, "one").await;
+    let mut w2 = w.clone();
+    let wid2 = wid.clone();
+    let t0 = std::time::Instant::now();
+    let waiting = tokio::spawn(async move { lease(&mut w2, &wid2, 10_000).await });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let a = config("a", Base::HfDir { path: "/m".into() }, 10);
+    admin
+        .submit(pb::SubmitRequest {
+            sweep_name: "s".into(),
+            sweep_text: String::new(),
+            trials: vec![submitted(&a)],
+        })
+        .await
+        .unwrap();
+    let got = waiting
+        .await
+        .unwrap()
+        .expect("the waiting lease receives the new trial");
+    assert_eq!(got.trial_id, a.id());
+    assert!(
+        t0.elapsed() < Duration::from_secs(5),
+        "woken by the submit, not by the 10 s timeout: {:?}",
+        t0.elapsed()
+    );
+
+    let err = w
+        .lease(pb::LeaseRequest {
+            worker_id: "w999".into(),
+            wait_ms: 10,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::NotFound);
+    let err = admin
+        .cancel(pb::CancelRequest {
+            sweep: String::new(),
+            trial_ids: vec!["nope".into()],
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::NotFound);
+    let err = admin
+        .get(pb::GetRequest {
+            sweep: "nope".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::NotFound);
+    let err = w
+        .download_artifact(pb::DownloadArtifactRequest {
+            trial_id: a.id(),
+            name: "model/none".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::NotFound);
+    server.shutdown().await;
+}

@@ -82,7 +82,9 @@ fn submit_is_idempotent_and_trials_are_shared_between_sweeps() {
     );
     assert!(again.added.is_empty());
     assert_eq!(again.already_present.len(), 2);
-    let other = store.submit("sw", "edited", &[b.clone()], 3).unwrap();
+    let other = store
+        .submit("sw", "edited", std::slice::from_ref(&b), 3)
+        .unwrap();
     assert_ne!(other.sweep_id, s1.sweep_id);
     assert_eq!(store.trials().unwrap().len(), 2);
     assert_eq!(store.sweep_trials(&other.sweep_id).unwrap().len(), 1);
@@ -105,7 +107,9 @@ fn decisions_events_and_workers_survive_a_reopen() {
     let wid;
     {
         let mut store = Store::open(dir.path()).unwrap();
-        store.submit("sw", "t", &[a.clone()], 1).unwrap();
+        store
+            .submit("sw", "t", std::slice::from_ref(&a), 1)
+            .unwrap();
         let info = WorkerInfo {
             name: "gpu0".into(),
             host: "h".into(),
