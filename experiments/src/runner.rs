@@ -89,8 +89,33 @@ fn cuda_device(_ordinal: usize, s: &str) -> Result<Device> {
     )))
 }
 
-/// Runs one trial; see the module doc for what it writes.
+/// Runs one trial; see the module doc for what it writes. A device allocation failure comes back
+/// as [`Error::OutOfMemory`] (the table shows it as such, e.g. gpt2-medium on a small GPU).
 pub fn run_trial(
+    cfg: &TrialConfig,
+    env: &TrialEnv,
+    on_progress: &mut dyn FnMut(&Progress),
+) -> Result<Outcome> {
+    run_trial_inner(cfg, env, on_progress).map_err(classify_oom)
+}
+
+/// candle reports CUDA allocation failures as driver errors; give them their own variant.
+pub fn classify_oom(e: Error) -> Error {
+    match e {
+        Error::Candle(inner) => {
+            let msg = inner.to_string();
+            let lower = msg.to_ascii_lowercase();
+            if lower.contains("out of memory") || lower.contains("out_of_memory") {
+                Error::OutOfMemory(msg)
+            } else {
+                Error::Candle(inner)
+            }
+        }
+        other => other,
+    }
+}
+
+fn run_trial_inner(
     cfg: &TrialConfig,
     env: &TrialEnv,
     on_progress: &mut dyn FnMut(&Progress),
@@ -369,6 +394,19 @@ fn write_json<T: serde::Serialize>(path: &Path, v: &T) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn device_allocation_failures_are_out_of_memory() {
+        let e = classify_oom(Error::Candle(candle_core::Error::Msg(
+            "DriverError(CUDA_ERROR_OUT_OF_MEMORY, \"out of memory\")".into(),
+        )));
+        assert!(matches!(e, Error::OutOfMemory(_)), "{e}");
+        assert_eq!(e.reason(), "out_of_memory");
+        let e = classify_oom(Error::Candle(candle_core::Error::Msg(
+            "shape mismatch".into(),
+        )));
+        assert!(matches!(e, Error::Candle(_)));
+    }
 
     #[test]
     fn line_and_column_are_one_based() {
