@@ -6,6 +6,12 @@
 //! candle implements (arithmetic, `exp`, `log`, reductions, `matmul`, `gather`), so gradients flow
 //! to every input. Each op has a finite-difference check in `tests/gradients.rs`, in f64 and f32.
 //!
+//! On the CPU, [`layer_norm`] and [`softmax_last`] run as fused custom ops with hand-written
+//! backward passes (one kernel instead of 5–10 primitive ops, each of which costs an allocation
+//! and a thread-pool barrier: on small models that overhead, not arithmetic, dominated a step). On
+//! other devices they fall back to the portable compositions [`layer_norm_portable`] and
+//! [`softmax_last_portable`]; the gradient tests check both.
+//!
 //! Two deliberate shortcuts, both exact for the gradient:
 //! - the row maximum subtracted for numerical stability is *detached*: softmax and log-sum-exp are
 //!   shift-invariant, so its true gradient contribution is zero and skipping it saves a backward op;
@@ -13,13 +19,31 @@
 //!   `gelu_new`), whose backward is implemented in candle with 6-digit constants (relative error
 //!   below 1e-6, a few f32 ulps).
 
-use candle_core::{DType, Device, Tensor, D};
+use candle_core::{
+    CpuStorage, CustomOp1, CustomOp3, DType, Device, Layout, Shape, Tensor, WithDType, D,
+};
 
 use crate::{Error, Result};
 
 /// Layer normalisation over the last dimension, as `torch.nn.LayerNorm`: biased variance, `eps`
 /// inside the square root. `w` and `b` have the size of the last dimension of `x`.
 pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor> {
+    let c = x.dim(D::Minus1)?;
+    let fused = x.device().is_cpu()
+        && matches!(x.dtype(), DType::F32 | DType::F64)
+        && w.dtype() == x.dtype()
+        && b.dtype() == x.dtype()
+        && w.dims() == [c]
+        && b.dims() == [c];
+    if !fused {
+        return layer_norm_portable(x, w, b, eps);
+    }
+    Ok(x.contiguous()?
+        .apply_op3(&w.contiguous()?, &b.contiguous()?, LayerNormOp { eps })?)
+}
+
+/// [`layer_norm`] composed from candle primitives: runs on every device (used off the CPU).
+pub fn layer_norm_portable(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor> {
     let mean = x.mean_keepdim(D::Minus1)?;
     let xc = x.broadcast_sub(&mean)?;
     let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
@@ -36,6 +60,14 @@ pub fn gelu_new(x: &Tensor) -> Result<Tensor> {
 
 /// Softmax over the last dimension with a working backward (unlike `softmax_last_dim`).
 pub fn softmax_last(x: &Tensor) -> Result<Tensor> {
+    if x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64) {
+        return Ok(x.contiguous()?.apply_op1(SoftmaxOp)?);
+    }
+    softmax_last_portable(x)
+}
+
+/// [`softmax_last`] composed from candle primitives: runs on every device (used off the CPU).
+pub fn softmax_last_portable(x: &Tensor) -> Result<Tensor> {
     let max = x.max_keepdim(D::Minus1)?.detach();
     let e = x.broadcast_sub(&max)?.exp()?;
     let sum = e.sum_keepdim(D::Minus1)?;
@@ -120,4 +152,244 @@ pub fn nll_sum(logits: &Tensor, targets: &Tensor) -> Result<f64> {
     }
     let nll = token_nll(&logits.detach(), targets)?;
     Ok(nll.to_dtype(DType::F64)?.sum_all()?.to_scalar::<f64>()?)
+}
+
+// ---- fused CPU kernels ----------------------------------------------------------------------
+
+/// Float types the fused kernels run on (f32, f64); statistics are accumulated in f64.
+trait Real: WithDType {
+    fn exp_(self) -> Self;
+}
+impl Real for f32 {
+    fn exp_(self) -> Self {
+        self.exp()
+    }
+}
+impl Real for f64 {
+    fn exp_(self) -> Self {
+        self.exp()
+    }
+}
+
+fn contiguous_slice<'a, T: WithDType>(
+    s: &'a CpuStorage,
+    l: &Layout,
+) -> candle_core::Result<&'a [T]> {
+    let data = s.as_slice::<T>()?;
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&data[a..b]),
+        None => candle_core::bail!("fused op expects a contiguous input"),
+    }
+}
+
+/// Row-wise softmax over the last dimension; backward `y ⊙ (g − Σ g⊙y)` in tensor ops.
+struct SoftmaxOp;
+
+fn softmax_rows<T: Real>(x: &[T], c: usize) -> Vec<T> {
+    let mut out = Vec::with_capacity(x.len());
+    for row in x.chunks_exact(c) {
+        let max = row
+            .iter()
+            .copied()
+            .fold(row[0], |m, v| if v > m { v } else { m });
+        let start = out.len();
+        let mut sum = 0f64;
+        for &v in row {
+            let e = (v - max).exp_();
+            sum += e.to_f64();
+            out.push(e);
+        }
+        let inv = T::from_f64(1.0 / sum);
+        for e in &mut out[start..] {
+            *e *= inv;
+        }
+    }
+    out
+}
+
+impl CustomOp1 for SoftmaxOp {
+    fn name(&self) -> &'static str {
+        "ablate-softmax-last"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let c = l.dims().last().copied().unwrap_or(1).max(1);
+        let out = match s {
+            CpuStorage::F32(_) => {
+                f32::to_cpu_storage_owned(softmax_rows(contiguous_slice::<f32>(s, l)?, c))
+            }
+            CpuStorage::F64(_) => {
+                f64::to_cpu_storage_owned(softmax_rows(contiguous_slice::<f64>(s, l)?, c))
+            }
+            _ => candle_core::bail!("softmax_last: only f32 and f64 are supported on the CPU"),
+        };
+        Ok((out, l.shape().clone()))
+    }
+
+    fn bwd(&self, _x: &Tensor, y: &Tensor, g: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let gy_sum = (g * y)?.sum_keepdim(D::Minus1)?;
+        Ok(Some((g.broadcast_sub(&gy_sum)? * y)?))
+    }
+}
+
+/// Fused layer norm over the last dimension of (x, w, b).
+struct LayerNormOp {
+    eps: f64,
+}
+
+/// Mean and 1/sqrt(var + eps) of one row, in f64.
+fn row_stats<T: Real>(row: &[T], eps: f64) -> (f64, f64) {
+    let n = row.len() as f64;
+    let mean = row.iter().map(|v| v.to_f64()).sum::<f64>() / n;
+    let var = row.iter().map(|v| (v.to_f64() - mean).powi(2)).sum::<f64>() / n;
+    (mean, 1.0 / (var + eps).sqrt())
+}
+
+fn layer_norm_rows<T: Real>(x: &[T], w: &[T], b: &[T], eps: f64) -> Vec<T> {
+    let c = w.len();
+    let mut out = Vec::with_capacity(x.len());
+    for row in x.chunks_exact(c) {
+        let (mean, inv) = row_stats(row, eps);
+        for i in 0..c {
+            let xhat = (row[i].to_f64() - mean) * inv;
+            out.push(T::from_f64(xhat * w[i].to_f64() + b[i].to_f64()));
+        }
+    }
+    out
+}
+
+/// Per row: `[dx (C) | g ⊙ x̂ (C)]`, from which backward takes dx and sums dw over rows.
+/// dx = inv_std · (g⊙w − mean(g⊙w) − x̂ · mean(g⊙w⊙x̂)).
+fn layer_norm_bwd_rows<T: Real>(x: &[T], w: &[T], g: &[T], eps: f64) -> Vec<T> {
+    let c = w.len();
+    let mut out = Vec::with_capacity(2 * x.len());
+    let mut xhat = vec![0f64; c];
+    let mut gw = vec![0f64; c];
+    for (row, grow) in x.chunks_exact(c).zip(g.chunks_exact(c)) {
+        let (mean, inv) = row_stats(row, eps);
+        let (mut m_gw, mut m_gwx) = (0f64, 0f64);
+        for i in 0..c {
+            xhat[i] = (row[i].to_f64() - mean) * inv;
+            gw[i] = grow[i].to_f64() * w[i].to_f64();
+            m_gw += gw[i];
+            m_gwx += gw[i] * xhat[i];
+        }
+        m_gw /= c as f64;
+        m_gwx /= c as f64;
+        for i in 0..c {
+            out.push(T::from_f64(inv * (gw[i] - m_gw - xhat[i] * m_gwx)));
+        }
+        for i in 0..c {
+            out.push(T::from_f64(grow[i].to_f64() * xhat[i]));
+        }
+    }
+    out
+}
+
+impl CustomOp3 for LayerNormOp {
+    fn name(&self) -> &'static str {
+        "ablate-layer-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let out = match s1 {
+            CpuStorage::F32(_) => f32::to_cpu_storage_owned(layer_norm_rows(
+                contiguous_slice::<f32>(s1, l1)?,
+                contiguous_slice::<f32>(s2, l2)?,
+                contiguous_slice::<f32>(s3, l3)?,
+                self.eps,
+            )),
+            CpuStorage::F64(_) => f64::to_cpu_storage_owned(layer_norm_rows(
+                contiguous_slice::<f64>(s1, l1)?,
+                contiguous_slice::<f64>(s2, l2)?,
+                contiguous_slice::<f64>(s3, l3)?,
+                self.eps,
+            )),
+            _ => candle_core::bail!("layer_norm: only f32 and f64 are supported on the CPU"),
+        };
+        Ok((out, l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        g: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let c = w.dim(0)?;
+        let rows = x.elem_count() / c.max(1);
+        let g = g.contiguous()?;
+        let both = x.apply_op3_no_bwd(w, &g, &LayerNormBwdOp { eps: self.eps })?; // (.., 2C)
+        let last = both.rank() - 1;
+        let dx = if x.track_op() {
+            Some(both.narrow(last, 0, c)?.contiguous()?)
+        } else {
+            None
+        };
+        let dw = if w.track_op() {
+            Some(both.narrow(last, c, c)?.reshape((rows, c))?.sum(0)?)
+        } else {
+            None
+        };
+        let db = if b.track_op() {
+            Some(g.reshape((rows, c))?.sum(0)?)
+        } else {
+            None
+        };
+        Ok((dx, dw, db))
+    }
+}
+
+/// Backward kernel of [`LayerNormOp`] on (x, w, grad): see [`layer_norm_bwd_rows`].
+struct LayerNormBwdOp {
+    eps: f64,
+}
+
+impl CustomOp3 for LayerNormBwdOp {
+    fn name(&self) -> &'static str {
+        "ablate-layer-norm-bwd"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let out = match s1 {
+            CpuStorage::F32(_) => f32::to_cpu_storage_owned(layer_norm_bwd_rows(
+                contiguous_slice::<f32>(s1, l1)?,
+                contiguous_slice::<f32>(s2, l2)?,
+                contiguous_slice::<f32>(s3, l3)?,
+                self.eps,
+            )),
+            CpuStorage::F64(_) => f64::to_cpu_storage_owned(layer_norm_bwd_rows(
+                contiguous_slice::<f64>(s1, l1)?,
+                contiguous_slice::<f64>(s2, l2)?,
+                contiguous_slice::<f64>(s3, l3)?,
+                self.eps,
+            )),
+            _ => {
+                candle_core::bail!("layer_norm backward: only f32 and f64 are supported on the CPU")
+            }
+        };
+        let mut dims = l1.dims().to_vec();
+        if let Some(last) = dims.last_mut() {
+            *last *= 2;
+        }
+        Ok((out, Shape::from(dims)))
+    }
 }

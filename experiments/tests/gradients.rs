@@ -135,6 +135,32 @@ fn layer_norm_gradients() -> Res<()> {
 }
 
 #[test]
+fn portable_layer_norm_and_softmax_gradients() -> Res<()> {
+    // The compositions used off the CPU, checked here on the CPU, and equal to the fused ops.
+    let x = tensor(&[2, 3, 5], 21, 2.0, 0.3)?;
+    let w = tensor(&[5], 22, 0.5, 1.0)?;
+    let b = tensor(&[5], 23, 0.5, 0.0)?;
+    check_both(
+        "layer_norm_portable",
+        &[x.clone(), w.clone(), b.clone()],
+        &|a| Ok(ops::layer_norm_portable(&a[0], &a[1], &a[2], 1e-5)?),
+    )?;
+    check_both("softmax_last_portable", &[x.clone()], &|a| {
+        Ok(ops::softmax_last_portable(&a[0])?)
+    })?;
+    let d1 = (ops::layer_norm(&x, &w, &b, 1e-5)? - ops::layer_norm_portable(&x, &w, &b, 1e-5)?)?;
+    let d2 = (ops::softmax_last(&x)? - ops::softmax_last_portable(&x)?)?;
+    for d in [d1, d2] {
+        assert!(d.abs()?.max_all()?.to_scalar::<f64>()? < 1e-12);
+    }
+    // Non-contiguous input goes through the fused op too.
+    let xt = x.transpose(1, 2)?;
+    let d3 = (ops::softmax_last(&xt)? - ops::softmax_last_portable(&xt)?)?;
+    assert!(d3.abs()?.max_all()?.to_scalar::<f64>()? < 1e-12);
+    Ok(())
+}
+
+#[test]
 fn gelu_new_gradients_and_formula() -> Res<()> {
     let x = tensor(&[4, 6], 4, 4.0, 0.0)?;
     check_both("gelu_new", &[x.clone()], &|a| Ok(ops::gelu_new(&a[0])?))?;
@@ -461,5 +487,57 @@ fn random_init_is_deterministic_and_gpt2_scaled() -> Res<()> {
         assert!(Gpt2Config::preset(name).unwrap().validate().is_ok());
     }
     assert!(Gpt2Config::preset("nope").is_none());
+    Ok(())
+}
+
+/// Forward + backward time of one training batch (no optimizer step), for the report:
+/// `cargo test -p experiments --test gradients -- --ignored --nocapture step_time`
+/// (`ABLATE_BENCH_GPT2=0` skips the 124M model, `=1` runs only its batch of 1; it needs ~3 GB of memory and ~10 s a step).
+#[test]
+#[ignore]
+fn step_time() -> Res<()> {
+    let dev = Device::Cpu;
+    let mut cases = vec![("tiny", 4usize, 128usize, 5usize)];
+    match std::env::var("ABLATE_BENCH_GPT2").as_deref() {
+        Ok("0") => {}
+        Ok("1") => cases.push(("gpt2", 1, 256, 1)),
+        _ => {
+            cases.push(("gpt2", 1, 256, 2));
+            cases.push(("gpt2", 4, 256, 1));
+        }
+    }
+    for (preset, b, t, steps) in cases {
+        let cfg = Gpt2Config::preset(preset).unwrap();
+        let t0 = std::time::Instant::now();
+        let model = Gpt2::new_random(&cfg, 1, &dev)?;
+        let init = t0.elapsed().as_secs_f64();
+        let ids: Vec<u32> = values(b * (t + 1), 3)
+            .iter()
+            .map(|x| ((x + 1.0) * 0.5 * (cfg.vocab_size - 1) as f64) as u32)
+            .collect();
+        let inp = Tensor::from_vec(ids[..b * t].to_vec(), (b, t), &dev)?;
+        let tgt = Tensor::from_vec(ids[b..].to_vec(), b * t, &dev)?;
+        let tr = Trainable::all(cfg.n_layer);
+        let step = || -> Res<f64> {
+            let s = std::time::Instant::now();
+            let l = loss(&model, &tr, &inp, &tgt)?;
+            let _g = l.backward()?;
+            Ok(s.elapsed().as_secs_f64())
+        };
+        let fwd = {
+            let s = std::time::Instant::now();
+            let _ = model.forward_with(&inp, &Trainable::none(cfg.n_layer))?;
+            s.elapsed().as_secs_f64()
+        };
+        step()?; // warm-up
+        let times: Vec<f64> = (0..steps).map(|_| step()).collect::<Res<_>>()?;
+        let mean = times.iter().sum::<f64>() / times.len() as f64;
+        println!(
+            "{preset}: {} params, batch {b} x {t}: forward+backward {mean:.3} s/step ({:.0} tokens/s), \
+             graph-free forward {fwd:.3} s, init {init:.2} s",
+            model.num_params(),
+            (b * t) as f64 / mean
+        );
+    }
     Ok(())
 }
