@@ -65,6 +65,7 @@ impl Gpt2Config {
     }
 
     /// Checks the shape is buildable (non-zero sizes, heads dividing the width).
+    #[allow(clippy::manual_is_multiple_of)] // is_multiple_of needs Rust 1.87; MSRV is 1.85
     pub fn validate(&self) -> Result<()> {
         let c = self;
         if c.vocab_size == 0

@@ -74,7 +74,7 @@ pub fn filter_probs(
     if n == 0 {
         return out;
     }
-    if !(temperature > 0.0) {
+    if temperature.is_nan() || temperature <= 0.0 {
         out[argmax(logits)] = 1.0;
         return out;
     }

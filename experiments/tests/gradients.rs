@@ -145,7 +145,7 @@ fn portable_layer_norm_and_softmax_gradients() -> Res<()> {
         &[x.clone(), w.clone(), b.clone()],
         &|a| Ok(ops::layer_norm_portable(&a[0], &a[1], &a[2], 1e-5)?),
     )?;
-    check_both("softmax_last_portable", &[x.clone()], &|a| {
+    check_both("softmax_last_portable", std::slice::from_ref(&x), &|a| {
         Ok(ops::softmax_last_portable(&a[0])?)
     })?;
     let d1 = (ops::layer_norm(&x, &w, &b, 1e-5)? - ops::layer_norm_portable(&x, &w, &b, 1e-5)?)?;
@@ -163,7 +163,9 @@ fn portable_layer_norm_and_softmax_gradients() -> Res<()> {
 #[test]
 fn gelu_new_gradients_and_formula() -> Res<()> {
     let x = tensor(&[4, 6], 4, 4.0, 0.0)?;
-    check_both("gelu_new", &[x.clone()], &|a| Ok(ops::gelu_new(&a[0])?))?;
+    check_both("gelu_new", std::slice::from_ref(&x), &|a| {
+        Ok(ops::gelu_new(&a[0])?)
+    })?;
     // transformers' gelu_new, written out.
     let xs: Vec<f64> = x.flatten_all()?.to_vec1()?;
     let got: Vec<f64> = ops::gelu_new(&x)?.flatten_all()?.to_vec1()?;
@@ -221,7 +223,7 @@ fn cross_entropy_gradients_and_value() -> Res<()> {
     let logits = tensor(&[5, 7], 11, 3.0, 0.0)?;
     let targets = Tensor::new(&[0u32, 6, 3, 3, 1], &Device::Cpu)?;
     let t2 = targets.clone();
-    check_both("cross_entropy", &[logits.clone()], &move |a| {
+    check_both("cross_entropy", std::slice::from_ref(&logits), &move |a| {
         Ok(ops::cross_entropy(&a[0], &t2)?)
     })?;
     // Value: mean of -log softmax at the target, and nll_sum is N times it.
