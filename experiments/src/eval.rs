@@ -36,6 +36,9 @@ pub struct EvalResult {
     pub chunks: usize,
 }
 
+/// Most logits one evaluation forward pass may produce (2^28 floats = 1 GiB).
+const MAX_LOGITS: usize = 1 << 28;
+
 /// The chunk boundaries of the definition above: `(start, len)` pairs, at most `max_chunks`.
 pub fn chunks(n_tokens: usize, context: usize, max_chunks: Option<usize>) -> Vec<(usize, usize)> {
     let mut out = Vec::new();
@@ -85,7 +88,10 @@ pub fn perplexity(
     }
     let n_layer = n_layer_of(model);
     let none = frozen(n_layer);
-    let batch_size = batch_size.max(1);
+    // Bound the logits of one forward pass (batch·context·vocab floats, plus the same again for the
+    // log-softmax) so GPT-2's 50k vocabulary at context 1024 does not need gigabytes at once.
+    let per_chunk = context * model.config().vocab_size;
+    let batch_size = batch_size.clamp(1, (MAX_LOGITS / per_chunk.max(1)).max(1));
     let mut nll = 0f64;
     let mut predicted = 0u64;
     // Full chunks share a length and batch together; a short tail is evaluated alone.
