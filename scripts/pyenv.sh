@@ -11,8 +11,10 @@
 # CPU, but `import torch` still dlopens libtorch_cuda.so, whose DT_NEEDED libraries must exist. So:
 # torch with --no-deps, exactly the nvidia-* wheels those libraries link against (found with
 # `readelf -d torch/lib/libtorch_cuda.so`), and torch's small pure-Python dependencies. Skipped:
-# triton, cusolver (loaded lazily), cuda-toolkit/cuda-bindings, nvtx, cccl. Measured here: ~2.9 GB
-# downloaded, ~70 s on a fresh machine with a fast mirror, 4.1 GB on disk.
+# triton, cusolver (loaded lazily), cuda-toolkit/cuda-bindings, nvtx, cccl. Measured here: 2.46 GB
+# of wheels (torch 540 MB, cudnn 520 MB, cublas 405 MB, cufft/nccl/cusparselt/cusparse/nvshmem
+# 135-220 MB each, the rest small), 4.3 GB on disk, about 2 minutes on a fresh machine (about 100 s
+# of it unpacking); later runs ~4 s (the import check). No CPU-only torch wheel exists on PyPI.
 # The pins must move together: the nvidia versions are those torch==$TORCH requires.
 set -euo pipefail
 
@@ -49,7 +51,8 @@ fi
 echo "pyenv: installing torch (CPU use, minimal CUDA runtime) + transformers into $VENV" >&2
 start=$(date +%s)
 "$PY" -m venv "$VENV"
-PIP=("$VENV/bin/python" -m pip install --quiet --disable-pip-version-check)
+# --no-warn-conflicts: pip would otherwise report the deliberately skipped torch dependencies.
+PIP=("$VENV/bin/python" -m pip install --quiet --disable-pip-version-check --no-warn-conflicts)
 "${PIP[@]}" --no-deps "torch==$TORCH" "${NVIDIA[@]}"
 "${PIP[@]}" "${TORCH_PY_DEPS[@]}"
 # transformers does not depend on torch in its metadata, so this does not pull the CUDA stack.
