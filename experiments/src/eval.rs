@@ -95,14 +95,14 @@ pub fn perplexity(
     let mut nll = 0f64;
     let mut predicted = 0u64;
     // Full chunks share a length and batch together; a short tail is evaluated alone.
-    let (full, tail): (Vec<&(usize, usize)>, Vec<&(usize, usize)>) =
-        all.iter().partition(|(_, len)| *len == context);
+    let full: Vec<(usize, usize)> = all.iter().copied().filter(|c| c.1 == context).collect();
+    let tail: Vec<(usize, usize)> = all.iter().copied().filter(|c| c.1 != context).collect();
     for group in full.chunks(batch_size).chain(tail.chunks(1)) {
         let len = group[0].1;
         let b = group.len();
         let mut inputs = Vec::with_capacity(b * (len - 1));
         let mut targets = Vec::with_capacity(b * (len - 1));
-        for &&(start, len) in group {
+        for &(start, len) in group {
             let c = &tokens[start..start + len];
             inputs.extend_from_slice(&c[..len - 1]);
             targets.extend_from_slice(&c[1..]);

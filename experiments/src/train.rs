@@ -134,6 +134,8 @@ pub fn find_checkpoint(out_dir: &Path) -> Option<PathBuf> {
 
 /// Runs (or resumes) the training of `job`. Returns when all steps are done or, after writing a
 /// checkpoint, when `job.stop` is set.
+// `%` rather than `is_multiple_of`: the workspace's rust-version is 1.85.
+#[allow(clippy::manual_is_multiple_of)]
 pub fn train(job: &TrainJob<'_>, on_progress: &mut dyn FnMut(&Progress)) -> Result<TrainReport> {
     let spec = job.spec;
     let total = spec.steps;
