@@ -165,16 +165,7 @@ pub fn train(job: &TrainJob<'_>, on_progress: &mut dyn FnMut(&Progress)) -> Resu
     let mut train_tokens = 0u64;
     let mut losses: Vec<(u64, f64)> = Vec::new();
     if let Some(dir) = find_checkpoint(job.out_dir) {
-        let st = load_checkpoint(&dir, &named, &mut opt, job.device)?;
-        if st.run_key != job.run_key {
-            return Err(Error::input(
-                dir.join("state.json"),
-                format!(
-                    "checkpoint belongs to run {} but this is run {}: remove it or use another out dir",
-                    st.run_key, job.run_key
-                ),
-            ));
-        }
+        let st = load_checkpoint(&dir, &job.run_key, &named, &mut opt, job.device)?;
         batcher.restore(&st.batcher)?;
         step = st.step;
         train_tokens = st.train_tokens;
@@ -349,8 +340,11 @@ fn write_checkpoint(
     Ok(())
 }
 
+/// Restores weights and optimizer state; refuses (before touching anything) a checkpoint whose
+/// run key is not `run_key`.
 fn load_checkpoint(
     dir: &Path,
+    run_key: &str,
     named: &[(String, Var)],
     opt: &mut AdamW,
     device: &Device,
@@ -359,6 +353,15 @@ fn load_checkpoint(
     let text = fs::read_to_string(&state_path).map_err(|e| Error::io(&state_path, e))?;
     let st: CkptState = serde_json::from_str(&text)
         .map_err(|e| Error::input(&state_path, format!("malformed checkpoint state: {e}")))?;
+    if st.run_key != run_key {
+        return Err(Error::input(
+            &state_path,
+            format!(
+                "checkpoint belongs to run {} but this is run {run_key}: remove it or use another out dir",
+                st.run_key
+            ),
+        ));
+    }
     let model_path = dir.join("model.safetensors");
     let weights = candle_core::safetensors::load(&model_path, device)
         .map_err(|e| Error::input(&model_path, format!("cannot read checkpoint weights: {e}")))?;

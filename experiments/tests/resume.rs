@@ -182,7 +182,14 @@ fn a_checkpoint_of_another_run_is_refused() {
     let r = run(&model, &toks, dir.path(), &stop, "trial-a", &mut |_| {}).unwrap();
     assert!(r.stopped && r.steps == 0);
     let go = AtomicBool::new(false);
-    let err = run(&model, &toks, dir.path(), &go, "trial-b", &mut |_| {}).unwrap_err();
+    let other = Gpt2::new_random(&cfg(), 2, &Device::Cpu).unwrap();
+    let before = weights(&other);
+    let err = run(&other, &toks, dir.path(), &go, "trial-b", &mut |_| {}).unwrap_err();
+    assert_eq!(
+        weights(&other),
+        before,
+        "a refused checkpoint must not touch the model"
+    );
     assert!(matches!(err, Error::Input { .. }), "{err}");
     assert!(err.to_string().contains("trial-a"), "{err}");
 }
