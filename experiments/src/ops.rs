@@ -6,7 +6,7 @@
 //! candle implements (arithmetic, `exp`, `log`, reductions, `matmul`, `gather`), so gradients flow
 //! to every input. Each op has a finite-difference check in `tests/gradients.rs`, in f64 and f32.
 //!
-//! On the CPU, [`layer_norm`] and [`softmax_last`] run as fused custom ops with hand-written
+//! On the CPU, [`layer_norm`], [`softmax_last`] and [`gelu_new`] run as fused custom ops with hand-written
 //! backward passes (one kernel instead of 5–10 primitive ops, each of which costs an allocation
 //! and a thread-pool barrier: on small models that overhead, not arithmetic, dominated a step). On
 //! other devices they fall back to the portable compositions [`layer_norm_portable`] and
@@ -15,12 +15,12 @@
 //! Two deliberate shortcuts, both exact for the gradient:
 //! - the row maximum subtracted for numerical stability is *detached*: softmax and log-sum-exp are
 //!   shift-invariant, so its true gradient contribution is zero and skipping it saves a backward op;
-//! - [`gelu_new`] uses candle's fused tanh-GELU kernel (the same formula as transformers'
-//!   `gelu_new`), whose backward is implemented in candle with 6-digit constants (relative error
-//!   below 1e-6, a few f32 ulps).
+//! - off the CPU, [`gelu_new`] uses candle's tanh-GELU (the same formula as transformers'
+//!   `gelu_new`), whose backward candle implements with 6-digit constants (relative error below
+//!   1e-6, a few f32 ulps); the CPU op has the exact derivative.
 
 use candle_core::{
-    CpuStorage, CustomOp1, CustomOp3, DType, Device, Layout, Shape, Tensor, WithDType, D,
+    CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Device, Layout, Shape, Tensor, WithDType, D,
 };
 
 use crate::{Error, Result};
@@ -54,7 +54,12 @@ pub fn layer_norm_portable(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Resu
 
 /// GPT-2's GELU: `0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))`, exactly transformers'
 /// `gelu_new` (candle's `gelu` is this tanh approximation; `gelu_erf` would be the exact one).
+/// On the CPU a fused op with an exact backward; elsewhere candle's `gelu` (same forward, backward
+/// with 6-digit constants).
 pub fn gelu_new(x: &Tensor) -> Result<Tensor> {
+    if x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64) {
+        return Ok(x.contiguous()?.apply_op1(GeluOp)?);
+    }
     Ok(x.gelu()?)
 }
 
@@ -159,15 +164,22 @@ pub fn nll_sum(logits: &Tensor, targets: &Tensor) -> Result<f64> {
 /// Float types the fused kernels run on (f32, f64); statistics are accumulated in f64.
 trait Real: WithDType {
     fn exp_(self) -> Self;
+    fn tanh_(self) -> Self;
 }
 impl Real for f32 {
     fn exp_(self) -> Self {
         self.exp()
     }
+    fn tanh_(self) -> Self {
+        self.tanh()
+    }
 }
 impl Real for f64 {
     fn exp_(self) -> Self {
         self.exp()
+    }
+    fn tanh_(self) -> Self {
+        self.tanh()
     }
 }
 
@@ -391,5 +403,95 @@ impl CustomOp3 for LayerNormBwdOp {
             *last *= 2;
         }
         Ok((out, Shape::from(dims)))
+    }
+}
+
+const SQRT_2_OVER_PI: f64 = 0.797_884_560_802_865_4;
+const GELU_A: f64 = 0.044715;
+
+/// transformers' `gelu_new`, elementwise.
+struct GeluOp;
+
+fn gelu_map<T: Real>(x: &[T]) -> Vec<T> {
+    let (half, one, c, a) = (
+        T::from_f64(0.5),
+        T::from_f64(1.0),
+        T::from_f64(SQRT_2_OVER_PI),
+        T::from_f64(GELU_A),
+    );
+    x.iter()
+        .map(|&v| half * v * (one + (c * (v + a * v * v * v)).tanh_()))
+        .collect()
+}
+
+/// g · d/dx gelu_new(x) = g · (0.5 (1 + t) + 0.5 x (1 − t²) c (1 + 3a x²)), t = tanh(c (x + a x³)).
+fn gelu_grad_map<T: Real>(x: &[T], g: &[T]) -> Vec<T> {
+    let (half, one, c, a) = (
+        T::from_f64(0.5),
+        T::from_f64(1.0),
+        T::from_f64(SQRT_2_OVER_PI),
+        T::from_f64(GELU_A),
+    );
+    let a3 = T::from_f64(3.0 * GELU_A);
+    x.iter()
+        .zip(g)
+        .map(|(&v, &g)| {
+            let v2 = v * v;
+            let t = (c * (v + a * v2 * v)).tanh_();
+            g * (half * (one + t) + half * v * (one - t * t) * c * (one + a3 * v2))
+        })
+        .collect()
+}
+
+impl CustomOp1 for GeluOp {
+    fn name(&self) -> &'static str {
+        "ablate-gelu-new"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let out = match s {
+            CpuStorage::F32(_) => {
+                f32::to_cpu_storage_owned(gelu_map(contiguous_slice::<f32>(s, l)?))
+            }
+            CpuStorage::F64(_) => {
+                f64::to_cpu_storage_owned(gelu_map(contiguous_slice::<f64>(s, l)?))
+            }
+            _ => candle_core::bail!("gelu_new: only f32 and f64 are supported on the CPU"),
+        };
+        Ok((out, l.shape().clone()))
+    }
+
+    fn bwd(&self, x: &Tensor, _y: &Tensor, g: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        Ok(Some(x.apply_op2_no_bwd(&g.contiguous()?, &GeluGradOp)?))
+    }
+}
+
+/// Backward kernel of [`GeluOp`] on (x, grad).
+struct GeluGradOp;
+
+impl CustomOp2 for GeluGradOp {
+    fn name(&self) -> &'static str {
+        "ablate-gelu-new-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let out = match s1 {
+            CpuStorage::F32(_) => f32::to_cpu_storage_owned(gelu_grad_map(
+                contiguous_slice::<f32>(s1, l1)?,
+                contiguous_slice::<f32>(s2, l2)?,
+            )),
+            CpuStorage::F64(_) => f64::to_cpu_storage_owned(gelu_grad_map(
+                contiguous_slice::<f64>(s1, l1)?,
+                contiguous_slice::<f64>(s2, l2)?,
+            )),
+            _ => candle_core::bail!("gelu_new backward: only f32 and f64 are supported on the CPU"),
+        };
+        Ok((out, l1.shape().clone()))
     }
 }
