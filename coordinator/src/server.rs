@@ -494,6 +494,10 @@ impl WorkerService for WorkerApi {
         self.0.apply(&mut inner, &decisions, now_ms())?;
         if accepted {
             tracing::info!(trial = %r.trial_id, attempt = r.attempt, perplexity = metrics.perplexity, "trial finished");
+            // The final model is kept; the resumable checkpoint is no longer needed.
+            if let Err(e) = inner.store.delete_artifacts(&r.trial_id, "ckpt/") {
+                tracing::warn!(trial = %r.trial_id, cause = %e, "could not delete the checkpoint");
+            }
         } else {
             tracing::info!(trial = %r.trial_id, attempt = r.attempt, "stale completion ignored");
         }

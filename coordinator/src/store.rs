@@ -737,6 +737,27 @@ impl Store {
         Ok(row)
     }
 
+    /// Forget and delete a trial's artifacts whose names start with `prefix` (a finished trial's
+    /// resumable checkpoint is dead weight: model plus optimizer state, several times the model).
+    pub fn delete_artifacts(&mut self, trial_id: &str, prefix: &str) -> Result<usize> {
+        let doomed = self.artifacts(trial_id, Some(prefix))?;
+        for a in &doomed {
+            let path = self.artifact_path(trial_id, &a.name)?;
+            match fs::remove_file(&path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(StoreError::Io { path, source: e }),
+            }
+            self.conn
+                .execute(
+                    "DELETE FROM artifacts WHERE trial_id = ?1 AND name = ?2",
+                    params![trial_id, a.name],
+                )
+                .map_err(|e| self.db(e))?;
+        }
+        Ok(doomed.len())
+    }
+
     /// Artifacts of a trial, by name; those whose name starts with `prefix` when given.
     pub fn artifacts(&self, trial_id: &str, prefix: Option<&str>) -> Result<Vec<ArtifactRow>> {
         let mut st = self

@@ -275,6 +275,15 @@ async fn submit_lease_report_complete_get() {
     }
     assert!(got == data, "downloaded bytes equal uploaded bytes");
 
+    let ckpt = pb::ArtifactChunk {
+        trial_id: l.trial_id.clone(),
+        attempt: 1,
+        name: "ckpt/state.json".into(),
+        data: b"{}".to_vec(),
+    };
+    w.upload_artifact(tokio_stream::iter(vec![ckpt]))
+        .await
+        .unwrap();
     let metrics = TrialMetrics {
         perplexity: 42.5,
         steps: 10,
@@ -289,6 +298,19 @@ async fn submit_lease_report_complete_get() {
         .await
         .unwrap();
     assert!(done.into_inner().accepted);
+    // The finished trial keeps its model but not its resumable checkpoint.
+    let names: Vec<String> = w
+        .list_artifacts(pb::ListArtifactsRequest {
+            trial_id: l.trial_id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .artifacts
+        .into_iter()
+        .map(|a| a.name)
+        .collect();
+    assert_eq!(names, vec!["model/model.safetensors".to_string()]);
     // A late report from the finished attempt is not accepted.
     let late = w
         .report(pb::ReportRequest {

@@ -222,6 +222,15 @@ fn artifacts_are_validated_hashed_and_stored_under_the_trial() {
     assert_eq!(ckpt.len(), 1);
     assert_eq!(ckpt[0].size, 200_000);
     assert_eq!(store.artifacts("abc123", None).unwrap().len(), 2);
+    assert_eq!(store.delete_artifacts("abc123", "ckpt/").unwrap(), 1);
+    assert!(!dir
+        .path()
+        .join("artifacts/abc123/ckpt/state.safetensors")
+        .exists());
+    assert!(store.artifacts("abc123", Some("ckpt/")).unwrap().is_empty());
+    store
+        .put_artifact("abc123", "ckpt/state.safetensors", b"again", 2)
+        .unwrap();
     // Replacing keeps one row.
     store
         .put_artifact("abc123", "model/config.json", b"abcd", 3)

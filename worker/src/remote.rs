@@ -428,7 +428,11 @@ impl Worker {
                     })
                     .await
                     {
-                        Ok(r) if r.get_ref().accepted => tracing::info!("completed"),
+                        Ok(r) if r.get_ref().accepted => {
+                            tracing::info!("completed");
+                            // Everything worth keeping is on the coordinator now.
+                            let _ = std::fs::remove_dir_all(&out_dir);
+                        }
                         Ok(_) => {
                             tracing::warn!("completion not accepted: the lease was taken away")
                         }
