@@ -61,6 +61,19 @@ pub struct TrainReport {
     pub losses: Vec<(u64, f64)>,
     /// Steps that were restored from a checkpoint at start (0 for a fresh run).
     pub resumed_from: u64,
+    /// Where the wall time of this process's steps went (not saved in checkpoints).
+    pub timing: StepTiming,
+}
+
+/// Seconds spent per phase, summed over the steps this call ran.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct StepTiming {
+    /// Forward, loss and backward of every micro-batch.
+    pub compute_s: f64,
+    /// Gradient averaging, clipping and the AdamW update.
+    pub optimizer_s: f64,
+    pub eval_s: f64,
+    pub checkpoint_s: f64,
 }
 
 impl TrainReport {
@@ -176,6 +189,7 @@ pub fn train(job: &TrainJob<'_>, on_progress: &mut dyn FnMut(&Progress)) -> Resu
 
     let per_step_tokens = (spec.batch_size * spec.grad_accum * job.context) as u64;
     let mut acc = GradAccumulator::new();
+    let mut timing = StepTiming::default();
     while step < total {
         if job.stop.load(Ordering::SeqCst) {
             write_checkpoint(job, &named, &opt, &batcher, step, train_tokens, &losses)?;
@@ -189,6 +203,7 @@ pub fn train(job: &TrainJob<'_>, on_progress: &mut dyn FnMut(&Progress)) -> Resu
                 train_tokens,
                 losses,
                 resumed_from,
+                timing,
             });
         }
         let started = Instant::now();
@@ -220,6 +235,8 @@ pub fn train(job: &TrainJob<'_>, on_progress: &mut dyn FnMut(&Progress)) -> Resu
             let grads = loss.backward()?;
             acc.add(&grads, &refs)?;
         }
+        timing.compute_s += started.elapsed().as_secs_f64();
+        let opt_started = Instant::now();
         let mut grads = acc.finish()?;
         if let Some(max) = spec.clip_norm {
             let norm = optim::clip_grad_norm(&mut grads, max)?;
@@ -240,6 +257,7 @@ pub fn train(job: &TrainJob<'_>, on_progress: &mut dyn FnMut(&Progress)) -> Resu
             })
             .collect();
         opt.step(&updates, &grads)?;
+        timing.optimizer_s += opt_started.elapsed().as_secs_f64();
         step += 1;
         train_tokens += per_step_tokens;
         let loss = loss_sum / spec.grad_accum as f64;
@@ -253,6 +271,7 @@ pub fn train(job: &TrainJob<'_>, on_progress: &mut dyn FnMut(&Progress)) -> Resu
             tokens_per_sec: per_step_tokens as f64 / secs,
         });
         if spec.eval_every > 0 && step % spec.eval_every == 0 && !job.valid_tokens.is_empty() {
+            let eval_started = Instant::now();
             let r = eval::perplexity(
                 job.model,
                 job.valid_tokens,
@@ -261,13 +280,16 @@ pub fn train(job: &TrainJob<'_>, on_progress: &mut dyn FnMut(&Progress)) -> Resu
                 Some(spec.eval_windows.max(1)),
                 job.device,
             )?;
+            timing.eval_s += eval_started.elapsed().as_secs_f64();
             on_progress(&Progress::Eval {
                 step,
                 valid_loss: r.loss,
             });
         }
         if spec.checkpoint_every > 0 && step % spec.checkpoint_every == 0 && step < total {
+            let ckpt_started = Instant::now();
             write_checkpoint(job, &named, &opt, &batcher, step, train_tokens, &losses)?;
+            timing.checkpoint_s += ckpt_started.elapsed().as_secs_f64();
             on_progress(&Progress::Checkpoint {
                 step,
                 dir: "ckpt".into(),
@@ -275,7 +297,9 @@ pub fn train(job: &TrainJob<'_>, on_progress: &mut dyn FnMut(&Progress)) -> Resu
         }
     }
     if step > resumed_from || find_checkpoint(job.out_dir).is_none() {
+        let ckpt_started = Instant::now();
         write_checkpoint(job, &named, &opt, &batcher, step, train_tokens, &losses)?;
+        timing.checkpoint_s += ckpt_started.elapsed().as_secs_f64();
         on_progress(&Progress::Checkpoint {
             step,
             dir: "ckpt".into(),
@@ -287,6 +311,7 @@ pub fn train(job: &TrainJob<'_>, on_progress: &mut dyn FnMut(&Progress)) -> Resu
         train_tokens,
         losses,
         resumed_from,
+        timing,
     })
 }
 

@@ -411,13 +411,14 @@ fn step_time() {
             },
             ..job
         };
-        train::train(&job, &mut |p| {
+        let report = train::train(&job, &mut |p| {
             if let Progress::Step { .. } = p {
                 times.push(last.elapsed().as_secs_f64());
                 last = std::time::Instant::now();
             }
         })
         .unwrap();
+        let t = &report.timing;
         let rest = &times[1..];
         let mean = rest.iter().sum::<f64>() / rest.len() as f64;
         println!(
@@ -426,6 +427,13 @@ fn step_time() {
             times[0],
             (batch * context) as f64 / mean,
             rest.len()
+        );
+        println!(
+            "  all {} steps: forward+backward {:.2} s, optimizer (clip + AdamW) {:.2} s, final checkpoint {:.2} s",
+            times.len(),
+            t.compute_s,
+            t.optimizer_s,
+            t.checkpoint_s
         );
     }
 }
