@@ -277,34 +277,10 @@ fn run_trial_inner(
 }
 
 /// Reads a trial file: a [`TrialConfig`] serialised as TOML (what `ablate-worker train --trial`
-/// takes). A syntax or schema error is an [`Error::Spec`] with the file, line and column.
+/// takes). A syntax or schema error is an [`Error::Spec`] with the file, line and column; the
+/// parsing itself is the sweep module's ([`crate::spec::load_trial_file`]).
 pub fn read_trial_file(path: &Path) -> Result<TrialConfig> {
-    let text = fs::read_to_string(path)
-        .map_err(|e| Error::input(path, format!("cannot read trial file: {e}")))?;
-    toml::from_str::<TrialConfig>(&text).map_err(|e| {
-        let (line, col) = match e.span() {
-            Some(span) => line_col(&text, span.start),
-            None => (1, 1),
-        };
-        Error::Spec {
-            file: path.display().to_string(),
-            line,
-            col,
-            msg: e.message().trim().to_string(),
-        }
-    })
-}
-
-/// 1-based line and column (in characters) of byte offset `at`.
-fn line_col(text: &str, at: usize) -> (usize, usize) {
-    let mut at = at.min(text.len());
-    while at > 0 && !text.is_char_boundary(at) {
-        at -= 1;
-    }
-    let before = &text[..at];
-    let line = before.matches('\n').count() + 1;
-    let col = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
-    (line, col)
+    crate::spec::load_trial_file(path)
 }
 
 /// Loads a Hugging Face GPT-2 directory and its tokenizer.json.
@@ -406,14 +382,6 @@ mod tests {
             "shape mismatch".into(),
         )));
         assert!(matches!(e, Error::Candle(_)));
-    }
-
-    #[test]
-    fn line_and_column_are_one_based() {
-        let t = "a = 1\nbé = 2\n";
-        assert_eq!(line_col(t, 0), (1, 1));
-        assert_eq!(line_col(t, 6), (2, 1));
-        assert_eq!(line_col(t, 9), (2, 3));
     }
 
     #[test]
