@@ -39,8 +39,8 @@ pub const MAX_LEASE_WAIT: Duration = Duration::from_secs(30);
 pub const CHUNK_BYTES: usize = 1 << 20;
 const MAX_MESSAGE_BYTES: usize = 16 << 20;
 
-/// How to run the coordinator.
-#[derive(Clone, Debug)]
+/// How to run the coordinator. `Debug` shows whether tokens are set, never the tokens.
+#[derive(Clone)]
 pub struct ServeOpts {
     /// Holds `ablate.sqlite` and `artifacts/`.
     pub state_dir: PathBuf,
@@ -50,6 +50,18 @@ pub struct ServeOpts {
     pub admin_token: Option<String>,
     /// How long a lease lives without a heartbeat. Workers heartbeat every third of it.
     pub lease_ttl: Duration,
+}
+
+impl std::fmt::Debug for ServeOpts {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let set = |t: &Option<String>| if t.is_some() { "<set>" } else { "<none>" };
+        f.debug_struct("ServeOpts")
+            .field("state_dir", &self.state_dir)
+            .field("worker_token", &set(&self.worker_token))
+            .field("admin_token", &set(&self.admin_token))
+            .field("lease_ttl", &self.lease_ttl)
+            .finish()
+    }
 }
 
 impl ServeOpts {

@@ -469,6 +469,12 @@ async fn stale_attempts_are_ignored_and_expired_leases_requeued() {
 
 #[tokio::test]
 async fn wrong_or_missing_tokens_are_rejected() {
+    let mut opts = ServeOpts::new("/tmp/x");
+    opts.admin_token = Some(ADMIN_TOKEN.into());
+    assert!(
+        !format!("{opts:?}").contains(ADMIN_TOKEN),
+        "tokens never reach a log line"
+    );
     let dir = tempfile::tempdir().unwrap();
     let server = Server::start(dir.path(), Duration::from_secs(30)).await;
     // The worker token does not open the sweep service, nor the admin token the worker service.

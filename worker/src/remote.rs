@@ -45,7 +45,8 @@ const MAX_MESSAGE_BYTES: usize = 16 << 20;
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
 
 /// Everything remote mode needs, resolved from flags and environment by `main.rs`.
-#[derive(Clone, Debug)]
+/// (No `Debug`: it holds the worker token, which must never reach a log.)
+#[derive(Clone)]
 pub struct RemoteOpts {
     /// e.g. `http://coord:7070`.
     pub coordinator: String,
