@@ -140,7 +140,7 @@ pub fn summary_rows(records: &[TrialRecord]) -> Vec<SummaryRow> {
 
 /// True for the state of a trial that finished successfully.
 pub fn is_done(state: &str) -> bool {
-    matches!(state, "done" | "succeeded" | "completed" | "complete")
+    matches!(state, "finished" | "done" | "succeeded" | "completed")
 }
 
 /// True for states from which a trial never moves again.

@@ -14,7 +14,285 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _};
 
-use crate::cli::DeviceKind;
+use crate::cli::{Client, DeviceKind, RunArgs};
+use crate::progress::ProgressView;
+use crate::report::is_done;
+
+/// Lease TTL of the embedded coordinator: short, because a local worker that died is restarted
+/// within a second and its trial should be re-queued soon after.
+const LOCAL_LEASE_TTL: Duration = Duration::from_secs(15);
+/// How long workers get to checkpoint and report after SIGTERM before they are killed.
+const STOP_GRACE: Duration = Duration::from_secs(30);
+
+/// `ablate run`. Returns the exit code: 0 when at least one trial finished (failed trials are
+/// shown in the table), 1 when nothing could run, 130 when interrupted.
+pub async fn run(args: RunArgs) -> anyhow::Result<u8> {
+    let sweep = experiments::spec::load_sweep(&args.sweep)?;
+    if sweep.trials.is_empty() {
+        bail!("{}: the sweep expands to no trials", args.sweep.display());
+    }
+    let out = args
+        .out
+        .clone()
+        .unwrap_or_else(|| PathBuf::from("ablate-out").join(&sweep.name));
+    let state = out.join("state");
+    std::fs::create_dir_all(&state)
+        .with_context(|| format!("creating state directory {}", state.display()))?;
+    let bin = match &args.worker_bin {
+        Some(b) if b.is_file() => b.clone(),
+        Some(b) => bail!("--worker-bin {}: no such file", b.display()),
+        None => find_worker_bin()?,
+    };
+    let plan = plan_workers(&out, args.device, args.workers)?;
+
+    // Fresh tokens every run: the embedded coordinator only listens on loopback, but another local
+    // user should still not be able to lease trials or submit to it.
+    let worker_token = random_token()?;
+    let admin_token = random_token()?;
+    let token_file = state.join("worker.token");
+    write_secret(&token_file, &worker_token)?;
+
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .context("binding the embedded coordinator on 127.0.0.1")?;
+    let addr = listener.local_addr().context("reading the bound address")?;
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let mut server = tokio::spawn(crate::cli::serve_on(
+        listener,
+        state.clone(),
+        Some(worker_token),
+        Some(admin_token.clone()),
+        LOCAL_LEASE_TTL,
+        async move {
+            let _ = stop_rx.await;
+        },
+    ));
+    let url = format!("http://{addr}");
+
+    let result = drive(
+        &args,
+        &sweep,
+        &out,
+        &url,
+        &admin_token,
+        &token_file,
+        &bin,
+        plan,
+        &mut server,
+    )
+    .await;
+
+    let _ = stop_tx.send(());
+    match tokio::time::timeout(Duration::from_secs(10), &mut server).await {
+        Ok(Ok(Err(e))) if result.is_ok() => return Err(e.context("coordinator")),
+        Err(_) => server.abort(),
+        _ => {}
+    }
+    result
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn drive(
+    args: &RunArgs,
+    sweep: &experiments::spec::Sweep,
+    out: &Path,
+    url: &str,
+    admin_token: &str,
+    token_file: &Path,
+    bin: &Path,
+    plan: Vec<WorkerSpec>,
+    server: &mut tokio::task::JoinHandle<anyhow::Result<()>>,
+) -> anyhow::Result<u8> {
+    let mut client = connect_retry(url, admin_token).await?;
+    let outcome = client.submit(sweep).await.context("submitting the sweep")?;
+    eprintln!(
+        "sweep {}: {} trials ({} new, {} already in {})",
+        sweep.name,
+        sweep.trials.len(),
+        outcome.added,
+        outcome.already_present,
+        out.join("state").display()
+    );
+    let local: std::collections::HashMap<String, experiments::trial::TrialConfig> =
+        sweep.trials.iter().map(|t| (t.id(), t.clone())).collect();
+
+    let mut snapshot = client.get(&outcome.sweep_id).await?;
+    let mut interrupted = false;
+    let mut workers: Vec<WorkerProc> = Vec::new();
+    let mut failure: Option<anyhow::Error> = None;
+    if !snapshot.all_terminal() {
+        let env = WorkerEnv {
+            bin: bin.to_path_buf(),
+            coordinator: url.to_string(),
+            token_file: Some(token_file.to_path_buf()),
+            cache: args.cache.clone(),
+        };
+        eprintln!(
+            "starting {} {} worker(s); logs in {}",
+            plan.len(),
+            match args.device {
+                DeviceKind::Cpu => "CPU",
+                DeviceKind::Cuda => "GPU",
+            },
+            out.join("workers").display()
+        );
+        for spec in plan {
+            workers.push(WorkerProc::spawn(spec, &env)?);
+        }
+        let mut view = ProgressView::new(&sweep.name);
+        let mut ticker = tokio::time::interval(Duration::from_millis(500));
+        let mut signal = std::pin::pin!(crate::cli::shutdown_signal());
+        let mut poll_failures = 0u32;
+        loop {
+            tokio::select! {
+                _ = &mut signal => { interrupted = true; break; }
+                _ = ticker.tick() => {}
+            }
+            if server.is_finished() {
+                failure = Some(anyhow::anyhow!(
+                    "the embedded coordinator stopped unexpectedly"
+                ));
+                break;
+            }
+            match client.get(&outcome.sweep_id).await {
+                Ok(s) => {
+                    poll_failures = 0;
+                    view.update(&s.statuses());
+                    snapshot = s;
+                    if snapshot.all_terminal() {
+                        break;
+                    }
+                }
+                Err(e) => {
+                    poll_failures += 1;
+                    if poll_failures > 20 {
+                        failure = Some(e.context("polling the embedded coordinator"));
+                        break;
+                    }
+                }
+            }
+            if let Err(e) = supervise(&mut workers, &env, args.max_restarts, &mut view) {
+                failure = Some(e);
+                break;
+            }
+            if workers.iter().all(|w| w.child.is_none()) {
+                failure = Some(anyhow::anyhow!(
+                    "every worker exited and used up its restarts; see the logs in {}",
+                    out.join("workers").display()
+                ));
+                break;
+            }
+        }
+        view.finish();
+        stop_all(&mut workers, STOP_GRACE).await;
+    }
+
+    // Write the report even after a failure or an interrupt: it shows what did finish.
+    if let Ok(s) = client.get(&outcome.sweep_id).await {
+        snapshot = s;
+    }
+    let rows = crate::cli::write_sweep_report(&mut client, &snapshot, Some(&local), out)
+        .await
+        .context("writing the report")?;
+    print!("{}", crate::report::to_terminal_table(&rows));
+    use std::io::Write as _;
+    let _ = std::io::stdout().flush();
+    eprintln!(
+        "report: {} (also summary.csv, summary.json, curves.csv, samples.md, trials/)",
+        out.join("summary.md").display()
+    );
+    if let Some(e) = failure {
+        return Err(e);
+    }
+    if interrupted {
+        eprintln!(
+            "interrupted: state kept in {}; run the same command again to continue",
+            out.join("state").display()
+        );
+        return Ok(130);
+    }
+    if !rows.iter().any(|r| is_done(&r.status)) {
+        eprintln!("no trial finished successfully");
+        return Ok(1);
+    }
+    Ok(0)
+}
+
+/// Restart workers that exited on their own, each at most `max_restarts` times.
+fn supervise(
+    workers: &mut [WorkerProc],
+    env: &WorkerEnv,
+    max_restarts: u32,
+    view: &mut ProgressView,
+) -> anyhow::Result<()> {
+    for w in workers.iter_mut() {
+        let Some(status) = w.exited() else { continue };
+        if w.restarts < max_restarts {
+            view.println(&format!(
+                "worker {} exited ({status}); restarting ({}/{max_restarts}), its trial is re-queued when the lease expires",
+                w.spec.name,
+                w.restarts + 1
+            ));
+            w.respawn(env)?;
+        } else {
+            view.println(&format!(
+                "worker {} exited ({status}) and was restarted {max_restarts} times already; see {}",
+                w.spec.name,
+                w.spec.log.display()
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// SIGTERM every worker at once, then wait for all of them up to `grace`, then SIGKILL.
+async fn stop_all(workers: &mut [WorkerProc], grace: Duration) {
+    for w in workers.iter() {
+        if let Some(c) = &w.child {
+            terminate(c);
+        }
+    }
+    let deadline = Instant::now() + grace;
+    loop {
+        let mut alive = 0;
+        for w in workers.iter_mut() {
+            if let Some(c) = &mut w.child {
+                match c.try_wait() {
+                    Ok(Some(_)) | Err(_) => w.child = None,
+                    Ok(None) => alive += 1,
+                }
+            }
+        }
+        if alive == 0 {
+            return;
+        }
+        if Instant::now() >= deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for w in workers.iter_mut() {
+        if let Some(mut c) = w.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Connect to the embedded server (already bound, so this normally succeeds at once).
+async fn connect_retry(url: &str, token: &str) -> anyhow::Result<Client> {
+    let mut last = None;
+    for _ in 0..50 {
+        match Client::connect(url, Some(token.to_string())).await {
+            Ok(c) => return Ok(c),
+            Err(e) => last = Some(e),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Err(last
+        .unwrap_or_else(|| anyhow::anyhow!("no attempt made"))
+        .context(format!("connecting to the embedded coordinator at {url}")))
+}
 
 /// Locate `ablate-worker`: next to the running executable (a cargo build puts both binaries in
 /// the same target dir), then on PATH.
