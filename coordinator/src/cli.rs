@@ -449,7 +449,7 @@ pub async fn list(args: ListArgs) -> anyhow::Result<()> {
 pub async fn cancel(args: CancelArgs) -> anyhow::Result<()> {
     let mut client = connect(&args.conn).await?;
     let n = client.cancel(&args.targets).await?;
-    println!("cancelled {n} trials");
+    println!("cancelled {n} trial(s) (trials depending on them end too)");
     Ok(())
 }
 
@@ -780,8 +780,11 @@ pub async fn serve_on(
     lease_ttl: Duration,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    // TEMPORARY until coordinator/src/server.rs lands: see serve() in server.rs.
-    let _ = (listener, state_dir, worker_token, admin_token, lease_ttl);
-    shutdown.await;
-    bail!("the coordinator server is not built yet")
+    let opts = crate::server::ServeOpts {
+        state_dir,
+        worker_token,
+        admin_token,
+        lease_ttl,
+    };
+    crate::server::serve(listener, opts, shutdown).await
 }

@@ -1,0 +1,321 @@
+//! The real `ablate` binary: sweep errors, the loopback guard of `serve`, and the client commands
+//! (submit, list, status, cancel, report) against a real `ablate serve` on 127.0.0.1:0. No worker
+//! runs here (the end-to-end test in tests/ does that), so every test takes a second or two.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+const ABLATE: &str = env!("CARGO_BIN_EXE_ablate");
+
+fn quickstart() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../experiments/sweeps/quickstart.toml")
+}
+
+fn ablate(args: &[&str]) -> Output {
+    Command::new(ABLATE)
+        .args(args)
+        .env_remove("ABLATE_COORDINATOR")
+        .env_remove("ABLATE_TOKEN_FILE")
+        .output()
+        .expect("ablate runs")
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+/// `ablate serve` on 127.0.0.1:0, killed on drop.
+struct Server {
+    child: Child,
+    url: String,
+    stderr_log: PathBuf,
+}
+
+impl Server {
+    fn start(state: &Path, extra: &[&str]) -> Server {
+        let stderr_log = state.with_extension("stderr");
+        let mut child = Command::new(ABLATE)
+            .args(["serve", "--listen", "127.0.0.1:0", "--state"])
+            .arg(state)
+            .args(extra)
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(&stderr_log).unwrap())
+            .spawn()
+            .expect("ablate serve starts");
+        let stdout = child.stdout.take().unwrap();
+        let mut line = String::new();
+        BufReader::new(stdout).read_line(&mut line).unwrap();
+        let addr = line
+            .trim()
+            .strip_prefix("listening on ")
+            .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
+            .to_string();
+        Server {
+            child,
+            url: format!("http://{addr}"),
+            stderr_log,
+        }
+    }
+
+    fn client(&self, args: &[&str]) -> Output {
+        Command::new(ABLATE)
+            .args(args)
+            .env("ABLATE_COORDINATOR", &self.url)
+            .env_remove("ABLATE_TOKEN_FILE")
+            .output()
+            .expect("ablate runs")
+    }
+
+    /// SIGTERM and wait: the server must exit cleanly and soon.
+    fn terminate(mut self) -> std::process::ExitStatus {
+        unsafe {
+            libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM);
+        }
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            if let Some(st) = self.child.try_wait().unwrap() {
+                return st;
+            }
+            assert!(Instant::now() < deadline, "serve did not stop on SIGTERM");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn malformed_sweep_exits_1_naming_file_and_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let sweep = dir.path().join("bad.toml");
+    // The quickstart with one bad freeze entry: the error must point at that line.
+    let good = std::fs::read_to_string(quickstart()).unwrap();
+    let line = good
+        .lines()
+        .position(|l| l.starts_with("freeze ="))
+        .unwrap()
+        + 1;
+    let bad = good.replace("freeze = [1, 2, 3, \"all\"]", "freeze = [1, 9]");
+    assert_ne!(bad, good);
+    std::fs::write(&sweep, bad).unwrap();
+    let out = ablate(&[
+        "run",
+        sweep.to_str().unwrap(),
+        "--out",
+        dir.path().join("o").to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(1), "stderr: {}", text(&out.stderr));
+    let err = text(&out.stderr);
+    assert!(
+        err.contains(&format!("bad.toml:{line}:")),
+        "no file:line in {err:?}"
+    );
+    assert!(err.contains("freeze"), "{err}");
+
+    // TOML syntax errors too, and `submit` validates before it connects anywhere.
+    std::fs::write(&sweep, "name = \"bad\"\ngroups = = 4\n").unwrap();
+    let out = ablate(&[
+        "submit",
+        sweep.to_str().unwrap(),
+        "--coordinator",
+        "http://127.0.0.1:9",
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains("bad.toml:2:"),
+        "{}",
+        text(&out.stderr)
+    );
+}
+
+#[test]
+fn run_with_a_missing_worker_binary_says_so() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = ablate(&[
+        "run",
+        quickstart().to_str().unwrap(),
+        "--out",
+        dir.path().to_str().unwrap(),
+        "--worker-bin",
+        "/nonexistent/ablate-worker",
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains("/nonexistent/ablate-worker"),
+        "{}",
+        text(&out.stderr)
+    );
+}
+
+#[test]
+fn serve_refuses_a_public_address_without_tokens() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let out = ablate(&[
+        "serve",
+        "--listen",
+        "0.0.0.0:0",
+        "--state",
+        state.to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = text(&out.stderr);
+    assert!(err.contains("refusing to listen on 0.0.0.0:0"), "{err}");
+    assert!(
+        err.contains("--worker-token-file") && err.contains("--admin-token-file"),
+        "{err}"
+    );
+
+    // One token is not enough: the other service would be open.
+    let tok = dir.path().join("w.token");
+    std::fs::write(&tok, "s3cret-worker\n").unwrap();
+    let out = ablate(&[
+        "serve",
+        "--listen",
+        "0.0.0.0:0",
+        "--state",
+        state.to_str().unwrap(),
+        "--worker-token-file",
+        tok.to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("--admin-token-file") && !err.contains("s3cret"),
+        "{err}"
+    );
+
+    // An empty token file is an error, not "no authentication".
+    let empty = dir.path().join("empty.token");
+    std::fs::write(&empty, "  \n").unwrap();
+    let out = ablate(&[
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+        "--state",
+        state.to_str().unwrap(),
+        "--admin-token-file",
+        empty.to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains("empty.token is empty"),
+        "{}",
+        text(&out.stderr)
+    );
+}
+
+#[test]
+fn client_commands_against_a_real_server() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&dir.path().join("state"), &[]);
+    let sweep = quickstart();
+    let n = experiments::spec::load_sweep(&sweep).unwrap().trials.len();
+
+    let out = server.client(&["submit", sweep.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let s = text(&out.stdout);
+    assert!(
+        s.contains(&format!("{n} trials added, 0 already present")),
+        "{s}"
+    );
+    // Same sweep again adds nothing.
+    let out = server.client(&["submit", sweep.to_str().unwrap()]);
+    assert!(text(&out.stdout).contains(&format!("0 trials added, {n} already present")));
+
+    let out = server.client(&["list"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stdout).contains("quickstart"),
+        "{}",
+        text(&out.stdout)
+    );
+
+    let out = server.client(&["status", "quickstart"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let s = text(&out.stdout);
+    for name in ["pretrain", "baseline", "freeze-all", "inheritune-3"] {
+        assert!(
+            s.lines().any(|l| l.starts_with(name)),
+            "status lacks {name}: {s}"
+        );
+    }
+
+    let out = server.client(&["cancel", "quickstart"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    // Cancelling the pretrain stage also ends every trial that depends on it.
+    assert!(
+        text(&out.stdout).starts_with("cancelled "),
+        "{}",
+        text(&out.stdout)
+    );
+
+    let report = dir.path().join("report");
+    let out = server.client(&["report", "quickstart", "--out", report.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(report.join("summary.json")).unwrap())
+            .unwrap();
+    let rows = json.as_array().unwrap();
+    assert_eq!(rows.len(), n);
+    assert_eq!(rows[0]["name"], "pretrain");
+    assert_eq!(rows[1]["name"], "baseline");
+    assert_eq!(rows[0]["status"], "cancelled");
+    assert!(
+        rows.iter()
+            .all(|r| r["status"] == "cancelled" || r["status"] == "failed"),
+        "{json}"
+    );
+    assert!(rows.iter().all(|r| r["perplexity"].is_null()));
+    assert_eq!(std::fs::read_dir(report.join("trials")).unwrap().count(), n);
+
+    // `status --watch` returns at once when every trial is terminal.
+    let out = server.client(&["status", "quickstart", "--watch"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+
+    let st = server.terminate();
+    assert!(st.success(), "serve exited with {st}");
+}
+
+#[test]
+fn admin_token_is_required_and_never_printed() {
+    let dir = tempfile::tempdir().unwrap();
+    let admin = dir.path().join("admin.token");
+    std::fs::write(&admin, "admin-TOKEN-1234567890\n").unwrap();
+    let server = Server::start(
+        &dir.path().join("state"),
+        &["--admin-token-file", admin.to_str().unwrap()],
+    );
+    let sweep = quickstart();
+
+    let out = server.client(&["submit", sweep.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains("rejected the token"),
+        "{}",
+        text(&out.stderr)
+    );
+
+    let out = Command::new(ABLATE)
+        .args(["submit", sweep.to_str().unwrap()])
+        .env("ABLATE_COORDINATOR", &server.url)
+        .env("ABLATE_TOKEN_FILE", &admin)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+
+    let log = server.stderr_log.clone();
+    assert!(server.terminate().success());
+    let logged = std::fs::read_to_string(log).unwrap();
+    assert!(
+        !logged.contains("admin-TOKEN"),
+        "token leaked into the log: {logged}"
+    );
+}
