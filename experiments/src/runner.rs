@@ -270,7 +270,9 @@ fn run_trial_inner(
         trainable_params,
         total_params: model.num_params() as u64,
         final_train_loss: report.as_ref().and_then(|r| r.final_loss()),
-        wall_seconds: started.elapsed().as_secs_f64(),
+        // Includes training done by earlier (stopped or preempted) attempts.
+        wall_seconds: started.elapsed().as_secs_f64()
+            + report.as_ref().map_or(0.0, |r| r.prior_wall_s),
     };
     write_json(&out.join("metrics.json"), &metrics)?;
     Ok(Outcome::Finished(metrics))

@@ -61,6 +61,8 @@ pub struct TrainReport {
     pub losses: Vec<(u64, f64)>,
     /// Steps that were restored from a checkpoint at start (0 for a fresh run).
     pub resumed_from: u64,
+    /// Wall seconds of training done by earlier processes (restored from the checkpoint).
+    pub prior_wall_s: f64,
     /// Where the wall time of this process's steps went (not saved in checkpoints).
     pub timing: StepTiming,
 }
@@ -90,6 +92,18 @@ struct CkptState {
     train_tokens: u64,
     batcher: BatcherState,
     losses: Vec<(u64, f64)>,
+    /// Wall seconds of training (steps, periodic evals, checkpoints) before this checkpoint,
+    /// summed over every process that worked on the run.
+    #[serde(default)]
+    wall_s: f64,
+}
+
+/// What a checkpoint records about progress so far.
+struct Tally<'a> {
+    step: u64,
+    train_tokens: u64,
+    losses: &'a [(u64, f64)],
+    wall_s: f64,
 }
 
 /// Converts the method plan's mask into the model's.
@@ -177,12 +191,15 @@ pub fn train(job: &TrainJob<'_>, on_progress: &mut dyn FnMut(&Progress)) -> Resu
     let mut step = 0u64;
     let mut train_tokens = 0u64;
     let mut losses: Vec<(u64, f64)> = Vec::new();
+    let mut prior_wall_s = 0.0;
+    let call_started = Instant::now();
     if let Some(dir) = find_checkpoint(job.out_dir) {
         let st = load_checkpoint(&dir, &job.run_key, &named, &mut opt, job.device)?;
         batcher.restore(&st.batcher)?;
         step = st.step;
         train_tokens = st.train_tokens;
         losses = st.losses;
+        prior_wall_s = st.wall_s;
         tracing::info!(step, dir = %dir.display(), "resumed from checkpoint");
     }
     let resumed_from = step;
@@ -192,7 +209,13 @@ pub fn train(job: &TrainJob<'_>, on_progress: &mut dyn FnMut(&Progress)) -> Resu
     let mut timing = StepTiming::default();
     while step < total {
         if job.stop.load(Ordering::SeqCst) {
-            write_checkpoint(job, &named, &opt, &batcher, step, train_tokens, &losses)?;
+            let tally = Tally {
+                step,
+                train_tokens,
+                losses: &losses,
+                wall_s: prior_wall_s + call_started.elapsed().as_secs_f64(),
+            };
+            write_checkpoint(job, &named, &opt, &batcher, &tally)?;
             on_progress(&Progress::Checkpoint {
                 step,
                 dir: "ckpt".into(),
@@ -203,6 +226,7 @@ pub fn train(job: &TrainJob<'_>, on_progress: &mut dyn FnMut(&Progress)) -> Resu
                 train_tokens,
                 losses,
                 resumed_from,
+                prior_wall_s,
                 timing,
             });
         }
@@ -288,7 +312,13 @@ pub fn train(job: &TrainJob<'_>, on_progress: &mut dyn FnMut(&Progress)) -> Resu
         }
         if spec.checkpoint_every > 0 && step % spec.checkpoint_every == 0 && step < total {
             let ckpt_started = Instant::now();
-            write_checkpoint(job, &named, &opt, &batcher, step, train_tokens, &losses)?;
+            let tally = Tally {
+                step,
+                train_tokens,
+                losses: &losses,
+                wall_s: prior_wall_s + call_started.elapsed().as_secs_f64(),
+            };
+            write_checkpoint(job, &named, &opt, &batcher, &tally)?;
             timing.checkpoint_s += ckpt_started.elapsed().as_secs_f64();
             on_progress(&Progress::Checkpoint {
                 step,
@@ -298,7 +328,13 @@ pub fn train(job: &TrainJob<'_>, on_progress: &mut dyn FnMut(&Progress)) -> Resu
     }
     if step > resumed_from || find_checkpoint(job.out_dir).is_none() {
         let ckpt_started = Instant::now();
-        write_checkpoint(job, &named, &opt, &batcher, step, train_tokens, &losses)?;
+        let tally = Tally {
+            step,
+            train_tokens,
+            losses: &losses,
+            wall_s: prior_wall_s + call_started.elapsed().as_secs_f64(),
+        };
+        write_checkpoint(job, &named, &opt, &batcher, &tally)?;
         timing.checkpoint_s += ckpt_started.elapsed().as_secs_f64();
         on_progress(&Progress::Checkpoint {
             step,
@@ -311,6 +347,7 @@ pub fn train(job: &TrainJob<'_>, on_progress: &mut dyn FnMut(&Progress)) -> Resu
         train_tokens,
         losses,
         resumed_from,
+        prior_wall_s,
         timing,
     })
 }
@@ -320,9 +357,7 @@ fn write_checkpoint(
     named: &[(String, Var)],
     opt: &AdamW,
     batcher: &Batcher<'_>,
-    step: u64,
-    train_tokens: u64,
-    losses: &[(u64, f64)],
+    tally: &Tally<'_>,
 ) -> Result<()> {
     let out = job.out_dir;
     fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
@@ -341,11 +376,12 @@ fn write_checkpoint(
     opt.save(&tmp.join("optimizer.safetensors"))?;
     let st = CkptState {
         run_key: job.run_key.clone(),
-        step,
+        step: tally.step,
         total: job.spec.steps,
-        train_tokens,
+        train_tokens: tally.train_tokens,
         batcher: batcher.state(),
-        losses: losses.to_vec(),
+        losses: tally.losses.to_vec(),
+        wall_s: tally.wall_s,
     };
     let state_path = tmp.join("state.json");
     let json = serde_json::to_vec_pretty(&st).map_err(|e| Error::Other(e.to_string()))?;

@@ -288,6 +288,13 @@ fn stopped_trial_resumes_to_the_same_result() {
     assert_eq!(resumed.perplexity, full.perplexity);
     assert_eq!(resumed.final_train_loss, full.final_train_loss);
     assert_eq!(resumed.train_tokens, full.train_tokens);
+    // Wall time counts both processes: at least the first half's training.
+    let st: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(s.root.join("interrupted/ckpt/state.json")).unwrap(),
+    )
+    .unwrap();
+    assert!(st["wall_s"].as_f64().unwrap() > 0.0);
+    assert!(resumed.wall_seconds >= st["wall_s"].as_f64().unwrap());
     let a = std::fs::read(s.root.join("full/model/model.safetensors")).unwrap();
     let b = std::fs::read(s.root.join("interrupted/model/model.safetensors")).unwrap();
     assert!(a == b, "resumed model differs from the uninterrupted one");
