@@ -345,3 +345,71 @@ impl Drop for ProgressView {
         self.finish();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::{Arc, Mutex};
+
+    #[derive(Clone, Default)]
+    struct Buf(Arc<Mutex<Vec<u8>>>);
+    impl Write for Buf {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    impl Buf {
+        fn take(&self) -> String {
+            String::from_utf8(std::mem::take(&mut *self.0.lock().unwrap())).unwrap()
+        }
+    }
+
+    fn t(id: &str, state: &str, step: u64) -> TrialStatus {
+        TrialStatus {
+            id: id.into(),
+            name: format!("trial-{id}"),
+            state: state.into(),
+            attempts: 1,
+            step,
+            total: 100,
+            loss: Some(2.5),
+            tokens_per_sec: Some(1000.0),
+            ..TrialStatus::default()
+        }
+    }
+
+    #[test]
+    fn plain_mode_prints_transitions_and_every_tenth_of_the_steps() {
+        let buf = Buf::default();
+        let mut view = ProgressView::plain(Box::new(buf.clone()));
+        view.update(&[t("a", "queued", 0), t("b", "finished", 0)]);
+        let first = buf.take();
+        // Already-finished trials from an earlier run are not announced again.
+        assert!(!first.contains("trial-b"), "{first}");
+        assert!(first.contains("[1/2 finished · 1 done · 0 failed · 0 running · 1 queued]"));
+
+        view.update(&[t("a", "running", 3), t("b", "finished", 0)]);
+        assert!(buf.take().contains("▶ trial-a started"));
+        view.update(&[t("a", "running", 9), t("b", "finished", 0)]);
+        assert_eq!(buf.take(), "", "less than a tenth of the steps: no line");
+        view.update(&[t("a", "running", 14), t("b", "finished", 0)]);
+        assert!(buf
+            .take()
+            .contains("trial-a step 14/100 loss 2.500 · 1000 tok/s"));
+
+        let mut failed = t("a", "failed", 14);
+        failed.reason = Some("diverged".into());
+        failed.message = Some("NaN at step 15".into());
+        view.update(&[failed, t("b", "finished", 0)]);
+        let out = buf.take();
+        assert!(
+            out.contains("✗ trial-a failed: diverged: NaN at step 15"),
+            "{out}"
+        );
+        assert!(out.contains("[2/2 finished · 1 done · 1 failed"), "{out}");
+    }
+}
