@@ -44,7 +44,8 @@ pub enum Command {
     List(ListArgs),
     /// Cancel a whole sweep or single trials.
     Cancel(CancelArgs),
-    /// Write the report of a sweep (summary.md/csv/json, curves.csv, samples.md, trials/).
+    /// Write the report of a sweep (report.html, summary.md/csv/json, curves.csv, samples.md,
+    /// trials/).
     Report(ReportArgs),
 }
 
@@ -96,6 +97,16 @@ pub struct ServeArgs {
     /// Seconds a lease lives without a heartbeat before its trial is re-queued.
     #[arg(long, default_value_t = 60)]
     pub lease_ttl: u64,
+    /// Serve TLS with this PEM certificate chain (with --tls-key); clients then use https:// and
+    /// `--ca` for a self-signed or private CA.
+    #[arg(long, requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// The PEM private key of --tls-cert.
+    #[arg(long, requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// Serve Prometheus metrics (`GET /metrics`, plain HTTP) on this address, e.g. 127.0.0.1:9464.
+    #[arg(long)]
+    pub metrics_listen: Option<String>,
 }
 
 /// How a client command reaches the coordinator.
@@ -107,6 +118,9 @@ pub struct Conn {
     /// File holding the admin token.
     #[arg(long, env = "ABLATE_TOKEN_FILE")]
     pub token_file: Option<PathBuf>,
+    /// PEM CA certificate to trust for an https:// coordinator (default: the system's roots).
+    #[arg(long, env = "ABLATE_CA")]
+    pub ca: Option<PathBuf>,
 }
 
 #[derive(Args, Debug)]
@@ -244,6 +258,9 @@ pub struct TrialView {
     pub total: u64,
     pub loss: Option<f64>,
     pub tokens_per_sec: Option<f64>,
+    /// Unix ms; None when the coordinator sent 0 (never started / not finished).
+    pub started_ms: Option<i64>,
+    pub finished_ms: Option<i64>,
 }
 
 impl TrialView {
@@ -258,6 +275,8 @@ impl TrialView {
             reason: self.reason.clone(),
             message: self.message.clone(),
             worker: self.worker.clone(),
+            started_ms: self.started_ms,
+            finished_ms: self.finished_ms,
         }
     }
 
@@ -285,6 +304,8 @@ impl TrialView {
 pub struct SweepView {
     pub id: String,
     pub name: String,
+    /// The sweep file as submitted.
+    pub text: String,
     pub trials: Vec<TrialView>,
 }
 
@@ -348,7 +369,13 @@ pub async fn write_sweep_report(
             events: ev,
         });
     }
-    crate::report::write_report(out, &sweep.records(local), &events)
+    let meta = crate::report::ReportMeta {
+        sweep_name: sweep.name.clone(),
+        sweep_id: sweep.id.clone(),
+        sweep_text: sweep.text.clone(),
+        generated_ms: crate::report::now_ms(),
+    };
+    crate::report::write_full_report(out, &meta, &sweep.records(local), &events)
 }
 
 /// Poll `Get` and show progress until every trial is terminal or `keep_going` says stop.
@@ -385,7 +412,8 @@ fn token(conn: &Conn) -> anyhow::Result<Option<String>> {
 }
 
 async fn connect(conn: &Conn) -> anyhow::Result<Client> {
-    Client::connect(&conn.coordinator, token(conn)?).await
+    let ca = conn.ca.as_deref().map(crate::tls::read_ca).transpose()?;
+    Client::connect_tls(&conn.coordinator, token(conn)?, ca.as_deref()).await
 }
 
 /// `ablate submit`.
@@ -459,7 +487,11 @@ pub async fn report(args: ReportArgs) -> anyhow::Result<()> {
     let sweep = client.get(&args.sweep).await?;
     let rows = write_sweep_report(&mut client, &sweep, None, &args.out).await?;
     print!("{}", crate::report::to_terminal_table(&rows));
-    eprintln!("report written to {}", args.out.display());
+    eprintln!(
+        "report written to {} (open {} in a browser)",
+        args.out.display(),
+        args.out.join("report.html").display()
+    );
     Ok(())
 }
 
@@ -478,6 +510,16 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .transpose()?;
     check_exposure(addr, worker_token.is_some(), admin_token.is_some())?;
     let lease_ttl = lease_ttl(args.lease_ttl)?;
+    let tls = match (&args.tls_cert, &args.tls_key) {
+        (Some(c), Some(k)) => Some(crate::tls::TlsIdentity::from_files(c, k)?),
+        _ => None,
+    };
+    if tls.is_none() && !addr.ip().is_loopback() {
+        tracing::warn!(
+            "serving without TLS on a non-loopback address: tokens cross the network in clear \
+             text; pass --tls-cert and --tls-key"
+        );
+    }
     std::fs::create_dir_all(&args.state)
         .with_context(|| format!("creating state directory {}", args.state.display()))?;
     let listener = tokio::net::TcpListener::bind(addr)
@@ -491,19 +533,42 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         state = %args.state.display(),
         worker_auth = worker_token.is_some(),
         admin_auth = admin_token.is_some(),
+        tls = tls.is_some(),
         "coordinator started"
     );
     use std::io::Write as _;
     let _ = std::io::stdout().flush();
-    serve_on(
-        listener,
-        args.state,
+    let opts = crate::server::ServeOpts {
+        state_dir: args.state,
         worker_token,
         admin_token,
         lease_ttl,
-        shutdown_signal(),
-    )
-    .await
+        tls,
+    };
+    let metrics = std::sync::Arc::new(crate::metrics::Metrics::default());
+    let metrics_task = match &args.metrics_listen {
+        Some(m) => {
+            let maddr = resolve_listen(m).await?;
+            let ml = tokio::net::TcpListener::bind(maddr)
+                .await
+                .with_context(|| format!("--metrics-listen {m}: binding {maddr}"))?;
+            let bound = ml.local_addr().context("reading the metrics address")?;
+            println!("metrics on http://{bound}/metrics");
+            let _ = std::io::stdout().flush();
+            Some(tokio::spawn(crate::metrics::serve_metrics(
+                ml,
+                metrics.clone(),
+                std::future::pending::<()>(),
+            )))
+        }
+        None => None,
+    };
+    let result =
+        crate::server::serve_with_metrics(listener, opts, metrics, shutdown_signal()).await;
+    if let Some(t) = metrics_task {
+        t.abort();
+    }
+    result
 }
 
 /// Resolves on the first SIGTERM or SIGINT.
@@ -538,7 +603,7 @@ use ablate_proto::pb;
 use pb::sweep_service_client::SweepServiceClient;
 use tonic::metadata::{Ascii, MetadataValue};
 use tonic::service::interceptor::InterceptedService;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 /// Adds `authorization: Bearer <token>` to every call (nothing when no token is configured).
 #[derive(Clone)]
@@ -613,12 +678,23 @@ fn trial_view(t: pb::TrialStatus) -> anyhow::Result<TrialView> {
         total: p.total,
         loss: (has_progress && p.loss.is_finite()).then_some(p.loss),
         tokens_per_sec: (has_progress && p.tokens_per_sec > 0.0).then_some(p.tokens_per_sec),
+        started_ms: (t.started_unix_ms > 0).then_some(t.started_unix_ms),
+        finished_ms: (t.finished_unix_ms > 0).then_some(t.finished_unix_ms),
     })
 }
 
 impl Client {
     /// Connect to `url` (http://HOST:PORT) with an optional admin token.
     pub async fn connect(url: &str, token: Option<String>) -> anyhow::Result<Client> {
+        Client::connect_tls(url, token, None).await
+    }
+
+    /// Connect to `url`; an `https://` URL trusts the PEM CA `ca_pem` (system roots if `None`).
+    pub async fn connect_tls(
+        url: &str,
+        token: Option<String>,
+        ca_pem: Option<&[u8]>,
+    ) -> anyhow::Result<Client> {
         let auth = match token {
             Some(t) => Some(
                 format!("Bearer {t}")
@@ -629,9 +705,8 @@ impl Client {
             ),
             None => None,
         };
-        let endpoint = Endpoint::from_shared(url.to_string())
-            .with_context(|| format!("--coordinator {url}: not a URL (expected http://HOST:PORT)"))?
-            .connect_timeout(Duration::from_secs(5));
+        let endpoint =
+            crate::tls::client_endpoint(url, ca_pem)?.connect_timeout(Duration::from_secs(5));
         let channel = endpoint
             .connect()
             .await
@@ -684,6 +759,7 @@ impl Client {
         Ok(SweepView {
             id: r.sweep_id,
             name: r.name,
+            text: r.sweep_text,
             trials: r
                 .trials
                 .into_iter()
@@ -785,6 +861,7 @@ pub async fn serve_on(
         worker_token,
         admin_token,
         lease_ttl,
+        tls: None,
     };
     crate::server::serve(listener, opts, shutdown).await
 }

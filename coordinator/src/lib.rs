@@ -4,9 +4,13 @@
 
 pub mod auth;
 pub mod cli;
+pub mod html;
+pub mod metrics;
+pub mod plots;
 pub mod progress;
 pub mod report;
 pub mod run;
 pub mod scheduler;
 pub mod server;
 pub mod store;
+pub mod tls;

@@ -20,7 +20,7 @@ use experiments::trial::{Method, Progress, TrialConfig, TrialMetrics};
 use serde::Serialize;
 
 /// One trial as the coordinator stores it: the input of every report function.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, Default)]
 pub struct TrialRecord {
     pub id: String,
     /// The exact resolved config (None only if the stored JSON could not be read back).
@@ -37,6 +37,9 @@ pub struct TrialRecord {
     pub message: Option<String>,
     /// Worker name / device that ran the (last) attempt.
     pub worker: Option<String>,
+    /// When the last attempt started and when the trial reached its final state (Unix ms).
+    pub started_ms: Option<i64>,
+    pub finished_ms: Option<i64>,
 }
 
 /// One row of the summary table. Serialised as-is into `summary.json`.
@@ -60,7 +63,9 @@ pub struct SummaryRow {
     pub attempts: u32,
     pub reason: Option<String>,
     pub message: Option<String>,
+    /// Worker (and its device) that ran the last attempt.
     pub worker: Option<String>,
+    pub seed: Option<u64>,
 }
 
 /// Sort key: pretrain, baseline, then family, then the family's parameter (freeze 1,2,3,all;
@@ -133,6 +138,7 @@ pub fn summary_rows(records: &[TrialRecord]) -> Vec<SummaryRow> {
                 reason: r.reason.clone().filter(|s| !s.is_empty()),
                 message: r.message.clone().filter(|s| !s.is_empty()),
                 worker: r.worker.clone().filter(|s| !s.is_empty()),
+                seed: r.config.as_ref().map(|c| c.seed),
             }
         })
         .collect()
@@ -201,13 +207,13 @@ fn md_escape(s: &str) -> String {
 pub fn to_markdown(rows: &[SummaryRow]) -> String {
     let mut out = String::new();
     out.push_str(
-        "| trial | name | method | status | perplexity | Δ baseline | trainable params | total params | train tokens | wall s | attempts | reason |\n",
+        "| trial | name | method | status | perplexity | Δ baseline | trainable params | total params | train tokens | wall s | device | attempts | reason |\n",
     );
-    out.push_str("|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|\n");
+    out.push_str("|---|---|---|---|---:|---:|---:|---:|---:|---:|---|---:|---|\n");
     for r in rows {
         let _ = writeln!(
             out,
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
             md_escape(&r.trial),
             md_escape(&r.name),
             md_escape(&r.method),
@@ -219,6 +225,7 @@ pub fn to_markdown(rows: &[SummaryRow]) -> String {
             fmt_opt(r.train_tokens),
             r.wall_seconds
                 .map_or_else(|| "—".into(), |w| format!("{w:.1}")),
+            md_escape(r.worker.as_deref().unwrap_or("—")),
             r.attempts,
             md_escape(r.reason.as_deref().unwrap_or("")),
         );
@@ -253,7 +260,7 @@ fn csv_opt<T: ToString>(v: Option<T>) -> String {
 }
 
 /// Header of `summary.csv`, in column order.
-pub const CSV_COLUMNS: [&str; 16] = [
+pub const CSV_COLUMNS: [&str; 17] = [
     "trial",
     "name",
     "method",
@@ -270,6 +277,7 @@ pub const CSV_COLUMNS: [&str; 16] = [
     "reason",
     "message",
     "worker",
+    "seed",
 ];
 
 /// `summary.csv`: full-precision numbers (Rust's shortest round-trip form); empty cells for
@@ -295,6 +303,7 @@ pub fn to_csv(rows: &[SummaryRow]) -> String {
             csv_field(r.reason.as_deref().unwrap_or("")),
             csv_field(r.message.as_deref().unwrap_or("")),
             csv_field(r.worker.as_deref().unwrap_or("")),
+            csv_opt(r.seed),
         ];
         out.push_str(&cells.join(","));
         out.push('\n');
@@ -379,25 +388,29 @@ pub struct TrialEvents {
     pub events: Vec<Progress>,
 }
 
+/// A trial's (train loss, validation loss) per step. A retried attempt replays steps from its
+/// checkpoint; the latest value for a step wins.
+pub fn losses_by_step(t: &TrialEvents) -> BTreeMap<u64, (Option<f64>, Option<f64>)> {
+    let mut by_step: BTreeMap<u64, (Option<f64>, Option<f64>)> = BTreeMap::new();
+    for e in &t.events {
+        match e {
+            Progress::Step { step, loss, .. } => by_step.entry(*step).or_default().0 = Some(*loss),
+            Progress::Eval { step, valid_loss } => {
+                by_step.entry(*step).or_default().1 = Some(*valid_loss)
+            }
+            _ => {}
+        }
+    }
+    by_step
+}
+
 /// `curves.csv` (trial, step, train_loss, valid_loss): one row per trial and step that has a
 /// train loss or a validation loss. A retried attempt replays steps from its checkpoint; the
 /// latest value for a step wins.
 pub fn curves_csv(trials: &[TrialEvents]) -> String {
     let mut out = String::from("trial,step,train_loss,valid_loss\n");
     for t in trials {
-        let mut by_step: BTreeMap<u64, (Option<f64>, Option<f64>)> = BTreeMap::new();
-        for e in &t.events {
-            match e {
-                Progress::Step { step, loss, .. } => {
-                    by_step.entry(*step).or_default().0 = Some(*loss)
-                }
-                Progress::Eval { step, valid_loss } => {
-                    by_step.entry(*step).or_default().1 = Some(*valid_loss)
-                }
-                _ => {}
-            }
-        }
-        for (step, (train, valid)) in by_step {
+        for (step, (train, valid)) in losses_by_step(t) {
             let _ = writeln!(
                 out,
                 "{},{step},{},{}",
@@ -442,14 +455,212 @@ pub fn samples_md(trials: &[TrialEvents]) -> String {
     out
 }
 
-/// Write every report file into `dir`: summary.{md,csv,json}, curves.csv, samples.md and
-/// trials/<id>.json (the exact resolved config). Returns the summary rows (for the stdout table).
+/// Seeds of one configuration summarised: what a paper table shows when a sweep has repeats.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct AggregateRow {
+    /// The trial name without its ` seed=N` suffix.
+    pub name: String,
+    pub method: String,
+    /// Seeds of the group, in table order, and how many of them finished.
+    pub seeds: Vec<u64>,
+    pub finished: usize,
+    pub perplexity_mean: Option<f64>,
+    /// Sample standard deviation (n − 1); None with fewer than two finished seeds.
+    pub perplexity_std: Option<f64>,
+    pub baseline_delta_mean: Option<f64>,
+    pub baseline_delta_std: Option<f64>,
+    pub wall_seconds_mean: Option<f64>,
+    /// Trial ids of the group.
+    pub trials: Vec<String>,
+}
+
+/// Mean and sample standard deviation (None for the std below two values).
+pub fn mean_std(xs: &[f64]) -> (Option<f64>, Option<f64>) {
+    if xs.is_empty() {
+        return (None, None);
+    }
+    let n = xs.len() as f64;
+    let mean = xs.iter().sum::<f64>() / n;
+    if xs.len() < 2 {
+        return (Some(mean), None);
+    }
+    let var = xs.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1.0);
+    (Some(mean), Some(var.sqrt()))
+}
+
+/// The trial name without the ` seed=N` the sweep expansion appends.
+fn strip_seed(name: &str) -> &str {
+    match name.rfind(" seed=") {
+        Some(i) if name[i + 6..].chars().all(|c| c.is_ascii_digit()) => &name[..i],
+        _ => name,
+    }
+}
+
+/// Group key: the resolved config with the seed and name's seed suffix taken out. Trials that
+/// differ in anything else (lr factor, data, base) stay apart.
+fn seed_group_key(r: &TrialRecord) -> String {
+    match &r.config {
+        Some(c) => {
+            let mut c = c.clone();
+            c.seed = 0;
+            c.name = strip_seed(&c.name).to_string();
+            serde_json::to_string(&c).unwrap_or_default()
+        }
+        None => format!("no-config:{}", r.id),
+    }
+}
+
+/// One row per configuration with its seeds aggregated, in summary-table order; empty when no
+/// configuration has more than one seed (the summary table already says everything then).
+pub fn aggregate_rows(records: &[TrialRecord]) -> Vec<AggregateRow> {
+    let rows = summary_rows(records);
+    let by_id: std::collections::HashMap<&str, &TrialRecord> =
+        records.iter().map(|r| (r.id.as_str(), r)).collect();
+    let mut groups: Vec<(String, Vec<&SummaryRow>)> = Vec::new();
+    for row in &rows {
+        let key = by_id
+            .get(row.trial.as_str())
+            .map_or_else(|| row.trial.clone(), |r| seed_group_key(r));
+        match groups.iter_mut().find(|(k, _)| *k == key) {
+            Some((_, members)) => members.push(row),
+            None => groups.push((key, vec![row])),
+        }
+    }
+    if groups.iter().all(|(_, m)| m.len() < 2) {
+        return Vec::new();
+    }
+    groups
+        .into_iter()
+        .map(|(_, members)| {
+            let done: Vec<&&SummaryRow> = members.iter().filter(|r| is_done(&r.status)).collect();
+            let collect = |f: fn(&SummaryRow) -> Option<f64>| -> Vec<f64> {
+                done.iter()
+                    .filter_map(|r| f(r))
+                    .filter(|x| x.is_finite())
+                    .collect()
+            };
+            let (pm, ps) = mean_std(&collect(|r| r.perplexity));
+            let (dm, ds) = mean_std(&collect(|r| r.baseline_delta));
+            let (wm, _) = mean_std(&collect(|r| r.wall_seconds));
+            AggregateRow {
+                name: strip_seed(&members[0].name).to_string(),
+                method: members[0].method.clone(),
+                seeds: members.iter().filter_map(|r| r.seed).collect(),
+                finished: done.len(),
+                perplexity_mean: pm,
+                perplexity_std: ps,
+                baseline_delta_mean: dm,
+                baseline_delta_std: ds,
+                wall_seconds_mean: wm,
+                trials: members.iter().map(|r| r.trial.clone()).collect(),
+            }
+        })
+        .collect()
+}
+
+/// "12.34 ± 0.56" (or just the mean with one seed, "—" with none).
+pub fn fmt_mean_std(mean: Option<f64>, std: Option<f64>, signed: bool) -> String {
+    match (mean, std) {
+        (None, _) => "—".into(),
+        (Some(m), None) if signed => format!("{m:+.2}"),
+        (Some(m), None) => format!("{m:.2}"),
+        (Some(m), Some(s)) if signed => format!("{m:+.2} ± {s:.2}"),
+        (Some(m), Some(s)) => format!("{m:.2} ± {s:.2}"),
+    }
+}
+
+/// The seed table in Markdown (appended to summary.md when a sweep has repeats).
+pub fn aggregate_markdown(rows: &[AggregateRow]) -> String {
+    let mut out = String::from(
+        "| name | method | seeds | finished | perplexity (mean ± std) | Δ baseline (mean ± std) | mean wall s |\n|---|---|---|---:|---:|---:|---:|\n",
+    );
+    for r in rows {
+        let seeds: Vec<String> = r.seeds.iter().map(u64::to_string).collect();
+        let _ = writeln!(
+            out,
+            "| {} | {} | {} | {}/{} | {} | {} | {} |",
+            md_escape(&r.name),
+            md_escape(&r.method),
+            seeds.join(", "),
+            r.finished,
+            r.trials.len(),
+            fmt_mean_std(r.perplexity_mean, r.perplexity_std, false),
+            fmt_mean_std(r.baseline_delta_mean, r.baseline_delta_std, true),
+            r.wall_seconds_mean
+                .map_or_else(|| "—".into(), |w| format!("{w:.1}")),
+        );
+    }
+    out
+}
+
+/// `aggregate.csv`: full precision, empty cells for missing values; seeds and trials joined by
+/// spaces.
+pub fn aggregate_csv(rows: &[AggregateRow]) -> String {
+    let mut out = String::from(
+        "name,method,seeds,finished,trials,perplexity_mean,perplexity_std,baseline_delta_mean,baseline_delta_std,wall_seconds_mean\n",
+    );
+    for r in rows {
+        let seeds: Vec<String> = r.seeds.iter().map(u64::to_string).collect();
+        let cells = [
+            csv_field(&r.name),
+            csv_field(&r.method),
+            seeds.join(" "),
+            r.finished.to_string(),
+            r.trials.join(" "),
+            csv_opt(r.perplexity_mean),
+            csv_opt(r.perplexity_std),
+            csv_opt(r.baseline_delta_mean),
+            csv_opt(r.baseline_delta_std),
+            csv_opt(r.wall_seconds_mean),
+        ];
+        out.push_str(&cells.join(","));
+        out.push('\n');
+    }
+    out
+}
+
+/// Who wrote the report and about what: the page header and the environment section.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ReportMeta {
+    pub sweep_name: String,
+    pub sweep_id: String,
+    /// The sweep file as submitted (empty when unknown).
+    pub sweep_text: String,
+    /// When the report was written (Unix ms).
+    pub generated_ms: i64,
+}
+
+/// Write every report file into `dir`: summary.{md,csv,json}, curves.csv, samples.md,
+/// trials/<id>.json (the exact resolved config) and report.html. Returns the summary rows (for
+/// the stdout table).
 pub fn write_report(
     dir: &Path,
     records: &[TrialRecord],
     events: &[TrialEvents],
 ) -> anyhow::Result<Vec<SummaryRow>> {
+    let meta = ReportMeta {
+        generated_ms: now_ms(),
+        ..ReportMeta::default()
+    };
+    write_full_report(dir, &meta, records, events)
+}
+
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+/// [`write_report`] with the sweep's name, id and file for the HTML page. Also writes
+/// aggregate.{csv,json} (and a seed table in summary.md) when the sweep has repeated seeds.
+pub fn write_full_report(
+    dir: &Path,
+    meta: &ReportMeta,
+    records: &[TrialRecord],
+    events: &[TrialEvents],
+) -> anyhow::Result<Vec<SummaryRow>> {
     let rows = summary_rows(records);
+    let aggregate = aggregate_rows(records);
     let trials_dir = dir.join("trials");
     std::fs::create_dir_all(&trials_dir)
         .with_context(|| format!("creating report directory {}", trials_dir.display()))?;
@@ -457,7 +668,17 @@ pub fn write_report(
         let path = dir.join(name);
         std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))
     };
-    write("summary.md", to_markdown(&rows))?;
+    let mut md = to_markdown(&rows);
+    if !aggregate.is_empty() {
+        md.push_str("\n## Across seeds\n\n");
+        md.push_str(&aggregate_markdown(&aggregate));
+        write("aggregate.csv", aggregate_csv(&aggregate))?;
+        write(
+            "aggregate.json",
+            serde_json::to_string_pretty(&aggregate).expect("aggregate rows serialise") + "\n",
+        )?;
+    }
+    write("summary.md", md)?;
     write("summary.csv", to_csv(&rows))?;
     write("summary.json", to_json(&rows))?;
     write("curves.csv", curves_csv(events))?;
@@ -469,5 +690,9 @@ pub fn write_report(
             std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
         }
     }
+    write(
+        "report.html",
+        crate::html::report_html(meta, records, &rows, &aggregate, events),
+    )?;
     Ok(rows)
 }

@@ -198,8 +198,8 @@ async fn drive(
     use std::io::Write as _;
     let _ = std::io::stdout().flush();
     eprintln!(
-        "report: {} (also summary.csv, summary.json, curves.csv, samples.md, trials/)",
-        out.join("summary.md").display()
+        "report: {} (open in a browser; also summary.md/csv/json, curves.csv, samples.md, trials/)",
+        out.join("report.html").display()
     );
     if let Some(e) = failure {
         return Err(e);

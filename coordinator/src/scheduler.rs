@@ -14,7 +14,10 @@
 //!   `dependency_failed` when it failed for good;
 //! - deterministic failures are final; transient ones (and lost leases) are retried until
 //!   `retry_budget` of them were spent; preempted attempts spend nothing;
-//! - a message carrying an attempt that no longer owns its trial is stale and changes nothing.
+//! - a message carrying an attempt that no longer owns its trial is stale and changes nothing;
+//! - after a coordinator restart ([`Scheduler::restore`]) a running attempt keeps its lease for one
+//!   more ttl, so a worker that reconnects in time loses no steps; one that does not is lost
+//!   without spending budget.
 //!
 //! [`TrialConfig::expected_cost`]: experiments::trial::TrialConfig::expected_cost
 
@@ -217,6 +220,8 @@ struct Trial {
     order: u64,
     /// (worker, deadline) while running.
     lease: Option<(String, i64)>,
+    /// The lease was carried over a coordinator restart and not yet renewed by a heartbeat.
+    restored: bool,
 }
 
 /// The scheduling state machine. See the module documentation for its rules.
@@ -244,13 +249,19 @@ impl Scheduler {
         self.lease_ttl_ms
     }
 
-    /// Rebuild after a coordinator restart. Attempts that were running are lost (their workers'
-    /// next heartbeat is told to stop) and their trials queued again without spending budget.
+    /// Rebuild after a coordinator restart, at time `now_ms`.
+    ///
+    /// An attempt that was running on a known worker keeps its lease for one more ttl: a worker
+    /// that reconnects and heartbeats within it carries on as if nothing happened (no steps lost).
+    /// If no heartbeat comes, the attempt ends as lost at the deadline and its trial is queued
+    /// again without spending retry budget (the restart was not the trial's fault). An attempt
+    /// whose worker is unknown is lost at once.
     pub fn restore(
         lease_ttl_ms: i64,
         retry_budget: u32,
         trials: Vec<RestoredTrial>,
         workers: Vec<String>,
+        now_ms: i64,
     ) -> (Self, Vec<Decision>) {
         let mut s = Scheduler::new(lease_ttl_ms, retry_budget);
         s.workers.extend(workers);
@@ -266,18 +277,20 @@ impl Scheduler {
                 deterministic: t.deterministic,
                 order,
                 lease: None,
+                restored: false,
             };
             if trial.state == TrialState::Running {
-                out.push(Decision::Ended {
-                    trial_id: trial.spec.id.clone(),
-                    attempt: trial.attempts,
-                    outcome: AttemptOutcome::Lost,
-                    reason: "coordinator_restart".into(),
-                    message: "the coordinator restarted while this attempt ran".into(),
-                    metrics_json: None,
-                });
-                trial.state = TrialState::Queued;
-                out.push(state_decision(&trial, "", ""));
+                match t.worker_id.filter(|w| s.workers.contains(w)) {
+                    Some(w) => {
+                        trial.lease = Some((w, now_ms + s.lease_ttl_ms));
+                        trial.restored = true;
+                    }
+                    None => {
+                        out.push(lost_in_restart(&trial));
+                        trial.state = TrialState::Queued;
+                        out.push(state_decision(&trial, "", ""));
+                    }
+                }
             }
             s.trials.insert(trial.spec.id.clone(), trial);
         }
@@ -346,6 +359,7 @@ impl Scheduler {
                     deterministic: false,
                     order,
                     lease: None,
+                    restored: false,
                 },
             );
         }
@@ -393,6 +407,7 @@ impl Scheduler {
         t.attempts += 1;
         t.state = TrialState::Running;
         t.lease = Some((worker_id.to_string(), deadline));
+        t.restored = false;
         let attempt = t.attempts;
         let out = vec![
             Decision::Started {
@@ -438,6 +453,7 @@ impl Scheduler {
                 match &mut t.lease {
                     Some((w, deadline)) if current && w == worker_id => {
                         *deadline = now_ms + ttl;
+                        t.restored = false;
                         Some(*deadline)
                     }
                     _ => None,
@@ -555,10 +571,15 @@ impl Scheduler {
             .collect();
         let mut out = Vec::new();
         for (id, attempt) in expired {
-            self.trials
-                .get_mut(&id)
-                .expect("expired trial exists")
-                .lease = None;
+            let t = self.trials.get_mut(&id).expect("expired trial exists");
+            t.lease = None;
+            if std::mem::take(&mut t.restored) {
+                // Nobody came back for a lease carried over a restart: lost, no budget spent.
+                out.push(lost_in_restart(t));
+                t.state = TrialState::Queued;
+                out.push(state_decision(t, "", ""));
+                continue;
+            }
             let failure = Failure {
                 reason: "lease_expired".into(),
                 message: "no heartbeat before the lease deadline".into(),
@@ -702,6 +723,18 @@ enum Dep {
     Ready,
     Pending,
     Failed(String),
+}
+
+fn lost_in_restart(t: &Trial) -> Decision {
+    Decision::Ended {
+        trial_id: t.spec.id.clone(),
+        attempt: t.attempts,
+        outcome: AttemptOutcome::Lost,
+        reason: "coordinator_restart".into(),
+        message: "the coordinator restarted and the worker did not come back within the lease ttl"
+            .into(),
+        metrics_json: None,
+    }
 }
 
 fn state_decision(t: &Trial, reason: &str, message: &str) -> Decision {

@@ -7,7 +7,8 @@
 //! woken whenever a trial becomes leasable; `Watch` streams come from a broadcast channel.
 //!
 //! On start the scheduler is rebuilt from the store: attempts that were running when the previous
-//! coordinator died are recorded as lost and their trials queued again.
+//! coordinator died keep their lease for one more ttl, so workers that reconnect with backoff and
+//! heartbeat carry on; attempts nobody comes back for are recorded as lost and queued again.
 
 use std::collections::HashSet;
 use std::future::Future;
@@ -26,7 +27,7 @@ use tokio::sync::{broadcast, mpsc, watch, Notify};
 use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
 use tokio_stream::StreamExt;
 use tonic::service::interceptor::InterceptedService;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::auth::{BearerToken, RequireToken};
@@ -50,6 +51,8 @@ pub struct ServeOpts {
     pub admin_token: Option<String>,
     /// How long a lease lives without a heartbeat. Workers heartbeat every third of it.
     pub lease_ttl: Duration,
+    /// Serve TLS with this certificate and key; `None` is plain HTTP/2.
+    pub tls: Option<crate::tls::TlsIdentity>,
 }
 
 impl std::fmt::Debug for ServeOpts {
@@ -60,6 +63,7 @@ impl std::fmt::Debug for ServeOpts {
             .field("worker_token", &set(&self.worker_token))
             .field("admin_token", &set(&self.admin_token))
             .field("lease_ttl", &self.lease_ttl)
+            .field("tls", &self.tls.is_some())
             .finish()
     }
 }
@@ -72,6 +76,7 @@ impl ServeOpts {
             worker_token: None,
             admin_token: None,
             lease_ttl: Duration::from_secs(30),
+            tls: None,
         }
     }
 }
@@ -83,7 +88,16 @@ pub type WorkerClient = WorkerServiceClient<InterceptedService<Channel, BearerTo
 
 /// Connect to a coordinator's `SweepService` (url like `http://127.0.0.1:7070`).
 pub async fn admin_client(url: &str, token: Option<&str>) -> anyhow::Result<AdminClient> {
-    let channel = connect(url).await?;
+    admin_client_tls(url, token, None).await
+}
+
+/// [`admin_client`] for an `https://` URL, trusting the CA in `ca_pem` (system roots if `None`).
+pub async fn admin_client_tls(
+    url: &str,
+    token: Option<&str>,
+    ca_pem: Option<&[u8]>,
+) -> anyhow::Result<AdminClient> {
+    let channel = connect(url, ca_pem).await?;
     Ok(
         SweepServiceClient::with_interceptor(channel, BearerToken::new(token)?)
             .max_decoding_message_size(MAX_MESSAGE_BYTES),
@@ -92,17 +106,15 @@ pub async fn admin_client(url: &str, token: Option<&str>) -> anyhow::Result<Admi
 
 /// Connect to a coordinator's `WorkerService` (tests; the worker binary has its own client).
 pub async fn worker_client(url: &str, token: Option<&str>) -> anyhow::Result<WorkerClient> {
-    let channel = connect(url).await?;
+    let channel = connect(url, None).await?;
     Ok(
         WorkerServiceClient::with_interceptor(channel, BearerToken::new(token)?)
             .max_decoding_message_size(MAX_MESSAGE_BYTES),
     )
 }
 
-async fn connect(url: &str) -> anyhow::Result<Channel> {
-    let ep = Endpoint::from_shared(url.to_string())
-        .map_err(|e| anyhow::anyhow!("coordinator url {url:?}: {e}"))?
-        .connect_timeout(Duration::from_secs(10));
+async fn connect(url: &str, ca_pem: Option<&[u8]>) -> anyhow::Result<Channel> {
+    let ep = crate::tls::client_endpoint(url, ca_pem)?;
     ep.connect()
         .await
         .map_err(|e| anyhow::anyhow!("connecting to {url}: {e}"))
@@ -114,6 +126,16 @@ pub async fn serve(
     opts: ServeOpts,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
+    serve_with_metrics(listener, opts, Default::default(), shutdown).await
+}
+
+/// [`serve`], counting into `metrics` (what `ablate serve --metrics-listen` exposes).
+pub async fn serve_with_metrics(
+    listener: tokio::net::TcpListener,
+    opts: ServeOpts,
+    metrics: Arc<crate::metrics::Metrics>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
     let ttl_ms = opts.lease_ttl.as_millis().clamp(1, i64::MAX as u128) as i64;
     let store = Store::open(&opts.state_dir)?;
     let restored = store.restored_trials()?;
@@ -123,6 +145,7 @@ pub async fn serve(
         crate::scheduler::DEFAULT_RETRY_BUDGET,
         restored,
         workers,
+        now_ms(),
     );
     let (bus, _) = broadcast::channel(1024);
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -132,13 +155,19 @@ pub async fn serve(
         bus,
         ttl_ms,
         stop: stop_rx,
+        metrics: metrics.clone(),
     });
+    install_gauges(&metrics, &shared);
     {
         let mut inner = shared.lock();
-        if !decisions.is_empty() {
+        let lost = decisions
+            .iter()
+            .filter(|d| matches!(d, Decision::Ended { .. }))
+            .count();
+        if lost > 0 {
             tracing::info!(
-                requeued = decisions.len() / 2,
-                "attempts lost in a restart re-queued"
+                requeued = lost,
+                "attempts of unknown workers lost in a restart"
             );
         }
         shared
@@ -164,7 +193,13 @@ pub async fn serve(
         // Wake long polls and watch streams so graceful shutdown does not wait on them.
         let _ = stop_tx.send(true);
     };
-    let result = tonic::transport::Server::builder()
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(id) = &opts.tls {
+        builder = builder
+            .tls_config(id.server_config())
+            .map_err(|e| anyhow::anyhow!("TLS certificate/key: {e}"))?;
+    }
+    let result = builder
         .add_service(InterceptedService::new(worker_svc, worker_auth))
         .add_service(InterceptedService::new(sweep_svc, admin_auth))
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), signal)
@@ -192,6 +227,29 @@ struct Shared {
     bus: broadcast::Sender<Bus>,
     ttl_ms: i64,
     stop: watch::Receiver<bool>,
+    metrics: Arc<crate::metrics::Metrics>,
+}
+
+/// Let the metrics endpoint read trials by state and registered workers from the store at scrape
+/// time. A worker counts as connected while it calls at least once per lease long-poll plus TTL.
+fn install_gauges(metrics: &crate::metrics::Metrics, shared: &Arc<Shared>) {
+    let weak = Arc::downgrade(shared);
+    let within = MAX_LEASE_WAIT + Duration::from_millis(shared.ttl_ms.max(0) as u64);
+    metrics.set_source(within, move || {
+        let mut g = crate::metrics::Gauges::default();
+        let Some(shared) = weak.upgrade() else {
+            return g;
+        };
+        let inner = shared.lock();
+        for t in inner.store.trials().unwrap_or_default() {
+            *g.trials_by_state
+                .entry(t.state.as_str().to_string())
+                .or_default() += 1;
+        }
+        g.workers_registered = inner.store.workers().map_or(0, |w| w.len() as u64);
+        g.sweeps = inner.store.sweeps().map_or(0, |s| s.len() as u64);
+        g
+    });
 }
 
 impl Shared {
@@ -249,6 +307,7 @@ async fn tick_loop(shared: Arc<Shared>) {
                 } = d
                 {
                     tracing::warn!(trial = %trial_id, attempt, "lease expired");
+                    shared.metrics.leases_expired(1);
                 }
             }
             if let Err(e) = shared.apply(&mut inner, &decisions, now) {
@@ -396,6 +455,7 @@ impl WorkerService for WorkerApi {
             .register_worker(&info, now_ms())
             .map_err(store_status)?;
         inner.sched.register_worker(&id);
+        self.0.metrics.worker_seen(&id);
         tracing::info!(worker = %id, name = %info.name, host = %info.host, device = %info.device_name, "worker registered");
         Ok(Response::new(pb::RegisterResponse {
             worker_id: id,
@@ -410,6 +470,7 @@ impl WorkerService for WorkerApi {
         let r = req.into_inner();
         non_empty("worker_id", &r.worker_id)?;
         let wait = Duration::from_millis(r.wait_ms).min(MAX_LEASE_WAIT);
+        self.0.metrics.worker_seen(&r.worker_id);
         let until = tokio::time::Instant::now() + wait;
         let mut stop = self.0.stop.clone();
         loop {
@@ -442,6 +503,7 @@ impl WorkerService for WorkerApi {
             .into_iter()
             .map(|h| (h.trial_id, h.attempt))
             .collect();
+        self.0.metrics.worker_seen(&r.worker_id);
         let mut inner = self.0.lock();
         let ans = inner
             .sched
@@ -484,6 +546,7 @@ impl WorkerService for WorkerApi {
             .record_event(&r.trial_id, r.attempt, r.seq, &json, now_ms())
             .map_err(store_status)?;
         if fresh {
+            self.0.metrics.event_recorded();
             let _ = self.0.bus.send(Bus::Progress(pb::TrialProgress {
                 trial_id: r.trial_id,
                 attempt: r.attempt,
@@ -695,6 +758,7 @@ impl WorkerApi {
             .map(|a| a.name)
             .collect();
         tracing::info!(trial = %grant.trial_id, attempt = grant.attempt, worker = %worker_id, "lease granted");
+        self.0.metrics.lease_granted();
         Ok(Some(pb::Lease {
             trial_id: grant.trial_id,
             attempt: grant.attempt,

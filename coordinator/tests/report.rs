@@ -5,8 +5,9 @@
 use std::path::Path;
 
 use coordinator::report::{
-    curves_csv, samples_md, summary_rows, to_csv, to_json, to_markdown, to_terminal_table,
-    write_report, SummaryRow, TrialEvents, TrialRecord, CSV_COLUMNS,
+    aggregate_csv, aggregate_rows, curves_csv, mean_std, samples_md, summary_rows, to_csv, to_json,
+    to_markdown, to_terminal_table, write_full_report, write_report, ReportMeta, SummaryRow,
+    TrialEvents, TrialRecord, CSV_COLUMNS,
 };
 use experiments::trial::{Progress, TrialConfig, TrialMetrics};
 
@@ -42,6 +43,8 @@ fn record(c: &TrialConfig, state: &str, m: Option<TrialMetrics>) -> TrialRecord 
         reason: None,
         message: None,
         worker: Some("w0/cpu".into()),
+        started_ms: Some(1_795_426_800_000),
+        finished_ms: Some(1_795_426_861_250),
     }
 }
 
@@ -413,6 +416,7 @@ fn write_report_writes_every_file_and_the_exact_configs() {
         "summary.json",
         "curves.csv",
         "samples.md",
+        "report.html",
     ] {
         let text = std::fs::read_to_string(dir.path().join(f)).unwrap();
         assert!(!text.is_empty(), "{f} is empty");
@@ -430,4 +434,162 @@ fn write_report_writes_every_file_and_the_exact_configs() {
     }
     let curves = std::fs::read_to_string(dir.path().join("curves.csv")).unwrap();
     assert_eq!(curves.lines().count(), recs.len() + 1);
+}
+
+/// A quickstart-like sweep with three seeds: pretrain/baseline once, each method per seed.
+fn seeded_records() -> (Vec<TrialRecord>, Vec<TrialConfig>) {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../experiments/sweeps/quickstart.toml");
+    let text = std::fs::read_to_string(path)
+        .unwrap()
+        .replace("seeds = [0]", "seeds = [0, 1, 2]");
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("seeded.toml");
+    std::fs::write(&file, text).unwrap();
+    let configs = experiments::spec::load_sweep(&file).unwrap().trials;
+    let recs = configs
+        .iter()
+        .enumerate()
+        .map(|(i, c)| {
+            if c.name == "freeze-2 seed=1" {
+                let mut r = record(c, "failed", None);
+                r.reason = Some("out_of_memory".into());
+                r
+            } else {
+                // Perplexity depends on the method and (a little) on the seed.
+                let family = c.name.split(" seed=").next().unwrap().len() as f64;
+                record(
+                    c,
+                    "done",
+                    Some(metrics(40.0 + family + c.seed as f64, i as u64)),
+                )
+            }
+        })
+        .collect();
+    (recs, configs)
+}
+
+#[test]
+fn seeds_of_one_config_are_aggregated_as_mean_and_std() {
+    let (recs, configs) = seeded_records();
+    let agg = aggregate_rows(&recs);
+    assert!(configs.iter().any(|c| c.name == "freeze-1 seed=2"));
+    let f1 = agg.iter().find(|a| a.name == "freeze-1").unwrap();
+    assert_eq!(f1.seeds, [0, 1, 2]);
+    assert_eq!(f1.finished, 3);
+    let base = 40.0 + "freeze-1".len() as f64;
+    assert!((f1.perplexity_mean.unwrap() - (base + 1.0)).abs() < 1e-9);
+    assert!(
+        (f1.perplexity_std.unwrap() - 1.0).abs() < 1e-9,
+        "sample std of 0,1,2 is 1"
+    );
+    // The failed seed is left out of the statistics but counted.
+    let f2 = agg.iter().find(|a| a.name == "freeze-2").unwrap();
+    assert_eq!((f2.finished, f2.trials.len()), (2, 3));
+    let b2 = 40.0 + "freeze-2".len() as f64;
+    let (m, sd) = mean_std(&[b2, b2 + 2.0]);
+    assert_eq!(f2.perplexity_mean, m);
+    assert_eq!(f2.perplexity_std, sd);
+    // Pretrain and baseline run once: one group each, no std.
+    let b = agg.iter().find(|a| a.name == "baseline").unwrap();
+    assert_eq!(b.trials.len(), 1);
+    assert_eq!(b.perplexity_std, None);
+    // Every trial is in exactly one group.
+    let n: usize = agg.iter().map(|a| a.trials.len()).sum();
+    assert_eq!(n, recs.len());
+    let csv = aggregate_csv(&agg);
+    let line = csv.lines().find(|l| l.starts_with("freeze-1,")).unwrap();
+    assert!(line.contains(",0 1 2,3,"), "{line}");
+
+    // A sweep without repeats has no seed table.
+    assert!(aggregate_rows(&records()).is_empty());
+}
+
+#[test]
+fn html_report_holds_table_seed_table_plots_samples_and_configs() {
+    let dir = tempfile::tempdir().unwrap();
+    let (recs, _) = seeded_records();
+    let events: Vec<TrialEvents> = recs
+        .iter()
+        .map(|r| {
+            let mut events = Vec::new();
+            if !r.name.starts_with("baseline") {
+                for step in 1..=20u64 {
+                    events.push(Progress::Step {
+                        step,
+                        total: 20,
+                        loss: 6.0 - 0.1 * step as f64,
+                        lr: 1e-3,
+                        tokens_per_sec: 900.0,
+                    });
+                }
+                events.push(Progress::Eval {
+                    step: 20,
+                    valid_loss: 4.2,
+                });
+            }
+            events.push(Progress::Sample {
+                prompt: "Once upon a time".into(),
+                text: format!(" <{}> & more", r.name),
+            });
+            TrialEvents {
+                id: r.id.clone(),
+                name: r.name.clone(),
+                events,
+            }
+        })
+        .collect();
+    let meta = ReportMeta {
+        sweep_name: "seeded".into(),
+        sweep_id: "s-123".into(),
+        sweep_text: "name = \"seeded\" # <b>not markup</b>".into(),
+        generated_ms: 1_795_426_903_000,
+    };
+    let rows = write_full_report(dir.path(), &meta, &recs, &events).unwrap();
+    let html = std::fs::read_to_string(dir.path().join("report.html")).unwrap();
+    assert!(html.starts_with("<!DOCTYPE html>"));
+    assert!(html.contains("<title>ablate report — seeded</title>"));
+    assert!(html.contains("2026-11-23 09:41:43 UTC"));
+    // One row per trial, with its rounded perplexity and failure reason.
+    for r in &rows {
+        let at = html
+            .find(&format!("data-trial=\"{}\"", r.trial))
+            .unwrap_or_else(|| panic!("no row for {}", r.name));
+        let tr = &html[at..at + html[at..].find("</tr>").unwrap()];
+        match r.perplexity {
+            Some(p) => assert!(tr.contains(&format!(">{p:.2}</td>")), "{tr}"),
+            None => assert!(tr.contains("failed (out_of_memory)"), "{tr}"),
+        }
+        assert!(html.contains(&format!("id=\"trial-{}\"", r.trial)));
+    }
+    // Seed table with mean ± std.
+    assert!(html.contains("id=\"seed-table\""));
+    let base = 40.0 + "freeze-1".len() as f64 + 1.0;
+    assert!(
+        html.contains(&format!("{base:.2} ± 1.00")),
+        "seed table lacks freeze-1's mean ± std"
+    );
+    let md = std::fs::read_to_string(dir.path().join("summary.md")).unwrap();
+    assert!(md.contains("## Across seeds"));
+    assert!(md.contains(&format!("{base:.2} ± 1.00")));
+    assert!(dir.path().join("aggregate.csv").is_file());
+    assert!(dir.path().join("aggregate.json").is_file());
+    // A chart per trained family (baseline has no curve) and the perplexity bars.
+    for family in ["pretrain", "freeze", "gradual", "inheritune"] {
+        assert!(
+            html.contains(&format!("data-family=\"{family}\"><svg")),
+            "no {family} chart"
+        );
+    }
+    assert!(!html.contains("data-family=\"baseline\""));
+    assert!(html.contains("<figure id=\"perplexity-figure\"><svg"));
+    // Text from trials is escaped, never markup.
+    assert!(html.contains("&lt;freeze-1 seed=0&gt; &amp; more"));
+    assert!(html.contains("&lt;b&gt;not markup&lt;/b&gt;"));
+    assert!(!html.contains("<b>not markup</b>"));
+    // The exact config of every trial, as JSON that hashes back to its id.
+    let c = recs[3].config.as_ref().unwrap();
+    let pretty = serde_json::to_string_pretty(c)
+        .unwrap()
+        .replace('"', "&quot;");
+    assert!(html.contains(&pretty));
 }

@@ -225,57 +225,121 @@ fn cancel_stops_running_attempts_and_resubmit_requeues() {
     assert_eq!(lease(&mut s, "w1", 20).unwrap().attempt, 2);
 }
 
+fn restored(
+    id: &str,
+    state: TrialState,
+    attempts: u32,
+    spent: u32,
+    worker: Option<&str>,
+) -> RestoredTrial {
+    RestoredTrial {
+        spec: spec(id, 1.0, None),
+        state,
+        attempts,
+        spent,
+        deterministic: false,
+        worker_id: worker.map(str::to_string),
+    }
+}
+
 #[test]
-fn restore_requeues_running_attempts_without_spending_budget() {
-    let restored = vec![
-        RestoredTrial {
-            spec: spec("run", 1.0, None),
-            state: TrialState::Running,
-            attempts: 2,
-            spent: 1,
-            deterministic: false,
-            worker_id: Some("w1".into()),
-        },
-        RestoredTrial {
-            spec: spec("done", 1.0, None),
-            state: TrialState::Finished,
-            attempts: 1,
-            spent: 0,
-            deterministic: false,
-            worker_id: None,
-        },
-        RestoredTrial {
-            spec: spec("dep", 1.0, Some("done")),
-            state: TrialState::Waiting,
-            attempts: 0,
-            spent: 0,
-            deterministic: false,
-            worker_id: None,
-        },
+fn restore_keeps_leases_of_known_workers_for_one_ttl() {
+    let mut dep = restored("dep", TrialState::Waiting, 0, 0, None);
+    dep.spec.depends_on = Some("done".into());
+    let trials = vec![
+        restored("back", TrialState::Running, 1, 0, Some("w1")),
+        restored("gone", TrialState::Running, 2, 1, Some("w1")),
+        restored("orphan", TrialState::Running, 1, 0, Some("w9")),
+        restored("done", TrialState::Finished, 1, 0, None),
+        dep,
     ];
-    let (mut s, ds) = Scheduler::restore(TTL, 3, restored, vec!["w1".into()]);
-    assert!(ds.iter().any(|d| matches!(d, Decision::Ended { trial_id, attempt: 2, outcome: AttemptOutcome::Lost, .. } if trial_id == "run")));
-    assert_eq!(s.state("run"), Some(TrialState::Queued));
+    let now = 10_000;
+    let (mut s, ds) = Scheduler::restore(TTL, 3, trials, vec!["w1".into()], now);
+    // Only the attempt of a worker the store does not know is lost at once.
+    let lost: Vec<&str> = ds
+        .iter()
+        .filter_map(|d| match d {
+            Decision::Ended {
+                trial_id,
+                outcome: AttemptOutcome::Lost,
+                ..
+            } => Some(trial_id.as_str()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(lost, ["orphan"]);
+    assert_eq!(s.state("orphan"), Some(TrialState::Queued));
+    assert_eq!(s.state("back"), Some(TrialState::Running));
+    assert_eq!(s.state("gone"), Some(TrialState::Running));
+    assert_eq!(s.lease_of("back"), Some(("w1", now + TTL)));
     assert_eq!(
         s.state("dep"),
         Some(TrialState::Queued),
         "base already finished"
     );
     assert_eq!(s.state("done"), Some(TrialState::Finished));
-    // The old worker's heartbeat for the lost attempt is answered with a cancel order.
+
+    // The worker reconnects and heartbeats for "back" within the ttl: it carries on.
+    let hb = s.heartbeat("w1", &[("back".into(), 1)], now + 500).unwrap();
+    assert_eq!(hb.renewed, vec![("back".to_string(), 1, now + 500 + TTL)]);
+    assert!(s.report("back", 1));
+    // Nobody heartbeats for "gone": lost at the deadline, queued, no budget spent.
+    let ds = s.tick(now + TTL);
+    assert!(ds.iter().any(|d| matches!(d, Decision::Ended { trial_id, attempt: 2, outcome: AttemptOutcome::Lost, .. } if trial_id == "gone")));
+    assert!(ds.iter().any(|d| matches!(d, Decision::State { trial_id, state: TrialState::Queued, spent: 1, .. } if trial_id == "gone")));
     assert_eq!(
-        s.heartbeat("w1", &[("run".into(), 2)], 0)
+        s.state("back"),
+        Some(TrialState::Running),
+        "renewed lease lives on"
+    );
+    // A late heartbeat for the lost attempt is told to stop.
+    assert_eq!(
+        s.heartbeat("w1", &[("gone".into(), 2)], now + TTL + 1)
             .unwrap()
-            .cancel
-            .len(),
-        1
+            .cancel,
+        vec![("gone".to_string(), 2)]
     );
     let mut got: Vec<(String, u32)> = Vec::new();
-    while let Some(g) = lease(&mut s, "w1", 0) {
+    while let Some(g) = lease(&mut s, "w1", now + TTL + 2) {
         got.push((g.trial_id, g.attempt));
     }
     got.sort();
-    assert_eq!(got, vec![("dep".to_string(), 1), ("run".to_string(), 3)]);
+    assert_eq!(
+        got,
+        vec![
+            ("dep".to_string(), 1),
+            ("gone".to_string(), 3),
+            ("orphan".to_string(), 2)
+        ]
+    );
+    // The carried-over attempt completes normally, exactly once.
+    assert!(!s.complete("back", 1, "{}".into()).is_empty());
+    assert!(s.complete("back", 1, "{}".into()).is_empty());
+    assert_eq!(s.state("back"), Some(TrialState::Finished));
+}
+
+#[test]
+fn a_renewed_restored_lease_expires_like_any_other() {
+    let trials = vec![restored("t", TrialState::Running, 1, 0, Some("w1"))];
+    let (mut s, _) = Scheduler::restore(TTL, 3, trials, vec!["w1".into()], 0);
+    s.heartbeat("w1", &[("t".into(), 1)], 100).unwrap();
+    // After a heartbeat the lease is an ordinary one: expiry is a transient failure.
+    let ds = s.tick(100 + TTL);
+    assert!(ds.iter().any(|d| matches!(
+        d,
+        Decision::Ended {
+            outcome: AttemptOutcome::Expired,
+            ..
+        }
+    )));
+    assert!(ds.iter().any(|d| matches!(
+        d,
+        Decision::State {
+            state: TrialState::Queued,
+            spent: 1,
+            ..
+        }
+    )));
 }
 
 #[test]

@@ -9,7 +9,12 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 pub enum Error {
     /// A sweep or trial file is malformed: `file:line:col: message`.
     #[error("{file}:{line}:{col}: {msg}")]
-    Spec { file: String, line: usize, col: usize, msg: String },
+    Spec {
+        file: String,
+        line: usize,
+        col: usize,
+        msg: String,
+    },
     /// A configuration is inconsistent (e.g. freeze k larger than the groups).
     #[error("invalid config: {0}")]
     Config(String),
@@ -29,7 +34,10 @@ pub enum Error {
     #[error("stopped")]
     Stopped,
     #[error("io error on {path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[cfg(feature = "ml")]
     #[error("candle: {0}")]
     Candle(#[from] candle_core::Error),
@@ -65,10 +73,16 @@ impl Error {
     }
 
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        Error::Io { path: path.into(), source }
+        Error::Io {
+            path: path.into(),
+            source,
+        }
     }
 
     pub fn input(path: impl Into<PathBuf>, msg: impl Into<String>) -> Self {
-        Error::Input { path: path.into(), msg: msg.into() }
+        Error::Input {
+            path: path.into(),
+            msg: msg.into(),
+        }
     }
 }

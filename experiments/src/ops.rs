@@ -132,9 +132,21 @@ fn check_ce_inputs(logits: &Tensor, targets: &Tensor, what: &str) -> Result<usiz
     Ok(n)
 }
 
-/// Per-token negative log-likelihood (N): `logsumexp(row) - row[target]`. Written so that no
-/// (N, V) log-probability tensor is materialised beyond the shifted logits and their exp.
+/// Per-token negative log-likelihood (N): `logsumexp(row) - row[target]`. On the CPU (f32, f64)
+/// one fused op whose backward writes `softmax - onehot` in a single pass; elsewhere
+/// [`token_nll_portable`].
 fn token_nll(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
+    if logits.device().is_cpu() && matches!(logits.dtype(), DType::F32 | DType::F64) {
+        return Ok(logits
+            .contiguous()?
+            .apply_op2(&targets.contiguous()?, CrossEntropyOp::default())?);
+    }
+    token_nll_portable(logits, targets)
+}
+
+/// [`token_nll`] composed from candle primitives, written so that no (N, V) log-probability
+/// tensor is materialised beyond the shifted logits and their exp. Runs on every device.
+fn token_nll_portable(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
     let max = logits.max_keepdim(1)?.detach();
     let shifted = logits.broadcast_sub(&max)?;
     let lse = shifted.exp()?.sum_keepdim(1)?.log()?; // (N, 1)
@@ -146,6 +158,13 @@ fn token_nll(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
 pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
     check_ce_inputs(logits, targets, "cross_entropy")?;
     Ok(token_nll(logits, targets)?.mean_all()?)
+}
+
+/// [`cross_entropy`] from candle primitives only (what other devices run); kept public so the
+/// gradient tests can hold the fused CPU op against it.
+pub fn cross_entropy_portable(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
+    check_ce_inputs(logits, targets, "cross_entropy")?;
+    Ok(token_nll_portable(logits, targets)?.mean_all()?)
 }
 
 /// Sum of token NLL as f64 without building a graph (evaluation). Per-token values are computed
@@ -198,24 +217,29 @@ fn contiguous_slice<'a, T: WithDType>(
 struct SoftmaxOp;
 
 fn softmax_rows<T: Real>(x: &[T], c: usize) -> Vec<T> {
-    let mut out = Vec::with_capacity(x.len());
-    for row in x.chunks_exact(c) {
-        let max = row
-            .iter()
-            .copied()
-            .fold(row[0], |m, v| if v > m { v } else { m });
-        let start = out.len();
-        let mut sum = 0f64;
-        for &v in row {
-            let e = (v - max).exp_();
-            sum += e.to_f64();
-            out.push(e);
-        }
-        let inv = T::from_f64(1.0 / sum);
-        for e in &mut out[start..] {
-            *e *= inv;
-        }
-    }
+    use rayon::prelude::*;
+    let mut out = vec![T::from_f64(0.0); x.len()];
+    let chunk = rows_per_task(c) * c;
+    out.par_chunks_mut(chunk)
+        .zip(x.par_chunks(chunk))
+        .for_each(|(os, xs)| {
+            for (orow, row) in os.chunks_exact_mut(c).zip(xs.chunks_exact(c)) {
+                let max = row
+                    .iter()
+                    .copied()
+                    .fold(row[0], |m, v| if v > m { v } else { m });
+                let mut sum = 0f64;
+                for (o, &v) in orow.iter_mut().zip(row) {
+                    let e = (v - max).exp_();
+                    sum += e.to_f64();
+                    *o = e;
+                }
+                let inv = T::from_f64(1.0 / sum);
+                for e in orow.iter_mut() {
+                    *e *= inv;
+                }
+            }
+        });
     out
 }
 
@@ -258,43 +282,65 @@ fn row_stats<T: Real>(row: &[T], eps: f64) -> (f64, f64) {
 }
 
 fn layer_norm_rows<T: Real>(x: &[T], w: &[T], b: &[T], eps: f64) -> Vec<T> {
+    use rayon::prelude::*;
     let c = w.len();
-    let mut out = Vec::with_capacity(x.len());
-    for row in x.chunks_exact(c) {
-        let (mean, inv) = row_stats(row, eps);
-        for i in 0..c {
-            let xhat = (row[i].to_f64() - mean) * inv;
-            out.push(T::from_f64(xhat * w[i].to_f64() + b[i].to_f64()));
-        }
+    if c == 0 {
+        return Vec::new();
     }
+    let mut out = vec![T::from_f64(0.0); x.len()];
+    let chunk = rows_per_task(c) * c;
+    out.par_chunks_mut(chunk)
+        .zip(x.par_chunks(chunk))
+        .for_each(|(os, xs)| {
+            for (orow, row) in os.chunks_exact_mut(c).zip(xs.chunks_exact(c)) {
+                let (mean, inv) = row_stats(row, eps);
+                for i in 0..c {
+                    let xhat = (row[i].to_f64() - mean) * inv;
+                    orow[i] = T::from_f64(xhat * w[i].to_f64() + b[i].to_f64());
+                }
+            }
+        });
     out
 }
 
 /// Per row: `[dx (C) | g ⊙ x̂ (C)]`, from which backward takes dx and sums dw over rows.
 /// dx = inv_std · (g⊙w − mean(g⊙w) − x̂ · mean(g⊙w⊙x̂)).
 fn layer_norm_bwd_rows<T: Real>(x: &[T], w: &[T], g: &[T], eps: f64) -> Vec<T> {
+    use rayon::prelude::*;
     let c = w.len();
-    let mut out = Vec::with_capacity(2 * x.len());
-    let mut xhat = vec![0f64; c];
-    let mut gw = vec![0f64; c];
-    for (row, grow) in x.chunks_exact(c).zip(g.chunks_exact(c)) {
-        let (mean, inv) = row_stats(row, eps);
-        let (mut m_gw, mut m_gwx) = (0f64, 0f64);
-        for i in 0..c {
-            xhat[i] = (row[i].to_f64() - mean) * inv;
-            gw[i] = grow[i].to_f64() * w[i].to_f64();
-            m_gw += gw[i];
-            m_gwx += gw[i] * xhat[i];
-        }
-        m_gw /= c as f64;
-        m_gwx /= c as f64;
-        for i in 0..c {
-            out.push(T::from_f64(inv * (gw[i] - m_gw - xhat[i] * m_gwx)));
-        }
-        for i in 0..c {
-            out.push(T::from_f64(grow[i].to_f64() * xhat[i]));
-        }
+    if c == 0 {
+        return Vec::new();
     }
+    let mut out = vec![T::from_f64(0.0); 2 * x.len()];
+    let rows = rows_per_task(2 * c);
+    out.par_chunks_mut(rows * 2 * c)
+        .zip(x.par_chunks(rows * c))
+        .zip(g.par_chunks(rows * c))
+        .for_each(|((os, xs), gs)| {
+            let mut xhat = vec![0f64; c];
+            let mut gw = vec![0f64; c];
+            for ((orow, row), grow) in os
+                .chunks_exact_mut(2 * c)
+                .zip(xs.chunks_exact(c))
+                .zip(gs.chunks_exact(c))
+            {
+                let (mean, inv) = row_stats(row, eps);
+                let (mut m_gw, mut m_gwx) = (0f64, 0f64);
+                for i in 0..c {
+                    xhat[i] = (row[i].to_f64() - mean) * inv;
+                    gw[i] = grow[i].to_f64() * w[i].to_f64();
+                    m_gw += gw[i];
+                    m_gwx += gw[i] * xhat[i];
+                }
+                m_gw /= c as f64;
+                m_gwx /= c as f64;
+                let (dx, gx) = orow.split_at_mut(c);
+                for i in 0..c {
+                    dx[i] = T::from_f64(inv * (gw[i] - m_gw - xhat[i] * m_gwx));
+                    gx[i] = T::from_f64(grow[i].to_f64() * xhat[i]);
+                }
+            }
+        });
     out
 }
 
@@ -413,19 +459,22 @@ const GELU_A: f64 = 0.044715;
 struct GeluOp;
 
 fn gelu_map<T: Real>(x: &[T]) -> Vec<T> {
+    use rayon::prelude::*;
     let (half, one, c, a) = (
         T::from_f64(0.5),
         T::from_f64(1.0),
         T::from_f64(SQRT_2_OVER_PI),
         T::from_f64(GELU_A),
     );
-    x.iter()
+    x.par_iter()
+        .with_min_len(1 << 14)
         .map(|&v| half * v * (one + (c * (v + a * v * v * v)).tanh_()))
         .collect()
 }
 
 /// g · d/dx gelu_new(x) = g · (0.5 (1 + t) + 0.5 x (1 − t²) c (1 + 3a x²)), t = tanh(c (x + a x³)).
 fn gelu_grad_map<T: Real>(x: &[T], g: &[T]) -> Vec<T> {
+    use rayon::prelude::*;
     let (half, one, c, a) = (
         T::from_f64(0.5),
         T::from_f64(1.0),
@@ -433,8 +482,9 @@ fn gelu_grad_map<T: Real>(x: &[T], g: &[T]) -> Vec<T> {
         T::from_f64(GELU_A),
     );
     let a3 = T::from_f64(3.0 * GELU_A);
-    x.iter()
-        .zip(g)
+    x.par_iter()
+        .zip(g.par_iter())
+        .with_min_len(1 << 14)
         .map(|(&v, &g)| {
             let v2 = v * v;
             let t = (c * (v + a * v2 * v)).tanh_();
@@ -491,6 +541,182 @@ impl CustomOp2 for GeluGradOp {
                 contiguous_slice::<f64>(s2, l2)?,
             )),
             _ => candle_core::bail!("gelu_new backward: only f32 and f64 are supported on the CPU"),
+        };
+        Ok((out, l1.shape().clone()))
+    }
+}
+
+/// Rows per parallel task: enough work per task (~32k elements) that rayon's overhead vanishes.
+fn rows_per_task(c: usize) -> usize {
+    (32_768 / c.max(1)).max(1)
+}
+
+/// Fused per-token cross-entropy on (logits (N, V), targets (N) u32) → (N). The forward keeps
+/// each row's log-sum-exp for the backward, which is then one pass:
+/// `d logits = (exp(x − lse) − onehot(target)) · g[row]`.
+#[derive(Default)]
+struct CrossEntropyOp {
+    lse: std::sync::Mutex<Vec<f64>>,
+}
+
+/// Online log-sum-exp of one row (one pass: running maximum and rescaled sum), in f64.
+fn row_lse<T: Real>(row: &[T]) -> f64 {
+    let (mut m, mut s) = (f64::NEG_INFINITY, 0f64);
+    for &v in row {
+        let v = v.to_f64();
+        if v > m {
+            s = s * (m - v).exp() + 1.0;
+            m = v;
+        } else {
+            s += (v - m).exp();
+        }
+    }
+    m + s.ln()
+}
+
+fn ce_fwd<T: Real>(x: &[T], tg: &[u32], v: usize) -> candle_core::Result<(Vec<T>, Vec<f64>)> {
+    use rayon::prelude::*;
+    let n = tg.len();
+    if let Some(&bad) = tg.iter().find(|&&t| t as usize >= v) {
+        candle_core::bail!("cross_entropy: target {bad} is outside the vocabulary of {v}");
+    }
+    let mut lse = vec![0f64; n];
+    let mut out = vec![T::from_f64(0.0); n];
+    let rpt = rows_per_task(v);
+    x.par_chunks(rpt * v)
+        .zip(lse.par_chunks_mut(rpt))
+        .zip(out.par_chunks_mut(rpt))
+        .zip(tg.par_chunks(rpt))
+        .for_each(|(((xs, ls), os), ts)| {
+            for (((row, l), o), &t) in xs.chunks_exact(v).zip(ls).zip(os).zip(ts) {
+                *l = row_lse(row);
+                *o = T::from_f64(*l - row[t as usize].to_f64());
+            }
+        });
+    Ok((out, lse))
+}
+
+fn ce_bwd<T: Real>(x: &[T], tg: &[u32], lse: &[f64], g: &[T], v: usize) -> Vec<T> {
+    use rayon::prelude::*;
+    let mut out = vec![T::from_f64(0.0); x.len()];
+    let rpt = rows_per_task(v);
+    out.par_chunks_mut(rpt * v)
+        .zip(x.par_chunks(rpt * v))
+        .zip(lse.par_chunks(rpt))
+        .zip(g.par_chunks(rpt))
+        .zip(tg.par_chunks(rpt))
+        .for_each(|((((os, xs), ls), gs), ts)| {
+            for ((((orow, row), &l), &gr), &t) in os
+                .chunks_exact_mut(v)
+                .zip(xs.chunks_exact(v))
+                .zip(ls)
+                .zip(gs)
+                .zip(ts)
+            {
+                let gr = gr.to_f64();
+                // exp in the input type: f32 rows stay f32 (the hot loop), f64 rows stay exact.
+                let shift = T::from_f64(l);
+                let gt = T::from_f64(gr);
+                for (o, &xv) in orow.iter_mut().zip(row) {
+                    *o = (xv - shift).exp_() * gt;
+                }
+                orow[t as usize] -= gt;
+            }
+        });
+    out
+}
+
+impl CustomOp2 for CrossEntropyOp {
+    fn name(&self) -> &'static str {
+        "ablate-cross-entropy"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (n, v) = l1.shape().dims2()?;
+        if v == 0 {
+            candle_core::bail!("cross_entropy: the vocabulary is empty");
+        }
+        let tg = contiguous_slice::<u32>(s2, l2)?;
+        if tg.len() != n {
+            candle_core::bail!("cross_entropy: {} targets for {n} rows", tg.len());
+        }
+        let (out, lse) = match s1 {
+            CpuStorage::F32(_) => {
+                let (o, l) = ce_fwd(contiguous_slice::<f32>(s1, l1)?, tg, v)?;
+                (f32::to_cpu_storage_owned(o), l)
+            }
+            CpuStorage::F64(_) => {
+                let (o, l) = ce_fwd(contiguous_slice::<f64>(s1, l1)?, tg, v)?;
+                (f64::to_cpu_storage_owned(o), l)
+            }
+            _ => candle_core::bail!("cross_entropy: only f32 and f64 are supported on the CPU"),
+        };
+        *self.lse.lock().unwrap_or_else(|e| e.into_inner()) = lse;
+        Ok((out, Shape::from(n)))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        targets: &Tensor,
+        _res: &Tensor,
+        g: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let lse = self.lse.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let op = CrossEntropyBwdOp { lse };
+        let dx = x.apply_op3_no_bwd(targets, &g.contiguous()?, &op)?;
+        Ok((Some(dx), None))
+    }
+}
+
+/// Backward kernel of [`CrossEntropyOp`] on (logits, targets, grad of the per-token output).
+struct CrossEntropyBwdOp {
+    lse: Vec<f64>,
+}
+
+impl CustomOp3 for CrossEntropyBwdOp {
+    fn name(&self) -> &'static str {
+        "ablate-cross-entropy-bwd"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (n, v) = l1.shape().dims2()?;
+        let tg = contiguous_slice::<u32>(s2, l2)?;
+        if v == 0 || tg.len() != n || self.lse.len() != n {
+            candle_core::bail!("cross_entropy backward: row counts differ");
+        }
+        let out = match s1 {
+            CpuStorage::F32(_) => f32::to_cpu_storage_owned(ce_bwd(
+                contiguous_slice::<f32>(s1, l1)?,
+                tg,
+                &self.lse,
+                contiguous_slice::<f32>(s3, l3)?,
+                v,
+            )),
+            CpuStorage::F64(_) => f64::to_cpu_storage_owned(ce_bwd(
+                contiguous_slice::<f64>(s1, l1)?,
+                tg,
+                &self.lse,
+                contiguous_slice::<f64>(s3, l3)?,
+                v,
+            )),
+            _ => candle_core::bail!(
+                "cross_entropy backward: only f32 and f64 are supported on the CPU"
+            ),
         };
         Ok((out, l1.shape().clone()))
     }

@@ -295,7 +295,7 @@ fn expand(ctx: &Ctx, raw: RawSweep) -> Result<Sweep> {
     let base_span = ctx.find("[base");
     let base = raw.base;
     let (base_ref, n_layer) = match (base.path, base.pretrain) {
-        (Some(_), Some(p)) => {
+        (Some(_), Some(_)) => {
             return Err(ctx.err(
                 ctx.find("pretrain"),
                 "[base] takes either `path` or `pretrain`, not both",

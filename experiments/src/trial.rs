@@ -195,9 +195,14 @@ pub enum Schedule {
     /// Linear warmup then linear decay to 0.
     Linear,
     /// Linear warmup then cosine decay to `min_ratio * lr`.
-    Cosine { min_ratio: f64 },
+    Cosine {
+        min_ratio: f64,
+    },
     /// ULMFiT slanted triangular: rise for `cut_frac` of the steps, then fall; lowest lr = lr/ratio.
-    SlantedTriangular { cut_frac: f64, ratio: f64 },
+    SlantedTriangular {
+        cut_frac: f64,
+        ratio: f64,
+    },
 }
 
 /// Final figures of a finished trial, as the worker reports them.
@@ -219,9 +224,24 @@ pub struct TrialMetrics {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum Progress {
-    Step { step: u64, total: u64, loss: f64, lr: f64, tokens_per_sec: f64 },
-    Eval { step: u64, valid_loss: f64 },
+    Step {
+        step: u64,
+        total: u64,
+        loss: f64,
+        lr: f64,
+        tokens_per_sec: f64,
+    },
+    Eval {
+        step: u64,
+        valid_loss: f64,
+    },
     /// A resumable checkpoint was written to `dir` (relative to the trial's out dir).
-    Checkpoint { step: u64, dir: String },
-    Sample { prompt: String, text: String },
+    Checkpoint {
+        step: u64,
+        dir: String,
+    },
+    Sample {
+        prompt: String,
+        text: String,
+    },
 }

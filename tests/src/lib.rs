@@ -250,3 +250,100 @@ inheritune = [1]
 "#
     )
 }
+
+// ------------------------------------------------------------------ helpers for the fault suite
+
+/// Find the address in `ablate serve`'s `listening on ADDR` line (any interface, not only
+/// loopback: the fault suite listens on a veth address).
+pub fn find_listen_addr(line: &str) -> Option<String> {
+    let rest = line.split("listening on ").nth(1)?;
+    let addr: String = rest
+        .chars()
+        .take_while(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | ':' | '[' | ']'))
+        .collect();
+    addr.contains(':').then_some(addr)
+}
+
+/// Real English text every Debian/Ubuntu machine carries (base-files), so the fault suite needs
+/// no package download and its workers can run in a network namespace with no way out.
+pub const LICENSE_DIR: &str = "/usr/share/common-licenses";
+
+/// A small real two-stage sweep for fault injection: a tiny pretrain (`pre_steps`) on three
+/// licence texts, then freeze-1 and all-layers fine-tunes of `ft_steps` each on two others, with
+/// frequent checkpoints (every tenth of the steps), so a fault lands mid-trial and the next
+/// attempt has a checkpoint to resume from.
+pub fn fault_sweep(name: &str, pre_steps: u64, ft_steps: u64) -> String {
+    let every = (ft_steps / 10).max(1);
+    let d = LICENSE_DIR;
+    format!(
+        r#"
+name = "{name}"
+groups = 3
+
+[base.pretrain]
+shape = {{ n_layer = 2, n_head = 2, n_embd = 32, n_positions = 64 }}
+vocab_size = 320
+[base.pretrain.data]
+paths = ["{d}/GPL-3", "{d}/GFDL-1.3", "{d}/LGPL-2.1"]
+documents = "paragraphs"
+valid_fraction = 0.05
+context = 64
+max_valid_windows = 4
+[base.pretrain.train]
+steps = {pre_steps}
+batch_size = 8
+lr = 3e-3
+warmup_steps = 2
+eval_every = {pre_steps}
+eval_windows = 2
+checkpoint_every = {pre_steps}
+
+[data]
+paths = ["{d}/Apache-2.0", "{d}/MPL-2.0"]
+documents = "paragraphs"
+valid_fraction = 0.1
+context = 64
+max_valid_windows = 4
+
+[train]
+steps = {ft_steps}
+batch_size = 8
+lr = 3e-3
+schedule = "constant"
+warmup_steps = 0
+eval_every = {ft_steps}
+eval_windows = 2
+checkpoint_every = {every}
+
+[methods]
+freeze = [1, "all"]
+"#
+    )
+}
+
+/// Processes (other than this one) whose command line contains `marker`, e.g. a test's temp
+/// dir: what a scenario left running. Each entry is (pid, command line).
+pub fn processes_mentioning(marker: &str) -> Vec<(i32, String)> {
+    let me = std::process::id() as i32;
+    let mut out = Vec::new();
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return out;
+    };
+    for e in entries.flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        if pid == me {
+            continue;
+        }
+        let Ok(raw) = std::fs::read(e.path().join("cmdline")) else {
+            continue;
+        };
+        let cmd = String::from_utf8_lossy(&raw).replace('\0', " ");
+        // Zombies have an empty command line; they are reaped by their parent, not running.
+        if cmd.contains(marker) {
+            out.push((pid, cmd.trim().to_string()));
+        }
+    }
+    out
+}

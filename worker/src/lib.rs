@@ -2,5 +2,9 @@
 //! trial at a time and runs it with [`experiments::runner`]; its local subcommands run one trial,
 //! evaluate or sample without any coordinator.
 
+pub mod bench;
+pub mod connect;
+pub mod fleet;
+pub mod gpus;
 pub mod local;
 pub mod remote;

@@ -79,6 +79,8 @@ pub enum LocalCommand {
         #[arg(long, default_value = "cpu")]
         device: String,
     },
+    /// Time one training step (forward, backward, optimizer) on a random GPT-2; see README, Benchmarks.
+    Bench(crate::bench::BenchArgs),
 }
 
 /// Runs one local command to completion.
@@ -118,6 +120,7 @@ pub fn run_local(cmd: LocalCommand) -> Result<()> {
             };
             sample_cmd(&model, &prompt, &opts, &device)
         }
+        LocalCommand::Bench(args) => crate::bench::run_bench(&args),
     }
 }
 

@@ -1,6 +1,7 @@
 //! `ablate-worker`: parse flags, set up tracing, hook signals, then run remote mode.
 //!
-//! One process per GPU (or CPU). The first SIGTERM/SIGINT asks the running trial to checkpoint and
+//! One process per GPU (or CPU); `--all-gpus` starts and supervises one per visible GPU
+//! ([`worker::fleet`]). The first SIGTERM/SIGINT asks the running trial to checkpoint and
 //! report itself preempted, then the process exits 0 (spot machines get a short notice); a second
 //! signal exits at once.
 
@@ -13,6 +14,24 @@ use clap::Parser;
 use worker::local::{run_local, LocalCommand};
 use worker::remote::{run_remote, RemoteOpts};
 
+/// candle allocates a fresh buffer for every op; with glibc's malloc the large ones go back to the
+/// kernel on free and page-fault back in on the next step (a quarter of a step's samples in a
+/// profile). mimalloc keeps them; see [`keep_freed_memory`].
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+/// `MIMALLOC_PURGE_DELAY=-1` unless the user set it: freed memory is never returned to the OS,
+/// so a training step reuses the pages of the previous one. (The peak is unchanged: it is reached
+/// inside every step anyway.) mimalloc reads its environment before `main`, hence the call.
+fn keep_freed_memory() {
+    if std::env::var_os("MIMALLOC_PURGE_DELAY").is_none() {
+        // `mi_option_purge_delay` in mimalloc v3's `mi_option_e` (libmimalloc-sys does not name it).
+        const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
+        // SAFETY: sets a process-wide option; called once at start, before other threads exist.
+        unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1) };
+    }
+}
+
 #[derive(Parser, Debug)]
 #[command(
     name = "ablate-worker",
@@ -24,12 +43,19 @@ struct Cli {
     /// Run one trial, evaluate or sample locally, without a coordinator.
     #[command(subcommand)]
     local: Option<LocalCommand>,
-    /// Coordinator URL, e.g. http://coord:7070 (remote mode).
+    /// Coordinator URL, e.g. http://coord:7070 or https://coord:7070 (remote mode).
     #[arg(long, env = "ABLATE_COORDINATOR")]
     coordinator: Option<String>,
-    /// Device to train on: cpu or cuda:N.
+    /// PEM CA certificate to trust for an https:// coordinator (default: the system's roots).
+    #[arg(long, env = "ABLATE_CA")]
+    ca: Option<PathBuf>,
+    /// Device to train on: cpu or cuda:N (with CUDA_VISIBLE_DEVICES=K, cuda:0 is GPU K).
     #[arg(long, default_value = "cpu")]
     device: String,
+    /// Start one worker per visible GPU (CUDA_VISIBLE_DEVICES, nvidia-smi -L or
+    /// /proc/driver/nvidia/gpus) and supervise them; each is named <name>-gpu<id>.
+    #[arg(long, conflicts_with = "device")]
+    all_gpus: bool,
     /// File holding the worker token.
     #[arg(long, env = "ABLATE_WORKER_TOKEN_FILE")]
     token_file: Option<PathBuf>,
@@ -46,6 +72,7 @@ struct Cli {
 }
 
 fn main() -> std::process::ExitCode {
+    keep_freed_memory();
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
@@ -69,6 +96,11 @@ fn real_main() -> anyhow::Result<()> {
     if let Some(cmd) = cli.local.take() {
         return run_local(cmd);
     }
+    if cli.all_gpus {
+        let opts = fleet_opts(cli)?;
+        let rt = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+        return rt.block_on(worker::fleet::run_fleet(opts, worker::gpus::visible_gpus()));
+    }
     let opts = remote_opts(cli)?;
     let rt = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     rt.block_on(async move {
@@ -78,19 +110,69 @@ fn real_main() -> anyhow::Result<()> {
     })
 }
 
+const NEED_COORDINATOR: &str = "--coordinator URL (or $ABLATE_COORDINATOR) is required in \
+                                remote mode; or use a local subcommand (see --help)";
+
+fn fleet_opts(cli: Cli) -> anyhow::Result<worker::fleet::FleetOpts> {
+    // Check what each child would check, once, before starting any.
+    if let Some(f) = &cli.token_file {
+        read_token(f)?;
+    }
+    let ca_pem = cli
+        .ca
+        .as_deref()
+        .map(worker::connect::read_ca)
+        .transpose()?;
+    let coordinator = cli.coordinator.context(NEED_COORDINATOR)?;
+    worker::connect::endpoint(&coordinator, ca_pem.as_deref())?;
+    let name = match cli.name {
+        Some(n) => n,
+        None => {
+            let h = hostname();
+            if h.is_empty() {
+                "worker".into()
+            } else {
+                h
+            }
+        }
+    };
+    check_name(&name)?;
+    Ok(worker::fleet::FleetOpts {
+        coordinator,
+        token_file: cli.token_file,
+        ca: cli.ca,
+        cache: cli.cache,
+        work_dir: cli.work_dir,
+        name,
+    })
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/etc/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_default()
+}
+
+fn check_name(name: &str) -> anyhow::Result<()> {
+    if name.is_empty() || name.contains(['/', '\\']) || name == "." || name == ".." {
+        anyhow::bail!("--name {name:?}: must be non-empty and contain no path separators");
+    }
+    Ok(())
+}
+
 fn remote_opts(cli: Cli) -> anyhow::Result<RemoteOpts> {
     let token = match &cli.token_file {
         None => None,
         Some(f) => Some(read_token(f)?),
     };
-    let coordinator = cli.coordinator.context(
-        "--coordinator URL (or $ABLATE_COORDINATOR) is required in remote mode; \
-         or use a local subcommand (see --help)",
-    )?;
+    let ca_pem = cli
+        .ca
+        .as_deref()
+        .map(worker::connect::read_ca)
+        .transpose()?;
+    let coordinator = cli.coordinator.context(NEED_COORDINATOR)?;
     let cache_dir = cli.cache.unwrap_or_else(worker::local::default_cache_dir);
-    let host = std::fs::read_to_string("/etc/hostname")
-        .map(|h| h.trim().to_string())
-        .unwrap_or_default();
+    let host = hostname();
     let name = cli.name.unwrap_or_else(|| {
         let host = if host.is_empty() {
             "worker".to_string()
@@ -99,14 +181,13 @@ fn remote_opts(cli: Cli) -> anyhow::Result<RemoteOpts> {
         };
         format!("{host}-{}", cli.device.replace(':', ""))
     });
-    if name.is_empty() || name.contains(['/', '\\']) || name == "." || name == ".." {
-        anyhow::bail!("--name {name:?}: must be non-empty and contain no path separators");
-    }
+    check_name(&name)?;
     let work_dir = cli
         .work_dir
         .unwrap_or_else(|| cache_dir.join("work").join(&name));
     Ok(RemoteOpts {
         coordinator,
+        ca_pem,
         device: cli.device,
         token,
         cache_dir,

@@ -7,18 +7,24 @@
 //!
 //! - heartbeats every third of the lease ttl; a cancel order (or a report the coordinator no longer
 //!   accepts) sets the trial's stop flag, and the runner checkpoints and returns;
-//! - streams every `Progress` as a `Report` with an increasing sequence number, retrying each one
-//!   until delivered, so a network cut only delays reports (the coordinator dedups replays);
-//! - uploads `ckpt/` after every checkpoint (from a snapshot copy, so training can go on writing).
+//! - appends every `Progress` to an on-disk spool (`<work>/trials/<id>.reports-<attempt>.jsonl`)
+//!   with an increasing sequence number; a sender task replays the spool in order as `Report`s,
+//!   retrying each one until delivered, so a network cut costs disk, not memory, and only delays
+//!   reports (the coordinator dedups replays by sequence number);
+//! - uploads `ckpt/` after every checkpoint (from a snapshot copy, so training can go on writing;
+//!   when a cut lets snapshots pile up, only the newest is sent).
 //!
 //! On finish it uploads `model/`, `metrics.json` and `samples.json`, then `Complete`; on error,
 //! `Fail` with the error's reason and whether retrying can help. SIGTERM/SIGINT (see `main.rs`) set
 //! the global stop flag: the trial checkpoints, `ckpt/` is uploaded, the attempt is reported as
-//! preempted (no retry budget spent) and the worker exits. Every call to the coordinator is retried
-//! with capped, jittered exponential backoff while it is unreachable.
+//! preempted (no retry budget spent) and the worker exits; if the coordinator cannot be reached
+//! to say so, the process still exits [`STOP_GRACE`] after the signal. Every call to the
+//! coordinator is retried with capped, jittered exponential backoff while it is unreachable, and
+//! each short call has its own time limit, so a silently dead connection is noticed.
 
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -27,13 +33,13 @@ use ablate_proto::pb::worker_service_client::WorkerServiceClient;
 use anyhow::Context;
 use experiments::runner::{run_trial, Outcome, TrialEnv};
 use experiments::trial::{Progress, TrialConfig};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, Notify};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::StreamExt;
 use tonic::metadata::{Ascii, MetadataValue};
 use tonic::service::interceptor::InterceptedService;
 use tonic::service::Interceptor;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 use tonic::{Code, Request, Status};
 use tracing::Instrument;
 
@@ -43,13 +49,21 @@ const CHUNK_BYTES: usize = 1 << 20;
 const MAX_MESSAGE_BYTES: usize = 16 << 20;
 /// Longest pause between reconnection attempts.
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
+/// Time limit of one short call (report, heartbeat, complete, fail): a call on a connection that
+/// died silently (cable cut, NAT timeout) fails after this and is retried.
+const CALL_TIMEOUT: Duration = Duration::from_secs(10);
+/// After SIGTERM/SIGINT the worker exits within this long even if the coordinator is unreachable
+/// (spot machines give about 30 s of notice).
+pub const STOP_GRACE: Duration = Duration::from_secs(25);
 
 /// Everything remote mode needs, resolved from flags and environment by `main.rs`.
 /// (No `Debug`: it holds the worker token, which must never reach a log.)
 #[derive(Clone)]
 pub struct RemoteOpts {
-    /// e.g. `http://coord:7070`.
+    /// e.g. `http://coord:7070` or `https://coord:7070`.
     pub coordinator: String,
+    /// PEM CA to trust for an `https://` coordinator (`None`: the system's roots).
+    pub ca_pem: Option<Vec<u8>>,
     /// `cpu` or `cuda:N`.
     pub device: String,
     pub token: Option<String>,
@@ -103,6 +117,14 @@ pub async fn run_remote(opts: RemoteOpts, stop: Arc<AtomicBool>) -> anyhow::Resu
         worker_id: String::new(),
         ttl: Duration::from_secs(30),
     };
+    // Preemption is bounded: whatever the network does, exit STOP_GRACE after the first signal.
+    let watchdog_stop = w.stop.clone();
+    tokio::spawn(async move {
+        flag_set(&watchdog_stop).await;
+        tokio::time::sleep(STOP_GRACE).await;
+        tracing::warn!(grace = ?STOP_GRACE, "could not finish stopping in time: exiting now");
+        std::process::exit(1);
+    });
     w.register().await?;
     while !w.stopping() {
         let lease = match w.lease().await {
@@ -124,11 +146,7 @@ pub async fn run_remote(opts: RemoteOpts, stop: Arc<AtomicBool>) -> anyhow::Resu
 }
 
 fn client(opts: &RemoteOpts) -> anyhow::Result<Client> {
-    let ep = Endpoint::from_shared(opts.coordinator.clone())
-        .map_err(|e| anyhow::anyhow!("--coordinator {:?}: {e}", opts.coordinator))?
-        .connect_timeout(Duration::from_secs(10))
-        .http2_keep_alive_interval(Duration::from_secs(20))
-        .keep_alive_while_idle(true);
+    let ep = crate::connect::endpoint(&opts.coordinator, opts.ca_pem.as_deref())?;
     // Lazy: the channel (re)connects on use, so an unreachable coordinator is just a failed call.
     let channel = ep.connect_lazy();
     let token = match opts.token.as_deref() {
@@ -334,14 +352,40 @@ impl Worker {
             lost.clone(),
             self.stop.clone(),
         ));
-        // Reports (and checkpoint uploads), in order, retried until delivered.
-        let (tx, rx) = mpsc::unbounded_channel::<Outgoing>();
+        // Reports (and checkpoint uploads), spooled on disk, sent in order, retried until
+        // delivered.
+        let spool_path = out_dir.with_extension(format!("reports-{attempt}.jsonl"));
+        let wake = Arc::new(Notify::new());
+        let (mut spool, reader) = match SpoolWriter::create(&spool_path, wake.clone()) {
+            Ok(w) => {
+                let r = SpoolReader::open(&spool_path, wake);
+                (w, r)
+            }
+            Err(e) => {
+                hb.abort();
+                let msg = format!("creating the report spool {}: {e}", spool_path.display());
+                self.fail(&trial_id, attempt, "io", &msg, false, false)
+                    .await;
+                return Ok(());
+            }
+        };
+        let reader = match reader {
+            Ok(r) => r,
+            Err(e) => {
+                hb.abort();
+                let msg = format!("opening the report spool {}: {e}", spool_path.display());
+                self.fail(&trial_id, attempt, "io", &msg, false, false)
+                    .await;
+                return Ok(());
+            }
+        };
+        let latest_snapshot = Arc::new(AtomicU64::new(0));
         let reporter = tokio::spawn(report_loop(
             self.client.clone(),
             trial_id.clone(),
             attempt,
-            out_dir.clone(),
-            rx,
+            reader,
+            latest_snapshot.clone(),
             trial_stop.clone(),
             lost.clone(),
         ));
@@ -356,6 +400,7 @@ impl Worker {
         let result = tokio::task::spawn_blocking(move || {
             let mut snap_n = 0u64;
             let mut on_progress = |p: &Progress| {
+                spool.report(p);
                 if let Progress::Checkpoint { dir, .. } = p {
                     // Snapshot the checkpoint so the upload reads a consistent copy while training
                     // goes on overwriting the original.
@@ -363,27 +408,25 @@ impl Worker {
                     let snap = snapshot_root.join(snap_n.to_string());
                     match copy_dir(&env.out_dir.join(dir), &snap) {
                         Ok(()) => {
-                            let _ = tx.send(Outgoing::Progress(p.clone()));
-                            let _ = tx.send(Outgoing::UploadDir {
+                            latest_snapshot.store(snap_n, Ordering::SeqCst);
+                            spool.push(&Spooled::Upload {
                                 local: snap,
                                 prefix: "ckpt".into(),
-                                remove_after: true,
+                                snapshot: snap_n,
                             });
-                            return;
                         }
                         Err(e) => tracing::warn!(cause = %e, "could not snapshot checkpoint"),
                     }
                 }
-                let _ = tx.send(Outgoing::Progress(p.clone()));
             };
-            let r = run_trial(&cfg, &env, &mut on_progress);
-            drop(tx);
-            r
+            // The spool is closed (its end marked) when this closure returns or unwinds.
+            run_trial(&cfg, &env, &mut on_progress)
         })
         .await
         .context("trial thread panicked")?;
         // Drain every report before the final word.
         let _ = reporter.await;
+        let _ = std::fs::remove_file(&spool_path);
         let _ = std::fs::remove_dir_all(out_dir.with_extension("ckpt-upload"));
         let lost_lease = lost.load(Ordering::SeqCst);
         match result {
@@ -425,7 +468,7 @@ impl Worker {
                     match retry("complete", &|| false, || {
                         let mut c = client.clone();
                         let req = req.clone();
-                        async move { c.complete(req).await }
+                        async move { timed(c.complete(req)).await }
                     })
                     .await
                     {
@@ -518,7 +561,7 @@ impl Worker {
         let r = retry("fail", &|| tokio::time::Instant::now() > deadline, || {
             let mut c = client.clone();
             let req = req.clone();
-            async move { c.fail(req).await }
+            async move { timed(c.fail(req)).await }
         })
         .await;
         if let Err(e) = r {
@@ -598,12 +641,14 @@ impl Worker {
         }
     }
 
+    /// Upload results, retrying through network cuts until the coordinator takes them or says
+    /// the attempt no longer owns the trial (a preempted worker stops trying at the watchdog).
     async fn upload_dir(&self, trial_id: &str, attempt: u32, dir: &Path, prefix: &str) -> bool {
-        upload_dir(&self.client, trial_id, attempt, dir, prefix).await
+        upload_dir(&self.client, trial_id, attempt, dir, prefix, &|| false).await
     }
 
     async fn upload_file(&self, trial_id: &str, attempt: u32, name: &str, path: &Path) -> bool {
-        upload_file_retrying(&self.client, trial_id, attempt, name, path).await
+        upload_file_retrying(&self.client, trial_id, attempt, name, path, &|| false).await
     }
 }
 
@@ -625,52 +670,167 @@ fn experiments_safe_name(name: &str) -> anyhow::Result<()> {
     }
 }
 
-enum Outgoing {
-    Progress(Progress),
-    /// Upload every file below `local` as `<prefix>/<relative path>`.
-    UploadDir {
+/// One line of an attempt's report spool.
+#[derive(Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+enum Spooled {
+    /// A progress event (as JSON) with its sequence number.
+    Report { seq: u64, progress_json: String },
+    /// Upload every file below `local` as `<prefix>/<relative path>`, then delete `local`.
+    /// `snapshot` numbers the checkpoint snapshots of the attempt.
+    Upload {
         local: PathBuf,
         prefix: String,
-        remove_after: bool,
+        snapshot: u64,
     },
+    /// The attempt will produce nothing more.
+    End,
 }
 
+/// Write side of the spool, owned by the training thread: appends whole lines and wakes the
+/// sender. Dropping it marks the end, so the sender stops even if training panicked.
+struct SpoolWriter {
+    file: std::fs::File,
+    path: PathBuf,
+    seq: u64,
+    wake: Arc<Notify>,
+}
+
+impl SpoolWriter {
+    fn create(path: &Path, wake: Arc<Notify>) -> std::io::Result<Self> {
+        if let Some(p) = path.parent() {
+            std::fs::create_dir_all(p)?;
+        }
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .write(true)
+            .truncate(true)
+            .open(path)?;
+        Ok(SpoolWriter {
+            file,
+            path: path.to_path_buf(),
+            seq: 0,
+            wake,
+        })
+    }
+
+    fn report(&mut self, p: &Progress) {
+        let seq = self.seq;
+        self.seq += 1;
+        let progress_json = serde_json::to_string(p).expect("progress serialises");
+        self.push(&Spooled::Report { seq, progress_json });
+    }
+
+    fn push(&mut self, entry: &Spooled) {
+        let mut line = serde_json::to_vec(entry).expect("spool entry serialises");
+        line.push(b'\n');
+        if let Err(e) = self.file.write_all(&line) {
+            // Disk full or gone: the event is lost to the coordinator, training goes on.
+            tracing::warn!(spool = %self.path.display(), cause = %e, "could not spool a report");
+        }
+        self.wake.notify_one();
+    }
+}
+
+impl Drop for SpoolWriter {
+    fn drop(&mut self) {
+        self.push(&Spooled::End);
+    }
+}
+
+/// Read side of the spool: yields entries in the order they were written, waiting for more.
+struct SpoolReader {
+    file: std::fs::File,
+    path: PathBuf,
+    buf: Vec<u8>,
+    wake: Arc<Notify>,
+}
+
+impl SpoolReader {
+    fn open(path: &Path, wake: Arc<Notify>) -> std::io::Result<Self> {
+        Ok(SpoolReader {
+            file: std::fs::File::open(path)?,
+            path: path.to_path_buf(),
+            buf: Vec::new(),
+            wake,
+        })
+    }
+
+    /// The next entry; `End` once the writer is gone.
+    async fn next(&mut self) -> Spooled {
+        loop {
+            if let Some(i) = self.buf.iter().position(|&b| b == b'\n') {
+                let line: Vec<u8> = self.buf.drain(..=i).collect();
+                match serde_json::from_slice(&line[..i]) {
+                    Ok(e) => return e,
+                    Err(e) => {
+                        tracing::warn!(spool = %self.path.display(), cause = %e, "skipping a corrupt spool line");
+                        continue;
+                    }
+                }
+            }
+            let mut chunk = [0u8; 64 << 10];
+            match self.file.read(&mut chunk) {
+                Ok(0) => {}
+                Ok(n) => {
+                    self.buf.extend_from_slice(&chunk[..n]);
+                    continue;
+                }
+                Err(e) => {
+                    tracing::warn!(spool = %self.path.display(), cause = %e, "cannot read the spool");
+                    return Spooled::End;
+                }
+            }
+            // Nothing new: wait for the writer (a permit is stored if it wrote meanwhile).
+            tokio::select! {
+                _ = self.wake.notified() => {}
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            }
+        }
+    }
+}
+
+/// Send the spool in order: reports (retried until delivered, or until the lease is known lost)
+/// and checkpoint uploads (skipped when a newer snapshot is already waiting).
 async fn report_loop(
     client: Client,
     trial_id: String,
     attempt: u32,
-    _out_dir: PathBuf,
-    mut rx: mpsc::UnboundedReceiver<Outgoing>,
+    mut spool: SpoolReader,
+    latest_snapshot: Arc<AtomicU64>,
     trial_stop: Arc<AtomicBool>,
     lost: Arc<AtomicBool>,
 ) {
-    let mut seq = 0u64;
-    while let Some(msg) = rx.recv().await {
-        if lost.load(Ordering::SeqCst) {
-            if let Outgoing::UploadDir {
-                local,
-                remove_after: true,
-                ..
-            } = msg
+    let lost_flag = lost.clone();
+    let give_up = move || lost_flag.load(Ordering::SeqCst);
+    loop {
+        match spool.next().await {
+            Spooled::End => return,
+            Spooled::Upload {
+                local, snapshot, ..
+            } if lost.load(Ordering::SeqCst)
+                || snapshot < latest_snapshot.load(Ordering::SeqCst) =>
             {
+                // The attempt no longer counts, or a newer checkpoint supersedes this one.
                 let _ = std::fs::remove_dir_all(local);
             }
-            continue; // drain without sending: the attempt no longer counts
-        }
-        match msg {
-            Outgoing::Progress(p) => {
+            Spooled::Upload { local, prefix, .. } => {
+                upload_dir(&client, &trial_id, attempt, &local, &prefix, &give_up).await;
+                let _ = std::fs::remove_dir_all(&local);
+            }
+            Spooled::Report { .. } if lost.load(Ordering::SeqCst) => {}
+            Spooled::Report { seq, progress_json } => {
                 let req = pb::ReportRequest {
                     trial_id: trial_id.clone(),
                     attempt,
                     seq,
-                    progress_json: serde_json::to_string(&p).expect("progress serialises"),
+                    progress_json,
                 };
-                seq += 1;
                 // Keep trying while the coordinator is away: the lease decides who owns the trial.
-                let r = retry("report", &|| false, || {
+                let r = retry("report", &give_up, || {
                     let mut c = client.clone();
                     let req = req.clone();
-                    async move { c.report(req).await }
+                    async move { timed(c.report(req)).await }
                 })
                 .await;
                 match r {
@@ -682,21 +842,18 @@ async fn report_loop(
                         trial_stop.store(true, Ordering::SeqCst);
                     }
                     Ok(_) => {}
-                    Err(e) => tracing::warn!(cause = %e.message(), "report rejected"),
-                }
-            }
-            Outgoing::UploadDir {
-                local,
-                prefix,
-                remove_after,
-            } => {
-                upload_dir(&client, &trial_id, attempt, &local, &prefix).await;
-                if remove_after {
-                    let _ = std::fs::remove_dir_all(&local);
+                    Err(e) => tracing::warn!(cause = %e.message(), "report not delivered"),
                 }
             }
         }
     }
+}
+
+/// A short call with [`CALL_TIMEOUT`]: running out counts as a transient failure.
+async fn timed<T>(call: impl std::future::Future<Output = Result<T, Status>>) -> Result<T, Status> {
+    tokio::time::timeout(CALL_TIMEOUT, call)
+        .await
+        .unwrap_or_else(|_| Err(Status::deadline_exceeded("no answer from the coordinator")))
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -720,7 +877,7 @@ async fn heartbeat_loop(
                     held: vec![pb::HeldLease { trial_id: trial_id.clone(), attempt }],
                 };
                 let mut c = client.clone();
-                match c.heartbeat(req).await {
+                match timed(c.heartbeat(req)).await {
                     Ok(resp) => {
                         let resp = resp.into_inner();
                         if resp.cancel.iter().any(|h| h.trial_id == trial_id && h.attempt == attempt) {
@@ -753,6 +910,7 @@ async fn upload_dir(
     attempt: u32,
     dir: &Path,
     prefix: &str,
+    give_up: &(dyn Fn() -> bool + Sync),
 ) -> bool {
     let files = match list_files(dir) {
         Ok(f) => f,
@@ -764,23 +922,26 @@ async fn upload_dir(
     let mut ok = true;
     for rel in files {
         let name = format!("{prefix}/{rel}");
-        ok &= upload_file_retrying(client, trial_id, attempt, &name, &dir.join(&rel)).await;
+        ok &=
+            upload_file_retrying(client, trial_id, attempt, &name, &dir.join(&rel), give_up).await;
     }
     ok
 }
 
+/// Upload one file, retrying transient failures with backoff until `give_up` says stop.
 async fn upload_file_retrying(
     client: &Client,
     trial_id: &str,
     attempt: u32,
     name: &str,
     path: &Path,
+    give_up: &(dyn Fn() -> bool + Sync),
 ) -> bool {
     let mut backoff = Backoff::new();
-    for _ in 0..8 {
+    loop {
         match upload_once(client, trial_id, attempt, name, path).await {
             Ok(()) => return true,
-            Err(e) if transient(&e) => {
+            Err(e) if transient(&e) && !give_up() => {
                 tracing::warn!(name, cause = %e.message(), "upload failed, retrying");
                 backoff.wait().await;
             }
@@ -790,7 +951,6 @@ async fn upload_file_retrying(
             }
         }
     }
-    false
 }
 
 async fn upload_once(
@@ -926,13 +1086,8 @@ fn copy_dir(src: &Path, dst: &Path) -> std::io::Result<()> {
 /// (kind, name, memory bytes) for the registration: what the status table shows.
 fn describe_device(device: &str) -> (String, String, u64) {
     if device.starts_with("cuda") {
-        let visible = std::env::var("CUDA_VISIBLE_DEVICES").unwrap_or_default();
-        let name = if visible.is_empty() {
-            device.to_string()
-        } else {
-            format!("{device} (CUDA_VISIBLE_DEVICES={visible})")
-        };
-        ("cuda".into(), name, 0)
+        let (name, memory) = crate::gpus::describe_cuda(device);
+        ("cuda".into(), name, memory)
     } else {
         let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
         let model = cpuinfo

@@ -1,0 +1,114 @@
+//! TLS for the coordinator's port (rustls with the ring provider, through tonic's `tls-ring`).
+//!
+//! The server side is a certificate chain and key in PEM files (`ablate serve --tls-cert --tls-key`);
+//! the client side (CLI commands, tests) trusts either the CA in a PEM file (`--ca`, for a
+//! self-signed or private CA, the usual case for a coordinator on a rented machine) or the system's
+//! roots when the URL is `https://` and no CA is given. Tokens travel in request headers, so a
+//! coordinator reachable beyond loopback should use TLS: without it the tokens cross the network in
+//! clear text (`ablate serve` warns).
+
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::{bail, Context as _};
+use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity, ServerTlsConfig};
+
+/// A PEM certificate chain and its private key, checked on load.
+#[derive(Clone)]
+pub struct TlsIdentity {
+    pub cert_pem: Vec<u8>,
+    pub key_pem: Vec<u8>,
+}
+
+impl std::fmt::Debug for TlsIdentity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never print the key.
+        f.debug_struct("TlsIdentity")
+            .field("cert_pem", &format_args!("{} bytes", self.cert_pem.len()))
+            .finish_non_exhaustive()
+    }
+}
+
+impl TlsIdentity {
+    /// Read `--tls-cert` and `--tls-key`; errors name the file and what is wrong with it.
+    pub fn from_files(cert: &Path, key: &Path) -> anyhow::Result<TlsIdentity> {
+        let cert_pem = std::fs::read(cert)
+            .with_context(|| format!("reading TLS certificate {}", cert.display()))?;
+        let key_pem =
+            std::fs::read(key).with_context(|| format!("reading TLS key {}", key.display()))?;
+        if !contains(&cert_pem, b"-----BEGIN CERTIFICATE-----") {
+            bail!(
+                "--tls-cert {}: no PEM certificate in it (expected -----BEGIN CERTIFICATE-----)",
+                cert.display()
+            );
+        }
+        if !contains(&key_pem, b"PRIVATE KEY-----") {
+            bail!(
+                "--tls-key {}: no PEM private key in it (expected -----BEGIN PRIVATE KEY-----)",
+                key.display()
+            );
+        }
+        let id = TlsIdentity { cert_pem, key_pem };
+        // Build the server config once now, so a key that does not match or parse is reported
+        // before anything is bound.
+        id.server_config_checked().with_context(|| {
+            format!(
+                "--tls-cert {} / --tls-key {}",
+                cert.display(),
+                key.display()
+            )
+        })?;
+        Ok(id)
+    }
+
+    /// tonic's server configuration for this identity.
+    pub fn server_config(&self) -> ServerTlsConfig {
+        ServerTlsConfig::new().identity(Identity::from_pem(&self.cert_pem, &self.key_pem))
+    }
+
+    fn server_config_checked(&self) -> anyhow::Result<()> {
+        tonic::transport::Server::builder()
+            .tls_config(self.server_config())
+            .map(|_| ())
+            .map_err(|e| anyhow::anyhow!("unusable certificate or key: {e}"))
+    }
+}
+
+fn contains(hay: &[u8], needle: &[u8]) -> bool {
+    hay.windows(needle.len()).any(|w| w == needle)
+}
+
+/// Read a CA bundle given with `--ca`.
+pub fn read_ca(path: &Path) -> anyhow::Result<Vec<u8>> {
+    let pem = std::fs::read(path).with_context(|| format!("reading --ca {}", path.display()))?;
+    if !contains(&pem, b"-----BEGIN CERTIFICATE-----") {
+        bail!(
+            "--ca {}: no PEM certificate in it (expected -----BEGIN CERTIFICATE-----)",
+            path.display()
+        );
+    }
+    Ok(pem)
+}
+
+/// An endpoint for `url`: `http://` as is; `https://` trusting `ca_pem` when given, otherwise
+/// the system's roots. A CA with an `http://` URL is refused rather than silently unused.
+pub fn client_endpoint(url: &str, ca_pem: Option<&[u8]>) -> anyhow::Result<Endpoint> {
+    let ep = Endpoint::from_shared(url.to_string())
+        .with_context(|| format!("--coordinator {url}: not a URL (expected http(s)://HOST:PORT)"))?
+        .connect_timeout(Duration::from_secs(10));
+    let https = url.starts_with("https://");
+    match (https, ca_pem) {
+        (false, None) => Ok(ep),
+        (false, Some(_)) => bail!(
+            "--ca is set but the coordinator URL {url} is not https://: use https:// to talk TLS"
+        ),
+        (true, ca) => {
+            let tls = match ca {
+                Some(pem) => ClientTlsConfig::new().ca_certificate(Certificate::from_pem(pem)),
+                None => ClientTlsConfig::new().with_native_roots(),
+            };
+            ep.tls_config(tls)
+                .with_context(|| format!("TLS settings for {url}"))
+        }
+    }
+}

@@ -1,0 +1,211 @@
+//! `ablate-worker --all-gpus`: one worker process per visible GPU, for machines without systemd
+//! (rented containers, a shell on a 4-GPU box).
+//!
+//! Each child is this same binary with `--device cuda:0`, `CUDA_VISIBLE_DEVICES=<id>` and
+//! `CUDA_DEVICE_ORDER=PCI_BUS_ID` (so the id means what nvidia-smi shows), named `<name>-gpu<id>`.
+//! The supervisor restarts a child that exits on its own (crash, driver fault) with a capped,
+//! growing delay; on SIGTERM/SIGINT it forwards the signal to every child (each checkpoints and
+//! reports its attempt as preempted) and exits when they all have. A second signal is forwarded
+//! too, which makes the children exit at once.
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context as _};
+
+/// What every child gets; the token stays in its file (children read `--token-file`).
+#[derive(Clone, Debug)]
+pub struct FleetOpts {
+    pub coordinator: String,
+    pub token_file: Option<PathBuf>,
+    pub ca: Option<PathBuf>,
+    pub cache: Option<PathBuf>,
+    /// Parent of the children's work dirs (`<dir>/gpu<id>`); default: each child's own default.
+    pub work_dir: Option<PathBuf>,
+    /// Prefix of the children's names (`<prefix>-gpu<id>`).
+    pub name: String,
+}
+
+/// How one child is started: argv after the binary, and its environment additions.
+pub fn child_command(opts: &FleetOpts, gpu: &str) -> (Vec<String>, Vec<(String, String)>) {
+    let tag = gpu.replace(|c: char| !c.is_ascii_alphanumeric() && c != '-', "_");
+    let mut args = vec![
+        "--coordinator".to_string(),
+        opts.coordinator.clone(),
+        "--device".into(),
+        "cuda:0".into(),
+        "--name".into(),
+        format!("{}-gpu{tag}", opts.name),
+    ];
+    let mut path_arg = |flag: &str, p: &Option<PathBuf>| {
+        if let Some(p) = p {
+            args.push(flag.to_string());
+            args.push(p.display().to_string());
+        }
+    };
+    path_arg("--token-file", &opts.token_file);
+    path_arg("--ca", &opts.ca);
+    path_arg("--cache", &opts.cache);
+    path_arg(
+        "--work-dir",
+        &opts.work_dir.as_ref().map(|d| d.join(format!("gpu{tag}"))),
+    );
+    let env = vec![
+        ("CUDA_VISIBLE_DEVICES".to_string(), gpu.to_string()),
+        ("CUDA_DEVICE_ORDER".to_string(), "PCI_BUS_ID".to_string()),
+    ];
+    (args, env)
+}
+
+struct Member {
+    gpu: String,
+    child: Option<Child>,
+    started: Instant,
+    restarts: u32,
+    /// When a child that exited is due to start again.
+    due: Option<Instant>,
+}
+
+/// Delay before restart number `n` (1-based): 1 s, 2 s, 4 s ... capped at a minute.
+pub fn restart_delay(n: u32) -> Duration {
+    Duration::from_secs(1u64 << n.saturating_sub(1).min(6)).min(Duration::from_secs(60))
+}
+
+/// Run one worker per GPU in `gpus` until a signal stops them.
+pub async fn run_fleet(opts: FleetOpts, gpus: Vec<String>) -> anyhow::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    if gpus.is_empty() {
+        bail!(
+            "--all-gpus: no GPU is visible (CUDA_VISIBLE_DEVICES, nvidia-smi -L, \
+             /proc/driver/nvidia/gpus); run without it for a CPU worker"
+        );
+    }
+    let exe = std::env::current_exe().context("locating the ablate-worker binary")?;
+    tracing::info!(gpus = %gpus.join(","), "starting one worker per GPU");
+    let spawn = |gpu: &str| -> anyhow::Result<Child> {
+        let (args, env) = child_command(&opts, gpu);
+        let mut cmd = Command::new(&exe);
+        cmd.args(&args).envs(env).stdin(Stdio::null());
+        // Own process group: a terminal's Ctrl-C reaches the supervisor, which stops the children
+        // in order rather than racing them.
+        use std::os::unix::process::CommandExt;
+        cmd.process_group(0);
+        cmd.spawn()
+            .with_context(|| format!("starting the worker for GPU {gpu}"))
+    };
+    let mut members = Vec::new();
+    for g in &gpus {
+        members.push(Member {
+            gpu: g.clone(),
+            child: Some(spawn(g)?),
+            started: Instant::now(),
+            restarts: 0,
+            due: None,
+        });
+    }
+    let mut term = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
+    let mut tick = tokio::time::interval(Duration::from_millis(500));
+    let mut signals = 0u32;
+    loop {
+        tokio::select! {
+            _ = term.recv() => { signals += 1; forward(&members, libc::SIGTERM); }
+            _ = int.recv() => { signals += 1; forward(&members, libc::SIGTERM); }
+            _ = tick.tick() => {}
+        }
+        if signals >= 2 {
+            forward(&members, libc::SIGINT);
+        }
+        let now = Instant::now();
+        for m in members.iter_mut() {
+            if let Some(c) = &mut m.child {
+                if let Ok(Some(status)) = c.try_wait() {
+                    m.child = None;
+                    if signals == 0 {
+                        // A child that ran a good while before dying starts a fresh backoff.
+                        if m.started.elapsed() > Duration::from_secs(300) {
+                            m.restarts = 0;
+                        }
+                        m.restarts += 1;
+                        let delay = restart_delay(m.restarts);
+                        tracing::warn!(gpu = %m.gpu, %status, ?delay, "worker exited; restarting");
+                        m.due = Some(now + delay);
+                    }
+                }
+            }
+            if signals == 0 && m.child.is_none() && m.due.is_some_and(|d| d <= now) {
+                m.due = None;
+                match spawn(&m.gpu) {
+                    Ok(c) => {
+                        m.child = Some(c);
+                        m.started = Instant::now();
+                    }
+                    Err(e) => {
+                        tracing::warn!(gpu = %m.gpu, cause = %format!("{e:#}"), "restart failed");
+                        m.due = Some(now + restart_delay(m.restarts + 1));
+                    }
+                }
+            }
+        }
+        if signals > 0 && members.iter().all(|m| m.child.is_none()) {
+            tracing::info!("every worker stopped");
+            return Ok(());
+        }
+    }
+}
+
+fn forward(members: &[Member], sig: i32) {
+    for m in members {
+        if let Some(c) = &m.child {
+            // SAFETY: kill(2) on the pid of a child we own and have not reaped.
+            unsafe {
+                libc::kill(c.id() as libc::pid_t, sig);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn children_get_one_gpu_each_and_no_token_on_the_command_line() {
+        let opts = FleetOpts {
+            coordinator: "https://coord:7070".into(),
+            token_file: Some("/etc/ablate/worker.token".into()),
+            ca: Some("/etc/ablate/ca.pem".into()),
+            cache: None,
+            work_dir: Some("/var/lib/ablate-worker".into()),
+            name: "box1".into(),
+        };
+        let (args, env) = child_command(&opts, "2");
+        let joined = args.join(" ");
+        assert!(joined.contains("--device cuda:0"), "{joined}");
+        assert!(joined.contains("--name box1-gpu2"), "{joined}");
+        assert!(
+            joined.contains("--token-file /etc/ablate/worker.token"),
+            "{joined}"
+        );
+        assert!(joined.contains("--ca /etc/ablate/ca.pem"), "{joined}");
+        assert!(
+            joined.contains("--work-dir /var/lib/ablate-worker/gpu2"),
+            "{joined}"
+        );
+        assert!(!joined.contains("--cache"), "{joined}");
+        assert!(env.contains(&("CUDA_VISIBLE_DEVICES".into(), "2".into())));
+        assert!(env.contains(&("CUDA_DEVICE_ORDER".into(), "PCI_BUS_ID".into())));
+        // UUIDs are fine as CUDA_VISIBLE_DEVICES but make names without odd characters.
+        let (args, _) = child_command(&opts, "GPU-8f2c:1");
+        assert!(args.contains(&"box1-gpuGPU-8f2c_1".to_string()), "{args:?}");
+    }
+
+    #[test]
+    fn restart_delay_grows_and_is_capped() {
+        assert_eq!(restart_delay(1), Duration::from_secs(1));
+        assert_eq!(restart_delay(2), Duration::from_secs(2));
+        assert_eq!(restart_delay(4), Duration::from_secs(8));
+        assert_eq!(restart_delay(50), Duration::from_secs(60));
+    }
+}
