@@ -1,0 +1,200 @@
+#!/usr/bin/env bash
+# Turn a rented GPU machine (or a CPU one) into ablate workers, in one command as root:
+#
+#   scp ablate-worker deploy/bootstrap.sh deploy/systemd/ablate-worker@.service ca.pem HOST:
+#   ssh HOST 'sudo ./bootstrap.sh --coordinator https://coord.example:7070 --binary ./ablate-worker \
+#                 --ca ./ca.pem --token-stdin' < worker.token
+#
+# It installs the worker binary, the Python package client it uses for corpus packages and (for a
+# CUDA build whose libraries are missing) the CUDA 13.0 runtime wheels; creates the user
+# `ablate`; writes /etc/ablate/{worker.token,worker.env,ca.pem}; then starts one worker per GPU:
+# `ablate-worker@N` systemd units where systemd runs, otherwise `ablate-worker --all-gpus` in the
+# background (containers rented by the hour rarely run systemd), logging to
+# /var/log/ablate-worker.log. With no GPU it starts one CPU worker. Running it again updates the
+# binary and settings and restarts the workers.
+#
+# The token is read from a file (--token-file) or standard input (--token-stdin), never from the
+# command line, and is stored readable by root and the ablate group only.
+set -euo pipefail
+
+usage() {
+  sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'
+  cat <<'USAGE'
+Options:
+  --coordinator URL   https://HOST:PORT of the coordinator (or $ABLATE_COORDINATOR)
+  --binary PATH       the ablate-worker binary to install (CPU or CUDA build)
+  --ca PATH           PEM CA that signed the coordinator's certificate (private CA)
+  --token-file PATH   file holding the worker token
+  --token-stdin       read the worker token from standard input
+  --unit PATH         ablate-worker@.service (default: systemd/ next to this script, or ./)
+  --cpu               start one CPU worker even if GPUs are present
+  --no-start          install and configure only
+USAGE
+}
+
+die() {
+  echo "bootstrap: $*" >&2
+  exit 1
+}
+
+coordinator="${ABLATE_COORDINATOR:-}"
+binary="" ca="" token_file="" token_stdin=0 unit="" cpu=0 start=1
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --coordinator) coordinator="${2:?--coordinator needs a URL}"; shift 2 ;;
+    --binary) binary="${2:?--binary needs a path}"; shift 2 ;;
+    --ca) ca="${2:?--ca needs a path}"; shift 2 ;;
+    --token-file) token_file="${2:?--token-file needs a path}"; shift 2 ;;
+    --token-stdin) token_stdin=1; shift ;;
+    --unit) unit="${2:?--unit needs a path}"; shift 2 ;;
+    --cpu) cpu=1; shift ;;
+    --no-start) start=0; shift ;;
+    -h | --help) usage; exit 0 ;;
+    --token) die "--token: pass the token in a file (--token-file) or on stdin (--token-stdin), never as an argument" ;;
+    *) die "unknown argument $1 (see --help)" ;;
+  esac
+done
+
+[ "$(id -u)" = 0 ] || die "run as root (it installs a binary, a user and services)"
+[ -n "$coordinator" ] || die "--coordinator URL (or ABLATE_COORDINATOR) is required"
+case "$coordinator" in
+  https://*) ;;
+  http://*) echo "bootstrap: warning: $coordinator is not TLS; the token crosses the network in clear text" >&2 ;;
+  *) die "--coordinator $coordinator: expected https://HOST:PORT" ;;
+esac
+[ -n "$binary" ] || die "--binary PATH is required (build it with cargo or scripts/build-cuda.sh)"
+[ -x "$binary" ] || die "--binary $binary: not an executable file"
+if [ -n "$ca" ]; then
+  grep -q -- '-----BEGIN CERTIFICATE-----' "$ca" || die "--ca $ca: no PEM certificate in it"
+fi
+
+# The token: one line, no spaces.
+if [ "$token_stdin" = 1 ]; then
+  IFS= read -r token || true
+elif [ -n "$token_file" ]; then
+  IFS= read -r token <"$token_file" || true
+else
+  die "give the worker token with --token-file PATH or --token-stdin"
+fi
+token="${token%$'\r'}"
+[ -n "$token" ] || die "the worker token is empty"
+case "$token" in *[[:space:]]*) die "the worker token holds whitespace: one token expected" ;; esac
+
+here="$(cd "$(dirname "$0")" && pwd)"
+if [ -z "$unit" ]; then
+  for u in "$here/systemd/ablate-worker@.service" "$here/ablate-worker@.service"; do
+    if [ -f "$u" ]; then unit="$u"; break; fi
+  done
+fi
+
+# --- packages: the Python package client for corpus packages named in sweep files.
+if ! python3 -m pip --version >/dev/null 2>&1; then
+  if command -v apt-get >/dev/null 2>&1; then
+    echo "bootstrap: installing python3-pip"
+    DEBIAN_FRONTEND=noninteractive apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends python3 python3-pip ca-certificates >/dev/null
+  else
+    echo "bootstrap: warning: no python3 -m pip and no apt-get; sweeps naming pip packages will fail here" >&2
+  fi
+fi
+
+# --- user, binary, settings.
+if ! id ablate >/dev/null 2>&1; then
+  useradd --system --user-group --home-dir /var/lib/ablate-worker --shell /usr/sbin/nologin ablate
+fi
+install -d -m 0755 /etc/ablate /usr/local/bin
+install -d -o ablate -g ablate -m 0750 /var/lib/ablate-worker /var/cache/ablate
+install -m 0755 "$binary" /usr/local/bin/ablate-worker.new
+mv -f /usr/local/bin/ablate-worker.new /usr/local/bin/ablate-worker
+(
+  umask 027
+  printf '%s\n' "$token" >/etc/ablate/worker.token.new
+)
+chown root:ablate /etc/ablate/worker.token.new
+chmod 0640 /etc/ablate/worker.token.new
+mv -f /etc/ablate/worker.token.new /etc/ablate/worker.token
+unset token
+
+env_file=/etc/ablate/worker.env
+{
+  echo "# written by deploy/bootstrap.sh"
+  echo "ABLATE_COORDINATOR=$coordinator"
+  echo "ABLATE_CACHE=/var/cache/ablate"
+  if [ -n "$ca" ]; then
+    install -m 0644 "$ca" /etc/ablate/ca.pem
+    echo "ABLATE_CA=/etc/ablate/ca.pem"
+  fi
+} >"$env_file.new"
+
+# --- GPUs: nvidia-smi, else the driver's /proc entries.
+gpus=0
+if [ "$cpu" = 0 ]; then
+  if command -v nvidia-smi >/dev/null 2>&1; then
+    gpus=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU ' || true)
+  elif [ -d /proc/driver/nvidia/gpus ]; then
+    gpus=$(find /proc/driver/nvidia/gpus -mindepth 1 -maxdepth 1 -type d | wc -l)
+  fi
+fi
+echo "bootstrap: $gpus GPU(s) found"
+
+# --- a CUDA build needs cuBLAS, cuRAND, NVRTC and the CUDA runtime 13 next to the driver.
+missing=$(ldd /usr/local/bin/ablate-worker 2>/dev/null | awk '/not found/ {print $1}' | grep -E 'cublas|curand|cudart|nvrtc' || true)
+if [ -n "$missing" ]; then
+  echo "bootstrap: installing the CUDA 13.0 runtime libraries (missing: $(echo "$missing" | tr '\n' ' '))"
+  PIP_BREAK_SYSTEM_PACKAGES=1 python3 -m pip install --quiet --no-deps --no-input \
+    --disable-pip-version-check --target /opt/ablate/cuda-wheels \
+    nvidia-cuda-runtime==13.0.96 nvidia-cuda-nvrtc==13.0.88 nvidia-cublas==13.0.2.14 \
+    nvidia-curand==10.4.0.35
+  echo "LD_LIBRARY_PATH=/opt/ablate/cuda-wheels/nvidia/cu13/lib" >>"$env_file.new"
+fi
+mv -f "$env_file.new" "$env_file"
+chmod 0644 "$env_file"
+
+if ! /usr/local/bin/ablate-worker --version >/dev/null; then
+  die "the installed ablate-worker does not start here (see the error above)"
+fi
+[ "$start" = 1 ] || { echo "bootstrap: installed; not started (--no-start)"; exit 0; }
+
+if [ "$gpus" -gt 0 ]; then
+  instances=()
+  for ((i = 0; i < gpus; i++)); do instances+=("ablate-worker@$i"); done
+else
+  instances=("ablate-worker@cpu")
+fi
+
+if [ -d /run/systemd/system ] && command -v systemctl >/dev/null 2>&1; then
+  [ -n "$unit" ] || die "systemd runs here but ablate-worker@.service was not found (--unit PATH)"
+  install -m 0644 "$unit" /etc/systemd/system/ablate-worker@.service
+  systemctl daemon-reload
+  systemctl enable "${instances[@]}" >/dev/null 2>&1
+  systemctl restart "${instances[@]}"
+  echo "bootstrap: started ${instances[*]} (journalctl -u 'ablate-worker@*' -f)"
+  exit 0
+fi
+
+# No systemd: one supervisor process, restarted by running this script again.
+pidfile=/run/ablate-worker.pid
+if [ -f "$pidfile" ] && kill -0 "$(cat "$pidfile")" 2>/dev/null; then
+  echo "bootstrap: stopping the running workers (they checkpoint first)"
+  kill -TERM "$(cat "$pidfile")"
+  for _ in $(seq 1 90); do
+    kill -0 "$(cat "$pidfile")" 2>/dev/null || break
+    sleep 1
+  done
+fi
+mode=(--device cpu --name "$(hostname)-cpu")
+if [ "$gpus" -gt 0 ]; then mode=(--all-gpus --name "$(hostname)"); fi
+touch /var/log/ablate-worker.log
+chown ablate:ablate /var/log/ablate-worker.log
+# Export the settings of worker.env into the worker's environment.
+set -a
+# shellcheck source=/dev/null
+. "$env_file"
+set +a
+export CUDA_DEVICE_ORDER=PCI_BUS_ID
+nohup setpriv --reuid=ablate --regid=ablate --init-groups \
+  /usr/local/bin/ablate-worker "${mode[@]}" --token-file /etc/ablate/worker.token \
+  --work-dir /var/lib/ablate-worker >>/var/log/ablate-worker.log 2>&1 </dev/null &
+echo $! >"$pidfile"
+echo "bootstrap: started ablate-worker ${mode[*]} as pid $! (log /var/log/ablate-worker.log;"
+echo "           stop with: kill -TERM \$(cat $pidfile))"
