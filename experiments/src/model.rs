@@ -24,7 +24,7 @@ use candle_nn::VarMap;
 use rand::{rngs::StdRng, Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 
-use crate::ops::{causal_attention, gelu_new, layer_norm};
+use crate::ops::{causal_attention, gelu_new, layer_norm, linear_nt};
 use crate::{Error, Result};
 
 /// Shape of a GPT-2 model (the fields of a Hugging Face `GPT2Config` that matter here).
@@ -203,13 +203,14 @@ fn p(v: &Var, live: bool) -> Tensor {
 }
 
 /// `x (.., in) · wᵀ + b` with `w` stored `[out, in]`. The batch dims are folded into one so a
-/// single 2-D GEMM runs (candle reads the transposed weight through strides, without a copy).
+/// single 2-D GEMM runs (the weight is read transposed through strides, without a copy; on the CPU
+/// one fused op with its own backward, [`linear_nt`]).
 fn linear(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
     let dims = x.dims().to_vec();
     let k = *dims.last().expect("linear input has a last dim");
     let n: usize = dims.iter().product::<usize>() / k;
     let out = w.dim(0)?;
-    let y = x.reshape((n, k))?.matmul(&w.t()?)?.broadcast_add(b)?;
+    let y = linear_nt(&x.reshape((n, k))?, w, Some(b))?;
     let mut out_dims = dims;
     *out_dims.last_mut().expect("non-empty") = out;
     Ok(y.reshape(out_dims)?)
@@ -409,7 +410,7 @@ impl Gpt2 {
         )?;
         // Tied head: logits = h · wteᵀ, with the live wte exactly when the top group trains.
         let head = p(&self.wte, top);
-        let logits = h.reshape((b * t, c))?.matmul(&head.t()?)?;
+        let logits = linear_nt(&h.reshape((b * t, c))?, &head, None)?;
         Ok(logits.reshape((b, t, cfg.vocab_size))?)
     }
 

@@ -66,7 +66,11 @@ pub fn gelu_new(x: &Tensor) -> Result<Tensor> {
 /// Softmax over the last dimension with a working backward (unlike `softmax_last_dim`).
 pub fn softmax_last(x: &Tensor) -> Result<Tensor> {
     if x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64) {
-        return Ok(x.contiguous()?.apply_op1(SoftmaxOp)?);
+        let op = SoftmaxOp {
+            scale: 1.0,
+            causal: None,
+        };
+        return Ok(x.contiguous()?.apply_op1(op)?);
     }
     softmax_last_portable(x)
 }
@@ -91,6 +95,11 @@ fn causal_mask(t: usize, dtype: DType, device: &Device) -> Result<Tensor> {
     Ok(Tensor::from_vec(m, (t, t), device)?.to_dtype(dtype)?)
 }
 
+/// Whether the fused CPU kernels take this tensor (f32 or f64 on the CPU).
+fn fused_cpu(x: &Tensor) -> bool {
+    x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64)
+}
+
 /// Causal scaled dot-product attention. `q`, `k`, `v`: (B, H, T, D) → (B, H, T, D).
 /// Scores are scaled by 1/sqrt(D) (GPT-2's `scale_attn_weights`); no dropout.
 pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
@@ -109,9 +118,18 @@ pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
     let k = k.contiguous()?;
     let v = v.contiguous()?;
     let scale = 1.0 / (d as f64).sqrt();
-    let scores = (q.matmul(&k.t()?)? * scale)?;
-    let scores = scores.broadcast_add(&causal_mask(t, q.dtype(), q.device())?)?;
-    let att = softmax_last(&scores)?;
+    let scores = q.matmul(&k.t()?)?;
+    let att = if fused_cpu(&scores) {
+        // One op for scale, mask and softmax, forward and backward; masked entries are never
+        // computed.
+        scores.apply_op1(SoftmaxOp {
+            scale,
+            causal: Some(t),
+        })?
+    } else {
+        let scores = (scores * scale)?.broadcast_add(&causal_mask(t, q.dtype(), q.device())?)?;
+        softmax_last_portable(&scores)?
+    };
     Ok(att.matmul(&v)?)
 }
 
@@ -186,20 +204,68 @@ trait Real: WithDType {
     fn tanh_(self) -> Self;
 }
 impl Real for f32 {
+    #[inline(always)]
+    fn exp_(self) -> Self {
+        exp_f32(self)
+    }
+    #[inline(always)]
+    fn tanh_(self) -> Self {
+        tanh_f32(self)
+    }
+}
+impl Real for f64 {
+    #[inline(always)]
     fn exp_(self) -> Self {
         self.exp()
     }
+    #[inline(always)]
     fn tanh_(self) -> Self {
         self.tanh()
     }
 }
-impl Real for f64 {
-    fn exp_(self) -> Self {
-        self.exp()
+
+/// `e^x` in f32 without a libm call: branch-free (so loops over it vectorise), Cody–Waite range
+/// reduction `x = n·ln2 + r`, |r| ≤ ln2/2, then a degree-7 Taylor polynomial (truncation error
+/// below 5e-9 relative; overall within 2 ulp of `f32::exp`). libm's scalar `expf` was most of the
+/// time of the softmax, cross-entropy and GELU kernels. Underflows to 0 below −87.3 (so −∞ gives
+/// 0, as a mask needs), saturates to `f32::MAX`·2 = ∞ above 88.7, and keeps NaN.
+#[inline(always)]
+pub fn exp_f32(x: f32) -> f32 {
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    const LN2_HI: f32 = 0.693_145_75; // ln 2 split so n·LN2_HI is exact for |n| < 2^8
+    const LN2_LO: f32 = 1.428_606_8e-6;
+    const ROUND: f32 = 12_582_912.0; // 1.5·2^23: adding it rounds to an integer (to nearest)
+    let xc = x.clamp(-87.3, 88.7);
+    let n = (xc * LOG2E + ROUND) - ROUND;
+    let r = (xc - n * LN2_HI) - n * LN2_LO;
+    let p = 1.0
+        + r * (1.0
+            + r * (0.5
+                + r * (1.0 / 6.0
+                    + r * (1.0 / 24.0
+                        + r * (1.0 / 120.0 + r * (1.0 / 720.0 + r * (1.0 / 5040.0)))))));
+    // 2^n built in the exponent bits; n is in [-126, 128], 128 only past the clamp's top, where
+    // 2^127·2·p overflows to ∞ as exp does.
+    let ni = n as i32;
+    let half = ni >> 1;
+    let s1 = f32::from_bits(((half + 127) as u32) << 23);
+    let s2 = f32::from_bits((((ni - half) + 127) as u32) << 23);
+    let y = p * s1 * s2;
+    if x < -87.3 {
+        0.0
+    } else if x > 88.7 {
+        f32::INFINITY
+    } else {
+        y
     }
-    fn tanh_(self) -> Self {
-        self.tanh()
-    }
+}
+
+/// `tanh` in f32 from [`exp_f32`]: `sign(x)·(1 − e)/(1 + e)`, `e = e^{−2|x|}` (absolute error a
+/// few 1e-8; NaN stays NaN).
+#[inline(always)]
+pub fn tanh_f32(x: f32) -> f32 {
+    let e = exp_f32(-2.0 * x.abs());
+    ((1.0 - e) / (1.0 + e)).copysign(x)
 }
 
 fn contiguous_slice<'a, T: WithDType>(
@@ -213,33 +279,164 @@ fn contiguous_slice<'a, T: WithDType>(
     }
 }
 
-/// Row-wise softmax over the last dimension; backward `y ⊙ (g − Σ g⊙y)` in tensor ops.
-struct SoftmaxOp;
+/// Whether this CPU has AVX2 and FMA (x86-64; cached by std after the first call).
+#[inline(always)]
+fn avx2_fma() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
 
-fn softmax_rows<T: Real>(x: &[T], c: usize) -> Vec<T> {
-    use rayon::prelude::*;
-    let mut out = vec![T::from_f64(0.0); x.len()];
-    let chunk = rows_per_task(c) * c;
-    out.par_chunks_mut(chunk)
-        .zip(x.par_chunks(chunk))
-        .for_each(|(os, xs)| {
-            for (orow, row) in os.chunks_exact_mut(c).zip(xs.chunks_exact(c)) {
-                let max = row
-                    .iter()
-                    .copied()
-                    .fold(row[0], |m, v| if v > m { v } else { m });
-                let mut sum = 0f64;
-                for (o, &v) in orow.iter_mut().zip(row) {
-                    let e = (v - max).exp_();
-                    sum += e.to_f64();
-                    *o = e;
+/// Defines a kernel twice, for the baseline target and for AVX2+FMA, and picks at run time:
+/// the default x86-64 target only has SSE2, so the exp/tanh loops would otherwise run 4 lanes
+/// wide instead of 8. The body is an ordinary generic function inlined into both.
+macro_rules! simd_kernel {
+    ($(#[$m:meta])* fn $name:ident<$T:ident>($($a:ident: $t:ty),* $(,)?) $body:block) => {
+        $(#[$m])*
+        #[inline(always)]
+        fn $name<$T: Real>($($a: $t),*) {
+            #[inline(always)]
+            fn body<$T: Real>($($a: $t),*) $body
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx2,fma")]
+                unsafe fn avx2<$T: Real>($($a: $t),*) {
+                    body::<$T>($($a),*)
                 }
-                let inv = T::from_f64(1.0 / sum);
-                for e in orow.iter_mut() {
-                    *e *= inv;
+                if avx2_fma() {
+                    // SAFETY: the CPU has the features `avx2` was compiled for.
+                    return unsafe { avx2::<$T>($($a),*) };
                 }
             }
-        });
+            body::<$T>($($a),*)
+        }
+    };
+}
+
+/// Sum of a slice in f64, with 8 running partial sums in the slice's type per block of 512 (so the
+/// loop vectorises) folded into f64 between blocks (so long rows keep f64 accuracy).
+#[inline(always)]
+fn sum_f64<T: Real>(xs: &[T]) -> f64 {
+    let mut total = 0f64;
+    for block in xs.chunks(512) {
+        let mut acc = [T::from_f64(0.0); 8];
+        let lanes = block.chunks_exact(8);
+        let rest = lanes.remainder();
+        for l in lanes {
+            for k in 0..8 {
+                acc[k] += l[k];
+            }
+        }
+        total += acc.iter().map(|a| a.to_f64()).sum::<f64>();
+        total += rest.iter().map(|a| a.to_f64()).sum::<f64>();
+    }
+    total
+}
+
+/// Maximum of a non-empty slice (8 lanes, so the loop vectorises); NaN-free inputs assumed, as
+/// everywhere a maximum is only subtracted for stability.
+#[inline(always)]
+fn max_of<T: Real>(xs: &[T]) -> T {
+    let mut acc = [xs[0]; 8];
+    let lanes = xs.chunks_exact(8);
+    let rest = lanes.remainder();
+    for l in lanes {
+        for k in 0..8 {
+            acc[k] = if l[k] > acc[k] { l[k] } else { acc[k] };
+        }
+    }
+    let mut m = acc[0];
+    for &v in acc[1..].iter().chain(rest) {
+        if v > m {
+            m = v;
+        }
+    }
+    m
+}
+
+/// Row-wise softmax of `scale · x` over the last dimension (C), optionally causal: in a stack
+/// of (Tq, C) matrices, row i only sees columns `0..=i + C − Tq` (the rest of the output is 0 and
+/// never computed). Backward (fused too, [`SoftmaxBwdOp`]): `scale · y ⊙ (g − Σ g⊙y)`.
+struct SoftmaxOp {
+    scale: f64,
+    /// `Some(Tq)`: causal over (Tq, C) matrices.
+    causal: Option<usize>,
+}
+
+/// Visible columns of global row `r` (see [`SoftmaxOp`]).
+#[inline(always)]
+fn visible(r: usize, c: usize, causal: Option<usize>) -> usize {
+    match causal {
+        Some(tq) => (r % tq + 1 + c - tq).min(c),
+        None => c,
+    }
+}
+
+simd_kernel! {
+    /// Rows `first..` of [`softmax_rows`] (one parallel task).
+    fn softmax_chunk<T>(os: &mut [T], xs: &[T], c: usize, first: usize, sc: T, causal: Option<usize>) {
+        for (k, (orow, row)) in os.chunks_exact_mut(c).zip(xs.chunks_exact(c)).enumerate() {
+            let n = visible(first + k, c, causal);
+            let (orow, row) = (&mut orow[..n], &row[..n]);
+            // scale > 0, so max(scale·x) = scale·max(x).
+            let max = max_of(row);
+            for (o, &v) in orow.iter_mut().zip(row) {
+                *o = ((v - max) * sc).exp_();
+            }
+            let inv = T::from_f64(1.0 / sum_f64(orow));
+            for e in orow.iter_mut() {
+                *e *= inv;
+            }
+        }
+    }
+}
+
+fn softmax_rows<T: Real>(x: &[T], c: usize, scale: f64, causal: Option<usize>) -> Vec<T> {
+    use rayon::prelude::*;
+    let mut out = vec![T::from_f64(0.0); x.len()];
+    let rpt = rows_per_task(c);
+    let sc = T::from_f64(scale);
+    out.par_chunks_mut(rpt * c)
+        .zip(x.par_chunks(rpt * c))
+        .enumerate()
+        .for_each(|(task, (os, xs))| softmax_chunk(os, xs, c, task * rpt, sc, causal));
+    out
+}
+
+simd_kernel! {
+    /// One parallel task of [`softmax_bwd_rows`].
+    fn softmax_bwd_chunk<T>(os: &mut [T], ys: &[T], gs: &[T], c: usize, sc: T) {
+        for ((orow, yrow), grow) in os
+            .chunks_exact_mut(c)
+            .zip(ys.chunks_exact(c))
+            .zip(gs.chunks_exact(c))
+        {
+            for ((o, &yv), &gv) in orow.iter_mut().zip(yrow).zip(grow) {
+                *o = yv * gv;
+            }
+            let dot = T::from_f64(sum_f64(orow));
+            for ((o, &yv), &gv) in orow.iter_mut().zip(yrow).zip(grow) {
+                *o = sc * yv * (gv - dot);
+            }
+        }
+    }
+}
+
+/// `scale · y ⊙ (g − Σ g⊙y)` per row of C (the softmax backward); zero where y is zero.
+fn softmax_bwd_rows<T: Real>(y: &[T], g: &[T], c: usize, scale: f64) -> Vec<T> {
+    use rayon::prelude::*;
+    let mut out = vec![T::from_f64(0.0); y.len()];
+    let rpt = rows_per_task(c);
+    let sc = T::from_f64(scale);
+    out.par_chunks_mut(rpt * c)
+        .zip(y.par_chunks(rpt * c))
+        .zip(g.par_chunks(rpt * c))
+        .for_each(|((os, ys), gs)| softmax_bwd_chunk(os, ys, gs, c, sc));
     out
 }
 
@@ -249,22 +446,75 @@ impl CustomOp1 for SoftmaxOp {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let c = l.dims().last().copied().unwrap_or(1).max(1);
+        let dims = l.dims();
+        let c = dims.last().copied().unwrap_or(1);
+        if c == 0 || l.shape().elem_count() == 0 {
+            return Ok((s.clone(), l.shape().clone()));
+        }
+        if let Some(tq) = self.causal {
+            let rows = dims.len().checked_sub(2).map(|i| dims[i]);
+            if rows != Some(tq) || tq > c {
+                candle_core::bail!("causal softmax: expected (.., {tq}, >= {tq}), got {dims:?}");
+            }
+        }
         let out = match s {
-            CpuStorage::F32(_) => {
-                f32::to_cpu_storage_owned(softmax_rows(contiguous_slice::<f32>(s, l)?, c))
-            }
-            CpuStorage::F64(_) => {
-                f64::to_cpu_storage_owned(softmax_rows(contiguous_slice::<f64>(s, l)?, c))
-            }
+            CpuStorage::F32(_) => f32::to_cpu_storage_owned(softmax_rows(
+                contiguous_slice::<f32>(s, l)?,
+                c,
+                self.scale,
+                self.causal,
+            )),
+            CpuStorage::F64(_) => f64::to_cpu_storage_owned(softmax_rows(
+                contiguous_slice::<f64>(s, l)?,
+                c,
+                self.scale,
+                self.causal,
+            )),
             _ => candle_core::bail!("softmax_last: only f32 and f64 are supported on the CPU"),
         };
         Ok((out, l.shape().clone()))
     }
 
     fn bwd(&self, _x: &Tensor, y: &Tensor, g: &Tensor) -> candle_core::Result<Option<Tensor>> {
-        let gy_sum = (g * y)?.sum_keepdim(D::Minus1)?;
-        Ok(Some((g.broadcast_sub(&gy_sum)? * y)?))
+        let op = SoftmaxBwdOp { scale: self.scale };
+        Ok(Some(y.apply_op2_no_bwd(&g.contiguous()?, &op)?))
+    }
+}
+
+/// Backward kernel of [`SoftmaxOp`] on (y, grad): see [`softmax_bwd_rows`].
+struct SoftmaxBwdOp {
+    scale: f64,
+}
+
+impl CustomOp2 for SoftmaxBwdOp {
+    fn name(&self) -> &'static str {
+        "ablate-softmax-last-bwd"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let c = l1.dims().last().copied().unwrap_or(1).max(1);
+        let out = match s1 {
+            CpuStorage::F32(_) => f32::to_cpu_storage_owned(softmax_bwd_rows(
+                contiguous_slice::<f32>(s1, l1)?,
+                contiguous_slice::<f32>(s2, l2)?,
+                c,
+                self.scale,
+            )),
+            CpuStorage::F64(_) => f64::to_cpu_storage_owned(softmax_bwd_rows(
+                contiguous_slice::<f64>(s1, l1)?,
+                contiguous_slice::<f64>(s2, l2)?,
+                c,
+                self.scale,
+            )),
+            _ => candle_core::bail!("softmax backward: only f32 and f64 are supported on the CPU"),
+        };
+        Ok((out, l1.shape().clone()))
     }
 }
 
@@ -458,39 +708,59 @@ const GELU_A: f64 = 0.044715;
 /// transformers' `gelu_new`, elementwise.
 struct GeluOp;
 
-fn gelu_map<T: Real>(x: &[T]) -> Vec<T> {
-    use rayon::prelude::*;
-    let (half, one, c, a) = (
-        T::from_f64(0.5),
-        T::from_f64(1.0),
-        T::from_f64(SQRT_2_OVER_PI),
-        T::from_f64(GELU_A),
-    );
-    x.par_iter()
-        .with_min_len(1 << 14)
-        .map(|&v| half * v * (one + (c * (v + a * v * v * v)).tanh_()))
-        .collect()
+/// Elements per parallel task of the elementwise kernels.
+const ELEMWISE_CHUNK: usize = 1 << 14;
+
+simd_kernel! {
+    fn gelu_chunk<T>(os: &mut [T], xs: &[T]) {
+        let (half, one, c, a) = (
+            T::from_f64(0.5),
+            T::from_f64(1.0),
+            T::from_f64(SQRT_2_OVER_PI),
+            T::from_f64(GELU_A),
+        );
+        for (o, &v) in os.iter_mut().zip(xs) {
+            *o = half * v * (one + (c * (v + a * v * v * v)).tanh_());
+        }
+    }
 }
 
-/// g · d/dx gelu_new(x) = g · (0.5 (1 + t) + 0.5 x (1 − t²) c (1 + 3a x²)), t = tanh(c (x + a x³)).
-fn gelu_grad_map<T: Real>(x: &[T], g: &[T]) -> Vec<T> {
+fn gelu_map<T: Real>(x: &[T]) -> Vec<T> {
     use rayon::prelude::*;
-    let (half, one, c, a) = (
-        T::from_f64(0.5),
-        T::from_f64(1.0),
-        T::from_f64(SQRT_2_OVER_PI),
-        T::from_f64(GELU_A),
-    );
-    let a3 = T::from_f64(3.0 * GELU_A);
-    x.par_iter()
-        .zip(g.par_iter())
-        .with_min_len(1 << 14)
-        .map(|(&v, &g)| {
+    let mut out = vec![T::from_f64(0.0); x.len()];
+    out.par_chunks_mut(ELEMWISE_CHUNK)
+        .zip(x.par_chunks(ELEMWISE_CHUNK))
+        .for_each(|(os, xs)| gelu_chunk(os, xs));
+    out
+}
+
+simd_kernel! {
+    /// g · d/dx gelu_new(x) = g · (0.5 (1 + t) + 0.5 x (1 − t²) c (1 + 3a x²)),
+    /// t = tanh(c (x + a x³)).
+    fn gelu_grad_chunk<T>(os: &mut [T], xs: &[T], gs: &[T]) {
+        let (half, one, c, a) = (
+            T::from_f64(0.5),
+            T::from_f64(1.0),
+            T::from_f64(SQRT_2_OVER_PI),
+            T::from_f64(GELU_A),
+        );
+        let a3 = T::from_f64(3.0 * GELU_A);
+        for ((o, &v), &g) in os.iter_mut().zip(xs).zip(gs) {
             let v2 = v * v;
             let t = (c * (v + a * v2 * v)).tanh_();
-            g * (half * (one + t) + half * v * (one - t * t) * c * (one + a3 * v2))
-        })
-        .collect()
+            *o = g * (half * (one + t) + half * v * (one - t * t) * c * (one + a3 * v2));
+        }
+    }
+}
+
+fn gelu_grad_map<T: Real>(x: &[T], g: &[T]) -> Vec<T> {
+    use rayon::prelude::*;
+    let mut out = vec![T::from_f64(0.0); x.len()];
+    out.par_chunks_mut(ELEMWISE_CHUNK)
+        .zip(x.par_chunks(ELEMWISE_CHUNK))
+        .zip(g.par_chunks(ELEMWISE_CHUNK))
+        .for_each(|((os, xs), gs)| gelu_grad_chunk(os, xs, gs));
+    out
 }
 
 impl CustomOp1 for GeluOp {
@@ -559,19 +829,34 @@ struct CrossEntropyOp {
     lse: std::sync::Mutex<Vec<f64>>,
 }
 
-/// Online log-sum-exp of one row (one pass: running maximum and rescaled sum), in f64.
-fn row_lse<T: Real>(row: &[T]) -> f64 {
-    let (mut m, mut s) = (f64::NEG_INFINITY, 0f64);
-    for &v in row {
-        let v = v.to_f64();
-        if v > m {
-            s = s * (m - v).exp() + 1.0;
-            m = v;
-        } else {
-            s += (v - m).exp();
+/// Log-sum-exp of one row: maximum, then Σ exp(x − max) (vectorised, summed in f64).
+#[inline(always)]
+fn row_lse<T: Real>(row: &[T], scratch: &mut [T]) -> f64 {
+    let m = max_of(row);
+    if !m.to_f64().is_finite() {
+        // All −∞ (or +∞ / NaN somewhere): the plain formula gives the IEEE answer.
+        return m.to_f64()
+            + row
+                .iter()
+                .map(|v| (v.to_f64() - m.to_f64()).exp())
+                .sum::<f64>()
+                .ln();
+    }
+    for (e, &v) in scratch.iter_mut().zip(row) {
+        *e = (v - m).exp_();
+    }
+    m.to_f64() + sum_f64(scratch).ln()
+}
+
+simd_kernel! {
+    /// One parallel task of [`ce_fwd`]: per row, the log-sum-exp and the token's NLL.
+    fn ce_fwd_chunk<T>(xs: &[T], ls: &mut [f64], os: &mut [T], ts: &[u32], v: usize) {
+        let mut scratch = vec![T::from_f64(0.0); v];
+        for (((row, l), o), &t) in xs.chunks_exact(v).zip(ls).zip(os).zip(ts) {
+            *l = row_lse(row, &mut scratch);
+            *o = T::from_f64(*l - row[t as usize].to_f64());
         }
     }
-    m + s.ln()
 }
 
 fn ce_fwd<T: Real>(x: &[T], tg: &[u32], v: usize) -> candle_core::Result<(Vec<T>, Vec<f64>)> {
@@ -587,13 +872,28 @@ fn ce_fwd<T: Real>(x: &[T], tg: &[u32], v: usize) -> candle_core::Result<(Vec<T>
         .zip(lse.par_chunks_mut(rpt))
         .zip(out.par_chunks_mut(rpt))
         .zip(tg.par_chunks(rpt))
-        .for_each(|(((xs, ls), os), ts)| {
-            for (((row, l), o), &t) in xs.chunks_exact(v).zip(ls).zip(os).zip(ts) {
-                *l = row_lse(row);
-                *o = T::from_f64(*l - row[t as usize].to_f64());
-            }
-        });
+        .for_each(|(((xs, ls), os), ts)| ce_fwd_chunk(xs, ls, os, ts, v));
     Ok((out, lse))
+}
+
+simd_kernel! {
+    /// One parallel task of [`ce_bwd`]: `(exp(x − lse) − onehot(target)) · g[row]`.
+    fn ce_bwd_chunk<T>(os: &mut [T], xs: &[T], ls: &[f64], gs: &[T], ts: &[u32], v: usize) {
+        for ((((orow, row), &l), &gr), &t) in os
+            .chunks_exact_mut(v)
+            .zip(xs.chunks_exact(v))
+            .zip(ls)
+            .zip(gs)
+            .zip(ts)
+        {
+            // exp in the input type: f32 rows stay f32 (the hot loop), f64 rows stay exact.
+            let shift = T::from_f64(l);
+            for (o, &xv) in orow.iter_mut().zip(row) {
+                *o = (xv - shift).exp_() * gr;
+            }
+            orow[t as usize] -= gr;
+        }
+    }
 }
 
 fn ce_bwd<T: Real>(x: &[T], tg: &[u32], lse: &[f64], g: &[T], v: usize) -> Vec<T> {
@@ -605,24 +905,7 @@ fn ce_bwd<T: Real>(x: &[T], tg: &[u32], lse: &[f64], g: &[T], v: usize) -> Vec<T
         .zip(lse.par_chunks(rpt))
         .zip(g.par_chunks(rpt))
         .zip(tg.par_chunks(rpt))
-        .for_each(|((((os, xs), ls), gs), ts)| {
-            for ((((orow, row), &l), &gr), &t) in os
-                .chunks_exact_mut(v)
-                .zip(xs.chunks_exact(v))
-                .zip(ls)
-                .zip(gs)
-                .zip(ts)
-            {
-                let gr = gr.to_f64();
-                // exp in the input type: f32 rows stay f32 (the hot loop), f64 rows stay exact.
-                let shift = T::from_f64(l);
-                let gt = T::from_f64(gr);
-                for (o, &xv) in orow.iter_mut().zip(row) {
-                    *o = (xv - shift).exp_() * gt;
-                }
-                orow[t as usize] -= gt;
-            }
-        });
+        .for_each(|((((os, xs), ls), gs), ts)| ce_bwd_chunk(os, xs, ls, gs, ts, v));
     out
 }
 
@@ -719,5 +1002,155 @@ impl CustomOp3 for CrossEntropyBwdOp {
             ),
         };
         Ok((out, l1.shape().clone()))
+    }
+}
+
+// ---- fused linear layers ---------------------------------------------------------------------
+
+/// `x · wᵀ + b` for x (N, K), w (Out, K) (candle's `[out, in]` layout), b (Out); with `b` None,
+/// `x · wᵀ` (the tied LM head). On the CPU one op whose backward writes each gradient once in the
+/// layout it is stored in: `dx = g · w`, `dw = gᵀ · x` (already `[out, in]`, so no transposed
+/// copy), `db = Σ_rows g`, each only for inputs that need it. The composition of candle primitives
+/// (transpose, matmul, broadcast, add) costs two extra (N, Out)-sized zero-fills and adds in
+/// backward plus a strided copy of the weight gradient. Elsewhere: the same composition.
+pub fn linear_nt(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
+    let (_n, k) = x.dims2()?;
+    let (out, k2) = w.dims2()?;
+    if k != k2 || b.is_some_and(|b| b.dims() != [out]) {
+        return Err(Error::Other(format!(
+            "linear: x {:?}, w {:?}, b {:?} do not fit (N, K) · (Out, K)ᵀ + (Out)",
+            x.dims(),
+            w.dims(),
+            b.map(|b| b.dims().to_vec())
+        )));
+    }
+    let same = |t: &Tensor| t.dtype() == x.dtype() && t.device().same_device(x.device());
+    if fused_cpu(x) && same(w) && b.is_none_or(same) {
+        let (x, w) = (x.contiguous()?, w.contiguous()?);
+        return Ok(match b {
+            Some(b) => x.apply_op3(&w, &b.contiguous()?, LinearOp)?,
+            None => x.apply_op2(&w, MatmulNtOp)?,
+        });
+    }
+    let y = x.matmul(&w.t()?)?;
+    Ok(match b {
+        Some(b) => y.broadcast_add(b)?,
+        None => y,
+    })
+}
+
+/// `x · wᵀ` on CPU storage (contiguous (N, K) and (Out, K)).
+fn cpu_matmul_nt(
+    s1: &CpuStorage,
+    l1: &Layout,
+    s2: &CpuStorage,
+    l2: &Layout,
+) -> candle_core::Result<(CpuStorage, Shape)> {
+    use candle_core::backend::BackendStorage;
+    let (n, k) = l1.shape().dims2()?;
+    let (out, _) = l2.shape().dims2()?;
+    let wt = l2.transpose(0, 1)?;
+    let y = s1.matmul(s2, (1, n, out, k), l1, &wt)?;
+    Ok((y, Shape::from((n, out))))
+}
+
+/// Gradients of `x · wᵀ` for the inputs that track them.
+fn matmul_nt_bwd(
+    x: &Tensor,
+    w: &Tensor,
+    g: &Tensor,
+) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+    let dx = if x.track_op() {
+        Some(g.matmul(w)?)
+    } else {
+        None
+    };
+    let dw = if w.track_op() {
+        Some(g.t()?.matmul(x)?)
+    } else {
+        None
+    };
+    Ok((dx, dw))
+}
+
+/// See [`linear_nt`] (no bias).
+struct MatmulNtOp;
+
+impl CustomOp2 for MatmulNtOp {
+    fn name(&self) -> &'static str {
+        "ablate-matmul-nt"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        cpu_matmul_nt(s1, l1, s2, l2)
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        g: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        matmul_nt_bwd(x, w, &g.contiguous()?)
+    }
+}
+
+/// See [`linear_nt`] (with bias).
+struct LinearOp;
+
+fn add_bias<T: Real>(y: &mut [T], b: &[T]) {
+    use rayon::prelude::*;
+    let c = b.len().max(1);
+    y.par_chunks_mut(rows_per_task(c) * c).for_each(|ys| {
+        for row in ys.chunks_exact_mut(c) {
+            for (v, &bi) in row.iter_mut().zip(b) {
+                *v += bi;
+            }
+        }
+    });
+}
+
+impl CustomOp3 for LinearOp {
+    fn name(&self) -> &'static str {
+        "ablate-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (mut y, shape) = cpu_matmul_nt(s1, l1, s2, l2)?;
+        match &mut y {
+            CpuStorage::F32(v) => add_bias(v, contiguous_slice::<f32>(s3, l3)?),
+            CpuStorage::F64(v) => add_bias(v, contiguous_slice::<f64>(s3, l3)?),
+            _ => candle_core::bail!("linear: only f32 and f64 are supported on the CPU"),
+        }
+        Ok((y, shape))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        g: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let g = g.contiguous()?;
+        let (dx, dw) = matmul_nt_bwd(x, w, &g)?;
+        let db = if b.track_op() { Some(g.sum(0)?) } else { None };
+        Ok((dx, dw, db))
     }
 }

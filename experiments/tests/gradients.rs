@@ -219,6 +219,80 @@ fn causal_attention_gradients_and_mask() -> Res<()> {
 }
 
 #[test]
+fn linear_gradients_and_value() -> Res<()> {
+    let x = tensor(&[4, 3], 31, 1.0, 0.0)?;
+    let w = tensor(&[5, 3], 32, 1.0, 0.0)?;
+    let b = tensor(&[5], 33, 1.0, 0.0)?;
+    check_both("linear", &[x.clone(), w.clone(), b.clone()], &|a| {
+        Ok(ops::linear_nt(&a[0], &a[1], Some(&a[2]))?)
+    })?;
+    check_both("linear_no_bias", &[x.clone(), w.clone()], &|a| {
+        Ok(ops::linear_nt(&a[0], &a[1], None)?)
+    })?;
+    // The value is x·wᵀ + b, also for a strided x.
+    let want = x.matmul(&w.t()?)?.broadcast_add(&b)?;
+    let got = ops::linear_nt(&x, &w, Some(&b))?;
+    assert!((got - &want)?.abs()?.max_all()?.to_scalar::<f64>()? < 1e-12);
+    let xt = x.t()?.contiguous()?.t()?;
+    let got = ops::linear_nt(&xt, &w, Some(&b))?;
+    assert!((got - want)?.abs()?.max_all()?.to_scalar::<f64>()? < 1e-12);
+    // A frozen (detached) weight gets no gradient, the input still does.
+    let xv = Var::from_tensor(&x)?;
+    let loss = ops::linear_nt(xv.as_tensor(), &w.detach(), Some(&b.detach()))?.sum_all()?;
+    let grads = loss.backward()?;
+    assert!(grads.get(xv.as_tensor()).is_some());
+    assert!(grads.get(&w).is_none());
+    assert!(ops::linear_nt(&x, &b, None).is_err());
+    Ok(())
+}
+
+#[test]
+fn causal_attention_equals_masked_composition() -> Res<()> {
+    // The fused scale+mask+softmax against the explicit composition, in f32 (the training dtype).
+    let (b, h, t, d) = (2, 3, 9, 4);
+    let q = tensor(&[b, h, t, d], 41, 2.0, 0.0)?.to_dtype(DType::F32)?;
+    let k = tensor(&[b, h, t, d], 42, 2.0, 0.0)?.to_dtype(DType::F32)?;
+    let v = tensor(&[b, h, t, d], 43, 2.0, 0.0)?.to_dtype(DType::F32)?;
+    let got = ops::causal_attention(&q, &k, &v)?;
+    let scores = (q.matmul(&k.t()?)? / (d as f64).sqrt())?;
+    let mut mask = vec![0f32; t * t];
+    for i in 0..t {
+        for j in i + 1..t {
+            mask[i * t + j] = f32::NEG_INFINITY;
+        }
+    }
+    let mask = Tensor::from_vec(mask, (t, t), &Device::Cpu)?;
+    let att = ops::softmax_last_portable(&scores.broadcast_add(&mask)?)?;
+    let want = att.matmul(&v)?;
+    let diff = (got - want)?.abs()?.max_all()?.to_scalar::<f32>()?;
+    assert!(diff < 1e-5, "fused causal attention differs by {diff}");
+    Ok(())
+}
+
+#[test]
+fn fast_exp_and_tanh_match_libm() {
+    let mut worst_exp = 0f64;
+    let mut worst_tanh = 0f64;
+    for i in -200_000..=200_000 {
+        let x = i as f32 * 4.35e-4; // [-87, 87]: below -87.3 exp_f32 flushes to 0
+        let want = (x as f64).exp();
+        let got = ops::exp_f32(x) as f64;
+        worst_exp = worst_exp.max((got - want).abs() / want);
+        let tx = x / 8.0;
+        worst_tanh = worst_tanh.max((ops::tanh_f32(tx) as f64 - (tx as f64).tanh()).abs());
+    }
+    assert!(worst_exp < 3e-7, "exp_f32 relative error {worst_exp:e}");
+    assert!(worst_tanh < 2e-7, "tanh_f32 absolute error {worst_tanh:e}");
+    assert_eq!(ops::exp_f32(f32::NEG_INFINITY), 0.0);
+    assert_eq!(ops::exp_f32(-100.0), 0.0);
+    assert_eq!(ops::exp_f32(100.0), f32::INFINITY);
+    assert!(ops::exp_f32(f32::NAN).is_nan());
+    assert_eq!(ops::tanh_f32(0.0), 0.0);
+    assert_eq!(ops::tanh_f32(50.0), 1.0);
+    assert_eq!(ops::tanh_f32(-50.0), -1.0);
+}
+
+#[test]
 fn cross_entropy_gradients_and_value() -> Res<()> {
     let logits = tensor(&[5, 7], 11, 3.0, 0.0)?;
     let targets = Tensor::new(&[0u32, 6, 3, 3, 1], &Device::Cpu)?;
