@@ -71,8 +71,21 @@ struct Cli {
     name: Option<String>,
 }
 
+/// candle's element-wise ops run on its own spin-waiting thread pool, next to rayon's pool that
+/// runs the matmuls and the fused kernels: after every op its workers spin 25,000 rounds before
+/// parking, taking the cores the other pool needs. On a 2-core machine shared with other work
+/// that spinning was a quarter of all samples of a training step (README, Benchmarks); 100 rounds
+/// keeps the hand-off fast without it. Unless the user set the variable.
+fn short_thread_spin() {
+    if std::env::var_os("CANDLE_BARRIER_POOL_SPIN_LIMIT").is_none() {
+        // Before any thread exists (the pool reads it when it starts).
+        std::env::set_var("CANDLE_BARRIER_POOL_SPIN_LIMIT", "100");
+    }
+}
+
 fn main() -> std::process::ExitCode {
     keep_freed_memory();
+    short_thread_spin();
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
