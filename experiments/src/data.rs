@@ -423,6 +423,16 @@ fn split_text(text: &str, split: &DocSplit, docs: &mut Vec<String>) {
             }
             push(&mut cur);
         }
+        DocSplit::Lines { lines } => {
+            let mut cur = Vec::new();
+            for line in text.lines().filter(|l| !l.trim().is_empty()) {
+                cur.push(line);
+                if cur.len() >= *lines {
+                    push(&mut cur);
+                }
+            }
+            push(&mut cur);
+        }
     }
 }
 

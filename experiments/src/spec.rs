@@ -199,6 +199,8 @@ struct RawData {
     documents: Option<Spanned<String>>,
     #[serde(default)]
     separator: Option<String>,
+    #[serde(default)]
+    lines: Option<Spanned<i64>>,
     valid: Option<Spanned<Vec<String>>>,
     valid_fraction: Option<Spanned<f64>>,
     context: Option<Spanned<usize>>,
@@ -671,10 +673,22 @@ fn resolve_data(
             },
             _ => return Err(ctx.err(sp, "documents = \"separator\" needs `separator = \"...\"`")),
         },
+        Some(("lines", sp)) => match &raw.lines {
+            Some(n) if *n.get_ref() >= 1 => DocSplit::Lines {
+                lines: *n.get_ref() as usize,
+            },
+            Some(n) => return Err(ctx.err(n.span(), "`lines` must be at least 1")),
+            None => {
+                return Err(ctx.err(
+                    sp,
+                    "documents = \"lines\" needs `lines = N` (non-blank lines per document)",
+                ))
+            }
+        },
         Some((other, sp)) => {
             return Err(ctx.err(
                 sp,
-                format!("unknown documents rule `{other}` (file, paragraphs, separator)"),
+                format!("unknown documents rule `{other}` (file, paragraphs, separator, lines)"),
             ))
         }
     };
@@ -961,6 +975,22 @@ lr_factors = [1.0, 2.6]
 
         let e = parse("name = \"x\"\n[base\n").unwrap_err();
         assert!(e.to_string().starts_with("/tmp/sweep.toml:2:"), "{e}");
+    }
+
+    #[test]
+    fn lines_rule_needs_a_positive_count() {
+        let with = |extra: &str| {
+            parse(&GOOD.replace(
+                "paths = [\"ft.txt\"]",
+                &format!("paths = [\"ft.txt\"]\ndocuments = \"lines\"\n{extra}"),
+            ))
+        };
+        let s = with("lines = 12").unwrap();
+        assert_eq!(s.trials[1].data.train.documents, DocSplit::Lines { lines: 12 });
+        let e = with("").unwrap_err().to_string();
+        assert!(e.contains("needs `lines = N`"), "{e}");
+        let e = with("lines = 0").unwrap_err().to_string();
+        assert!(e.contains("at least 1"), "{e}");
     }
 
     #[test]

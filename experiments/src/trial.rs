@@ -158,6 +158,10 @@ pub enum DocSplit {
     Paragraphs,
     /// Documents are separated by lines equal to `separator` (e.g. `%` for fortune files).
     Separator { separator: String },
+    /// Consecutive runs of `lines` non-blank lines (blank lines are not counted). For texts
+    /// without blank-line paragraphs — verse such as Milton's, where a paragraph is an indent —
+    /// so that the validation split still holds many documents from all over the text.
+    Lines { lines: usize },
 }
 
 /// Optimisation settings, fully resolved.

