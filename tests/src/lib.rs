@@ -270,7 +270,7 @@ pub fn find_listen_addr(line: &str) -> Option<String> {
 pub const LICENSE_DIR: &str = "/usr/share/common-licenses";
 
 /// A small real two-stage sweep for fault injection: a tiny pretrain (`pre_steps`) on three
-/// licence texts, then freeze-1 and all-layers fine-tunes of `ft_steps` each on two others, with
+/// licence texts, then freeze-1 and all-layers fine-tunes (no baseline) of `ft_steps` each on two others, with
 /// frequent checkpoints (every tenth of the steps), so a fault lands mid-trial and the next
 /// attempt has a checkpoint to resume from.
 pub fn fault_sweep(name: &str, pre_steps: u64, ft_steps: u64) -> String {
@@ -317,6 +317,7 @@ eval_windows = 2
 checkpoint_every = {every}
 
 [methods]
+baseline = false
 freeze = [1, "all"]
 "#
     )

@@ -268,7 +268,7 @@ impl Cluster {
             .unwrap()
             .map(Result::unwrap)
             .collect();
-        assert_eq!(trials.len(), 3, "pretrain + two fine-tunes");
+        assert_eq!(trials.len(), 3, "pretrain + two fine-tunes (no baseline)");
         let mut duplicates = 0;
         let mut finished = 0;
         for (id, name, state, _) in &trials {
@@ -411,7 +411,7 @@ const NETCUT_FT_STEPS: u64 = 2000;
 
 #[test]
 fn kill9_worker_mid_trial_resumes_elsewhere_from_the_checkpoint() {
-    let mut c = Cluster::new("kill9-worker", 2, "127.0.0.1");
+    let mut c = Cluster::new("kill9-worker", 4, "127.0.0.1");
     c.start_coordinator();
     c.submit(&fault_sweep(&c.sweep.clone(), PRE_STEPS, FT_STEPS));
     c.spawn_worker("a");
@@ -444,7 +444,7 @@ fn kill9_worker_mid_trial_resumes_elsewhere_from_the_checkpoint() {
 
 #[test]
 fn sigterm_worker_checkpoints_reports_preempted_and_exits() {
-    let mut c = Cluster::new("sigterm-worker", 3, "127.0.0.1");
+    let mut c = Cluster::new("sigterm-worker", 5, "127.0.0.1");
     c.start_coordinator();
     c.submit(&fault_sweep(&c.sweep.clone(), PRE_STEPS, FT_STEPS));
     c.spawn_worker("a");
@@ -566,7 +566,7 @@ fn kill9_coordinator_restart_keeps_results_and_running_attempts() {
 
 #[test]
 fn wrong_tokens_garbage_and_hostile_input_are_refused_and_the_sweep_completes() {
-    let mut c = Cluster::new("bad-input", 3, "127.0.0.1");
+    let mut c = Cluster::new("bad-input", 10, "127.0.0.1");
     c.start_coordinator();
     let bad_token = c.root().join("bad.token");
     std::fs::write(&bad_token, "not-the-token-77").unwrap();
@@ -687,7 +687,7 @@ fn wrong_tokens_garbage_and_hostile_input_are_refused_and_the_sweep_completes() 
 
 #[test]
 fn failure_reasons_are_recorded_deterministic_ones_not_retried_and_cancel_is_prompt() {
-    let mut c = Cluster::new("reasons", 3, "127.0.0.1");
+    let mut c = Cluster::new("reasons", 10, "127.0.0.1");
     c.start_coordinator();
     // The base diverges: lr 1e30 turns the loss into inf/NaN within a step or two.
     let diverge = fault_sweep("reasons-diverge", PRE_STEPS, FT_STEPS).replacen(
