@@ -546,7 +546,7 @@ impl RegisterReqExt for pb::RegisterRequest {
 }
 
 #[tokio::test]
-async fn restart_keeps_results_and_requeues_running_attempts_and_watch_streams() {
+async fn restart_keeps_results_and_leases_for_one_ttl_then_requeues_and_watch_streams() {
     let dir = tempfile::tempdir().unwrap();
     let a = config("a", Base::HfDir { path: "/m".into() }, 100);
     let b = config("b", Base::HfDir { path: "/m".into() }, 10);
@@ -585,7 +585,9 @@ async fn restart_keeps_results_and_requeues_running_attempts_and_watch_streams()
             .into_inner();
         server.shutdown().await;
     }
-    let server = Server::start(dir.path(), Duration::from_secs(30)).await;
+    // Restarted with a short ttl: the running attempt keeps its lease for one ttl (its worker
+    // may heartbeat again), then, with no heartbeat, goes back to the queue.
+    let server = Server::start(dir.path(), Duration::from_millis(1500)).await;
     let mut admin = server.admin().await;
     let got = admin
         .get(pb::GetRequest { sweep: "s".into() })
@@ -597,7 +599,8 @@ async fn restart_keeps_results_and_requeues_running_attempts_and_watch_streams()
     assert!(st(&b.id()).metrics_json.contains("7.0"));
     assert_eq!(
         (st(&a.id()).state.as_str(), st(&a.id()).attempts),
-        ("queued", 1)
+        ("running", 1),
+        "the lease survives the restart for one ttl"
     );
 
     let mut watch = admin
@@ -611,7 +614,7 @@ async fn restart_keeps_results_and_requeues_running_attempts_and_watch_streams()
     );
     let mut w = server.worker().await;
     let wid = register(&mut w, "two").await;
-    let l = lease(&mut w, &wid, 1000).await.unwrap();
+    let l = lease(&mut w, &wid, 10_000).await.unwrap();
     assert_eq!((l.trial_id.as_str(), l.attempt), (a.id().as_str(), 2));
     w.report(pb::ReportRequest {
         trial_id: a.id(),
@@ -621,18 +624,23 @@ async fn restart_keeps_results_and_requeues_running_attempts_and_watch_streams()
     })
     .await
     .unwrap();
-    let ev = tokio::time::timeout(Duration::from_secs(5), watch.next())
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
-    match ev.event {
-        Some(pb::watch_event::Event::Trial(t)) => assert_eq!(
-            (t.id.as_str(), t.state.as_str()),
-            (a.id().as_str(), "running")
-        ),
-        other => panic!("expected a trial state change, got {other:?}"),
+    // The watch sees the expiry (queued) and then the new attempt (running).
+    let mut states = Vec::new();
+    while states.last().map(String::as_str) != Some("running") {
+        let ev = tokio::time::timeout(Duration::from_secs(5), watch.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        match ev.event {
+            Some(pb::watch_event::Event::Trial(t)) => {
+                assert_eq!(t.id, a.id());
+                states.push(t.state);
+            }
+            other => panic!("expected a trial state change, got {other:?}"),
+        }
     }
+    assert_eq!(states, ["queued", "running"]);
     let ev = tokio::time::timeout(Duration::from_secs(5), watch.next())
         .await
         .unwrap()
@@ -727,5 +735,103 @@ async fn long_poll_wakes_when_work_arrives_and_unknown_ids_are_named() {
         .await
         .unwrap_err();
     assert_eq!(err.code(), tonic::Code::NotFound);
+    server.shutdown().await;
+}
+
+/// A coordinator restart does not cost a running attempt its lease: the worker heartbeats again
+/// within the ttl, its reports continue the same sequence (a repeated seq is not stored twice),
+/// and its completion counts.
+#[tokio::test]
+async fn a_worker_that_heartbeats_after_a_restart_keeps_its_attempt() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = config("a", Base::HfDir { path: "/m".into() }, 100);
+    let wid;
+    {
+        let server = Server::start(dir.path(), Duration::from_secs(30)).await;
+        let mut admin = server.admin().await;
+        let mut w = server.worker().await;
+        admin
+            .submit(pb::SubmitRequest {
+                sweep_name: "s".into(),
+                sweep_text: "t".into(),
+                trials: vec![submitted(&a)],
+            })
+            .await
+            .unwrap();
+        wid = register(&mut w, "one").await;
+        let l = lease(&mut w, &wid, 1000).await.unwrap();
+        assert_eq!(l.attempt, 1);
+        for seq in 0..2 {
+            let r = w
+                .report(pb::ReportRequest {
+                    trial_id: a.id(),
+                    attempt: 1,
+                    seq,
+                    progress_json: step_json(seq + 1),
+                })
+                .await
+                .unwrap();
+            assert!(r.into_inner().accepted);
+        }
+        server.shutdown().await;
+    }
+    let server = Server::start(dir.path(), Duration::from_secs(30)).await;
+    let mut admin = server.admin().await;
+    let mut w = server.worker().await;
+    let hb = w
+        .heartbeat(pb::HeartbeatRequest {
+            worker_id: wid.clone(),
+            held: vec![pb::HeldLease {
+                trial_id: a.id(),
+                attempt: 1,
+            }],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(hb.renewed.len(), 1, "lease renewed after the restart");
+    assert!(hb.cancel.is_empty());
+    // The worker replays its last report (it did not know whether it arrived), then goes on.
+    for seq in 1..4 {
+        let r = w
+            .report(pb::ReportRequest {
+                trial_id: a.id(),
+                attempt: 1,
+                seq,
+                progress_json: step_json(seq + 1),
+            })
+            .await
+            .unwrap();
+        assert!(r.into_inner().accepted);
+    }
+    let c = w
+        .complete(pb::CompleteRequest {
+            trial_id: a.id(),
+            attempt: 1,
+            metrics_json: serde_json::to_string(&TrialMetrics {
+                perplexity: 5.0,
+                ..Default::default()
+            })
+            .unwrap(),
+        })
+        .await
+        .unwrap();
+    assert!(c.into_inner().accepted);
+    let got = admin
+        .get(pb::GetRequest { sweep: "s".into() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (got.trials[0].state.as_str(), got.trials[0].attempts),
+        ("finished", 1)
+    );
+    let ev = admin
+        .events(pb::EventsRequest { trial_id: a.id() })
+        .await
+        .unwrap()
+        .into_inner();
+    let seqs: Vec<u64> = ev.events.iter().map(|e| e.seq).collect();
+    assert_eq!(seqs, [0, 1, 2, 3], "every report once, in order");
     server.shutdown().await;
 }
