@@ -68,7 +68,7 @@ pub fn parse_sweep(text: &str, path: &Path) -> Result<Sweep> {
     };
     let raw: RawSweep = toml::from_str(text).map_err(|e| {
         let span = e.span().unwrap_or(0..0);
-        ctx.err(span, e.message().trim().to_string())
+        ctx.err(span.clone(), toml_message(&e, text, span.start))
     })?;
     expand(&ctx, raw)
 }
@@ -83,8 +83,27 @@ pub fn load_trial_file(path: &Path) -> Result<TrialConfig> {
     };
     toml::from_str(&text).map_err(|e| {
         let span = e.span().unwrap_or(0..0);
-        ctx.err(span, e.message().trim().to_string())
+        ctx.err(span.clone(), toml_message(&e, &text, span.start))
     })
+}
+
+/// toml's message for an error, never empty: some errors (a control character in a comment)
+/// come with no message at all, so name what sits at the error's position.
+fn toml_message(e: &toml::de::Error, text: &str, at: usize) -> String {
+    let m = e.message().trim();
+    if !m.is_empty() {
+        return m.to_string();
+    }
+    match text.get(at..).and_then(|t| t.chars().next()) {
+        Some(c) if c.is_control() => {
+            format!(
+                "invalid TOML: control character U+{:04X} is not allowed here",
+                c as u32
+            )
+        }
+        Some(c) => format!("invalid TOML at {c:?}"),
+        None => "invalid TOML: unexpected end of file".to_string(),
+    }
 }
 
 fn sweep_dir(path: &Path) -> PathBuf {

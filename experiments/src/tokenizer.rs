@@ -44,8 +44,16 @@ impl Tok {
     pub fn load(path: &Path) -> Result<Tok> {
         let text = std::fs::read_to_string(path)
             .map_err(|e| Error::input(path, format!("cannot read tokenizer: {e}")))?;
-        let inner: Tokenizer = text
-            .parse()
+        // tokenizers panics on some malformed files (a truncated `decoder`) instead of erring.
+        let inner: Tokenizer = std::panic::catch_unwind(|| text.parse::<Tokenizer>())
+            .map_err(|p| {
+                let why = p
+                    .downcast_ref::<String>()
+                    .cloned()
+                    .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+                    .unwrap_or_default();
+                Error::input(path, format!("malformed tokenizer.json: {why}"))
+            })?
             .map_err(|e| Error::input(path, format!("malformed tokenizer.json: {e}")))?;
         let tok = Tok::from_tokenizer(inner)
             .map_err(|e| Error::input(path, format!("unusable tokenizer: {e}")))?;
