@@ -112,3 +112,63 @@ pub fn client_endpoint(url: &str, ca_pem: Option<&[u8]>) -> anyhow::Result<Endpo
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bad_certificate_and_key_files_are_named() {
+        let d = tempfile::tempdir().unwrap();
+        let (cert, key) = (d.path().join("server.pem"), d.path().join("server.key"));
+        let err = TlsIdentity::from_files(&cert, &key).unwrap_err();
+        assert!(format!("{err:#}").contains("server.pem"), "{err:#}");
+
+        std::fs::write(&cert, "not a certificate").unwrap();
+        std::fs::write(
+            &key,
+            "-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n",
+        )
+        .unwrap();
+        let err = format!("{:#}", TlsIdentity::from_files(&cert, &key).unwrap_err());
+        assert!(
+            err.contains("--tls-cert") && err.contains("server.pem"),
+            "{err}"
+        );
+
+        // PEM markers around garbage: refused before anything is bound, naming both files.
+        std::fs::write(
+            &cert,
+            "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n",
+        )
+        .unwrap();
+        let err = format!("{:#}", TlsIdentity::from_files(&cert, &key).unwrap_err());
+        assert!(
+            err.contains("server.pem") && err.contains("server.key"),
+            "{err}"
+        );
+        // The key's bytes never appear in errors or Debug output.
+        let id = TlsIdentity {
+            cert_pem: b"c".to_vec(),
+            key_pem: b"SECRET-KEY-BYTES".to_vec(),
+        };
+        assert!(!format!("{id:?}").contains("SECRET"));
+    }
+
+    #[test]
+    fn client_endpoints_follow_the_scheme() {
+        assert!(client_endpoint("http://127.0.0.1:7070", None).is_ok());
+        assert!(client_endpoint("https://coord.example:7070", None).is_ok());
+        let pem = b"-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n";
+        assert!(client_endpoint("https://10.0.0.1:7070", Some(pem)).is_ok());
+        let err = client_endpoint("http://10.0.0.1:7070", Some(pem)).unwrap_err();
+        assert!(format!("{err:#}").contains("not https://"), "{err:#}");
+        assert!(client_endpoint("coord:7070 and more", None).is_err());
+
+        let d = tempfile::tempdir().unwrap();
+        let f = d.path().join("ca.pem");
+        std::fs::write(&f, "hello").unwrap();
+        let err = read_ca(&f).unwrap_err();
+        assert!(format!("{err:#}").contains("ca.pem"), "{err:#}");
+    }
+}
