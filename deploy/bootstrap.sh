@@ -142,7 +142,7 @@ missing=$(ldd /usr/local/bin/ablate-worker 2>/dev/null | awk '/not found/ {print
 if [ -n "$missing" ]; then
   echo "bootstrap: installing the CUDA 13.0 runtime libraries (missing: $(echo "$missing" | tr '\n' ' '))"
   PIP_BREAK_SYSTEM_PACKAGES=1 python3 -m pip install --quiet --no-deps --no-input \
-    --disable-pip-version-check --target /opt/ablate/cuda-wheels \
+    --disable-pip-version-check --root-user-action=ignore --target /opt/ablate/cuda-wheels \
     nvidia-cuda-runtime==13.0.96 nvidia-cuda-nvrtc==13.0.88 nvidia-cublas==13.0.2.14 \
     nvidia-curand==10.4.0.35
   echo "LD_LIBRARY_PATH=/opt/ablate/cuda-wheels/nvidia/cu13/lib" >>"$env_file.new"

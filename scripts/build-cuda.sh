@@ -67,7 +67,7 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "${WHEELS[*]}" ]; then
   mkdir -p "$DIR"
   # --target installs into a plain folder, never into the system's Python.
   PIP_BREAK_SYSTEM_PACKAGES=1 "$PY" -m pip install --no-deps --no-input \
-    --disable-pip-version-check --quiet --target "$DIR" "${WHEELS[@]}"
+    --disable-pip-version-check --root-user-action=ignore --quiet --target "$DIR" "${WHEELS[@]}"
   echo "${WHEELS[*]}" >"$stamp"
 fi
 
@@ -92,13 +92,26 @@ for lib in cudart cublas cublasLt curand nvrtc; do
   fi
 done
 
-# The stub driver library, link time only.
+# The stub driver library, link time only. candle links cudarc's driver bindings directly
+# (cudarc's `dynamic-linking`), so the stub must define every driver function they declare:
+# the names are taken from cudarc's own bindings, one empty function each.
 STUB="$DIR/stubs"
-if [ ! -e "$STUB/libcuda.so" ]; then
-  mkdir -p "$STUB"
-  echo 'void ablate_libcuda_stub(void) {}' >"$STUB/stub.c"
+mkdir -p "$STUB"
+cargo fetch --quiet
+cudarc_src=$(cargo metadata --format-version 1 --quiet --features worker/cuda |
+  "$PY" -c 'import json,sys; print(next(p["manifest_path"] for p in json.load(sys.stdin)["packages"] if p["name"] == "cudarc").rsplit("/", 1)[0])')
+bindings="$cudarc_src/src/driver/sys/mod.rs"
+[ -f "$bindings" ] || { echo "build-cuda: cudarc's driver bindings not found at $bindings" >&2; exit 1; }
+grep -oE '^[[:space:]]+fn cu[A-Za-z0-9_]+\(' "$bindings" | sed -E 's/^[[:space:]]+fn (cu[A-Za-z0-9_]+)\(/void \1(void) {}/' |
+  sort -u >"$STUB/stub.c.new"
+count=$(wc -l <"$STUB/stub.c.new")
+[ "$count" -gt 100 ] || { echo "build-cuda: only $count driver functions found in $bindings" >&2; exit 1; }
+if ! cmp -s "$STUB/stub.c.new" "$STUB/stub.c" || [ ! -e "$STUB/libcuda.so" ]; then
+  mv "$STUB/stub.c.new" "$STUB/stub.c"
   "${CC:-cc}" -shared -fPIC -Wl,-soname,libcuda.so.1 -o "$STUB/libcuda.so" "$STUB/stub.c"
+  echo "build-cuda: stub libcuda.so with $count driver functions (link time only)"
 fi
+rm -f "$STUB/stub.c.new"
 
 export CUDA_HOME="$CU" CUDA_ROOT="$CU" CUDA_PATH="$CU"
 export NVCC="$CU/bin/nvcc"
