@@ -203,10 +203,14 @@ fn report_of_a_finished_tiny_sweep_in_every_format_and_in_a_browser() {
         urls, 0,
         "report.html must not load anything from the network"
     );
+    // The sweep file as submitted (HTML-escaped inside its <pre>).
     assert!(
-        html.contains("name = \"report-html\""),
+        html.contains("name = &quot;report-html&quot;"),
         "the sweep file is in the page"
     );
+    if let Some(keep) = std::env::var_os("ABLATE_KEEP_REPORT") {
+        let _ = std::fs::copy(out.join("report.html"), keep);
+    }
 
     // --- the browser.
     let Some(chromium) = chromium() else { return };
