@@ -61,7 +61,7 @@ const CSS: &str = r#"
 :root { --fg:#1d232b; --muted:#5b6673; --line:#d8dde3; --bg-alt:#f5f7f9; --accent:#0072b2; --bad:#b42318; --good:#067647; }
 * { box-sizing: border-box; }
 body { font-family: -apple-system, "Segoe UI", "DejaVu Sans", "Liberation Sans", Helvetica, Arial, sans-serif;
-       color: var(--fg); margin: 0 auto; padding: 24px 32px 64px; max-width: 1180px; line-height: 1.45; font-size: 15px; }
+       color: var(--fg); margin: 0 auto; padding: 24px 28px 64px; max-width: 1260px; line-height: 1.45; font-size: 15px; }
 h1 { font-size: 26px; margin: 0 0 4px; }
 h2 { font-size: 20px; margin: 36px 0 10px; padding-bottom: 4px; border-bottom: 2px solid var(--line); }
 h3 { font-size: 16px; margin: 22px 0 8px; }
@@ -70,8 +70,9 @@ p.meta { margin: 0 0 8px; }
 nav { margin: 10px 0 0; font-size: 14px; }
 nav a { margin-right: 14px; color: var(--accent); text-decoration: none; }
 .counts span { display: inline-block; margin-right: 14px; }
-table { border-collapse: collapse; width: 100%; font-size: 13.5px; font-variant-numeric: tabular-nums; }
-th, td { border-bottom: 1px solid var(--line); padding: 5px 8px; text-align: left; vertical-align: top; }
+.wide { overflow-x: auto; }
+table { border-collapse: collapse; width: 100%; font-size: 13px; font-variant-numeric: tabular-nums; }
+th, td { border-bottom: 1px solid var(--line); padding: 4px 6px; text-align: left; vertical-align: top; }
 th { background: var(--bg-alt); font-weight: 600; white-space: nowrap; }
 td.num, th.num { text-align: right; white-space: nowrap; }
 tbody tr:nth-child(even) td { background: #fbfcfd; }
@@ -130,7 +131,7 @@ fn summary_table(out: &mut String, rows: &[SummaryRow]) {
         .filter(|p| p.is_finite())
         .fold(f64::INFINITY, f64::min);
     out.push_str(
-        "<table id=\"summary-table\"><thead><tr><th>trial</th><th>method</th><th>status</th>\
+        "<div class=\"wide\"><table id=\"summary-table\"><thead><tr><th>trial</th><th>method</th><th>status</th>\
          <th class=\"num\">perplexity</th><th class=\"num\">Δ baseline</th>\
          <th class=\"num\">valid loss</th><th class=\"num\">trainable / total params</th>\
          <th class=\"num\">tokens seen</th><th class=\"num\">steps</th><th class=\"num\">wall time</th>\
@@ -170,7 +171,7 @@ fn summary_table(out: &mut String, rows: &[SummaryRow]) {
             attempts = r.attempts,
         );
     }
-    out.push_str("</tbody></table>\n");
+    out.push_str("</tbody></table></div>\n");
     let failures: Vec<&SummaryRow> = rows
         .iter()
         .filter(|r| !is_done(&r.status) && (r.reason.is_some() || r.message.is_some()))
@@ -272,7 +273,8 @@ fn curves_section(out: &mut String, rows: &[SummaryRow], events: &[TrialEvents])
                 c.valid.push((step as f64, v));
             }
         }
-        if c.train.is_empty() && c.valid.is_empty() {
+        // A trial that did not train (the baseline: one evaluation at step 0) has no curve.
+        if c.train.len() < 2 && c.valid.len() < 2 {
             continue;
         }
         match families.iter_mut().find(|(f, _)| *f == r.method) {
