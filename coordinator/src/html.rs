@@ -236,10 +236,10 @@ fn perplexity_figure(out: &mut String, rows: &[SummaryRow]) {
         .and_then(|r| r.perplexity);
     match plots::perplexity_bars("Final validation perplexity", &bars, baseline, 900) {
         Ok(svg) => {
-            let _ = write!(
+            let _ = writeln!(
                 out,
                 "<figure id=\"perplexity-figure\">{svg}<figcaption>Validation perplexity of every finished \
-                 fine-tuning trial{}; the best one is dark.</figcaption></figure>\n",
+                 fine-tuning trial{}; the best one is dark.</figcaption></figure>",
                 if baseline.is_some() {
                     ", with the untrained baseline as the dashed line"
                 } else {
@@ -290,11 +290,11 @@ fn curves_section(out: &mut String, rows: &[SummaryRow], events: &[TrialEvents])
         let title = format!("{family}: training and validation loss");
         match plots::loss_chart(&title, curves, 900, 440) {
             Ok(svg) => {
-                let _ = write!(
+                let _ = writeln!(
                     out,
                     "<figure class=\"curves\" data-family=\"{}\">{svg}<figcaption>{}: {} trial(s). \
                      Solid: training loss, moving average; faded: per step; dashed with dots: \
-                     validation loss at each evaluation.</figcaption></figure>\n",
+                     validation loss at each evaluation.</figcaption></figure>",
                     esc(family),
                     esc(family),
                     curves.len()
