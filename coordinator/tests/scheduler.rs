@@ -349,3 +349,120 @@ fn next_deadline_follows_leases() {
     lease(&mut s, "w1", 5);
     assert_eq!(s.next_deadline(), Some(5 + TTL));
 }
+
+/// The scheduler keeps indexes (queue order, lease deadlines, dependants) beside its trials.
+/// Drive it with a long random mix of every event and check after each one that what the
+/// indexes answer (`queued`, `next_deadline`, which trial a lease picks) agrees with a scan of
+/// the trials' own states and leases.
+#[test]
+fn indexes_agree_with_a_scan_under_random_events() {
+    let mut rng = 0x2545_f491_4f6c_dd1du64;
+    let mut next = move |n: u64| {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        rng % n
+    };
+    let mut s = Scheduler::new(TTL, 2);
+    for w in ["w1", "w2", "w3"] {
+        s.register_worker(w);
+    }
+    let mut ids: Vec<String> = Vec::new();
+    let mut now = 0i64;
+    for step in 0..4000 {
+        now += next(300) as i64;
+        let pick = |ids: &[String], r: u64| ids[r as usize % ids.len()].clone();
+        match next(9) {
+            0 | 1 => {
+                let id = format!("t{}", ids.len());
+                // Some trials start from an earlier one; costs collide on purpose.
+                let dep = (!ids.is_empty() && next(3) == 0).then(|| pick(&ids, next(1000)));
+                s.submit(spec(&id, cost_of(&id), dep.as_deref()));
+                ids.push(id);
+            }
+            2 | 3 => {
+                let w = ["w1", "w2", "w3"][next(3) as usize];
+                // The trial the lease must pick: highest cost, then the earliest submitted.
+                let expect = ids
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, id)| s.state(id) == Some(TrialState::Queued))
+                    .max_by(|(i, a), (j, b)| {
+                        let ca = cost_of(a);
+                        let cb = cost_of(b);
+                        ca.total_cmp(&cb).then(j.cmp(i))
+                    })
+                    .map(|(_, id)| id.clone());
+                let got = lease(&mut s, w, now).map(|g| g.trial_id);
+                assert_eq!(got, expect, "step {step}: lease picked the wrong trial");
+            }
+            4 if !ids.is_empty() => {
+                let id = pick(&ids, next(1000));
+                if let Some(a) = s.attempts(&id) {
+                    s.complete(&id, a, "{}".into());
+                }
+            }
+            5 if !ids.is_empty() => {
+                let id = pick(&ids, next(1000));
+                if let Some(a) = s.attempts(&id) {
+                    let mut f = transient("error");
+                    f.deterministic = next(4) == 0;
+                    f.preempted = next(4) == 0;
+                    s.fail(&id, a, f);
+                }
+            }
+            6 if !ids.is_empty() => {
+                let id = pick(&ids, next(1000));
+                s.cancel(&id).unwrap();
+                if next(2) == 0 {
+                    s.submit(spec(&id, cost_of(&id), None));
+                }
+            }
+            7 => {
+                let held: Vec<(String, u32)> = ids
+                    .iter()
+                    .filter(|id| s.lease_of(id).is_some_and(|(w, _)| w == "w1"))
+                    .map(|id| (id.clone(), s.attempts(id).unwrap()))
+                    .collect();
+                s.heartbeat("w1", &held, now).unwrap();
+            }
+            _ => {
+                s.tick(now);
+            }
+        }
+        let queued = ids
+            .iter()
+            .filter(|id| s.state(id) == Some(TrialState::Queued))
+            .count();
+        assert_eq!(s.queued(), queued, "step {step}: queued count");
+        let earliest = ids
+            .iter()
+            .filter_map(|id| s.lease_of(id).map(|l| l.1))
+            .min();
+        assert_eq!(s.next_deadline(), earliest, "step {step}: next deadline");
+        for id in &ids {
+            let st = s.state(id).unwrap();
+            assert_eq!(
+                s.lease_of(id).is_some(),
+                st == TrialState::Running,
+                "step {step}: {id} is {st:?} but its lease is {:?}",
+                s.lease_of(id)
+            );
+        }
+    }
+    let ended = ids
+        .iter()
+        .filter(|id| s.state(id).unwrap().is_terminal())
+        .count();
+    assert!(
+        ended > 50 && ids.len() > 500,
+        "the mix exercised little: {ended} of {}",
+        ids.len()
+    );
+}
+
+/// Costs are derived from the id so the test can recompute them: t<n> costs (n * 7) % 5.
+fn cost_of(id: &str) -> f64 {
+    let n: u64 = id[1..].parse().unwrap();
+    ((n * 7) % 5) as f64
+}
