@@ -1005,7 +1005,10 @@ lr_factors = [1.0, 2.6]
             ))
         };
         let s = with("lines = 12").unwrap();
-        assert_eq!(s.trials[1].data.train.documents, DocSplit::Lines { lines: 12 });
+        assert_eq!(
+            s.trials[1].data.train.documents,
+            DocSplit::Lines { lines: 12 }
+        );
         let e = with("").unwrap_err().to_string();
         assert!(e.contains("needs `lines = N`"), "{e}");
         let e = with("lines = 0").unwrap_err().to_string();

@@ -112,7 +112,14 @@ fn doc_split_variants() {
     let by_lines = load_documents(&files, &DocSplit::Lines { lines: 2 }).unwrap();
     assert_eq!(
         by_lines,
-        ["First para\nline two", "Second para", "one\n%", "two\nlines", "%\n%", "%\nthree"]
+        [
+            "First para\nline two",
+            "Second para",
+            "one\n%",
+            "two\nlines",
+            "%\n%",
+            "%\nthree"
+        ]
     );
 
     let sep = DocSplit::Separator {
