@@ -380,6 +380,12 @@ fn trials_section(out: &mut String, rows: &[SummaryRow], records: &[TrialRecord]
             r.worker.clone().unwrap_or_else(|| "—".into()),
         );
         env("attempts", r.attempts.to_string());
+        // Versions, OS, CPU, device and threads as the worker recorded them.
+        if let Some(m) = rec.and_then(|r| r.metrics.as_ref()) {
+            for (k, v) in &m.environment {
+                env(k, v.clone());
+            }
+        }
         if let Some(rec) = rec {
             if let Some(s) = rec.started_ms.filter(|&s| s > 0) {
                 env("last attempt started", utc(s));

@@ -29,6 +29,10 @@ fn metrics(ppl: f64, trainable: u64) -> TrialMetrics {
         total_params: 1_000_000,
         final_train_loss: Some(3.5),
         wall_seconds: 61.25,
+        environment: [("candle", "0.11.1"), ("device", "cpu")]
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
     }
 }
 
@@ -561,6 +565,11 @@ fn html_report_holds_table_seed_table_plots_samples_and_configs() {
         }
         assert!(html.contains(&format!("id=\"trial-{}\"", r.trial)));
     }
+    // The environment each finished trial recorded (versions, device).
+    assert!(
+        html.contains("<dt>candle</dt><dd>0.11.1</dd>"),
+        "no candle version"
+    );
     // Seed table with mean ± std.
     assert!(html.contains("id=\"seed-table\""));
     let base = 40.0 + "freeze-1".len() as f64 + 1.0;

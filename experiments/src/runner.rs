@@ -273,9 +273,48 @@ fn run_trial_inner(
         // Includes training done by earlier (stopped or preempted) attempts.
         wall_seconds: started.elapsed().as_secs_f64()
             + report.as_ref().map_or(0.0, |r| r.prior_wall_s),
+        environment: environment(&env.device),
     };
     write_json(&out.join("metrics.json"), &metrics)?;
     Ok(Outcome::Finished(metrics))
+}
+
+/// The candle-core version the workspace pins (`Cargo.toml`); a test checks `Cargo.lock` agrees.
+pub const CANDLE_VERSION: &str = "0.11.1";
+
+/// What a report needs to say where a trial ran, so numbers from different builds or devices
+/// are not compared unknowingly: ablate and candle versions, OS, CPU architecture (with the SIMD
+/// level the kernels use), the device and the compute threads.
+pub fn environment(device: &Device) -> std::collections::BTreeMap<String, String> {
+    let mut env = std::collections::BTreeMap::new();
+    let mut put = |k: &str, v: String| {
+        env.insert(k.to_string(), v);
+    };
+    put("ablate", env!("CARGO_PKG_VERSION").to_string());
+    put("candle", CANDLE_VERSION.to_string());
+    put("os", std::env::consts::OS.to_string());
+    let mut arch = std::env::consts::ARCH.to_string();
+    #[cfg(target_arch = "x86_64")]
+    for (feature, on) in [
+        ("avx2", std::is_x86_feature_detected!("avx2")),
+        ("avx512f", std::is_x86_feature_detected!("avx512f")),
+    ] {
+        if on {
+            arch.push('+');
+            arch.push_str(feature);
+        }
+    }
+    put("arch", arch);
+    put(
+        "device",
+        match device.location() {
+            candle_core::DeviceLocation::Cpu => "cpu".to_string(),
+            candle_core::DeviceLocation::Cuda { gpu_id } => format!("cuda:{gpu_id}"),
+            other => format!("{other:?}"),
+        },
+    );
+    put("threads", candle_core::utils::get_num_threads().to_string());
+    env
 }
 
 /// Reads a trial file: a [`TrialConfig`] serialised as TOML (what `ablate-worker train --trial`
@@ -372,6 +411,23 @@ fn write_json<T: serde::Serialize>(path: &Path, v: &T) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn candle_version_matches_the_lock_file() {
+        let lock = include_str!("../../Cargo.lock");
+        let entry = format!("name = \"candle-core\"\nversion = \"{CANDLE_VERSION}\"");
+        assert!(lock.contains(&entry), "Cargo.lock has no {entry:?}");
+    }
+
+    #[test]
+    fn environment_names_versions_and_device() {
+        let env = environment(&Device::Cpu);
+        assert_eq!(env["candle"], CANDLE_VERSION);
+        assert_eq!(env["ablate"], env!("CARGO_PKG_VERSION"));
+        assert_eq!(env["device"], "cpu");
+        assert!(env["threads"].parse::<usize>().unwrap() >= 1);
+        assert!(env["arch"].starts_with(std::env::consts::ARCH));
+    }
 
     #[test]
     fn device_allocation_failures_are_out_of_memory() {

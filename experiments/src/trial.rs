@@ -222,6 +222,10 @@ pub struct TrialMetrics {
     pub total_params: u64,
     pub final_train_loss: Option<f64>,
     pub wall_seconds: f64,
+    /// Where the trial ran: ablate and candle versions, OS, CPU architecture, device, compute
+    /// threads (see `runner::environment`). Empty in metrics from before it was recorded.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub environment: std::collections::BTreeMap<String, String>,
 }
 
 /// A progress event streamed while a trial runs.

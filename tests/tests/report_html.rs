@@ -193,6 +193,13 @@ fn report_of_a_finished_tiny_sweep_in_every_format_and_in_a_browser() {
         );
     }
     assert!(html.contains("<figure id=\"perplexity-figure\"><svg"));
+    // Every trained trial says what it ran on: the workers' ablate and candle versions, device.
+    assert_eq!(
+        html.matches("<dt>candle</dt><dd>0.").count(),
+        TINY_TRIALS,
+        "every trial's environment in report.html"
+    );
+    assert!(html.contains("<dt>device</dt><dd>cpu</dd>"));
     // Nothing to fetch: the only URLs are the SVG namespace declarations.
     let urls = html
         .replace("http://www.w3.org/2000/svg", "")
