@@ -331,48 +331,6 @@ pub fn find_worker_bin() -> anyhow::Result<PathBuf> {
     )
 }
 
-/// GPUs this process may use, as the ids to put in each worker's CUDA_VISIBLE_DEVICES:
-/// CUDA_VISIBLE_DEVICES when set (empty or `-1` means none), otherwise `nvidia-smi -L`.
-pub fn visible_gpus() -> anyhow::Result<Vec<String>> {
-    if let Ok(v) = std::env::var("CUDA_VISIBLE_DEVICES") {
-        return Ok(parse_visible_devices(&v));
-    }
-    let out = Command::new("nvidia-smi")
-        .arg("-L")
-        .stderr(Stdio::null())
-        .output()
-        .context(
-            "--device cuda: CUDA_VISIBLE_DEVICES is unset and `nvidia-smi -L` could not run",
-        )?;
-    if !out.status.success() {
-        bail!("--device cuda: `nvidia-smi -L` failed ({})", out.status);
-    }
-    Ok(parse_nvidia_smi(&String::from_utf8_lossy(&out.stdout)))
-}
-
-/// `0,2` → ["0", "2"]; `""` and `-1` → none (CUDA's own convention for hiding every GPU).
-pub fn parse_visible_devices(v: &str) -> Vec<String> {
-    let ids: Vec<String> = v
-        .split(',')
-        .map(str::trim)
-        .filter(|s| !s.is_empty())
-        .map(String::from)
-        .collect();
-    // CUDA stops at the first invalid entry; -1 is the usual way to say "no GPU".
-    ids.into_iter()
-        .take_while(|s| !s.starts_with('-'))
-        .collect()
-}
-
-/// Count `GPU N: ...` lines of `nvidia-smi -L` (MIG lines are indented and skipped).
-pub fn parse_nvidia_smi(out: &str) -> Vec<String> {
-    out.lines()
-        .filter_map(|l| l.strip_prefix("GPU "))
-        .filter_map(|rest| rest.split(':').next())
-        .map(|n| n.trim().to_string())
-        .collect()
-}
-
 /// Default number of CPU workers: two when there are two cores or more; candle uses every thread
 /// it is given, so more workers than that only share the same cores.
 pub fn default_cpu_workers(cores: usize) -> usize {
@@ -431,9 +389,12 @@ pub fn plan_workers(
                 .collect())
         }
         DeviceKind::Cuda => {
-            let mut gpus = visible_gpus()?;
+            let mut gpus = experiments::gpus::visible_gpus();
             if gpus.is_empty() {
-                bail!("--device cuda: no GPU is visible (CUDA_VISIBLE_DEVICES / nvidia-smi -L)");
+                bail!(
+                    "--device cuda: no GPU is visible (CUDA_VISIBLE_DEVICES, nvidia-smi -L, \
+                     /proc/driver/nvidia/gpus)"
+                );
             }
             if let Some(n) = workers {
                 gpus.truncate(n);
@@ -616,22 +577,6 @@ pub fn write_secret(path: &Path, secret: &str) -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn visible_devices_follow_cuda_conventions() {
-        assert_eq!(parse_visible_devices("0,2"), ["0", "2"]);
-        assert_eq!(parse_visible_devices(" 1 "), ["1"]);
-        assert!(parse_visible_devices("").is_empty());
-        assert!(parse_visible_devices("-1").is_empty());
-        assert_eq!(parse_visible_devices("3,-1,4"), ["3"]);
-    }
-
-    #[test]
-    fn nvidia_smi_lines_are_counted_without_mig_entries() {
-        let out = "GPU 0: NVIDIA H100 80GB HBM3 (UUID: GPU-aaa)\n  MIG 1g.10gb Device 0: (UUID: MIG-x)\nGPU 1: NVIDIA H100 80GB HBM3 (UUID: GPU-bbb)\n";
-        assert_eq!(parse_nvidia_smi(out), ["0", "1"]);
-        assert!(parse_nvidia_smi("No devices were found\n").is_empty());
-    }
 
     #[test]
     fn cpu_workers_share_the_cores() {

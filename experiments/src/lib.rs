@@ -1,10 +1,11 @@
 //! `experiments`: the ML and the experiment vocabulary of ablate, with no networking.
 //!
 //! Without the default `ml` feature only the vocabulary is compiled ([`trial`], [`spec`],
-//! [`error`]), which is what the coordinator depends on: it validates and expands sweep files but
+//! [`error`], and [`gpus`], which finds GPUs without linking CUDA), which is what the coordinator depends on: it validates and expands sweep files but
 //! never links candle. With `ml`: the GPT-2 model, data pipeline, methods, training and evaluation.
 
 pub mod error;
+pub mod gpus;
 pub mod spec;
 pub mod trial;
 

@@ -5,6 +5,5 @@
 pub mod bench;
 pub mod connect;
 pub mod fleet;
-pub mod gpus;
 pub mod local;
 pub mod remote;

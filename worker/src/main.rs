@@ -112,7 +112,10 @@ fn real_main() -> anyhow::Result<()> {
     if cli.all_gpus {
         let opts = fleet_opts(cli)?;
         let rt = tokio::runtime::Runtime::new().context("starting the async runtime")?;
-        return rt.block_on(worker::fleet::run_fleet(opts, worker::gpus::visible_gpus()));
+        return rt.block_on(worker::fleet::run_fleet(
+            opts,
+            experiments::gpus::visible_gpus(),
+        ));
     }
     let opts = remote_opts(cli)?;
     let rt = tokio::runtime::Runtime::new().context("starting the async runtime")?;

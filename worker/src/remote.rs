@@ -1086,7 +1086,7 @@ fn copy_dir(src: &Path, dst: &Path) -> std::io::Result<()> {
 /// (kind, name, memory bytes) for the registration: what the status table shows.
 fn describe_device(device: &str) -> (String, String, u64) {
     if device.starts_with("cuda") {
-        let (name, memory) = crate::gpus::describe_cuda(device);
+        let (name, memory) = experiments::gpus::describe_cuda(device);
         ("cuda".into(), name, memory)
     } else {
         let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
