@@ -495,6 +495,9 @@ fn expand(ctx: &Ctx, raw: RawSweep) -> Result<Sweep> {
                 ks.push((top, label));
             }
         }
+        // Ids of the freeze trials so far: a repeat (a factor on a one-group trial) is skipped
+        // without comparing it against every trial (sweeps with many seeds were quadratic).
+        let mut seen = BTreeSet::new();
         for (top, label) in ks {
             for &f in &lr_factors {
                 // With one trainable group a factor changes nothing: keep one trial.
@@ -507,7 +510,7 @@ fn expand(ctx: &Ctx, raw: RawSweep) -> Result<Sweep> {
                         f,
                         seed,
                     );
-                    if !trials.contains(&t) {
+                    if seen.insert(t.id()) {
                         trials.push(t);
                     }
                 }
@@ -586,14 +589,10 @@ fn expand(ctx: &Ctx, raw: RawSweep) -> Result<Sweep> {
     })
 }
 
-fn dedup<T: PartialEq>(v: Vec<T>) -> Vec<T> {
-    let mut out = Vec::with_capacity(v.len());
-    for x in v {
-        if !out.contains(&x) {
-            out.push(x);
-        }
-    }
-    out
+/// `v` without repeats, first occurrences in order.
+fn dedup<T: Ord + Clone>(v: Vec<T>) -> Vec<T> {
+    let mut seen = BTreeSet::new();
+    v.into_iter().filter(|x| seen.insert(x.clone())).collect()
 }
 
 fn check_context(ctx: &Ctx, data: &DataSpec, n_positions: usize, span: Range<usize>) -> Result<()> {
