@@ -8,7 +8,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use e2e::{bin, find_loopback_addr, run_cmd, shared_cache, tiny_sweep, Proc};
+use e2e::{bin, find_loopback_addr, processes_mentioning, run_cmd, shared_cache, tiny_sweep, Proc};
 use serde_json::Value;
 
 /// Every trial of `tiny_sweep`: the pretrain stage plus baseline, freeze-1, freeze-all, gradual,
@@ -83,27 +83,6 @@ fn check_summary(dir: &Path) {
         TINY_TRIALS + 1,
         "CSV: a header and one line per trial"
     );
-}
-
-/// Processes whose command line mentions `marker` (a unique temp path): what a test leaves behind.
-fn processes_mentioning(marker: &str) -> Vec<String> {
-    let me = std::process::id().to_string();
-    let mut found = Vec::new();
-    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
-        let pid = entry.file_name().to_string_lossy().into_owned();
-        if !pid.chars().all(|c| c.is_ascii_digit()) || pid == me {
-            continue;
-        }
-        let Ok(raw) = std::fs::read(entry.path().join("cmdline")) else {
-            continue;
-        };
-        let cmdline = String::from_utf8_lossy(&raw).replace('\0', " ");
-        // A zombie has an empty cmdline; a live one that mentions the marker is a leak.
-        if cmdline.contains(marker) {
-            found.push(format!("{pid}: {cmdline}"));
-        }
-    }
-    found
 }
 
 fn write_token(dir: &Path, name: &str, token: &str) -> String {
