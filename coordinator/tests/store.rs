@@ -38,6 +38,7 @@ fn config(name: &str, base: Base) -> TrialConfig {
             eval_every: 0,
             eval_windows: 1,
             checkpoint_every: 0,
+            ranks: 1,
         },
         groups: 2,
         seed: 0,

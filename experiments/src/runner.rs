@@ -31,7 +31,7 @@ use crate::methods;
 use crate::model::{Gpt2, Gpt2Config};
 use crate::sample::{self, SampleOpts};
 use crate::tokenizer::Tok;
-use crate::train::{self, TrainJob};
+use crate::train::{self, GradSync, TrainJob};
 use crate::trial::{Base, Method, Progress, TrialConfig, TrialMetrics};
 use crate::{Error, Result};
 
@@ -43,12 +43,21 @@ pub struct TrialEnv {
     pub out_dir: PathBuf,
     pub cache_dir: PathBuf,
     pub stop: Arc<AtomicBool>,
+    /// The other ranks of a data-parallel trial (`train.ranks > 1`); None for one rank.
+    pub sync: Option<Arc<dyn GradSync>>,
 }
 
 #[derive(Clone, Debug, PartialEq)]
 pub enum Outcome {
     Finished(TrialMetrics),
-    Stopped { step: u64 },
+    Stopped {
+        step: u64,
+    },
+    /// A rank other than 0 of a data-parallel trial finished its steps. Rank 0 evaluates, writes
+    /// the model and reports the metrics; the other ranks' weights are identical to it.
+    RankDone {
+        steps: u64,
+    },
 }
 
 /// Fixed prompts for `samples.json`: the same for every trial so generations compare.
@@ -201,10 +210,14 @@ fn run_trial_inner(
             stop: &env.stop,
             device: dev,
             run_key: cfg.id(),
+            sync: env.sync.as_deref(),
         };
         let r = train::train(&job, on_progress)?;
         if r.stopped {
             return Ok(Outcome::Stopped { step: r.steps });
+        }
+        if env.sync.as_ref().is_some_and(|s| s.rank() != 0) {
+            return Ok(Outcome::RankDone { steps: r.steps });
         }
         report = Some(r);
     }

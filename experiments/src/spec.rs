@@ -247,6 +247,7 @@ struct RawTrain {
     eval_every: Option<u64>,
     eval_windows: Option<Spanned<usize>>,
     checkpoint_every: Option<u64>,
+    ranks: Option<Spanned<u32>>,
 }
 
 #[derive(Deserialize)]
@@ -470,6 +471,8 @@ fn expand(ctx: &Ctx, raw: RawSweep) -> Result<Sweep> {
         // Evaluation is deterministic: one baseline regardless of seeds.
         let mut t = mk("baseline".into(), Method::Baseline, &train, None, 0);
         t.train = train.clone();
+        // Evaluation runs on one device whatever the sweep's training asks for.
+        t.train.ranks = 1;
         trials.push(t);
     }
     if let Some(freeze) = &m.freeze {
@@ -833,6 +836,13 @@ fn resolve_train(ctx: &Ctx, raw: &RawTrain, d: &TrainSpec) -> Result<TrainSpec> 
         eval_every: raw.eval_every.unwrap_or(d.eval_every),
         eval_windows: pos(ctx, &raw.eval_windows, d.eval_windows, "eval_windows")?,
         checkpoint_every: raw.checkpoint_every.unwrap_or(d.checkpoint_every),
+        ranks: match &raw.ranks {
+            Some(r) if *r.get_ref() == 0 || *r.get_ref() > 64 => {
+                return Err(ctx.err(r.span(), "ranks must be between 1 and 64"))
+            }
+            Some(r) => *r.get_ref(),
+            None => d.ranks,
+        },
     })
 }
 
@@ -855,6 +865,7 @@ impl TrainSpec {
             eval_every: 100,
             eval_windows: 32,
             checkpoint_every: 200,
+            ranks: 1,
         }
     }
 

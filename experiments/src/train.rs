@@ -32,6 +32,25 @@ use crate::optim::{self, AdamW, AdamWConfig, GradAccumulator, ParamUpdate};
 use crate::trial::{Method, Progress, TrainSpec};
 use crate::{Error, Result};
 
+/// Data parallelism: how one rank's gradients meet those of the other ranks of its trial.
+///
+/// Every rank of a trial runs [`train`] on the same config, seed and starting weights, so all
+/// ranks hold identical weights and optimizer state at every step. At each micro-batch the
+/// [`Batcher`] draws `world` batches and rank `r` keeps the `r`-th: the step sees `world` times
+/// the windows of one rank, and with `grad_accum = 1` it computes exactly what one process with
+/// `grad_accum = world` computes. After the micro-batches, [`GradSync::all_reduce_mean`] replaces
+/// each averaged gradient by its mean over the ranks (NCCL on GPUs, sockets on CPU; both live in
+/// the worker, this crate has no networking), before clipping and the update.
+pub trait GradSync: Send + Sync {
+    /// This process's rank, 0-based; rank 0 reports progress and writes the results.
+    fn rank(&self) -> usize;
+    /// Number of ranks.
+    fn world(&self) -> usize;
+    /// Replace every gradient and `loss` by their means over all ranks. Every rank passes the
+    /// same names with the same shapes (a `BTreeMap`, so the order is the same everywhere).
+    fn all_reduce_mean(&self, grads: &mut BTreeMap<String, Tensor>, loss: &mut f64) -> Result<()>;
+}
+
 /// Everything one training run needs. `run_key` identifies the run (the trial id): a checkpoint
 /// made by a different run in the same out dir is refused rather than silently continued.
 pub struct TrainJob<'a> {
@@ -47,6 +66,8 @@ pub struct TrainJob<'a> {
     pub stop: &'a AtomicBool,
     pub device: &'a Device,
     pub run_key: String,
+    /// Set when the trial trains data parallel across ranks (see [`GradSync`]).
+    pub sync: Option<&'a dyn GradSync>,
 }
 
 /// How a run ended.
@@ -179,6 +200,14 @@ pub fn train(job: &TrainJob<'_>, on_progress: &mut dyn FnMut(&Progress)) -> Resu
             spec.batch_size, spec.grad_accum
         )));
     }
+    let (rank, world) = job.sync.map_or((0, 1), |s| (s.rank(), s.world()));
+    if world != spec.ranks.max(1) as usize || rank >= world {
+        return Err(Error::Config(format!(
+            "train.ranks = {} but this process is rank {rank} of {world}: a multi-rank trial runs \
+             only through the coordinator, which leases all its ranks together",
+            spec.ranks
+        )));
+    }
     let lrs = methods::group_lrs(spec.lr, spec.lr_factor, groups);
     let mut opt = AdamW::new(AdamWConfig {
         beta1: spec.beta1,
@@ -204,7 +233,7 @@ pub fn train(job: &TrainJob<'_>, on_progress: &mut dyn FnMut(&Progress)) -> Resu
     }
     let resumed_from = step;
 
-    let per_step_tokens = (spec.batch_size * spec.grad_accum * job.context) as u64;
+    let per_step_tokens = (spec.batch_size * spec.grad_accum * job.context * world) as u64;
     let mut acc = GradAccumulator::new();
     let mut timing = StepTiming::default();
     while step < total {
@@ -244,7 +273,15 @@ pub fn train(job: &TrainJob<'_>, on_progress: &mut dyn FnMut(&Progress)) -> Resu
         let refs: Vec<(&str, &Var)> = params.iter().map(|(n, v, _)| (n.as_str(), v)).collect();
         let mut loss_sum = 0f64;
         for _ in 0..spec.grad_accum {
-            let (x, y) = batcher.next_batch();
+            // Every rank draws the step's `world` batches and keeps its own (see GradSync).
+            let mut mine = None;
+            for r in 0..world {
+                let b = batcher.next_batch();
+                if r == rank {
+                    mine = Some(b);
+                }
+            }
+            let (x, y) = mine.expect("rank < world");
             let ids = Tensor::from_vec(x, (spec.batch_size, job.context), job.device)?;
             let tgt = Tensor::from_vec(y, spec.batch_size * job.context, job.device)?;
             let logits = job.model.forward_with(&ids, &trainable)?;
@@ -252,7 +289,9 @@ pub fn train(job: &TrainJob<'_>, on_progress: &mut dyn FnMut(&Progress)) -> Resu
             let logits = logits.reshape((spec.batch_size * job.context, v))?;
             let loss = ops::cross_entropy(&logits, &tgt)?;
             let l = loss.to_scalar::<f32>()? as f64;
-            if !l.is_finite() {
+            // With other ranks waiting in the all-reduce, a rank must not leave alone: its NaN
+            // reaches every rank through the mean and all of them stop below.
+            if !l.is_finite() && job.sync.is_none() {
                 return Err(Error::Diverged(format!("loss {l} at step {}", step + 1)));
             }
             loss_sum += l;
@@ -262,6 +301,16 @@ pub fn train(job: &TrainJob<'_>, on_progress: &mut dyn FnMut(&Progress)) -> Resu
         timing.compute_s += started.elapsed().as_secs_f64();
         let opt_started = Instant::now();
         let mut grads = acc.finish()?;
+        let mut loss = loss_sum / spec.grad_accum as f64;
+        if let Some(sync) = job.sync {
+            sync.all_reduce_mean(&mut grads, &mut loss)?;
+            if !loss.is_finite() {
+                return Err(Error::Diverged(format!(
+                    "loss {loss} (mean over {world} ranks) at step {}",
+                    step + 1
+                )));
+            }
+        }
         if let Some(max) = spec.clip_norm {
             let norm = optim::clip_grad_norm(&mut grads, max)?;
             if !norm.is_finite() {
@@ -284,7 +333,6 @@ pub fn train(job: &TrainJob<'_>, on_progress: &mut dyn FnMut(&Progress)) -> Resu
         timing.optimizer_s += opt_started.elapsed().as_secs_f64();
         step += 1;
         train_tokens += per_step_tokens;
-        let loss = loss_sum / spec.grad_accum as f64;
         losses.push((step, loss));
         let secs = started.elapsed().as_secs_f64().max(1e-9);
         on_progress(&Progress::Step {

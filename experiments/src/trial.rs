@@ -190,6 +190,20 @@ pub struct TrainSpec {
     pub eval_windows: usize,
     /// Write a resumable checkpoint every this many steps (0: only at the end / on stop).
     pub checkpoint_every: u64,
+    /// Data-parallel ranks (GPUs of one host) the trial trains on. Each rank runs
+    /// `batch_size * grad_accum` windows per step and the gradients are averaged across ranks, so
+    /// the step's global batch is `ranks` times larger. Left out of the JSON when 1, so the ids of
+    /// single-rank trials do not depend on this field existing.
+    #[serde(default = "one_rank", skip_serializing_if = "is_one_rank")]
+    pub ranks: u32,
+}
+
+fn one_rank() -> u32 {
+    1
+}
+
+fn is_one_rank(r: &u32) -> bool {
+    *r == 1
 }
 
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq)]

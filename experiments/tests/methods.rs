@@ -97,6 +97,7 @@ fn train_spec(steps: u64) -> TrainSpec {
         eval_every: 0,
         eval_windows: 2,
         checkpoint_every: 0,
+        ranks: 1,
     }
 }
 

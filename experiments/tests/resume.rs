@@ -57,6 +57,7 @@ fn spec() -> TrainSpec {
         eval_every: 4,
         eval_windows: 2,
         checkpoint_every: 5,
+        ranks: 1,
     }
 }
 
@@ -84,6 +85,7 @@ fn run(
         stop,
         device: &Device::Cpu,
         run_key: key.into(),
+        sync: None,
     };
     train::train(&job, on_progress)
 }

@@ -76,6 +76,7 @@ fn spec(steps: u64, lr: f64) -> TrainSpec {
         eval_every: 0,
         eval_windows: 2,
         checkpoint_every: 0,
+        ranks: 1,
     }
 }
 
@@ -127,6 +128,7 @@ fn run(
         stop: &stop,
         device: &Device::Cpu,
         run_key: "test".into(),
+        sync: None,
     };
     train::train(&job, on_progress)
 }
@@ -404,6 +406,7 @@ fn step_time() {
             stop: &stop,
             device: &Device::Cpu,
             run_key: "bench".into(),
+            sync: None,
         };
         let job = TrainJob {
             method: &Method::Pretrain {
