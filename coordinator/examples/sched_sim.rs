@@ -139,6 +139,7 @@ fn main() -> anyhow::Result<()> {
             id: nt.id.clone(),
             depends_on: nt.config.depends_on().map(str::to_string),
             cost: nt.config.expected_cost(),
+            ranks: nt.config.train.ranks,
         }));
     }
     store.apply(&decisions, now)?;
@@ -156,7 +157,7 @@ fn main() -> anyhow::Result<()> {
             memory_bytes: 80 << 30,
         };
         let id = store.register_worker(&info, now)?;
-        sched.register_worker(&id);
+        sched.register_worker(&id, &info.host);
         workers.push(id);
     }
     let register_s = t.elapsed().as_secs_f64();

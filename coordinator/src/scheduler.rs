@@ -17,7 +17,20 @@
 //! - a message carrying an attempt that no longer owns its trial is stale and changes nothing;
 //! - after a coordinator restart ([`Scheduler::restore`]) a running attempt keeps its lease for one
 //!   more ttl, so a worker that reconnects in time loses no steps; one that does not is lost
-//!   without spending budget.
+//!   without spending budget;
+//! - a trial with `ranks = k > 1` is a gang: it runs on k workers of one host at once or not at
+//!   all. A worker asking for work while such a trial heads the queue joins the trial's gang if
+//!   k idle workers of its host (workers waiting in a lease call, seen within the ttl) are there;
+//!   otherwise it waits, holding its place, rather than take smaller work that would keep the
+//!   gang from ever forming, unless its host has fewer than k workers, in which case the trial
+//!   cannot run there and the worker looks further down the queue. The members get the same
+//!   attempt and ranks 0..k in the order they asked; each renews its own deadline, and the end of
+//!   any member (failure, preemption, a missed heartbeat) ends the attempt for all of them: the
+//!   others are told to stop at their next heartbeat. Rank 0 completes the trial. Before training,
+//!   rank 0 posts a rendezvous blob (the NCCL unique id, or the address of the CPU collective) and
+//!   the other ranks read it ([`Scheduler::post_rendezvous`], [`Scheduler::rendezvous`]). A gang
+//!   running across a coordinator restart is lost at once (the blob lived in memory), without
+//!   spending budget.
 //!
 //! [`TrialConfig::expected_cost`]: experiments::trial::TrialConfig::expected_cost
 
@@ -116,6 +129,8 @@ pub struct TrialSpec {
     pub id: String,
     pub depends_on: Option<String>,
     pub cost: f64,
+    /// Workers of one host the trial runs on together (`train.ranks`); 1 for most trials.
+    pub ranks: u32,
 }
 
 /// A trial as the store remembers it, to rebuild the scheduler after a coordinator restart.
@@ -129,7 +144,7 @@ pub struct RestoredTrial {
     pub spent: u32,
     /// The trial failed deterministically (resubmitting does not retry it).
     pub deterministic: bool,
-    /// Worker holding the lease when `state` is running.
+    /// Worker holding the lease when `state` is running (for a gang, the members joined by `,`).
     pub worker_id: Option<String>,
 }
 
@@ -148,6 +163,9 @@ pub struct Grant {
     pub trial_id: String,
     pub attempt: u32,
     pub deadline_ms: i64,
+    /// This worker's rank in the trial's gang, and the gang's size (0 and 1 for one worker).
+    pub rank: u32,
+    pub world: u32,
 }
 
 /// Answer to a heartbeat.
@@ -162,7 +180,7 @@ pub struct HeartbeatAnswer {
 /// A change the server must persist (and announce to watchers), in order.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Decision {
-    /// An attempt began on a worker.
+    /// An attempt began on a worker (a gang's members joined by `,` in rank order).
     Started {
         trial_id: String,
         attempt: u32,
@@ -208,6 +226,8 @@ pub enum SchedError {
     UnknownWorker(String),
     #[error("unknown trial {0}")]
     UnknownTrial(String),
+    #[error("trial {trial} attempt {attempt} is not a gang this worker belongs to")]
+    NotInGang { trial: String, attempt: u32 },
 }
 
 #[derive(Clone, Debug)]
@@ -219,8 +239,10 @@ struct Trial {
     deterministic: bool,
     /// Submission order, the tie-breaker after cost.
     order: u64,
-    /// (worker, deadline) while running.
-    lease: Option<(String, i64)>,
+    /// (worker, deadline) of each rank while running; empty otherwise.
+    lease: Vec<(String, i64)>,
+    /// Rank 0's rendezvous blob for the current attempt of a gang.
+    rendezvous: Option<Vec<u8>>,
     /// The lease was carried over a coordinator restart and not yet renewed by a heartbeat.
     restored: bool,
 }
@@ -229,7 +251,13 @@ struct Trial {
 #[derive(Clone, Debug)]
 pub struct Scheduler {
     trials: BTreeMap<String, Trial>,
-    workers: BTreeSet<String>,
+    /// Registered workers and their hosts.
+    workers: BTreeMap<String, String>,
+    /// Workers waiting for work (in a lease call), with the time they last asked: the candidates
+    /// for a gang. A worker leaves it when it gets a lease.
+    idle: BTreeMap<String, i64>,
+    /// Gang leases formed by another member's call, not yet picked up by their worker.
+    pending: BTreeMap<String, Grant>,
     lease_ttl_ms: i64,
     retry_budget: u32,
     next_order: u64,
@@ -272,7 +300,9 @@ impl Scheduler {
     pub fn new(lease_ttl_ms: i64, retry_budget: u32) -> Self {
         Scheduler {
             trials: BTreeMap::new(),
-            workers: BTreeSet::new(),
+            workers: BTreeMap::new(),
+            idle: BTreeMap::new(),
+            pending: BTreeMap::new(),
             lease_ttl_ms: lease_ttl_ms.max(1),
             retry_budget: retry_budget.max(1),
             next_order: 0,
@@ -286,8 +316,8 @@ impl Scheduler {
     fn with_trial<R>(&mut self, id: &str, f: impl FnOnce(&mut Trial) -> R) -> R {
         let t = self.trials.get_mut(id).expect("trial exists");
         self.queue.remove(&queue_key(t));
-        if let Some((_, d)) = &t.lease {
-            self.deadlines.remove(&(*d, id.to_string()));
+        if let Some(d) = deadline(t) {
+            self.deadlines.remove(&(d, id.to_string()));
         }
         let r = f(t);
         self.index(id);
@@ -299,8 +329,8 @@ impl Scheduler {
         if t.state == TrialState::Queued {
             self.queue.insert(queue_key(t));
         }
-        if let Some((_, d)) = &t.lease {
-            self.deadlines.insert((*d, id.to_string()));
+        if let Some(d) = deadline(t) {
+            self.deadlines.insert((d, id.to_string()));
         }
     }
 
@@ -325,7 +355,7 @@ impl Scheduler {
         lease_ttl_ms: i64,
         retry_budget: u32,
         trials: Vec<RestoredTrial>,
-        workers: Vec<String>,
+        workers: Vec<(String, String)>,
         now_ms: i64,
     ) -> (Self, Vec<Decision>) {
         let mut s = Scheduler::new(lease_ttl_ms, retry_budget);
@@ -341,13 +371,15 @@ impl Scheduler {
                 spent: t.spent,
                 deterministic: t.deterministic,
                 order,
-                lease: None,
+                lease: Vec::new(),
+                rendezvous: None,
                 restored: false,
             };
             if trial.state == TrialState::Running {
-                match t.worker_id.filter(|w| s.workers.contains(w)) {
+                let single = trial.spec.ranks <= 1;
+                match t.worker_id.filter(|w| single && s.workers.contains_key(w)) {
                     Some(w) => {
-                        trial.lease = Some((w, now_ms + s.lease_ttl_ms));
+                        trial.lease = vec![(w, now_ms + s.lease_ttl_ms)];
                         trial.restored = true;
                     }
                     None => {
@@ -380,13 +412,20 @@ impl Scheduler {
         self.trials.get(trial_id).map(|t| t.attempts)
     }
 
-    /// Worker and deadline of the running attempt.
+    /// Worker and deadline of the running attempt (rank 0's for a gang).
     pub fn lease_of(&self, trial_id: &str) -> Option<(&str, i64)> {
         self.trials
             .get(trial_id)?
             .lease
-            .as_ref()
+            .first()
             .map(|(w, d)| (w.as_str(), *d))
+    }
+
+    /// Workers of the running attempt in rank order (one for most trials).
+    pub fn members(&self, trial_id: &str) -> Vec<&str> {
+        self.trials.get(trial_id).map_or(Vec::new(), |t| {
+            t.lease.iter().map(|(w, _)| w.as_str()).collect()
+        })
     }
 
     /// Number of trials leasable right now.
@@ -394,8 +433,9 @@ impl Scheduler {
         self.queue.len()
     }
 
-    pub fn register_worker(&mut self, worker_id: &str) {
-        self.workers.insert(worker_id.to_string());
+    /// A worker on `host` (the machine name it reported: gangs form among workers of one host).
+    pub fn register_worker(&mut self, worker_id: &str, host: &str) {
+        self.workers.insert(worker_id.to_string(), host.to_string());
     }
 
     /// Add a trial. A trial already known changes nothing, except that a cancelled one or one that
@@ -426,7 +466,8 @@ impl Scheduler {
                     spent: 0,
                     deterministic: false,
                     order,
-                    lease: None,
+                    lease: Vec::new(),
+                    rendezvous: None,
                     restored: false,
                 },
             );
@@ -447,44 +488,150 @@ impl Scheduler {
         out
     }
 
-    /// Hand the most expensive queued trial to `worker_id`, or nothing.
+    /// Hand the most expensive queued trial this worker can run to `worker_id`, or nothing (see
+    /// the module doc for gangs). Call it again while the worker waits: a gang formed by another
+    /// member's call is handed out here.
     pub fn lease(
         &mut self,
         worker_id: &str,
         now_ms: i64,
     ) -> Result<(Option<Grant>, Vec<Decision>), SchedError> {
-        if !self.workers.contains(worker_id) {
+        let Some(host) = self.workers.get(worker_id).cloned() else {
             return Err(SchedError::UnknownWorker(worker_id.to_string()));
+        };
+        if let Some(g) = self.pending.remove(worker_id) {
+            if self.is_current(&g.trial_id, g.attempt) {
+                self.idle.remove(worker_id);
+                return Ok((Some(g), Vec::new()));
+            }
         }
-        let Some(id) = self.queue.first().map(|k| k.2.clone()) else {
+        self.idle.insert(worker_id.to_string(), now_ms);
+        let mut chosen = None;
+        for (_, _, id) in &self.queue {
+            let k = self.trials[id].spec.ranks.max(1) as usize;
+            if k == 1 {
+                chosen = Some((id.clone(), vec![worker_id.to_string()]));
+                break;
+            }
+            let on_host = self.workers.values().filter(|h| **h == host).count();
+            if on_host < k {
+                continue; // can never run on this host: look further down
+            }
+            let mut gang = vec![worker_id.to_string()];
+            gang.extend(
+                self.idle
+                    .iter()
+                    .filter(|(w, seen)| {
+                        w.as_str() != worker_id
+                            && **seen + self.lease_ttl_ms >= now_ms
+                            && !self.pending.contains_key(w.as_str())
+                            && self.workers.get(w.as_str()) == Some(&host)
+                    })
+                    .map(|(w, _)| w.clone())
+                    .take(k - 1),
+            );
+            if gang.len() == k {
+                chosen = Some((id.clone(), gang));
+            }
+            // Either way stop here: a worker that could join this gang does not take smaller
+            // work that would keep it from forming.
+            break;
+        }
+        let Some((id, gang)) = chosen else {
             return Ok((None, Vec::new()));
         };
         let deadline = now_ms + self.lease_ttl_ms;
         let attempt = self.with_trial(&id, |t| {
             t.attempts += 1;
             t.state = TrialState::Running;
-            t.lease = Some((worker_id.to_string(), deadline));
+            t.lease = gang.iter().map(|w| (w.clone(), deadline)).collect();
+            t.rendezvous = None;
             t.restored = false;
             t.attempts
         });
+        let world = gang.len() as u32;
+        let mut mine = None;
+        for (rank, w) in gang.iter().enumerate() {
+            self.idle.remove(w);
+            let g = Grant {
+                trial_id: id.clone(),
+                attempt,
+                deadline_ms: deadline,
+                rank: rank as u32,
+                world,
+            };
+            if w == worker_id {
+                mine = Some(g);
+            } else {
+                self.pending.insert(w.clone(), g);
+            }
+        }
         let t = &self.trials[&id];
         let out = vec![
             Decision::Started {
                 trial_id: id.clone(),
                 attempt,
-                worker_id: worker_id.to_string(),
+                worker_id: gang.join(","),
                 deadline_ms: deadline,
             },
             state_decision(t, "", ""),
         ];
-        Ok((
-            Some(Grant {
-                trial_id: id,
-                attempt,
-                deadline_ms: deadline,
-            }),
-            out,
-        ))
+        Ok((mine, out))
+    }
+
+    /// True when a gang lease formed by another member waits for `worker_id`.
+    pub fn has_pending(&self, worker_id: &str) -> bool {
+        self.pending.contains_key(worker_id)
+    }
+
+    /// The worker stopped waiting for work (its lease call ended empty): no longer a gang
+    /// candidate until it asks again.
+    pub fn not_waiting(&mut self, worker_id: &str) {
+        self.idle.remove(worker_id);
+    }
+
+    /// Rank 0 of a gang posts the blob the other ranks connect with.
+    pub fn post_rendezvous(
+        &mut self,
+        worker_id: &str,
+        trial_id: &str,
+        attempt: u32,
+        blob: Vec<u8>,
+    ) -> Result<(), SchedError> {
+        let not_in = || SchedError::NotInGang {
+            trial: trial_id.to_string(),
+            attempt,
+        };
+        if !self.is_current(trial_id, attempt) {
+            return Err(not_in());
+        }
+        let t = self.trials.get_mut(trial_id).ok_or_else(not_in)?;
+        if t.lease.first().map(|(w, _)| w.as_str()) != Some(worker_id) {
+            return Err(not_in());
+        }
+        t.rendezvous = Some(blob);
+        Ok(())
+    }
+
+    /// The blob rank 0 posted for this attempt (None until it did); only for members.
+    pub fn rendezvous(
+        &self,
+        worker_id: &str,
+        trial_id: &str,
+        attempt: u32,
+    ) -> Result<Option<&[u8]>, SchedError> {
+        let not_in = || SchedError::NotInGang {
+            trial: trial_id.to_string(),
+            attempt,
+        };
+        if !self.is_current(trial_id, attempt) {
+            return Err(not_in());
+        }
+        let t = &self.trials[trial_id];
+        if !t.lease.iter().any(|(w, _)| w == worker_id) {
+            return Err(not_in());
+        }
+        Ok(t.rendezvous.as_deref())
     }
 
     /// True when (trial, attempt) is the running attempt: the only one whose messages count.
@@ -501,7 +648,7 @@ impl Scheduler {
         held: &[(String, u32)],
         now_ms: i64,
     ) -> Result<HeartbeatAnswer, SchedError> {
-        if !self.workers.contains(worker_id) {
+        if !self.workers.contains_key(worker_id) {
             return Err(SchedError::UnknownWorker(worker_id.to_string()));
         }
         let ttl = self.lease_ttl_ms;
@@ -513,8 +660,9 @@ impl Scheduler {
             }
             let owned = self.with_trial(trial_id, |t| {
                 let current = t.state == TrialState::Running && t.attempts == *attempt;
-                match &mut t.lease {
-                    Some((w, deadline)) if current && w == worker_id => {
+                let member = t.lease.iter_mut().find(|(w, _)| w == worker_id);
+                match member {
+                    Some((_, deadline)) if current => {
                         *deadline = now_ms + ttl;
                         t.restored = false;
                         Some(*deadline)
@@ -546,7 +694,7 @@ impl Scheduler {
         if !self.is_current(trial_id, attempt) {
             return out;
         }
-        self.with_trial(trial_id, |t| t.lease = None);
+        self.end_lease(trial_id);
         out.push(Decision::Ended {
             trial_id: trial_id.to_string(),
             attempt,
@@ -571,7 +719,7 @@ impl Scheduler {
         } else {
             AttemptOutcome::Failed
         };
-        self.with_trial(trial_id, |t| t.lease = None);
+        self.end_lease(trial_id);
         out.push(Decision::Ended {
             trial_id: trial_id.to_string(),
             attempt,
@@ -594,7 +742,10 @@ impl Scheduler {
         if t.state.is_terminal() {
             return Ok(out);
         }
-        if let Some(attempt) = self.with_trial(trial_id, |t| t.lease.take().map(|_| t.attempts)) {
+        let held = !self.trials[trial_id].lease.is_empty();
+        let attempt = self.trials[trial_id].attempts;
+        if held {
+            self.end_lease(trial_id);
             out.push(Decision::Ended {
                 trial_id: trial_id.to_string(),
                 attempt,
@@ -627,8 +778,8 @@ impl Scheduler {
             .collect();
         let mut out = Vec::new();
         for (id, attempt) in expired {
+            self.end_lease(&id);
             let restored = self.with_trial(&id, |t| {
-                t.lease = None;
                 let restored = std::mem::take(&mut t.restored);
                 if restored {
                     t.state = TrialState::Queued;
@@ -664,6 +815,19 @@ impl Scheduler {
     /// Earliest lease deadline, so a driver can sleep until then.
     pub fn next_deadline(&self) -> Option<i64> {
         self.deadlines.first().map(|(d, _)| *d)
+    }
+
+    /// The running attempt's lease ends for every member; gang grants not yet picked up go too.
+    fn end_lease(&mut self, id: &str) {
+        let members = self.with_trial(id, |t| {
+            t.rendezvous = None;
+            std::mem::take(&mut t.lease)
+        });
+        for (w, _) in members {
+            if self.pending.get(&w).is_some_and(|g| g.trial_id == id) {
+                self.pending.remove(&w);
+            }
+        }
     }
 
     fn after_lost_attempt(&mut self, id: &str, failure: &Failure, out: &mut Vec<Decision>) {
@@ -778,6 +942,11 @@ impl Scheduler {
     fn cancel_dependants(&mut self, id: &str, out: &mut Vec<Decision>) {
         self.release_dependants(id, out);
     }
+}
+
+/// The earliest deadline of a lease's members: the attempt is lost when any member is.
+fn deadline(t: &Trial) -> Option<i64> {
+    t.lease.iter().map(|(_, d)| *d).min()
 }
 
 enum Dep {

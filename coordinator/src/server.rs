@@ -139,7 +139,11 @@ pub async fn serve_with_metrics(
     let ttl_ms = opts.lease_ttl.as_millis().clamp(1, i64::MAX as u128) as i64;
     let store = Store::open(&opts.state_dir)?;
     let restored = store.restored_trials()?;
-    let workers = store.workers()?.into_iter().map(|w| w.id).collect();
+    let workers = store
+        .workers()?
+        .into_iter()
+        .map(|w| (w.id, w.info.host))
+        .collect();
     let (sched, decisions) = Scheduler::restore(
         ttl_ms,
         crate::scheduler::DEFAULT_RETRY_BUDGET,
@@ -267,6 +271,10 @@ impl Shared {
         let mut seen = HashSet::new();
         let mut wake = false;
         for d in decisions {
+            // A gang formed: its other members may be waiting in a lease call for their grant.
+            if let Decision::Started { worker_id, .. } = d {
+                wake |= worker_id.contains(',');
+            }
             if let Decision::State {
                 trial_id, state, ..
             } = d
@@ -341,6 +349,7 @@ fn sched_status(e: SchedError) -> Status {
             Status::not_found(format!("unknown worker {w}: register again"))
         }
         SchedError::UnknownTrial(t) => Status::not_found(format!("unknown trial {t}")),
+        e @ SchedError::NotInGang { .. } => Status::failed_precondition(e.to_string()),
     }
 }
 
@@ -363,7 +372,13 @@ fn trial_status(store: &Store, row: &TrialRow) -> pb::TrialStatus {
     let worker = row
         .worker_id
         .as_deref()
-        .and_then(|w| store.worker(w).ok().flatten());
+        // A gang's attempt lists its members; rank 0 stands for it.
+        .and_then(|w| {
+            store
+                .worker(w.split(',').next().unwrap_or(w))
+                .ok()
+                .flatten()
+        });
     let progress =
         store.latest_step_event(&row.id).ok().flatten().and_then(
             |json| match serde_json::from_str::<Progress>(&json) {
@@ -393,7 +408,17 @@ fn trial_status(store: &Store, row: &TrialRow) -> pb::TrialStatus {
         failure_message: row.failure_message.clone(),
         worker_name: worker
             .as_ref()
-            .map(|w| w.info.name.clone())
+            .map(|w| {
+                let ranks = row
+                    .worker_id
+                    .as_deref()
+                    .map_or(1, |ids| ids.split(',').count());
+                if ranks > 1 {
+                    format!("{} +{} ranks", w.info.name, ranks - 1)
+                } else {
+                    w.info.name.clone()
+                }
+            })
             .unwrap_or_default(),
         device_name: worker
             .as_ref()
@@ -454,7 +479,7 @@ impl WorkerService for WorkerApi {
             .store
             .register_worker(&info, now_ms())
             .map_err(store_status)?;
-        inner.sched.register_worker(&id);
+        inner.sched.register_worker(&id, &info.host);
         self.0.metrics.worker_seen(&id);
         tracing::info!(worker = %id, name = %info.name, host = %info.host, device = %info.device_name, "worker registered");
         Ok(Response::new(pb::RegisterResponse {
@@ -473,23 +498,74 @@ impl WorkerService for WorkerApi {
         self.0.metrics.worker_seen(&r.worker_id);
         let until = tokio::time::Instant::now() + wait;
         let mut stop = self.0.stop.clone();
+        // While this call waits the worker is a candidate for a gang; when it ends without a
+        // lease (timeout, or the worker went away mid-call) it no longer is.
+        let mut waiting = Waiting {
+            shared: &self.0,
+            worker_id: &r.worker_id,
+            leased: false,
+        };
+        // Ask again at least every third of the ttl, so the scheduler sees the worker as waiting.
+        let refresh = Duration::from_millis((self.0.ttl_ms / 3).clamp(10, 5_000) as u64);
         loop {
             let notified = self.0.notify.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
             if let Some(lease) = self.try_lease(&r.worker_id)? {
+                waiting.leased = true;
                 return Ok(Response::new(pb::LeaseResponse { lease: Some(lease) }));
             }
             if self.0.stopping() {
                 return Ok(Response::new(pb::LeaseResponse { lease: None }));
             }
+            if tokio::time::Instant::now() >= until {
+                return Ok(Response::new(pb::LeaseResponse { lease: None }));
+            }
+            let next = until.min(tokio::time::Instant::now() + refresh);
             tokio::select! {
                 _ = &mut notified => {}
-                _ = tokio::time::sleep_until(until) => {
-                    return Ok(Response::new(pb::LeaseResponse { lease: None }));
-                }
+                _ = tokio::time::sleep_until(next) => {}
                 _ = stop.changed() => {}
             }
+        }
+    }
+
+    async fn rendezvous(
+        &self,
+        req: Request<pb::RendezvousRequest>,
+    ) -> Result<Response<pb::RendezvousResponse>, Status> {
+        let r = req.into_inner();
+        non_empty("worker_id", &r.worker_id)?;
+        non_empty("trial_id", &r.trial_id)?;
+        if !r.post.is_empty() {
+            if r.post.len() > 4096 {
+                return Err(Status::invalid_argument("post: at most 4096 bytes"));
+            }
+            let mut inner = self.0.lock();
+            inner
+                .sched
+                .post_rendezvous(&r.worker_id, &r.trial_id, r.attempt, r.post.clone())
+                .map_err(sched_status)?;
+            tracing::info!(trial = %r.trial_id, attempt = r.attempt, "gang rendezvous posted");
+            return Ok(Response::new(pb::RendezvousResponse { blob: r.post }));
+        }
+        let until =
+            tokio::time::Instant::now() + Duration::from_millis(r.wait_ms).min(MAX_LEASE_WAIT);
+        loop {
+            {
+                let inner = self.0.lock();
+                let blob = inner
+                    .sched
+                    .rendezvous(&r.worker_id, &r.trial_id, r.attempt)
+                    .map_err(sched_status)?;
+                if let Some(b) = blob {
+                    return Ok(Response::new(pb::RendezvousResponse { blob: b.to_vec() }));
+                }
+            }
+            if tokio::time::Instant::now() >= until || self.0.stopping() {
+                return Ok(Response::new(pb::RendezvousResponse { blob: Vec::new() }));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
 
@@ -736,6 +812,21 @@ impl WorkerService for WorkerApi {
     }
 }
 
+/// Marks a worker as no longer waiting for work when its lease call ends without a lease.
+struct Waiting<'a> {
+    shared: &'a Shared,
+    worker_id: &'a str,
+    leased: bool,
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        if !self.leased {
+            self.shared.lock().sched.not_waiting(self.worker_id);
+        }
+    }
+}
+
 impl WorkerApi {
     fn try_lease(&self, worker_id: &str) -> Result<Option<pb::Lease>, Status> {
         let mut inner = self.0.lock();
@@ -766,6 +857,8 @@ impl WorkerApi {
             base_trial_id: row.depends_on.unwrap_or_default(),
             resume_artifacts: resume,
             deadline_unix_ms: grant.deadline_ms,
+            rank: grant.rank,
+            world: grant.world,
         }))
     }
 }
@@ -807,6 +900,7 @@ impl SweepService for SweepApi {
                 id: t.id.clone(),
                 depends_on: t.config.depends_on().map(str::to_string),
                 cost: t.config.expected_cost(),
+                ranks: t.config.train.ranks,
             }));
         }
         self.0.apply(&mut inner, &decisions, now)?;

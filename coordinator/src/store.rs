@@ -456,6 +456,8 @@ impl Store {
             .into_iter()
             .map(|t| RestoredTrial {
                 spec: TrialSpec {
+                    ranks: serde_json::from_str::<experiments::trial::TrialConfig>(&t.config_json)
+                        .map_or(1, |c| c.train.ranks),
                     id: t.id,
                     depends_on: t.depends_on,
                     cost: t.cost,

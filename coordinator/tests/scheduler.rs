@@ -9,6 +9,7 @@ fn spec(id: &str, cost: f64, dep: Option<&str>) -> TrialSpec {
         id: id.into(),
         depends_on: dep.map(str::to_string),
         cost,
+        ranks: 1,
     }
 }
 
@@ -17,8 +18,8 @@ fn sched_with(trials: &[TrialSpec]) -> Scheduler {
     for t in trials {
         s.submit(t.clone());
     }
-    s.register_worker("w1");
-    s.register_worker("w2");
+    s.register_worker("w1", "h1");
+    s.register_worker("w2", "h1");
     s
 }
 
@@ -254,7 +255,7 @@ fn restore_keeps_leases_of_known_workers_for_one_ttl() {
         dep,
     ];
     let now = 10_000;
-    let (mut s, ds) = Scheduler::restore(TTL, 3, trials, vec!["w1".into()], now);
+    let (mut s, ds) = Scheduler::restore(TTL, 3, trials, vec![("w1".into(), "h1".into())], now);
     // Only the attempt of a worker the store does not know is lost at once.
     let lost: Vec<&str> = ds
         .iter()
@@ -321,7 +322,7 @@ fn restore_keeps_leases_of_known_workers_for_one_ttl() {
 #[test]
 fn a_renewed_restored_lease_expires_like_any_other() {
     let trials = vec![restored("t", TrialState::Running, 1, 0, Some("w1"))];
-    let (mut s, _) = Scheduler::restore(TTL, 3, trials, vec!["w1".into()], 0);
+    let (mut s, _) = Scheduler::restore(TTL, 3, trials, vec![("w1".into(), "h1".into())], 0);
     s.heartbeat("w1", &[("t".into(), 1)], 100).unwrap();
     // After a heartbeat the lease is an ordinary one: expiry is a transient failure.
     let ds = s.tick(100 + TTL);
@@ -365,7 +366,7 @@ fn indexes_agree_with_a_scan_under_random_events() {
     };
     let mut s = Scheduler::new(TTL, 2);
     for w in ["w1", "w2", "w3"] {
-        s.register_worker(w);
+        s.register_worker(w, "h1");
     }
     let mut ids: Vec<String> = Vec::new();
     let mut now = 0i64;
@@ -465,4 +466,209 @@ fn indexes_agree_with_a_scan_under_random_events() {
 fn cost_of(id: &str) -> f64 {
     let n: u64 = id[1..].parse().unwrap();
     ((n * 7) % 5) as f64
+}
+
+// ---------------------------------------------------------------------------- gang leases
+
+fn gang(id: &str, cost: f64, ranks: u32) -> TrialSpec {
+    TrialSpec {
+        ranks,
+        ..spec(id, cost, None)
+    }
+}
+
+/// Four workers on host A, two on host B.
+fn two_hosts(trials: &[TrialSpec]) -> Scheduler {
+    let mut s = Scheduler::new(TTL, 3);
+    for t in trials {
+        s.submit(t.clone());
+    }
+    for w in ["a1", "a2", "a3", "a4"] {
+        s.register_worker(w, "A");
+    }
+    for w in ["b1", "b2"] {
+        s.register_worker(w, "B");
+    }
+    s
+}
+
+#[test]
+fn a_gang_forms_from_waiting_workers_of_one_host_all_or_nothing() {
+    let mut s = two_hosts(&[gang("g", 10.0, 3), spec("small", 1.0, None)]);
+    // Host B can never hold 3 ranks: its workers look past the gang and take the small trial.
+    let g = lease(&mut s, "b1", 0).unwrap();
+    assert_eq!((g.trial_id.as_str(), g.rank, g.world), ("small", 0, 1));
+    // On host A, the first two callers wait (nothing is started: all or nothing).
+    assert!(lease(&mut s, "a1", 0).is_none());
+    assert!(lease(&mut s, "a2", 1).is_none());
+    assert_eq!(s.state("g"), Some(TrialState::Queued));
+    assert!(s.members("g").is_empty());
+    // The third makes the gang: the whole attempt starts at once, ranks in order of asking
+    // (the caller first, then the waiting workers by id).
+    let (g3, ds) = s.lease("a3", 2).unwrap();
+    let g3 = g3.unwrap();
+    assert_eq!(
+        (g3.trial_id.as_str(), g3.rank, g3.world, g3.attempt),
+        ("g", 0, 3, 1)
+    );
+    assert_eq!(s.state("g"), Some(TrialState::Running));
+    assert_eq!(s.members("g"), ["a3", "a1", "a2"]);
+    assert!(ds.iter().any(|d| matches!(d,
+        Decision::Started { worker_id, .. } if worker_id == "a3,a1,a2")));
+    // The waiting members pick their grants up on their next call.
+    assert!(s.has_pending("a1") && s.has_pending("a2"));
+    let g1 = lease(&mut s, "a1", 3).unwrap();
+    let g2 = lease(&mut s, "a2", 3).unwrap();
+    assert_eq!((g1.rank, g2.rank), (1, 2));
+    assert_eq!((g1.attempt, g2.attempt), (1, 1));
+    // A fourth worker of host A gets nothing from this gang.
+    assert!(lease(&mut s, "a4", 3).is_none());
+}
+
+#[test]
+fn a_waiting_worker_does_not_take_smaller_work_that_would_starve_the_gang() {
+    let mut s = two_hosts(&[gang("g", 10.0, 2), spec("small", 1.0, None)]);
+    assert!(
+        lease(&mut s, "a1", 0).is_none(),
+        "a1 must hold out for the gang"
+    );
+    let g = lease(&mut s, "a2", 0).unwrap();
+    assert_eq!(g.trial_id, "g");
+    // With the gang running, the small trial is next in line for anyone.
+    assert_eq!(lease(&mut s, "a3", 0).unwrap().trial_id, "small");
+}
+
+#[test]
+fn workers_that_stopped_waiting_are_not_drafted() {
+    let mut s = two_hosts(&[gang("g", 10.0, 2)]);
+    assert!(lease(&mut s, "a1", 0).is_none());
+    // a1's lease call ended (or it went away): it is no longer a candidate.
+    s.not_waiting("a1");
+    assert!(lease(&mut s, "a2", 1).is_none());
+    // A candidate last seen longer than the ttl ago is not drafted either.
+    assert!(lease(&mut s, "a3", 2 + TTL + 1).is_none());
+    assert_eq!(s.state("g"), Some(TrialState::Queued));
+    // Fresh callers are.
+    assert_eq!(
+        lease(&mut s, "a4", 2 + TTL + 1).unwrap().trial_id,
+        "g",
+        "a3 waited within the ttl"
+    );
+    assert_eq!(s.members("g"), ["a4", "a3"]);
+}
+
+fn started_gang(s: &mut Scheduler) -> (Grant, Grant) {
+    assert!(lease(s, "a1", 0).is_none());
+    let g0 = lease(s, "a2", 0).unwrap();
+    let g1 = lease(s, "a1", 0).unwrap();
+    assert_eq!((g0.rank, g1.rank), (0, 1));
+    (g0, g1)
+}
+
+#[test]
+fn one_member_failing_ends_the_attempt_for_every_member() {
+    let mut s = two_hosts(&[gang("g", 10.0, 2)]);
+    started_gang(&mut s);
+    let ds = s.fail("g", 1, transient("worker_error"));
+    assert!(ds.iter().any(|d| matches!(
+        d,
+        Decision::Ended {
+            outcome: AttemptOutcome::Failed,
+            ..
+        }
+    )));
+    assert_eq!(s.state("g"), Some(TrialState::Queued));
+    assert!(s.members("g").is_empty());
+    // Both members are told to stop at their next heartbeat.
+    for w in ["a1", "a2"] {
+        let ans = s.heartbeat(w, &[("g".into(), 1)], 10).unwrap();
+        assert_eq!(ans.cancel, vec![("g".to_string(), 1)], "{w}");
+        assert!(ans.renewed.is_empty());
+    }
+    // The retry is a new gang with a new attempt number.
+    assert!(lease(&mut s, "a3", 20).is_none());
+    let g = lease(&mut s, "a4", 20).unwrap();
+    assert_eq!((g.attempt, g.world), (2, 2));
+}
+
+#[test]
+fn one_member_missing_its_heartbeat_loses_the_whole_gang() {
+    let mut s = two_hosts(&[gang("g", 10.0, 2)]);
+    started_gang(&mut s);
+    // a2 (rank 0) heartbeats, a1 does not.
+    let ans = s.heartbeat("a2", &[("g".into(), 1)], TTL / 2).unwrap();
+    assert_eq!(ans.renewed.len(), 1);
+    assert!(s.tick(TTL - 1).is_empty());
+    let ds = s.tick(TTL);
+    assert!(ds.iter().any(|d| matches!(
+        d,
+        Decision::Ended {
+            outcome: AttemptOutcome::Expired,
+            ..
+        }
+    )));
+    assert_eq!(s.state("g"), Some(TrialState::Queued));
+    let ans = s.heartbeat("a2", &[("g".into(), 1)], TTL + 1).unwrap();
+    assert_eq!(ans.cancel.len(), 1, "rank 0 must be told to stop");
+}
+
+#[test]
+fn a_gang_grant_not_picked_up_goes_with_a_cancel() {
+    let mut s = two_hosts(&[gang("g", 10.0, 2)]);
+    assert!(lease(&mut s, "a1", 0).is_none());
+    assert!(lease(&mut s, "a2", 0).is_some());
+    assert!(s.has_pending("a1"));
+    s.cancel("g").unwrap();
+    assert!(
+        !s.has_pending("a1"),
+        "a cancelled gang's grant must not be handed out"
+    );
+    assert!(lease(&mut s, "a1", 1).is_none());
+}
+
+#[test]
+fn rendezvous_is_posted_by_rank_0_and_read_by_members_only() {
+    let mut s = two_hosts(&[gang("g", 10.0, 2)]);
+    started_gang(&mut s);
+    assert_eq!(s.rendezvous("a1", "g", 1).unwrap(), None);
+    // Only rank 0 (a2) may post; outsiders and stale attempts are refused.
+    assert!(s.post_rendezvous("a1", "g", 1, b"x".to_vec()).is_err());
+    assert!(s.post_rendezvous("a2", "g", 2, b"x".to_vec()).is_err());
+    s.post_rendezvous("a2", "g", 1, b"tcp 127.0.0.1:5000".to_vec())
+        .unwrap();
+    assert_eq!(
+        s.rendezvous("a1", "g", 1).unwrap(),
+        Some(&b"tcp 127.0.0.1:5000"[..])
+    );
+    assert!(s.rendezvous("a3", "g", 1).is_err(), "not a member");
+    // A new attempt starts without the old blob.
+    s.fail("g", 1, transient("worker_error"));
+    assert!(lease(&mut s, "a3", 5).is_none());
+    lease(&mut s, "a4", 5).unwrap();
+    assert_eq!(s.rendezvous("a3", "g", 2).unwrap(), None);
+}
+
+#[test]
+fn a_gang_running_across_a_restart_is_lost_without_spending_budget() {
+    let trials = vec![RestoredTrial {
+        spec: gang("g", 10.0, 2),
+        state: TrialState::Running,
+        attempts: 1,
+        spent: 0,
+        deterministic: false,
+        worker_id: Some("a1,a2".into()),
+    }];
+    let workers = vec![("a1".into(), "A".into()), ("a2".into(), "A".into())];
+    let (s, ds) = Scheduler::restore(TTL, 3, trials, workers, 0);
+    assert_eq!(s.state("g"), Some(TrialState::Queued));
+    assert!(ds.iter().any(|d| matches!(
+        d,
+        Decision::Ended {
+            outcome: AttemptOutcome::Lost,
+            ..
+        }
+    )));
+    assert!(ds
+        .iter()
+        .any(|d| matches!(d, Decision::State { spent: 0, .. })));
 }

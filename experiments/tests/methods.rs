@@ -155,6 +155,7 @@ fn env(s: &Setup, out: &str, base: Option<PathBuf>) -> TrialEnv {
         out_dir: s.root.join(out),
         cache_dir: s.root.join("cache"),
         stop: Arc::new(AtomicBool::new(false)),
+        sync: None,
     }
 }
 
@@ -414,6 +415,7 @@ fn quickstart_pipeline_smoke() {
             out_dir: work.path().join(trial.id()),
             cache_dir: cache.clone(),
             stop: Arc::new(AtomicBool::new(false)),
+            sync: None,
         };
         let t = std::time::Instant::now();
         let m = finished(runner::run_trial(&cfg, &e, &mut |_| {}).unwrap());

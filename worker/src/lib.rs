@@ -3,6 +3,7 @@
 //! evaluate or sample without any coordinator.
 
 pub mod bench;
+pub mod collective;
 pub mod connect;
 pub mod fleet;
 pub mod local;

@@ -240,6 +240,7 @@ fn train_cmd(
         out_dir: out.to_path_buf(),
         cache_dir: cache.unwrap_or_else(default_cache_dir),
         stop,
+        sync: None,
     };
     eprintln!("trial {} ({}) -> {}", cfg.name, cfg.id(), out.display());
     let outcome = runner::run_trial(&cfg, &env, &mut |p| eprintln!("{}", progress_line(p)))
@@ -252,6 +253,11 @@ fn train_cmd(
         }
         Outcome::Stopped { step } => {
             eprintln!("stopped at step {step}; run the same command again to resume");
+            Ok(())
+        }
+        // Unreachable: a local run has no other ranks (train.ranks > 1 is refused before).
+        Outcome::RankDone { steps } => {
+            eprintln!("rank finished after {steps} steps");
             Ok(())
         }
     }

@@ -14,6 +14,12 @@
 //! - uploads `ckpt/` after every checkpoint (from a snapshot copy, so training can go on writing;
 //!   when a cut lets snapshots pile up, only the newest is sent).
 //!
+//! A gang lease (`world > 1`: a trial with `train.ranks`) first joins the trial's collective
+//! ([`crate::collective`]): rank 0 opens it and posts the rendezvous blob through the coordinator,
+//! the other ranks read the blob and join. Only rank 0 reports, uploads and completes; the other
+//! ranks train, then keep heartbeating until the coordinator says the trial ended, so that their
+//! lease does not lapse while rank 0 evaluates and uploads.
+//!
 //! On finish it uploads `model/`, `metrics.json` and `samples.json`, then `Complete`; on error,
 //! `Fail` with the error's reason and whether retrying can help. SIGTERM/SIGINT (see `main.rs`) set
 //! the global stop flag: the trial checkpoints, `ckpt/` is uploaded, the attempt is reported as
@@ -32,6 +38,7 @@ use ablate_proto::pb;
 use ablate_proto::pb::worker_service_client::WorkerServiceClient;
 use anyhow::Context;
 use experiments::runner::{run_trial, Outcome, TrialEnv};
+use experiments::train::GradSync;
 use experiments::trial::{Progress, TrialConfig};
 use tokio::sync::{mpsc, Notify};
 use tokio_stream::wrappers::ReceiverStream;
@@ -43,6 +50,8 @@ use tonic::transport::Channel;
 use tonic::{Code, Request, Status};
 use tracing::Instrument;
 
+/// How long the ranks of a gang wait for rank 0's rendezvous.
+const GANG_JOIN_TIMEOUT: Duration = Duration::from_secs(120);
 /// How long one `Lease` long-poll may wait on the coordinator.
 const LEASE_WAIT: Duration = Duration::from_secs(20);
 const CHUNK_BYTES: usize = 1 << 20;
@@ -74,9 +83,19 @@ pub struct RemoteOpts {
     pub name: String,
 }
 
-/// Builds the runner's environment for one trial (base dir, out dir, cache dir, stop flag).
-type EnvFactory =
-    Arc<dyn Fn(Option<PathBuf>, PathBuf, PathBuf, Arc<AtomicBool>) -> TrialEnv + Send + Sync>;
+/// Builds the runner's environment for one trial (base dir, out dir, cache dir, stop flag, the
+/// gang's collective).
+type EnvFactory = Arc<
+    dyn Fn(
+            Option<PathBuf>,
+            PathBuf,
+            PathBuf,
+            Arc<AtomicBool>,
+            Option<Arc<dyn GradSync>>,
+        ) -> TrialEnv
+        + Send
+        + Sync,
+>;
 
 type Client = WorkerServiceClient<InterceptedService<Channel, Bearer>>;
 
@@ -97,12 +116,14 @@ pub async fn run_remote(opts: RemoteOpts, stop: Arc<AtomicBool>) -> anyhow::Resu
     let device = experiments::runner::parse_device(&opts.device)
         .with_context(|| format!("--device {}", opts.device))?;
     // The worker crate does not name candle's types: a closure carries the device instead.
-    let make_env: EnvFactory = Arc::new(move |base_dir, out_dir, cache_dir, stop| TrialEnv {
+    let gang_device = device.clone();
+    let make_env: EnvFactory = Arc::new(move |base_dir, out_dir, cache_dir, stop, sync| TrialEnv {
         device: device.clone(),
         base_dir,
         out_dir,
         cache_dir,
         stop,
+        sync,
     });
     let client = client(&opts)?;
     std::fs::create_dir_all(&opts.work_dir)
@@ -113,6 +134,7 @@ pub async fn run_remote(opts: RemoteOpts, stop: Arc<AtomicBool>) -> anyhow::Resu
         opts,
         client,
         make_env,
+        gang_device,
         stop,
         worker_id: String::new(),
         ttl: Duration::from_secs(30),
@@ -242,6 +264,9 @@ struct Worker {
     opts: RemoteOpts,
     client: Client,
     make_env: EnvFactory,
+    /// The device, for the NCCL collective of gang trials.
+    #[cfg_attr(not(feature = "nccl"), allow(dead_code))]
+    gang_device: candle_core::Device,
     stop: Arc<AtomicBool>,
     worker_id: String,
     ttl: Duration,
@@ -390,16 +415,46 @@ impl Worker {
             lost.clone(),
         ));
 
+        let rank = lease.rank as usize;
+        let world = (lease.world as usize).max(1);
+        let gang = if world > 1 {
+            match self.open_gang(&lease, trial_stop.clone()).await {
+                Ok(g) => Some(g),
+                Err(e) => {
+                    hb.abort();
+                    reporter.abort();
+                    let _ = std::fs::remove_file(&spool_path);
+                    tracing::warn!(cause = %e, "could not join the gang");
+                    if !lost.load(Ordering::SeqCst) {
+                        self.fail(&trial_id, attempt, "gang", &format!("{e:#}"), false, false)
+                            .await;
+                    }
+                    return Ok(());
+                }
+            }
+        } else {
+            None
+        };
         let env = (self.make_env)(
             base_dir,
             out_dir.clone(),
             self.opts.cache_dir.clone(),
             trial_stop.clone(),
+            None,
         );
         let snapshot_root = out_dir.with_extension("ckpt-upload");
         let result = tokio::task::spawn_blocking(move || {
+            let mut env = env;
+            if let Some(gang) = gang {
+                // Blocks until every rank joined (or the trial is stopped).
+                env.sync = Some(gang.connect()?);
+            }
             let mut snap_n = 0u64;
             let mut on_progress = |p: &Progress| {
+                // Rank 0 speaks for the gang; the others' progress is the same steps.
+                if rank != 0 {
+                    return;
+                }
                 spool.report(p);
                 if let Progress::Checkpoint { dir, .. } = p {
                     // Snapshot the checkpoint so the upload reads a consistent copy while training
@@ -489,6 +544,17 @@ impl Worker {
             Ok(Outcome::Finished(_)) => {
                 tracing::warn!("finished, but the lease was lost; result dropped")
             }
+            Ok(Outcome::RankDone { steps }) => {
+                tracing::info!(
+                    steps,
+                    rank,
+                    "rank done; heartbeating until rank 0 has reported the trial"
+                );
+                while !lost.load(Ordering::SeqCst) && !self.stopping() {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                let _ = std::fs::remove_dir_all(&out_dir);
+            }
             Ok(Outcome::Stopped { step }) => {
                 if lost_lease {
                     tracing::info!(step, "stopped: the lease was cancelled or taken away");
@@ -498,7 +564,7 @@ impl Worker {
                         "stopped; uploading checkpoint and reporting preemption"
                     );
                     let ckpt = out_dir.join("ckpt");
-                    if ckpt.is_dir() {
+                    if ckpt.is_dir() && rank == 0 {
                         self.upload_dir(&trial_id, attempt, &ckpt, "ckpt").await;
                     }
                     self.fail(
@@ -531,6 +597,61 @@ impl Worker {
         }
         hb.abort();
         Ok(())
+    }
+
+    /// Meet the other ranks of a gang lease through the coordinator: rank 0 opens the collective
+    /// and posts its blob, the others wait for the blob. Joining (which blocks until every rank
+    /// is there) happens on the training thread, in [`Gang::connect`].
+    async fn open_gang(&self, lease: &pb::Lease, stop: Arc<AtomicBool>) -> anyhow::Result<Gang> {
+        let rank = lease.rank as usize;
+        let world = lease.world as usize;
+        tracing::info!(rank, world, "gang lease: meeting the other ranks");
+        let mut req = pb::RendezvousRequest {
+            worker_id: self.worker_id.clone(),
+            trial_id: lease.trial_id.clone(),
+            attempt: lease.attempt,
+            post: Vec::new(),
+            wait_ms: LEASE_WAIT.as_millis() as u64,
+        };
+        let give_up = {
+            let stop = stop.clone();
+            move || stop.load(Ordering::SeqCst)
+        };
+        if rank == 0 {
+            let gang = Gang::host(&self.gang_device, world, stop.clone())?;
+            req.post = gang.blob()?;
+            let client = self.client.clone();
+            retry("rendezvous", &give_up, || {
+                let mut c = client.clone();
+                let req = req.clone();
+                async move { timed(c.rendezvous(req)).await }
+            })
+            .await
+            .map_err(|e| anyhow::anyhow!("posting the gang rendezvous: {}", e.message()))?;
+            return Ok(gang);
+        }
+        let started = std::time::Instant::now();
+        loop {
+            if give_up() {
+                anyhow::bail!("stopped while waiting for rank 0");
+            }
+            if started.elapsed() > GANG_JOIN_TIMEOUT {
+                anyhow::bail!("rank 0 posted no rendezvous within {GANG_JOIN_TIMEOUT:?}");
+            }
+            let client = self.client.clone();
+            let blob = retry("rendezvous", &give_up, || {
+                let mut c = client.clone();
+                let req = req.clone();
+                async move { c.rendezvous(req).await }
+            })
+            .await
+            .map_err(|e| anyhow::anyhow!("waiting for the gang rendezvous: {}", e.message()))?
+            .into_inner()
+            .blob;
+            if !blob.is_empty() {
+                return Gang::join(&self.gang_device, blob, rank, world, stop);
+            }
+        }
     }
 
     async fn fail(
@@ -1163,5 +1284,114 @@ mod tests {
         let dst = d2.path().join("copy");
         copy_dir(d.path(), &dst).unwrap();
         assert_eq!(std::fs::read(dst.join("b/c/x")).unwrap(), b"1");
+    }
+}
+
+/// A gang's collective between the rendezvous (async, through the coordinator) and the blocking
+/// join on the training thread.
+enum Gang {
+    TcpHost(crate::collective::TcpHost, Arc<AtomicBool>),
+    TcpJoin {
+        blob: Vec<u8>,
+        rank: usize,
+        world: usize,
+        stop: Arc<AtomicBool>,
+    },
+    #[cfg(feature = "nccl")]
+    Nccl {
+        id: candle_core::cuda_backend::cudarc::nccl::Id,
+        blob: Vec<u8>,
+        device: candle_core::Device,
+        rank: usize,
+        world: usize,
+    },
+}
+
+impl Gang {
+    /// Rank 0's side: NCCL on a CUDA device in a build with the `nccl` feature, loopback TCP
+    /// otherwise.
+    fn host(
+        device: &candle_core::Device,
+        world: usize,
+        stop: Arc<AtomicBool>,
+    ) -> anyhow::Result<Gang> {
+        #[cfg(feature = "nccl")]
+        if device.is_cuda() {
+            let (id, blob) = crate::collective::NcclGroup::new_id()?;
+            return Ok(Gang::Nccl {
+                id,
+                blob,
+                device: device.clone(),
+                rank: 0,
+                world,
+            });
+        }
+        let _ = device;
+        let host = crate::collective::TcpHost::bind(world).context("opening the gang's socket")?;
+        Ok(Gang::TcpHost(host, stop))
+    }
+
+    fn join(
+        device: &candle_core::Device,
+        blob: Vec<u8>,
+        rank: usize,
+        world: usize,
+        stop: Arc<AtomicBool>,
+    ) -> anyhow::Result<Gang> {
+        if blob.starts_with(b"nccl ") {
+            #[cfg(feature = "nccl")]
+            {
+                let id = crate::collective::NcclGroup::id_from_blob(&blob)?;
+                return Ok(Gang::Nccl {
+                    id,
+                    blob,
+                    device: device.clone(),
+                    rank,
+                    world,
+                });
+            }
+            #[cfg(not(feature = "nccl"))]
+            anyhow::bail!(
+                "rank 0 averages gradients with NCCL but this worker was built without the `nccl` feature"
+            );
+        }
+        let _ = device;
+        Ok(Gang::TcpJoin {
+            blob,
+            rank,
+            world,
+            stop,
+        })
+    }
+
+    fn blob(&self) -> anyhow::Result<Vec<u8>> {
+        match self {
+            Gang::TcpHost(h, _) => Ok(h.blob()?),
+            Gang::TcpJoin { blob, .. } => Ok(blob.clone()),
+            #[cfg(feature = "nccl")]
+            Gang::Nccl { blob, .. } => Ok(blob.clone()),
+        }
+    }
+
+    fn connect(self) -> experiments::Result<Arc<dyn GradSync>> {
+        Ok(match self {
+            Gang::TcpHost(h, stop) => Arc::new(h.accept(stop)?),
+            Gang::TcpJoin {
+                blob,
+                rank,
+                world,
+                stop,
+            } => Arc::new(crate::collective::TcpGroup::join(&blob, rank, world, stop)?),
+            #[cfg(feature = "nccl")]
+            Gang::Nccl {
+                id,
+                device,
+                rank,
+                world,
+                ..
+            } => Arc::new(crate::collective::NcclGroup::init(
+                &device, rank, world, id,
+            )?),
+        })
     }
 }
