@@ -10,6 +10,9 @@
 #                      80 = A100, 89 = L4/L40/RTX 4090, 86 = A10/RTX 3090, 75 = T4.
 #   ABLATE_CUDA_DIR    where the toolkit wheels are unpacked (default target/cuda-toolkit-13.0).
 #   CARGO_TARGET_DIR   default target/cuda, so the CPU build in target/ is not overwritten.
+#   ABLATE_FEATURES    `cuda` (default) or `nccl`: also average the gradients of multi-rank
+#                      (gang) trials on the GPUs with NCCL; adds the NCCL wheel, and the binary
+#                      then needs libnccl.so.2 at run time as well.
 #
 # The toolkit is pinned to CUDA 13.0 on purpose: PTX from a newer toolkit does not load on a
 # driver that only supports 13.0 (driver 580; `nvidia-smi` prints "CUDA Version"). For a newer
@@ -44,6 +47,14 @@ case "${1:-}" in
 esac
 
 PY="${ABLATE_BASE_PYTHON:-python3}"
+FEATURES="${ABLATE_FEATURES:-cuda}"
+case "$FEATURES" in
+  cuda | nccl) ;;
+  *)
+    echo "build-cuda.sh: ABLATE_FEATURES=$FEATURES: expected cuda or nccl" >&2
+    exit 2
+    ;;
+esac
 DIR="${ABLATE_CUDA_DIR:-$PWD/target/cuda-toolkit-13.0}"
 export CUDA_COMPUTE_CAP="${CUDA_COMPUTE_CAP:-90}"
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$PWD/target/cuda}"
@@ -59,6 +70,9 @@ WHEELS=(
   nvidia-cublas==13.0.2.14
   nvidia-curand==10.4.0.35
 )
+if [ "$FEATURES" = nccl ]; then
+  WHEELS+=(nvidia-nccl-cu13==2.30.7)
+fi
 
 stamp="$DIR/.installed"
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "${WHEELS[*]}" ]; then
@@ -92,6 +106,13 @@ for lib in cudart cublas cublasLt curand nvrtc; do
   fi
 done
 
+# NCCL's wheel has its own folder (nvidia/nccl/lib) and, like the others, only libnccl.so.2.
+NCCL_LIB="$DIR/nvidia/nccl/lib"
+if [ "$FEATURES" = nccl ]; then
+  [ -e "$NCCL_LIB/libnccl.so.2" ] || { echo "build-cuda: no libnccl.so.2 in $NCCL_LIB" >&2; exit 1; }
+  [ -e "$NCCL_LIB/libnccl.so" ] || ln -s libnccl.so.2 "$NCCL_LIB/libnccl.so"
+fi
+
 # The stub driver library, link time only. candle links cudarc's driver bindings directly
 # (cudarc's `dynamic-linking`), so the stub must define every driver function they declare:
 # the names are taken from cudarc's own bindings, one empty function each.
@@ -116,18 +137,18 @@ rm -f "$STUB/stub.c.new"
 export CUDA_HOME="$CU" CUDA_ROOT="$CU" CUDA_PATH="$CU"
 export NVCC="$CU/bin/nvcc"
 export PATH="$CU/bin:$PATH"
-export LIBRARY_PATH="$CU/lib:$STUB${LIBRARY_PATH:+:$LIBRARY_PATH}"
+export LIBRARY_PATH="$CU/lib:$NCCL_LIB:$STUB${LIBRARY_PATH:+:$LIBRARY_PATH}"
 # Build scripts that run CUDA tools need the toolkit's libraries (never the stub).
 export LD_LIBRARY_PATH="$CU/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
-export RUSTFLAGS="${RUSTFLAGS:-} -L native=$CU/lib -L native=$STUB"
+export RUSTFLAGS="${RUSTFLAGS:-} -L native=$CU/lib -L native=$NCCL_LIB -L native=$STUB"
 
 echo "build-cuda: nvcc $("$NVCC" --version | sed -n 's/.*release \([0-9.]*\).*/\1/p'), compute capability $CUDA_COMPUTE_CAP, target dir $CARGO_TARGET_DIR"
 if [ "$mode" = check ]; then
-  cargo check -p worker --features cuda --bins
-  echo "build-cuda: the cuda feature compiles"
+  cargo check -p worker --features "$FEATURES" --bins
+  echo "build-cuda: the $FEATURES feature compiles"
   exit 0
 fi
-cargo build --release -p worker --features cuda --bins
+cargo build --release -p worker --features "$FEATURES" --bins
 bin="$CARGO_TARGET_DIR/release/ablate-worker"
 echo "build-cuda: built $bin"
 if command -v readelf >/dev/null 2>&1; then

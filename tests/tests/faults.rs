@@ -442,6 +442,88 @@ fn kill9_worker_mid_trial_resumes_elsewhere_from_the_checkpoint() {
     c.audit("kill -9 worker mid-trial", "SIGKILL one of two workers");
 }
 
+/// Fine-tune steps of the gang scenario (two ranks share the two cores, so fewer steps).
+const GANG_FT_STEPS: u64 = 150;
+
+#[test]
+fn kill9_one_rank_of_a_gang_ends_the_attempt_for_both_and_the_gang_resumes() {
+    let mut c = Cluster::new("kill9-gang", 4, "127.0.0.1");
+    c.start_coordinator();
+    let sweep = fault_sweep(&c.sweep.clone(), PRE_STEPS, GANG_FT_STEPS)
+        .replace("[train]\n", "[train]\nranks = 2\n");
+    c.submit(&sweep);
+    for w in ["a", "b", "c"] {
+        c.spawn_worker(w);
+    }
+    // A two-rank fine-tune mid-run, with a checkpoint from rank 0 stored.
+    let (trial, attempt, members) = c.wait_until("a gang mid-trial with a stored checkpoint", |db| {
+        db.query_row(
+            "SELECT t.id, t.attempts, t.worker_id FROM trials t
+             WHERE t.state = 'running' AND t.depends_on IS NOT NULL AND t.worker_id LIKE '%,%'
+               AND EXISTS (SELECT 1 FROM artifacts a WHERE a.trial_id = t.id AND a.name LIKE 'ckpt/%')
+               AND (SELECT MAX(CAST(json_extract(e.json, '$.step') AS INTEGER)) FROM events e
+                    WHERE e.trial_id = t.id AND e.attempt = t.attempts
+                      AND json_extract(e.json, '$.kind') = 'step') >= ?1
+             ORDER BY t.seq LIMIT 1",
+            [(GANG_FT_STEPS / 10 + 1) as i64],
+            |r| Ok((r.get::<_, String>(0)?, r.get::<_, u32>(1)?, r.get::<_, String>(2)?)),
+        )
+        .optional()
+        .unwrap()
+    });
+    let ids: Vec<&str> = members.split(',').collect();
+    assert_eq!(ids.len(), 2, "gang members {members}");
+    let name_of = |id: &str| -> String {
+        c.db()
+            .query_row("SELECT name FROM workers WHERE id = ?1", [id], |r| r.get(0))
+            .unwrap()
+    };
+    let (rank0, rank1) = (name_of(ids[0]), name_of(ids[1]));
+    // Kill rank 1: rank 0 must not train on alone (nor wait forever); the attempt ends for both.
+    let i = c.worker_index(&rank1);
+    c.workers[i].signal(libc::SIGKILL);
+    c.workers[i].wait_timeout(Duration::from_secs(10)).unwrap();
+    c.spawn_worker("d");
+    let next = c.wait_until("the next attempt of the gang", |db| {
+        db.query_row(
+            "SELECT MAX(attempt) FROM attempts WHERE trial_id = ?1",
+            [&trial],
+            |r| r.get::<_, Option<u32>>(0),
+        )
+        .unwrap()
+        .filter(|a| *a > attempt)
+    });
+    c.wait_all_terminal();
+    let attempts = c.attempts(&trial);
+    let killed = &attempts[(attempt - 1) as usize];
+    assert!(
+        matches!(killed.1.as_deref(), Some("failed") | Some("expired")),
+        "the attempt with a dead rank must end (failed by rank 0, or expired): {attempts:?}"
+    );
+    // Every attempt of a gang trial ran on two workers.
+    let db = c.db();
+    let mut st = db
+        .prepare("SELECT worker_id FROM attempts WHERE trial_id = ?1 ORDER BY attempt")
+        .unwrap();
+    let rows: Vec<String> = st
+        .query_map([&trial], |r| r.get(0))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    assert!(
+        rows.iter().all(|w| w.split(',').count() == 2),
+        "gang attempts: {rows:?}"
+    );
+    drop(st);
+    drop(db);
+    assert_resumed(&c, &trial, next);
+    println!("gang {trial}: ranks {rank0} + {rank1}, killed {rank1}; attempts {attempts:?}");
+    c.audit(
+        "kill -9 one rank of a 2-rank gang",
+        "SIGKILL rank 1 mid-trial; the survivor stops, the gang re-forms and resumes",
+    );
+}
+
 #[test]
 fn sigterm_worker_checkpoints_reports_preempted_and_exits() {
     let mut c = Cluster::new("sigterm-worker", 5, "127.0.0.1");
