@@ -17,6 +17,8 @@
 //! Parameters are updated in place (`Var::set`, what optimizers and `VarMap::load` do); the model
 //! keeps handles to the same `Var`s, so do not replace entries of the `VarMap` with new `Var`s.
 
+pub mod backward;
+
 use std::collections::HashMap;
 
 use candle_core::{DType, Device, Tensor, Var};

@@ -199,7 +199,7 @@ pub fn nll_sum(logits: &Tensor, targets: &Tensor) -> Result<f64> {
 // ---- fused CPU kernels ----------------------------------------------------------------------
 
 /// Float types the fused kernels run on (f32, f64); statistics are accumulated in f64.
-trait Real: WithDType {
+pub(crate) trait Real: WithDType {
     fn exp_(self) -> Self;
     fn tanh_(self) -> Self;
 }
@@ -531,7 +531,7 @@ fn row_stats<T: Real>(row: &[T], eps: f64) -> (f64, f64) {
     (mean, 1.0 / (var + eps).sqrt())
 }
 
-fn layer_norm_rows<T: Real>(x: &[T], w: &[T], b: &[T], eps: f64) -> Vec<T> {
+pub(crate) fn layer_norm_rows<T: Real>(x: &[T], w: &[T], b: &[T], eps: f64) -> Vec<T> {
     use rayon::prelude::*;
     let c = w.len();
     if c == 0 {
@@ -555,7 +555,7 @@ fn layer_norm_rows<T: Real>(x: &[T], w: &[T], b: &[T], eps: f64) -> Vec<T> {
 
 /// Per row: `[dx (C) | g ⊙ x̂ (C)]`, from which backward takes dx and sums dw over rows.
 /// dx = inv_std · (g⊙w − mean(g⊙w) − x̂ · mean(g⊙w⊙x̂)).
-fn layer_norm_bwd_rows<T: Real>(x: &[T], w: &[T], g: &[T], eps: f64) -> Vec<T> {
+pub(crate) fn layer_norm_bwd_rows<T: Real>(x: &[T], w: &[T], g: &[T], eps: f64) -> Vec<T> {
     use rayon::prelude::*;
     let c = w.len();
     if c == 0 {
@@ -635,7 +635,6 @@ impl CustomOp3 for LayerNormOp {
         g: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let c = w.dim(0)?;
-        let rows = x.elem_count() / c.max(1);
         let g = g.contiguous()?;
         let both = x.apply_op3_no_bwd(w, &g, &LayerNormBwdOp { eps: self.eps })?; // (.., 2C)
         let last = both.rank() - 1;
@@ -645,12 +644,13 @@ impl CustomOp3 for LayerNormOp {
             None
         };
         let dw = if w.track_op() {
-            Some(both.narrow(last, c, c)?.reshape((rows, c))?.sum(0)?)
+            // The g ⊙ x̂ half of each (2C) row, summed over rows.
+            Some(col_sum_tensor(&both, c, c)?)
         } else {
             None
         };
         let db = if b.track_op() {
-            Some(g.reshape((rows, c))?.sum(0)?)
+            Some(col_sum_tensor(&g, 0, c)?)
         } else {
             None
         };
@@ -725,7 +725,7 @@ simd_kernel! {
     }
 }
 
-fn gelu_map<T: Real>(x: &[T]) -> Vec<T> {
+pub(crate) fn gelu_map<T: Real>(x: &[T]) -> Vec<T> {
     use rayon::prelude::*;
     let mut out = vec![T::from_f64(0.0); x.len()];
     out.par_chunks_mut(ELEMWISE_CHUNK)
@@ -753,7 +753,7 @@ simd_kernel! {
     }
 }
 
-fn gelu_grad_map<T: Real>(x: &[T], g: &[T]) -> Vec<T> {
+pub(crate) fn gelu_grad_map<T: Real>(x: &[T], g: &[T]) -> Vec<T> {
     use rayon::prelude::*;
     let mut out = vec![T::from_f64(0.0); x.len()];
     out.par_chunks_mut(ELEMWISE_CHUNK)
@@ -817,7 +817,7 @@ impl CustomOp2 for GeluGradOp {
 }
 
 /// Rows per parallel task: enough work per task (~32k elements) that rayon's overhead vanishes.
-fn rows_per_task(c: usize) -> usize {
+pub(crate) fn rows_per_task(c: usize) -> usize {
     (32_768 / c.max(1)).max(1)
 }
 
@@ -859,7 +859,11 @@ simd_kernel! {
     }
 }
 
-fn ce_fwd<T: Real>(x: &[T], tg: &[u32], v: usize) -> candle_core::Result<(Vec<T>, Vec<f64>)> {
+pub(crate) fn ce_fwd<T: Real>(
+    x: &[T],
+    tg: &[u32],
+    v: usize,
+) -> candle_core::Result<(Vec<T>, Vec<f64>)> {
     use rayon::prelude::*;
     let n = tg.len();
     if let Some(&bad) = tg.iter().find(|&&t| t as usize >= v) {
@@ -1150,7 +1154,160 @@ impl CustomOp3 for LinearOp {
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let g = g.contiguous()?;
         let (dx, dw) = matmul_nt_bwd(x, w, &g)?;
-        let db = if b.track_op() { Some(g.sum(0)?) } else { None };
+        let db = if b.track_op() {
+            Some(col_sum_tensor(&g, 0, w.dim(0)?)?)
+        } else {
+            None
+        };
         Ok((dx, dw, db))
     }
+}
+
+// ---- reductions and in-place kernels shared with the manual backward (model/backward.rs) ----
+
+simd_kernel! {
+    /// `acc[j] += Σ_rows xs[row · stride + offset + j]` over the rows of one task.
+    fn col_sum_chunk<T>(acc: &mut [T], xs: &[T], stride: usize, offset: usize) {
+        let c = acc.len();
+        for row in xs.chunks(stride) {
+            for (a, &v) in acc.iter_mut().zip(&row[offset..offset + c]) {
+                *a += v;
+            }
+        }
+    }
+}
+
+/// Column sums of the `c` columns starting at `offset` of a row-major matrix with rows of
+/// `stride` elements (a bias or layer-norm gradient: Σ over rows). Rows are split into tasks whose
+/// partial sums are added in task order, so the result does not depend on scheduling. candle's
+/// `sum(0)` walks the columns one at a time on one thread (a tenth of a tiny step's backward).
+pub(crate) fn col_sum<T: Real>(x: &[T], stride: usize, offset: usize, c: usize) -> Vec<T> {
+    use rayon::prelude::*;
+    let stride = stride.max(1);
+    let rows = x.len() / stride;
+    let rpt = rows_per_task(stride).max(rows.div_ceil(64)).max(1);
+    let parts: Vec<Vec<T>> = x[..rows * stride]
+        .par_chunks(rpt * stride)
+        .map(|xs| {
+            let mut acc = vec![T::from_f64(0.0); c];
+            col_sum_chunk(&mut acc, xs, stride, offset);
+            acc
+        })
+        .collect();
+    let mut out = vec![T::from_f64(0.0); c];
+    for p in parts {
+        for (o, v) in out.iter_mut().zip(p) {
+            *o += v;
+        }
+    }
+    out
+}
+
+/// [`col_sum`] of a contiguous CPU tensor whose last dimension is the row (`stride` elements).
+fn col_sum_tensor(t: &Tensor, offset: usize, c: usize) -> candle_core::Result<Tensor> {
+    let t = t.contiguous()?;
+    let stride = t.dim(D::Minus1)?;
+    let (st, l) = t.storage_and_layout();
+    let out = match &*st {
+        candle_core::Storage::Cpu(s @ CpuStorage::F32(_)) => Tensor::from_vec(
+            col_sum(contiguous_slice::<f32>(s, l)?, stride, offset, c),
+            c,
+            t.device(),
+        )?,
+        candle_core::Storage::Cpu(s @ CpuStorage::F64(_)) => Tensor::from_vec(
+            col_sum(contiguous_slice::<f64>(s, l)?, stride, offset, c),
+            c,
+            t.device(),
+        )?,
+        _ => {
+            drop(st);
+            let rows = t.elem_count() / stride.max(1);
+            return t.reshape((rows, stride))?.narrow(1, offset, c)?.sum(0);
+        }
+    };
+    Ok(out)
+}
+
+simd_kernel! {
+    /// In place on a (T, T) score matrix: row i becomes softmax(scale · s[i, 0..=i]) followed by
+    /// zeros (causal attention's probabilities, as [`SoftmaxOp`] with `causal: Some(T)`).
+    fn causal_softmax_inplace<T>(s: &mut [T], t: usize, sc: T) {
+        for (i, row) in s.chunks_exact_mut(t).enumerate() {
+            let (vis, hidden) = row.split_at_mut(i + 1);
+            let max = max_of(vis);
+            for e in vis.iter_mut() {
+                *e = ((*e - max) * sc).exp_();
+            }
+            let inv = T::from_f64(1.0 / sum_f64(vis));
+            for e in vis.iter_mut() {
+                *e *= inv;
+            }
+            for e in hidden.iter_mut() {
+                *e = T::from_f64(0.0);
+            }
+        }
+    }
+}
+
+/// f32 entry point of [`causal_softmax_inplace`].
+pub(crate) fn causal_softmax_f32(s: &mut [f32], t: usize, scale: f32) {
+    causal_softmax_inplace(s, t, scale)
+}
+
+simd_kernel! {
+    /// In place: `g ← scale · y ⊙ (g − Σ_row g ⊙ y)` per row of `c` (the softmax backward of
+    /// [`SoftmaxBwdOp`], without a separate output).
+    fn softmax_bwd_inplace<T>(g: &mut [T], y: &[T], c: usize, sc: T) {
+        for (grow, yrow) in g.chunks_exact_mut(c).zip(y.chunks_exact(c)) {
+            let mut acc = [T::from_f64(0.0); 8];
+            let mut total = 0f64;
+            for (gb, yb) in grow.chunks(512).zip(yrow.chunks(512)) {
+                let lanes = gb.chunks_exact(8).zip(yb.chunks_exact(8));
+                for (gl, yl) in lanes {
+                    for k in 0..8 {
+                        acc[k] += gl[k] * yl[k];
+                    }
+                }
+                let done = gb.len() / 8 * 8;
+                for (&gv, &yv) in gb[done..].iter().zip(&yb[done..]) {
+                    total += (gv * yv).to_f64();
+                }
+                total += acc.iter().map(|a| a.to_f64()).sum::<f64>();
+                acc = [T::from_f64(0.0); 8];
+            }
+            let dot = T::from_f64(total);
+            for (gv, &yv) in grow.iter_mut().zip(yrow) {
+                *gv = sc * yv * (*gv - dot);
+            }
+        }
+    }
+}
+
+/// f32 entry point of [`softmax_bwd_inplace`].
+pub(crate) fn softmax_bwd_f32(g: &mut [f32], y: &[f32], c: usize, scale: f32) {
+    softmax_bwd_inplace(g, y, c, scale)
+}
+
+simd_kernel! {
+    /// In place on logits rows: `x ← (exp(x − lse) − onehot(target)) · g` (see [`ce_bwd_chunk`]).
+    fn ce_bwd_inplace_chunk<T>(xs: &mut [T], ls: &[f64], ts: &[u32], v: usize, g: T) {
+        for ((row, &l), &t) in xs.chunks_exact_mut(v).zip(ls).zip(ts) {
+            let shift = T::from_f64(l);
+            for x in row.iter_mut() {
+                *x = (*x - shift).exp_() * g;
+            }
+            row[t as usize] -= g;
+        }
+    }
+}
+
+/// Cross-entropy backward in place: the (N, V) logits become their gradient for an upstream
+/// gradient `g` on every token's NLL (the mean's 1/N).
+pub(crate) fn ce_bwd_inplace_f32(x: &mut [f32], tg: &[u32], lse: &[f64], v: usize, g: f32) {
+    use rayon::prelude::*;
+    let rpt = rows_per_task(v);
+    x.par_chunks_mut(rpt * v)
+        .zip(lse.par_chunks(rpt))
+        .zip(tg.par_chunks(rpt))
+        .for_each(|((xs, ls), ts)| ce_bwd_inplace_chunk(xs, ls, ts, v, g));
 }

@@ -367,6 +367,27 @@ impl GradAccumulator {
         Ok(())
     }
 
+    /// [`Self::add`] for gradients already keyed by name (the manual CPU backward,
+    /// [`crate::model::backward`]). Only the names in `params` are kept; one missing is an error.
+    pub fn add_named(
+        &mut self,
+        mut grads: BTreeMap<String, Tensor>,
+        params: &[(&str, &Var)],
+    ) -> Result<()> {
+        for (name, _) in params {
+            let g = grads.remove(*name).ok_or_else(|| {
+                Error::Other(format!("trainable parameter {name} received no gradient"))
+            })?;
+            let sum = match self.sums.remove(*name) {
+                Some(s) => (s + g)?,
+                None => g,
+            };
+            self.sums.insert(name.to_string(), sum);
+        }
+        self.micro += 1;
+        Ok(())
+    }
+
     /// The averaged gradients; resets the accumulator.
     pub fn finish(&mut self) -> Result<BTreeMap<String, Tensor>> {
         let n = self.micro.max(1) as f64;

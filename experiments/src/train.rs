@@ -26,8 +26,7 @@ use serde::{Deserialize, Serialize};
 use crate::data::{Batcher, BatcherState};
 use crate::eval;
 use crate::methods::{self, LayerGroups, TrainMask};
-use crate::model::{Gpt2, Trainable};
-use crate::ops;
+use crate::model::{backward, Gpt2, Trainable};
 use crate::optim::{self, AdamW, AdamWConfig, GradAccumulator, ParamUpdate};
 use crate::trial::{Method, Progress, TrainSpec};
 use crate::{Error, Result};
@@ -284,19 +283,14 @@ pub fn train(job: &TrainJob<'_>, on_progress: &mut dyn FnMut(&Progress)) -> Resu
             let (x, y) = mine.expect("rank < world");
             let ids = Tensor::from_vec(x, (spec.batch_size, job.context), job.device)?;
             let tgt = Tensor::from_vec(y, spec.batch_size * job.context, job.device)?;
-            let logits = job.model.forward_with(&ids, &trainable)?;
-            let v = logits.dim(2)?;
-            let logits = logits.reshape((spec.batch_size * job.context, v))?;
-            let loss = ops::cross_entropy(&logits, &tgt)?;
-            let l = loss.to_scalar::<f32>()? as f64;
+            // Forward, loss, backward and `acc.add` (on the CPU one manual pass, model::backward).
+            let l = backward::accumulate(job.model, &ids, &tgt, &trainable, &refs, &mut acc)?;
             // With other ranks waiting in the all-reduce, a rank must not leave alone: its NaN
             // reaches every rank through the mean and all of them stop below.
             if !l.is_finite() && job.sync.is_none() {
                 return Err(Error::Diverged(format!("loss {l} at step {}", step + 1)));
             }
             loss_sum += l;
-            let grads = loss.backward()?;
-            acc.add(&grads, &refs)?;
         }
         timing.compute_s += started.elapsed().as_secs_f64();
         let opt_started = Instant::now();

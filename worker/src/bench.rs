@@ -2,9 +2,10 @@
 //! on a randomly initialised GPT-2 and a synthetic token stream.
 //!
 //! It runs the pieces of [`experiments::train::train`] in the same order (model forward with the
-//! method's trainable mask, cross-entropy, `backward`, gradient accumulation, clipping to norm 1,
+//! method's trainable mask, cross-entropy, backward, gradient accumulation, clipping to norm 1,
 //! AdamW), with nothing else around them (no evaluation, no checkpoints), so its numbers are the
-//! per-step cost of a real trial. `scripts/bench.sh` runs it interleaved with the same model in
+//! per-step cost of a real trial. On the CPU that is the manual forward/backward of
+//! `experiments::model::backward`; `ABLATE_AUTOGRAD=1` times candle's autograd instead. `scripts/bench.sh` runs it interleaved with the same model in
 //! PyTorch (`scripts/bench_torch.py`, which prints the same JSON keys) and prints the ratio.
 //!
 //! Model FLOP/s is `6 · params · tokens / step time` (the usual estimate; attention scores and
@@ -16,7 +17,7 @@ use anyhow::{bail, Context, Result};
 use candle_core::{Tensor, Var};
 use experiments::data::Batcher;
 use experiments::methods::{self, LayerGroups};
-use experiments::model::{Gpt2, Gpt2Config};
+use experiments::model::{backward, Gpt2, Gpt2Config};
 use experiments::ops;
 use experiments::optim::{self, AdamW, AdamWConfig, GradAccumulator, ParamUpdate};
 use experiments::runner;
@@ -210,6 +211,7 @@ pub fn bench(args: &BenchArgs) -> Result<BenchResult> {
         weight_decay: 0.01,
     });
     let mut acc = GradAccumulator::new();
+    let manual = backward::enabled(&model);
     let (mut fwd, mut bwd, mut optm, mut tot) = (vec![], vec![], vec![], vec![]);
     let mut final_loss = f64::NAN;
     for i in 0..total_steps {
@@ -217,16 +219,30 @@ pub fn bench(args: &BenchArgs) -> Result<BenchResult> {
         let (x, y) = batcher.next_batch();
         let ids = Tensor::from_vec(x, (batch, context), &device)?;
         let tgt = Tensor::from_vec(y, batch * context, &device)?;
-        let logits = model.forward_with(&ids, &trainable)?;
-        let logits = logits.reshape((batch * context, cfg.vocab_size))?;
-        let loss = ops::cross_entropy(&logits, &tgt)?;
-        final_loss = loss.to_scalar::<f32>()? as f64;
-        device.synchronize()?;
-        let t1 = Instant::now();
-        let grads = loss.backward()?;
-        acc.add(&grads, &refs)?;
-        drop(grads);
-        drop((loss, logits));
+        // What training runs: the manual CPU pass (model::backward) unless ABLATE_AUTOGRAD=1 or
+        // off the CPU, then candle's autograd.
+        let tape = if manual {
+            backward::forward(&model, &ids, &tgt, &trainable)?
+        } else {
+            None
+        };
+        let t1;
+        if let Some(tape) = tape {
+            final_loss = tape.loss();
+            t1 = Instant::now();
+            acc.add_named(tape.backward(&model)?.grads, &refs)?;
+        } else {
+            let logits = model.forward_with(&ids, &trainable)?;
+            let logits = logits.reshape((batch * context, cfg.vocab_size))?;
+            let loss = ops::cross_entropy(&logits, &tgt)?;
+            final_loss = loss.to_scalar::<f32>()? as f64;
+            device.synchronize()?;
+            t1 = Instant::now();
+            let grads = loss.backward()?;
+            acc.add(&grads, &refs)?;
+            drop(grads);
+            drop((loss, logits));
+        }
         device.synchronize()?;
         let t2 = Instant::now();
         let mut g = acc.finish()?;

@@ -1,0 +1,287 @@
+//! The manual CPU backward (`experiments::model::backward`, what training runs on the CPU) against
+//! candle's autograd through the same model: the same loss, the same set of gradients (every
+//! trainable parameter, no frozen one) and the same values, under every kind of training mask —
+//! everything trainable, freeze (top group only), gradual unfreezing mid-way, Inheritune's
+//! truncated model, and two hand-made masks that split the tied `wte` between its embedding and
+//! head uses.
+
+use std::collections::BTreeMap;
+
+use candle_core::{Device, Tensor, Var};
+use experiments::methods::{self, LayerGroups};
+use experiments::model::{backward, Gpt2, Gpt2Config, Trainable};
+use experiments::ops;
+use experiments::optim::GradAccumulator;
+use experiments::train::{to_trainable, trainable_params};
+use experiments::trial::Method;
+
+type Res<T> = anyhow::Result<T>;
+
+/// Odd sizes on purpose: a vocabulary that is no multiple of 8, a context shorter than the
+/// position table, three heads of width 8.
+fn cfg() -> Gpt2Config {
+    Gpt2Config {
+        vocab_size: 97,
+        n_positions: 24,
+        n_embd: 24,
+        n_layer: 4,
+        n_head: 3,
+        layer_norm_epsilon: 1e-5,
+    }
+}
+
+/// Deterministic values in [-1, 1) (xorshift).
+fn values(n: usize, seed: u64) -> Vec<f32> {
+    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..n)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            ((s >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0) as f32
+        })
+        .collect()
+}
+
+/// A random model whose layer norms and biases are not at their identity/zero initialisation
+/// (so a gradient that ignored them would show).
+fn model() -> Res<Gpt2> {
+    let m = Gpt2::new_random(&cfg(), 7, &Device::Cpu)?;
+    for (i, (name, var)) in m.named_vars().into_iter().enumerate() {
+        let noise = Tensor::from_vec(
+            values(var.elem_count(), 100 + i as u64),
+            var.dims(),
+            &Device::Cpu,
+        )?;
+        let scale = if name.ends_with("bias") || name.contains("ln_") {
+            0.3
+        } else {
+            0.05
+        };
+        var.set(&(var.as_tensor() + (noise * scale)?)?)?;
+    }
+    Ok(m)
+}
+
+fn batch(c: &Gpt2Config, b: usize, t: usize) -> Res<(Tensor, Tensor)> {
+    let ids: Vec<u32> = values(b * t, 1)
+        .iter()
+        .map(|v| ((v + 1.0) * 1000.0) as u32 % c.vocab_size as u32)
+        .collect();
+    let tg: Vec<u32> = values(b * t, 2)
+        .iter()
+        .map(|v| ((v + 1.0) * 1000.0) as u32 % c.vocab_size as u32)
+        .collect();
+    Ok((
+        Tensor::from_vec(ids, (b, t), &Device::Cpu)?,
+        Tensor::from_vec(tg, b * t, &Device::Cpu)?,
+    ))
+}
+
+/// Names of the parameters `tr` makes live (see `Trainable` for the tied wte).
+fn live_names(c: &Gpt2Config, tr: &Trainable) -> Vec<String> {
+    c.param_shapes()
+        .into_iter()
+        .map(|(n, _)| n)
+        .filter(|n| {
+            if n == "wte.weight" {
+                tr.embeddings || tr.top
+            } else if n == "wpe.weight" {
+                tr.embeddings
+            } else if let Some(rest) = n.strip_prefix("h.") {
+                let j: usize = rest.split('.').next().unwrap().parse().unwrap();
+                tr.blocks[j]
+            } else {
+                tr.top
+            }
+        })
+        .collect()
+}
+
+type Grads = BTreeMap<String, Tensor>;
+
+fn autograd(
+    m: &Gpt2,
+    ids: &Tensor,
+    tg: &Tensor,
+    tr: &Trainable,
+    refs: &[(&str, &Var)],
+) -> Res<(f64, Grads)> {
+    let logits = m.forward_with(ids, tr)?;
+    let v = logits.dim(2)?;
+    let logits = logits.reshape((tg.elem_count(), v))?;
+    let loss = ops::cross_entropy(&logits, tg)?;
+    let mut acc = GradAccumulator::new();
+    acc.add(&loss.backward()?, refs)?;
+    Ok((loss.to_scalar::<f32>()? as f64, acc.finish()?))
+}
+
+fn manual(
+    m: &Gpt2,
+    ids: &Tensor,
+    tg: &Tensor,
+    tr: &Trainable,
+    refs: &[(&str, &Var)],
+) -> Res<(f64, Grads)> {
+    let r =
+        backward::loss_and_grads(m, ids, tg, tr)?.expect("an f32 CPU model takes the manual path");
+    let names: Vec<&String> = r.grads.keys().collect();
+    let mut want: Vec<&str> = refs.iter().map(|(n, _)| *n).collect();
+    want.sort();
+    assert_eq!(
+        names, want,
+        "the manual backward must return exactly the live parameters"
+    );
+    let mut acc = GradAccumulator::new();
+    acc.add_named(r.grads, refs)?;
+    Ok((r.loss, acc.finish()?))
+}
+
+/// Both paths on one mask; returns the worst relative difference (max |a − b| / max |b|).
+fn compare(what: &str, m: &Gpt2, tr: &Trainable) -> Res<f64> {
+    let c = m.config().clone();
+    let (ids, tg) = batch(&c, 3, 20)?;
+    let names = live_names(&c, tr);
+    assert!(!names.is_empty(), "{what}: the mask trains nothing");
+    let vars: Vec<(String, Var)> = names
+        .iter()
+        .map(|n| Ok((n.clone(), m.var(n)?)))
+        .collect::<Res<_>>()?;
+    let refs: Vec<(&str, &Var)> = vars.iter().map(|(n, v)| (n.as_str(), v)).collect();
+    let (la, ga) = autograd(m, &ids, &tg, tr, &refs)?;
+    let (lm, gm) = manual(m, &ids, &tg, tr, &refs)?;
+    assert!(
+        (la - lm).abs() < 1e-5 * la.abs(),
+        "{what}: loss {la} (autograd) vs {lm} (manual)"
+    );
+    assert_eq!(
+        ga.keys().collect::<Vec<_>>(),
+        gm.keys().collect::<Vec<_>>(),
+        "{what}"
+    );
+    let mut worst = 0f64;
+    for (name, a) in &ga {
+        let a: Vec<f32> = a.flatten_all()?.to_vec1()?;
+        let b: Vec<f32> = gm[name].flatten_all()?.to_vec1()?;
+        assert_eq!(a.len(), b.len(), "{what}: {name}");
+        let scale = a.iter().fold(0f32, |s, v| s.max(v.abs())) as f64;
+        assert!(
+            scale > 0.0,
+            "{what}: {name} has an all-zero autograd gradient"
+        );
+        let diff = a
+            .iter()
+            .zip(&b)
+            .fold(0f32, |s, (x, y)| s.max((x - y).abs())) as f64;
+        let rel = diff / scale;
+        assert!(
+            rel < 1e-5,
+            "{what}: {name} differs by {rel:.2e} of its largest entry ({diff:.3e} / {scale:.3e})"
+        );
+        worst = worst.max(rel);
+    }
+    eprintln!(
+        "{what}: {} gradients, worst relative difference {worst:.2e}",
+        ga.len()
+    );
+    Ok(worst)
+}
+
+/// The mask a method gives at `step` with 4 layer groups (embeddings, 3 block groups... the last
+/// with ln_f and the head), checked against the training loop's parameter list.
+fn method_mask(m: &Gpt2, method: &Method, step: u64) -> Res<Trainable> {
+    let c = m.config();
+    let groups = methods::effective_groups(method, 4, c.n_layer);
+    let lg = LayerGroups::new(c.n_layer, groups)?;
+    let on = methods::active_groups(method, groups, step)?;
+    let tr = to_trainable(&lg.mask(&on));
+    let named = m.named_vars();
+    let mut from_loop: Vec<String> = trainable_params(&named, &lg, &on, &vec![1.0; groups])
+        .into_iter()
+        .map(|(n, _, _)| n)
+        .collect();
+    from_loop.sort();
+    let mut ours = live_names(c, &tr);
+    ours.sort();
+    assert_eq!(
+        from_loop, ours,
+        "{method:?}: the mask and the training loop disagree"
+    );
+    Ok(tr)
+}
+
+#[test]
+fn manual_backward_matches_autograd_when_everything_trains() -> Res<()> {
+    let m = model()?;
+    compare("full", &m, &Trainable::all(4))?;
+    Ok(())
+}
+
+#[test]
+fn manual_backward_matches_autograd_under_freeze_and_gradual() -> Res<()> {
+    let m = model()?;
+    let tr = method_mask(&m, &Method::Freeze { top: 1 }, 0)?;
+    assert!(!tr.embeddings && tr.top && tr.blocks.iter().filter(|b| **b).count() < 4);
+    compare("freeze top 1", &m, &tr)?;
+    let tr = method_mask(&m, &Method::Gradual { stage_steps: 10 }, 15)?;
+    assert!(!tr.embeddings && tr.blocks.iter().any(|b| !b) && tr.blocks.iter().any(|b| *b));
+    compare("gradual, second stage", &m, &tr)?;
+    let tr = method_mask(&m, &Method::Gradual { stage_steps: 10 }, 35)?;
+    assert_eq!(tr, Trainable::all(4));
+    compare("gradual, last stage", &m, &tr)?;
+    Ok(())
+}
+
+#[test]
+fn manual_backward_matches_autograd_on_an_inheritune_model() -> Res<()> {
+    let m = model()?.truncate(2)?;
+    let tr = method_mask(&m, &Method::Inheritune { blocks: 2 }, 0)?;
+    compare("inheritune (2 of 4 blocks)", &m, &tr)?;
+    Ok(())
+}
+
+#[test]
+fn manual_backward_matches_autograd_when_the_tied_wte_trains_through_one_use() -> Res<()> {
+    let m = model()?;
+    // Embeddings and one middle block, head frozen: wte gets only its embedding gradient, and
+    // the gradient still flows through the frozen ln_f, head and top blocks.
+    let tr = Trainable {
+        embeddings: true,
+        blocks: vec![false, true, false, false],
+        top: false,
+    };
+    compare("embeddings + block 1", &m, &tr)?;
+    // Only ln_f and the head: wte gets only its head gradient, no block is visited.
+    let tr = Trainable {
+        embeddings: false,
+        blocks: vec![false; 4],
+        top: true,
+    };
+    compare("head only", &m, &tr)?;
+    // A lone bottom block under a frozen top.
+    let tr = Trainable {
+        embeddings: false,
+        blocks: vec![true, false, false, false],
+        top: false,
+    };
+    compare("block 0 only", &m, &tr)?;
+    Ok(())
+}
+
+#[test]
+fn manual_backward_rejects_out_of_vocabulary_ids() -> Res<()> {
+    let m = model()?;
+    let ids = Tensor::from_vec(vec![0u32, 5, 97, 1], (1, 4), &Device::Cpu)?;
+    let tg = Tensor::from_vec(vec![1u32, 2, 3, 4], 4, &Device::Cpu)?;
+    let err = backward::loss_and_grads(&m, &ids, &tg, &Trainable::all(4))
+        .err()
+        .expect("id 97 is outside a vocabulary of 97");
+    assert!(err.to_string().contains("97"), "{err}");
+    let tg = Tensor::from_vec(vec![1u32, 2, 300, 4], 4, &Device::Cpu)?;
+    let ids = Tensor::from_vec(vec![0u32, 5, 6, 1], (1, 4), &Device::Cpu)?;
+    let err = backward::loss_and_grads(&m, &ids, &tg, &Trainable::all(4))
+        .err()
+        .expect("target 300 is outside the vocabulary");
+    assert!(err.to_string().contains("300"), "{err}");
+    Ok(())
+}
