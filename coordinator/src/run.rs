@@ -44,6 +44,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<u8> {
         None => find_worker_bin()?,
     };
     let plan = plan_workers(&out, args.device, args.workers)?;
+    check_ranks_fit(&sweep.trials, plan.len())?;
 
     // Fresh tokens every run: the embedded coordinator only listens on loopback, but another local
     // user should still not be able to lease trials or submit to it.
@@ -360,6 +361,25 @@ pub struct WorkerSpec {
 }
 
 /// Plan the local workers for a device choice.
+/// A trial with `train.ranks = k` waits for k workers of one host: with fewer local workers it
+/// would wait forever, so say so before starting anything.
+pub fn check_ranks_fit(
+    trials: &[experiments::trial::TrialConfig],
+    workers: usize,
+) -> anyhow::Result<()> {
+    if let Some(t) = trials.iter().find(|t| t.train.ranks as usize > workers) {
+        bail!(
+            "trial {} asks for train.ranks = {} but ablate run starts {workers} worker{}: pass \
+             --workers {} (on GPUs, make that many visible) or lower ranks",
+            t.name,
+            t.train.ranks,
+            if workers == 1 { "" } else { "s" },
+            t.train.ranks
+        );
+    }
+    Ok(())
+}
+
 pub fn plan_workers(
     out: &Path,
     device: DeviceKind,
@@ -586,5 +606,19 @@ mod tests {
         assert_eq!(threads_per_worker(2, 2), 1);
         assert_eq!(threads_per_worker(16, 3), 5);
         assert_eq!(threads_per_worker(2, 8), 1);
+    }
+
+    #[test]
+    fn a_sweep_asking_for_more_ranks_than_workers_is_refused_up_front() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../experiments/sweeps/quickstart.toml");
+        let text = std::fs::read_to_string(&path)
+            .unwrap()
+            .replace("# ranks = 2 ", "ranks = 2 ");
+        let sweep = experiments::spec::parse_sweep(&text, &path).unwrap();
+        assert!(sweep.trials.iter().any(|t| t.train.ranks == 2));
+        let e = check_ranks_fit(&sweep.trials, 1).unwrap_err().to_string();
+        assert!(e.contains("ranks = 2") && e.contains("--workers 2"), "{e}");
+        check_ranks_fit(&sweep.trials, 2).unwrap();
     }
 }
