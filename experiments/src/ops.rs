@@ -859,7 +859,7 @@ simd_kernel! {
     }
 }
 
-pub(crate) fn ce_fwd<T: Real>(
+fn ce_fwd<T: Real>(
     x: &[T],
     tg: &[u32],
     v: usize,
@@ -1289,25 +1289,80 @@ pub(crate) fn softmax_bwd_f32(g: &mut [f32], y: &[f32], c: usize, scale: f32) {
 }
 
 simd_kernel! {
-    /// In place on logits rows: `x ← (exp(x − lse) − onehot(target)) · g` (see [`ce_bwd_chunk`]).
-    fn ce_bwd_inplace_chunk<T>(xs: &mut [T], ls: &[f64], ts: &[u32], v: usize, g: T) {
-        for ((row, &l), &t) in xs.chunks_exact_mut(v).zip(ls).zip(ts) {
-            let shift = T::from_f64(l);
-            for x in row.iter_mut() {
-                *x = (*x - shift).exp_() * g;
+    /// One parallel task of [`ce_fwd_exp_inplace_f32`].
+    fn ce_fwd_exp_chunk<T>(xs: &mut [T], inv: &mut [f64], nll: &mut [f64], ts: &[u32], v: usize) {
+        for (((row, iv), nl), &t) in xs.chunks_exact_mut(v).zip(inv).zip(nll).zip(ts) {
+            let picked = row[t as usize].to_f64();
+            let m = max_of(row);
+            if !m.to_f64().is_finite() {
+                // All −∞, or ±∞ / NaN somewhere: the IEEE answer of the plain formula, and the
+                // softmax as exp(x − lse) (NaN where that is NaN).
+                let lse = m.to_f64()
+                    + row
+                        .iter()
+                        .map(|x| (x.to_f64() - m.to_f64()).exp())
+                        .sum::<f64>()
+                        .ln();
+                for x in row.iter_mut() {
+                    *x = T::from_f64((x.to_f64() - lse).exp());
+                }
+                *iv = 1.0;
+                *nl = lse - picked;
+                continue;
             }
-            row[t as usize] -= g;
+            for x in row.iter_mut() {
+                *x = (*x - m).exp_();
+            }
+            let s = sum_f64(row);
+            *iv = 1.0 / s;
+            *nl = m.to_f64() + s.ln() - picked;
         }
     }
 }
 
-/// Cross-entropy backward in place: the (N, V) logits become their gradient for an upstream
-/// gradient `g` on every token's NLL (the mean's 1/N).
-pub(crate) fn ce_bwd_inplace_f32(x: &mut [f32], tg: &[u32], lse: &[f64], v: usize, g: f32) {
+/// Cross-entropy forward that leaves `exp(x − max)` in the logits rows for the backward
+/// ([`ce_bwd_from_exp_f32`]), so the vocabulary-wide exp runs once per step, not twice. Returns
+/// each row's NLL and 1/Σexp. Targets must be below `v` (checked).
+pub(crate) fn ce_fwd_exp_inplace_f32(
+    x: &mut [f32],
+    tg: &[u32],
+    v: usize,
+) -> candle_core::Result<(Vec<f64>, Vec<f64>)> {
+    use rayon::prelude::*;
+    if let Some(&bad) = tg.iter().find(|&&t| t as usize >= v) {
+        candle_core::bail!("cross_entropy: target {bad} is outside the vocabulary of {v}");
+    }
+    let n = tg.len();
+    let (mut inv, mut nll) = (vec![0f64; n], vec![0f64; n]);
+    let rpt = rows_per_task(v);
+    x.par_chunks_mut(rpt * v)
+        .zip(inv.par_chunks_mut(rpt))
+        .zip(nll.par_chunks_mut(rpt))
+        .zip(tg.par_chunks(rpt))
+        .for_each(|(((xs, is), ns), ts)| ce_fwd_exp_chunk(xs, is, ns, ts, v));
+    Ok((nll, inv))
+}
+
+simd_kernel! {
+    /// One parallel task of [`ce_bwd_from_exp_f32`].
+    fn ce_bwd_from_exp_chunk<T>(xs: &mut [T], inv: &[f64], ts: &[u32], v: usize, g: f64) {
+        for ((row, &iv), &t) in xs.chunks_exact_mut(v).zip(inv).zip(ts) {
+            let k = T::from_f64(iv * g);
+            for x in row.iter_mut() {
+                *x *= k;
+            }
+            row[t as usize] -= T::from_f64(g);
+        }
+    }
+}
+
+/// The gradient of the mean-scaled NLL (`g` per token) in place, from [`ce_fwd_exp_inplace_f32`]'s
+/// rows: `softmax − onehot(target)`, times `g`.
+pub(crate) fn ce_bwd_from_exp_f32(x: &mut [f32], tg: &[u32], inv: &[f64], v: usize, g: f64) {
     use rayon::prelude::*;
     let rpt = rows_per_task(v);
     x.par_chunks_mut(rpt * v)
-        .zip(lse.par_chunks(rpt))
+        .zip(inv.par_chunks(rpt))
         .zip(tg.par_chunks(rpt))
-        .for_each(|((xs, ls), ts)| ce_bwd_inplace_chunk(xs, ls, ts, v, g));
+        .for_each(|((xs, is), ts)| ce_bwd_from_exp_chunk(xs, is, ts, v, g));
 }

@@ -24,8 +24,8 @@ use rayon::prelude::*;
 
 use super::{BlockVars, Gpt2, Trainable};
 use crate::ops::{
-    causal_softmax_f32, ce_bwd_inplace_f32, ce_fwd, col_sum, gelu_grad_map, gelu_map,
-    layer_norm_bwd_rows, layer_norm_rows, softmax_bwd_f32,
+    causal_softmax_f32, ce_bwd_from_exp_f32, ce_fwd_exp_inplace_f32, col_sum, gelu_grad_map,
+    gelu_map, layer_norm_bwd_rows, layer_norm_rows, softmax_bwd_f32,
 };
 use crate::optim::GradAccumulator;
 use crate::{Error, Result};
@@ -119,7 +119,7 @@ pub struct Tape {
     tr: Trainable,
     need_in: Vec<bool>,
     saved: Vec<Option<Saved>>,
-    /// Input of ln_f, its output, the logits and their rows' log-sum-exp.
+    /// Input of ln_f, its output, the logits as exp(x − row max) and each row's 1/Σexp.
     x: Vec<f32>,
     hf: Vec<f32>,
     logits: Vec<f32>,
@@ -589,8 +589,8 @@ impl Run {
             mat(w.wte, 1, c),
             self.threads,
         );
-        let (nll, lse) = ce_fwd(&logits, &tg, v).map_err(|e| e.to_string())?;
-        let loss = nll.iter().map(|&l| l as f64).sum::<f64>() / n as f64;
+        let (nll, lse) = ce_fwd_exp_inplace_f32(&mut logits, &tg, v).map_err(|e| e.to_string())?;
+        let loss = nll.iter().sum::<f64>() / n as f64;
         Ok(Tape {
             run: self,
             ids,
@@ -625,7 +625,7 @@ impl Run {
         let n = tg.len();
         let nl = w.blocks.len();
         let mut grads: BTreeMap<String, Tensor> = BTreeMap::new();
-        ce_bwd_inplace_f32(&mut logits, &tg, &lse, v, 1.0 / n as f32);
+        ce_bwd_from_exp_f32(&mut logits, &tg, &lse, v, 1.0 / n as f64);
         drop(lse);
         let dlogits = logits;
         let mut d_wte: Option<Vec<f32>> = None;
