@@ -859,11 +859,7 @@ simd_kernel! {
     }
 }
 
-fn ce_fwd<T: Real>(
-    x: &[T],
-    tg: &[u32],
-    v: usize,
-) -> candle_core::Result<(Vec<T>, Vec<f64>)> {
+fn ce_fwd<T: Real>(x: &[T], tg: &[u32], v: usize) -> candle_core::Result<(Vec<T>, Vec<f64>)> {
     use rayon::prelude::*;
     let n = tg.len();
     if let Some(&bad) = tg.iter().find(|&&t| t as usize >= v) {

@@ -1245,48 +1245,6 @@ fn hostname() -> String {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn backoff_is_capped_and_jitter_in_range() {
-        let mut b = Backoff::new();
-        for _ in 0..20 {
-            b.next = (b.next * 2).min(MAX_BACKOFF);
-        }
-        assert_eq!(b.next, MAX_BACKOFF);
-        for _ in 0..100 {
-            let j = jitter_fraction();
-            assert!((0.0..1.0).contains(&j));
-        }
-    }
-
-    #[test]
-    fn names_from_the_coordinator_are_checked() {
-        assert!(experiments_safe_name("ckpt/state.safetensors").is_ok());
-        for bad in ["../x", "/etc/passwd", "a//b", "ckpt/../../x", ""] {
-            assert!(experiments_safe_name(bad).is_err(), "{bad}");
-        }
-    }
-
-    #[test]
-    fn lists_files_recursively_and_sorted() {
-        let d = tempfile::tempdir().unwrap();
-        std::fs::create_dir_all(d.path().join("b/c")).unwrap();
-        std::fs::write(d.path().join("b/c/x"), b"1").unwrap();
-        std::fs::write(d.path().join("a"), b"2").unwrap();
-        assert_eq!(
-            list_files(d.path()).unwrap(),
-            vec!["a".to_string(), "b/c/x".to_string()]
-        );
-        let d2 = tempfile::tempdir().unwrap();
-        let dst = d2.path().join("copy");
-        copy_dir(d.path(), &dst).unwrap();
-        assert_eq!(std::fs::read(dst.join("b/c/x")).unwrap(), b"1");
-    }
-}
-
 /// A gang's collective between the rendezvous (async, through the coordinator) and the blocking
 /// join on the training thread.
 enum Gang {
@@ -1393,5 +1351,47 @@ impl Gang {
                 &device, rank, world, id,
             )?),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_is_capped_and_jitter_in_range() {
+        let mut b = Backoff::new();
+        for _ in 0..20 {
+            b.next = (b.next * 2).min(MAX_BACKOFF);
+        }
+        assert_eq!(b.next, MAX_BACKOFF);
+        for _ in 0..100 {
+            let j = jitter_fraction();
+            assert!((0.0..1.0).contains(&j));
+        }
+    }
+
+    #[test]
+    fn names_from_the_coordinator_are_checked() {
+        assert!(experiments_safe_name("ckpt/state.safetensors").is_ok());
+        for bad in ["../x", "/etc/passwd", "a//b", "ckpt/../../x", ""] {
+            assert!(experiments_safe_name(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn lists_files_recursively_and_sorted() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(d.path().join("b/c")).unwrap();
+        std::fs::write(d.path().join("b/c/x"), b"1").unwrap();
+        std::fs::write(d.path().join("a"), b"2").unwrap();
+        assert_eq!(
+            list_files(d.path()).unwrap(),
+            vec!["a".to_string(), "b/c/x".to_string()]
+        );
+        let d2 = tempfile::tempdir().unwrap();
+        let dst = d2.path().join("copy");
+        copy_dir(d.path(), &dst).unwrap();
+        assert_eq!(std::fs::read(dst.join("b/c/x")).unwrap(), b"1");
     }
 }
