@@ -147,6 +147,19 @@ if [ -n "$missing" ]; then
     nvidia-curand==10.4.0.35
   echo "LD_LIBRARY_PATH=/opt/ablate/cuda-wheels/nvidia/cu13/lib" >>"$env_file.new"
 fi
+# A worker built with the nccl feature (multi-GPU trials) also needs NCCL.
+if ldd /usr/local/bin/ablate-worker 2>/dev/null | grep -q 'libnccl.*not found'; then
+  echo "bootstrap: installing NCCL (libnccl.so.2) for multi-GPU trials"
+  PIP_BREAK_SYSTEM_PACKAGES=1 python3 -m pip install --quiet --no-deps --no-input \
+    --disable-pip-version-check --root-user-action=ignore --target /opt/ablate/nccl-wheel \
+    nvidia-nccl-cu13==2.30.7
+  nccl_dir=/opt/ablate/nccl-wheel/nvidia/nccl/lib
+  if grep -q '^LD_LIBRARY_PATH=' "$env_file.new"; then
+    sed -i "s|^LD_LIBRARY_PATH=\(.*\)|LD_LIBRARY_PATH=\1:$nccl_dir|" "$env_file.new"
+  else
+    echo "LD_LIBRARY_PATH=$nccl_dir" >>"$env_file.new"
+  fi
+fi
 mv -f "$env_file.new" "$env_file"
 chmod 0644 "$env_file"
 
