@@ -356,12 +356,7 @@ impl GradAccumulator {
             let g = grads.get(var.as_tensor()).ok_or_else(|| {
                 Error::Other(format!("trainable parameter {name} received no gradient"))
             })?;
-            let g = g.detach();
-            let sum = match self.sums.remove(*name) {
-                Some(s) => (s + g)?,
-                None => g,
-            };
-            self.sums.insert(name.to_string(), sum);
+            self.accumulate(name, g.detach())?;
         }
         self.micro += 1;
         Ok(())
@@ -378,13 +373,19 @@ impl GradAccumulator {
             let g = grads.remove(*name).ok_or_else(|| {
                 Error::Other(format!("trainable parameter {name} received no gradient"))
             })?;
-            let sum = match self.sums.remove(*name) {
-                Some(s) => (s + g)?,
-                None => g,
-            };
-            self.sums.insert(name.to_string(), sum);
+            self.accumulate(name, g)?;
         }
         self.micro += 1;
+        Ok(())
+    }
+
+    /// Adds one micro-batch's gradient of `name` to its running sum.
+    fn accumulate(&mut self, name: &str, g: Tensor) -> Result<()> {
+        let sum = match self.sums.remove(name) {
+            Some(s) => (s + g)?,
+            None => g,
+        };
+        self.sums.insert(name.to_string(), sum);
         Ok(())
     }
 

@@ -179,20 +179,46 @@ impl Cluster {
     /// A fine-tune trial mid-run: running, with a checkpoint stored for its current attempt and
     /// at least `min_step` steps reported. Returns (trial id, attempt, worker name).
     fn wait_mid_trial(&self, min_step: u64) -> (String, u32, String) {
+        let (trial, attempt, worker) = self.wait_mid_trial_on(min_step, "%");
+        (trial, attempt, self.worker_name(&worker))
+    }
+
+    /// [`Self::wait_mid_trial`] for a trial whose attempt's worker ids (`w1`, or `w1,w2` for a
+    /// gang) match the SQL pattern `workers`; returns those ids.
+    fn wait_mid_trial_on(&self, min_step: u64, workers: &str) -> (String, u32, String) {
         self.wait_until("a fine-tune trial with a stored checkpoint", |c| {
             c.query_row(
-                "SELECT t.id, t.attempts, w.name FROM trials t JOIN workers w ON w.id = t.worker_id
-                 WHERE t.state = 'running' AND t.depends_on IS NOT NULL
+                "SELECT t.id, t.attempts, t.worker_id FROM trials t
+                 WHERE t.state = 'running' AND t.depends_on IS NOT NULL AND t.worker_id LIKE ?2
                    AND EXISTS (SELECT 1 FROM artifacts a WHERE a.trial_id = t.id AND a.name LIKE 'ckpt/%')
                    AND (SELECT MAX(CAST(json_extract(e.json, '$.step') AS INTEGER)) FROM events e
                         WHERE e.trial_id = t.id AND e.attempt = t.attempts
                           AND json_extract(e.json, '$.kind') = 'step') >= ?1
                  ORDER BY t.seq LIMIT 1",
-                [min_step as i64],
+                rusqlite::params![min_step as i64, workers],
                 |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
             )
             .optional()
             .unwrap()
+        })
+    }
+
+    fn worker_name(&self, id: &str) -> String {
+        self.db()
+            .query_row("SELECT name FROM workers WHERE id = ?1", [id], |r| r.get(0))
+            .unwrap()
+    }
+
+    /// Wait for an attempt of `trial` after `attempt`; returns its number.
+    fn wait_next_attempt(&self, trial: &str, attempt: u32) -> u32 {
+        self.wait_until("the next attempt of the trial", |db| {
+            db.query_row(
+                "SELECT MAX(attempt) FROM attempts WHERE trial_id = ?1",
+                [trial],
+                |r| r.get::<_, Option<u32>>(0),
+            )
+            .unwrap()
+            .filter(|a| *a > attempt)
         })
     }
 
@@ -422,15 +448,7 @@ fn kill9_worker_mid_trial_resumes_elsewhere_from_the_checkpoint() {
     c.workers[i].wait_timeout(Duration::from_secs(10)).unwrap();
     // The survivor (or a replacement) takes the trial once the lease has expired.
     c.spawn_worker("c");
-    let next = c.wait_until("the next attempt of the killed trial", |db| {
-        db.query_row(
-            "SELECT MAX(attempt) FROM attempts WHERE trial_id = ?1",
-            [&trial],
-            |r| r.get::<_, Option<u32>>(0),
-        )
-        .unwrap()
-        .filter(|a| *a > attempt)
-    });
+    let next = c.wait_next_attempt(&trial, attempt);
     c.wait_all_terminal();
     let attempts = c.attempts(&trial);
     assert_eq!(
@@ -456,43 +474,16 @@ fn kill9_one_rank_of_a_gang_ends_the_attempt_for_both_and_the_gang_resumes() {
         c.spawn_worker(w);
     }
     // A two-rank fine-tune mid-run, with a checkpoint from rank 0 stored.
-    let (trial, attempt, members) = c.wait_until("a gang mid-trial with a stored checkpoint", |db| {
-        db.query_row(
-            "SELECT t.id, t.attempts, t.worker_id FROM trials t
-             WHERE t.state = 'running' AND t.depends_on IS NOT NULL AND t.worker_id LIKE '%,%'
-               AND EXISTS (SELECT 1 FROM artifacts a WHERE a.trial_id = t.id AND a.name LIKE 'ckpt/%')
-               AND (SELECT MAX(CAST(json_extract(e.json, '$.step') AS INTEGER)) FROM events e
-                    WHERE e.trial_id = t.id AND e.attempt = t.attempts
-                      AND json_extract(e.json, '$.kind') = 'step') >= ?1
-             ORDER BY t.seq LIMIT 1",
-            [(GANG_FT_STEPS / 10 + 1) as i64],
-            |r| Ok((r.get::<_, String>(0)?, r.get::<_, u32>(1)?, r.get::<_, String>(2)?)),
-        )
-        .optional()
-        .unwrap()
-    });
+    let (trial, attempt, members) = c.wait_mid_trial_on(GANG_FT_STEPS / 10 + 1, "%,%");
     let ids: Vec<&str> = members.split(',').collect();
     assert_eq!(ids.len(), 2, "gang members {members}");
-    let name_of = |id: &str| -> String {
-        c.db()
-            .query_row("SELECT name FROM workers WHERE id = ?1", [id], |r| r.get(0))
-            .unwrap()
-    };
-    let (rank0, rank1) = (name_of(ids[0]), name_of(ids[1]));
+    let (rank0, rank1) = (c.worker_name(ids[0]), c.worker_name(ids[1]));
     // Kill rank 1: rank 0 must not train on alone (nor wait forever); the attempt ends for both.
     let i = c.worker_index(&rank1);
     c.workers[i].signal(libc::SIGKILL);
     c.workers[i].wait_timeout(Duration::from_secs(10)).unwrap();
     c.spawn_worker("d");
-    let next = c.wait_until("the next attempt of the gang", |db| {
-        db.query_row(
-            "SELECT MAX(attempt) FROM attempts WHERE trial_id = ?1",
-            [&trial],
-            |r| r.get::<_, Option<u32>>(0),
-        )
-        .unwrap()
-        .filter(|a| *a > attempt)
-    });
+    let next = c.wait_next_attempt(&trial, attempt);
     c.wait_all_terminal();
     let attempts = c.attempts(&trial);
     let killed = &attempts[(attempt - 1) as usize];
@@ -1081,15 +1072,8 @@ fn network_cut_worker_keeps_training_replays_reports_and_the_lease_decides() {
     //    and when the cut worker comes back the lease tells it to stop.
     if state.0 == "running" {
         ns.set_link(false);
-        let next = c.wait_until("the trial to move to another worker", |db| {
-            db.query_row(
-                "SELECT MAX(attempt) FROM attempts WHERE trial_id = ?1",
-                [&trial],
-                |r| r.get::<_, Option<u32>>(0),
-            )
-            .unwrap()
-            .filter(|a| *a > attempt)
-        });
+        // The trial moves to another worker.
+        let next = c.wait_next_attempt(&trial, attempt);
         ns.set_link(true);
         let a = c.worker_index("a");
         c.workers[a].wait_for(WAIT, |l| {
