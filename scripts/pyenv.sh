@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Python reference environment for the parity and round-trip tests (experiments/tests/parity.rs,
+# Python reference environment for the parity, round-trip and format tests (experiments/tests/parity.rs,
 # roundtrip.rs, scripts/parity_fixture.py, scripts/roundtrip_check.py): torch + transformers +
 # safetensors + tokenizers in a venv at ${ABLATE_PYENV:-$HOME/.cache/ablate/pyenv}.
 #
@@ -37,10 +37,19 @@ NVIDIA=(
 )
 TORCH_PY_DEPS=(typing_extensions filelock sympy networkx jinja2 fsspec numpy)
 HF=(transformers==5.23.0 tokenizers safetensors)
+# References for the other formats and protocols ablate speaks: GGUF (gguf: its reader and
+# dequantization; transformers' `gguf_file=` loader needs it and accelerate), PEFT adapters,
+# TensorBoard event files (its own reader), and a gRPC client of another implementation (grpcio,
+# stubs generated from proto/ablate.proto by grpcio-tools, health and reflection clients).
+REFS=(gguf==0.19.0 tensorboard==2.21.0 grpcio==1.85.3 grpcio-tools==1.85.1
+  grpcio-health-checking==1.85.1 grpcio-reflection==1.85.1 psutil)
+# accelerate and peft require torch: installed without dependencies (their others are above or in
+# REFS), or pip would resolve torch's CUDA stack again (triton, cuda-toolkit: +1.4 GB).
+TORCH_USERS=(accelerate==1.15.0 peft==0.21.2)
 
-STAMP_WANT="torch==$TORCH ${NVIDIA[*]} ${TORCH_PY_DEPS[*]} ${HF[*]}"
+STAMP_WANT="torch==$TORCH ${NVIDIA[*]} ${TORCH_PY_DEPS[*]} ${HF[*]} ${REFS[*]} ${TORCH_USERS[*]}"
 STAMP="$VENV/.ablate-stamp"
-CHECK='import torch, transformers, tokenizers, safetensors; torch.ones(2) @ torch.ones(2)'
+CHECK='import torch, transformers, tokenizers, safetensors, gguf, accelerate, peft, tensorboard, grpc, grpc_tools, grpc_health, grpc_reflection; torch.ones(2) @ torch.ones(2)'
 
 if [ -x "$VENV/bin/python" ] && [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$STAMP_WANT" ] \
    && "$VENV/bin/python" -c "$CHECK" 2>/dev/null; then
@@ -57,6 +66,8 @@ PIP=("$VENV/bin/python" -m pip install --quiet --disable-pip-version-check --no-
 "${PIP[@]}" "${TORCH_PY_DEPS[@]}"
 # transformers does not depend on torch in its metadata, so this does not pull the CUDA stack.
 "${PIP[@]}" "${HF[@]}"
+"${PIP[@]}" "${REFS[@]}"
+"${PIP[@]}" --no-deps "${TORCH_USERS[@]}"
 "$VENV/bin/python" -c "$CHECK"
 echo "$STAMP_WANT" > "$STAMP"
 echo "pyenv: ready at $VENV ($(( $(date +%s) - start )) s, $(du -sh "$VENV" | cut -f1))" >&2
