@@ -133,11 +133,15 @@ check_slurm() {
 check_units() {
   python3 scripts/deploy-tests/unit_exec.py "$repo" "$work"
 }
+check_entrypoint() {
+  bash scripts/deploy-tests/entrypoint-check.sh "$work" "$repo"
+}
 check_glibc() {
   bash scripts/deploy-tests/glibc-check.sh "$work" "$repo"
 }
 
 check bootstrap check_bootstrap
+check entrypoint check_entrypoint
 check slurm-signals check_slurm
 check systemd-exec check_units
 check glibc-check check_glibc

@@ -59,8 +59,11 @@ unset ABLATE_WORKER_TOKEN
 
 if [ -n "${ABLATE_CA_PEM:-}" ]; then
   secret_dir
-  # printf %b turns the two characters \n into a newline; PEM has no other backslashes.
-  (umask 077 && printf '%b\n' "$ABLATE_CA_PEM" >"$secrets/ca.pem")
+  # printf %b turns the two characters \n into a newline (PEM has no other backslashes); $(...)
+  # drops trailing newlines, one is added back.
+  pem=$(printf '%b' "$ABLATE_CA_PEM")
+  (umask 077 && printf '%s\n' "$pem" >"$secrets/ca.pem")
+  unset pem
   grep -q -- '-----BEGIN CERTIFICATE-----' "$secrets/ca.pem" ||
     die "ABLATE_CA_PEM holds no PEM certificate (-----BEGIN CERTIFICATE-----)"
   ABLATE_CA="$secrets/ca.pem"
