@@ -58,7 +58,8 @@ if wants bootstrap; then
 fi
 if wants entrypoint && { [ ! -x target/debug/ablate ] || [ ! -x target/debug/ablate-worker ]; }; then
   echo "test-deploy: building the CPU binaries"
-  cargo build --quiet -p coordinator -p worker --bins
+  # The same build scripts/test makes next (same features, so nothing is built twice).
+  cargo build --quiet --workspace --bins
 fi
 
 # Stand-ins (scripts/deploy-tests): CUDA libraries, a CUDA worker that needs them, wheels.
