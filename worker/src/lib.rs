@@ -7,4 +7,7 @@ pub mod collective;
 pub mod connect;
 pub mod fleet;
 pub mod local;
+pub mod metrics;
+pub mod preflight;
 pub mod remote;
+pub mod signals;
