@@ -1,14 +1,16 @@
 #!/usr/bin/env python3
-"""The PyTorch twin of `ablate-worker bench`: one training step of the same GPT-2 on the same batch
-shape, in PyTorch eager (transformers' GPT2LMHeadModel, float32), timed the same way.
+"""The PyTorch twin of `ablate-worker bench`: one training step of the same model on the same batch
+shape, in PyTorch eager (transformers' GPT2LMHeadModel or LlamaForCausalLM, float32), timed the
+same way.
 
-Same model as ablate (tied head, no dropout, GPT-2 init), same step: forward, cross-entropy over
-the vocabulary, backward, clip_grad_norm_(1.0), torch.optim.AdamW(betas 0.9/0.999, eps 1e-8,
-weight decay 0.01). `--freeze-top K` trains only the top K of `--groups` layer groups with
+Same model as ablate (GPT-2: tied head, no dropout, GPT-2 init; Llama: the preset's shape with
+grouped-query attention, tied head, no dropout), same step: forward, cross-entropy over the
+vocabulary, backward, clip_grad_norm_(1.0), torch.optim.AdamW(betas 0.9/0.999, eps 1e-8, weight
+decay 0.01 on matrices). `--freeze-top K` trains only the top K of `--groups` layer groups with
 ablate's split (embeddings = group 0; blocks in groups-1 contiguous groups, the top ones taking
-the remainder; ln_f and the tied head in the top group). As in ablate, a frozen embedding lookup
-reads a detached wte, so backward stops at the lowest trainable block and wte learns only through
-the tied head.
+the remainder; the final norm and the tied head in the top group). As in ablate, a frozen
+embedding lookup reads a detached table, so backward stops at the lowest trainable block and the
+table learns only through the tied head.
 
 Prints one JSON object with the keys `ablate-worker bench --json` prints. Run it in the venv of
 scripts/pyenv.sh; scripts/bench.sh runs it interleaved with ablate.
@@ -21,10 +23,16 @@ import statistics
 import time
 
 PRESETS = {
-    # name: (vocab, n_positions, n_embd, n_layer, n_head, batch, context)
+    # GPT-2 name: (vocab, n_positions, n_embd, n_layer, n_head, batch, context)
     "tiny": (8192, 128, 256, 4, 4, 8, 128),
     "gpt2": (50257, 1024, 768, 12, 12, 4, 256),
     "gpt2-medium": (50257, 1024, 1024, 24, 16, 2, 256),
+}
+LLAMA_PRESETS = {
+    # Llama name: (vocab, max_positions, hidden, intermediate, layers, heads, kv heads, rope_theta,
+    #              batch, context); the same shapes as ablate-worker bench's presets.
+    "tiny-llama": (8192, 128, 256, 688, 4, 4, 2, 10000.0, 8, 128),
+    "smollm2": (49152, 8192, 576, 1536, 30, 9, 3, 100000.0, 4, 256),
 }
 
 
@@ -53,7 +61,7 @@ def block_groups(n_layer, groups):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
+    ap.add_argument("--preset", default="tiny", choices=sorted(PRESETS) + sorted(LLAMA_PRESETS))
     ap.add_argument("--batch", type=int)
     ap.add_argument("--context", type=int)
     ap.add_argument("--steps", type=int, default=10)
@@ -67,21 +75,38 @@ def main():
 
     import torch
     import torch.nn.functional as F
-    from transformers import GPT2Config, GPT2LMHeadModel
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    vocab, npos, d, nl, nh, batch, context = PRESETS[args.preset]
-    batch = args.batch or batch
-    context = args.context or context
-    npos = max(npos, context)
     torch.manual_seed(0)
-    cfg = GPT2Config(vocab_size=vocab, n_positions=npos, n_embd=d, n_layer=nl, n_head=nh,
-                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, tie_word_embeddings=True,
-                     bos_token_id=vocab - 1, eos_token_id=vocab - 1)
-    model = GPT2LMHeadModel._from_config(cfg, attn_implementation=args.attn)
+    if args.preset in LLAMA_PRESETS:
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        vocab, npos, d, inter, nl, nh, nkv, theta, batch, context = LLAMA_PRESETS[args.preset]
+        batch = args.batch or batch
+        context = args.context or context
+        cfg = LlamaConfig(vocab_size=vocab, max_position_embeddings=max(npos, context),
+                          hidden_size=d, intermediate_size=inter, num_hidden_layers=nl,
+                          num_attention_heads=nh, num_key_value_heads=nkv, head_dim=d // nh,
+                          rms_norm_eps=1e-5, rope_theta=theta, tie_word_embeddings=True,
+                          attention_dropout=0.0, bos_token_id=1, eos_token_id=2)
+        model = LlamaForCausalLM._from_config(cfg, attn_implementation=args.attn)
+        body = model.model
+        blocks_of, norm, embed, pos = body.layers, body.norm, body.embed_tokens, None
+    else:
+        from transformers import GPT2Config, GPT2LMHeadModel
+
+        vocab, npos, d, nl, nh, batch, context = PRESETS[args.preset]
+        batch = args.batch or batch
+        context = args.context or context
+        npos = max(npos, context)
+        cfg = GPT2Config(vocab_size=vocab, n_positions=npos, n_embd=d, n_layer=nl, n_head=nh,
+                         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, tie_word_embeddings=True,
+                         bos_token_id=vocab - 1, eos_token_id=vocab - 1)
+        model = GPT2LMHeadModel._from_config(cfg, attn_implementation=args.attn)
+        body = model.transformer
+        blocks_of, norm, embed, pos = body.h, body.ln_f, body.wte, body.wpe
     model.train()
-    tr = model.transformer
 
     # Which parameters train (ablate's methods::param_lr).
     emb_on = True
@@ -96,13 +121,14 @@ def main():
         for gi, blocks in enumerate(block_groups(nl, g)):
             if on[gi + 1]:
                 for b in blocks:
-                    tr.h[b].requires_grad_(True)
+                    blocks_of[b].requires_grad_(True)
         if on[g - 1]:
-            tr.ln_f.requires_grad_(True)
-            tr.wte.weight.requires_grad_(True)  # through the tied head
+            norm.requires_grad_(True)
+            embed.weight.requires_grad_(True)  # through the tied head
         if emb_on:
-            tr.wte.weight.requires_grad_(True)
-            tr.wpe.weight.requires_grad_(True)
+            embed.weight.requires_grad_(True)
+            if pos is not None:
+                pos.weight.requires_grad_(True)
     params = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
@@ -120,10 +146,10 @@ def main():
         ids = torch.randint(0, vocab, (batch, context + 1), generator=gen)
         x, y = ids[:, :-1], ids[:, 1:].reshape(-1)
         if emb_on:
-            logits = model(input_ids=x).logits
+            logits = model(input_ids=x, use_cache=False).logits
         else:
-            emb = F.embedding(x, tr.wte.weight.detach())
-            logits = model(inputs_embeds=emb).logits
+            emb = F.embedding(x, embed.weight.detach())
+            logits = model(inputs_embeds=emb, use_cache=False).logits
         loss = F.cross_entropy(logits.reshape(-1, vocab), y)
         loss_v = loss.item()
         t1 = time.perf_counter()

@@ -17,7 +17,7 @@
 
 use candle_core::{Device, Tensor};
 
-use crate::model::{Gpt2, Trainable};
+use crate::model::{CausalLm, Trainable};
 use crate::ops;
 use crate::{Error, Result};
 
@@ -67,7 +67,7 @@ pub fn frozen(n_layer: usize) -> Trainable {
 /// Perplexity of `model` on `tokens` by the definition in the module doc. `batch_size` bounds how
 /// many full chunks go through the model at once (memory: batch·context·vocab logits).
 pub fn perplexity(
-    model: &Gpt2,
+    model: &dyn CausalLm,
     tokens: &[u32],
     context: usize,
     batch_size: usize,
@@ -90,7 +90,7 @@ pub fn perplexity(
     let none = frozen(n_layer);
     // Bound the logits of one forward pass (batch·context·vocab floats, plus the same again for the
     // log-softmax) so GPT-2's 50k vocabulary at context 1024 does not need gigabytes at once.
-    let per_chunk = context * model.config().vocab_size;
+    let per_chunk = context * model.dims().vocab_size;
     let batch_size = batch_size.clamp(1, (MAX_LOGITS / per_chunk.max(1)).max(1));
     let mut nll = 0f64;
     let mut predicted = 0u64;
@@ -126,14 +126,14 @@ pub fn perplexity(
 }
 
 /// Number of transformer blocks of `model`.
-pub fn n_layer_of(model: &Gpt2) -> usize {
-    model.config().n_layer
+pub fn n_layer_of(model: &dyn CausalLm) -> usize {
+    model.dims().n_layer
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::Gpt2Config;
+    use crate::model::{Gpt2, Gpt2Config};
 
     /// The batched evaluation equals the definition computed by hand: each chunk on its own,
     /// `nll_sum` of its shifted predictions, summed, divided by the prediction count.

@@ -2,13 +2,16 @@
 //!
 //! Without the default `ml` feature only the vocabulary is compiled ([`trial`], [`spec`],
 //! [`error`], and [`gpus`], which finds GPUs without linking CUDA), which is what the coordinator depends on: it validates and expands sweep files but
-//! never links candle. With `ml`: the GPT-2 model, data pipeline, methods, training and evaluation.
+//! never links candle. With `ml`: the model families (GPT-2, Llama) behind one seam, the fused ops
+//! and the manual CPU backward, the data pipeline, methods, training and evaluation.
 
 pub mod error;
 pub mod gpus;
 pub mod spec;
 pub mod trial;
 
+#[cfg(feature = "ml")]
+pub mod backward;
 #[cfg(feature = "ml")]
 pub mod checkpoint;
 #[cfg(feature = "ml")]

@@ -1,19 +1,23 @@
 //! Fine-tuning methods as plans over layer groups: which parameters train at a given step, and at
 //! which learning rate.
 //!
-//! A GPT-2 of `n_layer` blocks is cut into `G` layer groups: group 0 holds the embeddings (wte,
-//! wpe); groups 1..G-1 hold contiguous runs of blocks, split as evenly as possible with the larger
-//! groups at the top when `n_layer` does not divide; ln_f and the tied head belong to the top group
-//! G-1. Every method (freeze-top-k, ULMFiT gradual unfreezing, discriminative learning rates,
-//! Inheritune, pretraining) is expressed as "which groups are on at step s" plus "lr per group", so
-//! the training loop has one code path for all of them.
+//! A model of `n_layer` blocks is cut into `G` layer groups: group 0 holds the embeddings (GPT-2's
+//! wte and wpe, Llama's embed_tokens); groups 1..G-1 hold contiguous runs of blocks, split as
+//! evenly as possible with the larger groups at the top when `n_layer` does not divide; the final
+//! norm and the head belong to the top group G-1. Every method (freeze-top-k, ULMFiT gradual
+//! unfreezing, discriminative learning rates, Inheritune, pretraining) is expressed as "which
+//! groups are on at step s" plus "lr per group", so the training loop has one code path for all of
+//! them. Which group a parameter is in follows from its [`Part`], which the model family states
+//! (`crate::model`): no parameter names are matched here.
 //!
-//! The tied head makes wte special: when the top group trains, wte receives gradient through the
-//! head even if the embedding group is frozen. It is then trained at the top group's rate (the head
-//! is the top group's parameter); when group 0 is on, at group 0's rate.
+//! A tied head makes the embedding table special ([`Part::TiedEmbeddings`]): when the top group
+//! trains, the table receives gradient through the head even if the embedding group is frozen. It
+//! is then trained at the top group's rate (the head is the top group's parameter); when group 0
+//! is on, at group 0's rate.
 
 use std::ops::Range;
 
+use crate::model::Part;
 use crate::trial::Method;
 use crate::{Error, Result};
 
@@ -32,7 +36,7 @@ pub struct LayerGroups {
 pub struct TrainMask {
     pub embeddings: bool,
     pub blocks: Vec<bool>,
-    /// ln_f and the tied head.
+    /// The final norm and the head.
     pub top: bool,
 }
 
@@ -74,21 +78,11 @@ impl LayerGroups {
         })
     }
 
-    /// The group a parameter (Hugging Face name without `transformer.`) belongs to; None for names
-    /// that are not GPT-2 parameters.
-    pub fn group_of(&self, name: &str) -> Option<usize> {
-        let name = name.strip_prefix("transformer.").unwrap_or(name);
-        if name.starts_with("wte.") || name.starts_with("wpe.") {
-            return Some(0);
-        }
-        if name.starts_with("ln_f.") || name.starts_with("lm_head.") {
-            return Some(self.groups - 1);
-        }
-        let rest = name.strip_prefix("h.")?;
-        let idx: usize = rest.split('.').next()?.parse().ok()?;
+    /// The group of block `i`; None for a block the model does not have.
+    pub fn group_of_block(&self, i: usize) -> Option<usize> {
         self.blocks
             .iter()
-            .position(|r| r.contains(&idx))
+            .position(|r| r.contains(&i))
             .map(|g| g + 1)
     }
 
@@ -107,21 +101,24 @@ impl LayerGroups {
         }
     }
 
-    /// Learning rate of parameter `name` under the flags `on` and per-group rates `lrs`, or None
-    /// when it is frozen (see the module doc for the tied wte).
-    pub fn param_lr(&self, name: &str, on: &[bool], lrs: &[f64]) -> Option<f64> {
+    /// Learning rate of a parameter of `part` under the flags `on` and per-group rates `lrs`, or
+    /// None when it is frozen (see the module doc for a tied embedding table).
+    pub fn param_lr(&self, part: Part, on: &[bool], lrs: &[f64]) -> Option<f64> {
         let top = self.groups - 1;
-        let bare = name.strip_prefix("transformer.").unwrap_or(name);
-        if bare.starts_with("wte.") {
-            return if on[0] {
-                Some(lrs[0])
-            } else if on[top] {
-                Some(lrs[top])
-            } else {
-                None
-            };
-        }
-        let g = self.group_of(name)?;
+        let g = match part {
+            Part::Embeddings => 0,
+            Part::Head => top,
+            Part::Block(i) => self.group_of_block(i)?,
+            Part::TiedEmbeddings => {
+                return if on[0] {
+                    Some(lrs[0])
+                } else if on[top] {
+                    Some(lrs[top])
+                } else {
+                    None
+                };
+            }
+        };
         on[g].then(|| lrs[g])
     }
 }
@@ -213,15 +210,15 @@ mod tests {
     fn gpt2_small_splits_into_three_groups_of_four() {
         let lg = LayerGroups::new(12, 4).unwrap();
         assert_eq!(lg.blocks, vec![0..4, 4..8, 8..12]);
-        assert_eq!(lg.group_of("wte.weight"), Some(0));
-        assert_eq!(lg.group_of("wpe.weight"), Some(0));
-        assert_eq!(lg.group_of("h.0.attn.c_attn.weight"), Some(1));
-        assert_eq!(lg.group_of("h.7.mlp.c_fc.bias"), Some(2));
-        assert_eq!(lg.group_of("h.11.ln_2.weight"), Some(3));
-        assert_eq!(lg.group_of("ln_f.weight"), Some(3));
-        assert_eq!(lg.group_of("transformer.h.5.ln_1.bias"), Some(2));
-        assert_eq!(lg.group_of("h.12.ln_1.bias"), None);
-        assert_eq!(lg.group_of("bogus"), None);
+        assert_eq!(lg.group_of_block(0), Some(1));
+        assert_eq!(lg.group_of_block(7), Some(2));
+        assert_eq!(lg.group_of_block(11), Some(3));
+        assert_eq!(lg.group_of_block(12), None);
+        let (on, lrs) = ([true; 4], [0.1, 0.2, 0.3, 0.4]);
+        assert_eq!(lg.param_lr(Part::Embeddings, &on, &lrs), Some(0.1));
+        assert_eq!(lg.param_lr(Part::Block(5), &on, &lrs), Some(0.3));
+        assert_eq!(lg.param_lr(Part::Head, &on, &lrs), Some(0.4));
+        assert_eq!(lg.param_lr(Part::Block(12), &on, &lrs), None);
     }
 
     #[test]
@@ -273,13 +270,19 @@ mod tests {
         assert_eq!(group_lrs(0.3, None, 3), vec![0.3; 3]);
         let lg = LayerGroups::new(6, 4).unwrap();
         let top1 = [false, false, false, true];
-        assert_eq!(lg.param_lr("wte.weight", &top1, &lrs), Some(1.0));
-        assert_eq!(lg.param_lr("wpe.weight", &top1, &lrs), None);
-        assert_eq!(lg.param_lr("h.5.mlp.c_fc.weight", &top1, &lrs), Some(1.0));
-        assert_eq!(lg.param_lr("h.3.mlp.c_fc.weight", &top1, &lrs), None);
+        assert_eq!(lg.param_lr(Part::TiedEmbeddings, &top1, &lrs), Some(1.0));
+        assert_eq!(lg.param_lr(Part::Embeddings, &top1, &lrs), None);
+        assert_eq!(lg.param_lr(Part::Block(5), &top1, &lrs), Some(1.0));
+        assert_eq!(lg.param_lr(Part::Block(3), &top1, &lrs), None);
         let all = [true; 4];
-        assert_eq!(lg.param_lr("wte.weight", &all, &lrs), Some(0.125));
-        assert_eq!(lg.param_lr("h.1.attn.c_proj.bias", &all, &lrs), Some(0.25));
+        assert_eq!(lg.param_lr(Part::TiedEmbeddings, &all, &lrs), Some(0.125));
+        assert_eq!(lg.param_lr(Part::Block(1), &all, &lrs), Some(0.25));
+        // Nothing on: a tied table is frozen too.
+        assert_eq!(lg.param_lr(Part::TiedEmbeddings, &[false; 4], &lrs), None);
+        // Only the embeddings: the tied table trains at group 0's rate, an untied head not at all.
+        let emb = [true, false, false, false];
+        assert_eq!(lg.param_lr(Part::TiedEmbeddings, &emb, &lrs), Some(0.125));
+        assert_eq!(lg.param_lr(Part::Head, &emb, &lrs), None);
         let m = lg.mask(&top1);
         assert_eq!(
             m,

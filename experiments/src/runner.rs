@@ -28,7 +28,7 @@ use crate::checkpoint;
 use crate::data;
 use crate::eval;
 use crate::methods;
-use crate::model::{Gpt2, Gpt2Config};
+use crate::model::{self, CausalLm, Gpt2, Gpt2Config};
 use crate::sample::{self, SampleOpts};
 use crate::tokenizer::Tok;
 use crate::train::{self, GradSync, TrainJob};
@@ -146,7 +146,8 @@ fn run_trial_inner(
                 n_head: shape.n_head,
                 layer_norm_epsilon: 1e-5,
             };
-            (Gpt2::new_random(&mcfg, cfg.seed, dev)?, tok, tok_path)
+            let m: Box<dyn CausalLm> = Box::new(Gpt2::new_random(&mcfg, cfg.seed, dev)?);
+            (m, tok, tok_path)
         }
         (Base::Scratch { .. }, m) => {
             return Err(Error::Config(format!(
@@ -165,25 +166,27 @@ fn run_trial_inner(
             load_base(dir, dev)?
         }
     };
-    let base_layers = eval::n_layer_of(&model);
+    let base_layers = eval::n_layer_of(&*model);
     methods::validate(&cfg.method, cfg.groups, base_layers)?;
     if let Method::Inheritune { blocks } = cfg.method {
-        model = model.truncate(blocks)?;
+        model = model::truncate(&*model, blocks)?;
     }
-    let n_positions = model.config().n_positions;
+    let dims = model.dims();
+    let n_positions = dims.max_positions;
     if cfg.data.context > n_positions || cfg.data.context < 2 {
         return Err(Error::Config(format!(
-            "data.context = {}: must be between 2 and the model's n_positions ({n_positions})",
-            cfg.data.context
+            "data.context = {}: must be between 2 and the model's {} ({n_positions})",
+            cfg.data.context,
+            model.family().positions_field()
         )));
     }
-    if tok.vocab_size() > model.config().vocab_size {
+    if tok.vocab_size() > dims.vocab_size {
         return Err(Error::input(
             &tok_path,
             format!(
                 "tokenizer has {} tokens but the model's vocabulary is {}",
                 tok.vocab_size(),
-                model.config().vocab_size
+                dims.vocab_size
             ),
         ));
     }
@@ -198,7 +201,7 @@ fn run_trial_inner(
     let mut report = None;
     if trains {
         let job = TrainJob {
-            model: &model,
+            model: &*model,
             method: &cfg.method,
             spec: &cfg.train,
             groups: cfg.groups,
@@ -224,7 +227,7 @@ fn run_trial_inner(
 
     // 4. Final evaluation on the whole validation split (or max_valid_windows chunks).
     let ev = eval::perplexity(
-        &model,
+        &*model,
         valid_tokens,
         cfg.data.context,
         cfg.train.batch_size.max(1),
@@ -243,7 +246,7 @@ fn run_trial_inner(
         if tmp.exists() {
             fs::remove_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
         }
-        checkpoint::save_hf_dir(&model, &tmp, Some(&tok_path))?;
+        checkpoint::save_hf_dir(&*model, &tmp, Some(&tok_path))?;
         if final_dir.exists() {
             fs::remove_dir_all(&final_dir).map_err(|e| Error::io(&final_dir, e))?;
         }
@@ -251,7 +254,7 @@ fn run_trial_inner(
     }
 
     // 6. Samples.
-    let samples = make_samples(&model, &tok, cfg.seed)?;
+    let samples = make_samples(&*model, &tok, cfg.seed)?;
     for (prompt, text) in &samples {
         on_progress(&Progress::Sample {
             prompt: prompt.clone(),
@@ -269,7 +272,7 @@ fn run_trial_inner(
 
     // 7. Metrics.
     let trainable_params = train::count_trainable(
-        &model,
+        &*model,
         &cfg.method,
         cfg.groups,
         cfg.train.steps.saturating_sub(1),
@@ -337,16 +340,29 @@ pub fn read_trial_file(path: &Path) -> Result<TrialConfig> {
     crate::spec::load_trial_file(path)
 }
 
-/// Loads a Hugging Face GPT-2 directory and its tokenizer.json.
-pub fn load_base(dir: &Path, dev: &Device) -> Result<(Gpt2, Tok, PathBuf)> {
+/// Loads a Hugging Face model directory of any supported family (config.json's `model_type`)
+/// and its tokenizer.json.
+pub fn load_base(dir: &Path, dev: &Device) -> Result<(Box<dyn CausalLm>, Tok, PathBuf)> {
     let model = checkpoint::load_hf_dir(dir, None, dev)?;
     let tok_path = dir.join("tokenizer.json");
     let tok = Tok::load(&tok_path)?;
     Ok((model, tok, tok_path))
 }
 
+/// The tokens that end a generation: the model config's `eos_token_id` (one or several) when it
+/// names any, else the tokenizer's `<|endoftext|>`.
+pub fn stop_tokens(model: &dyn CausalLm, tok: &Tok) -> Vec<u32> {
+    let eos = model.eos_token_ids();
+    if eos.is_empty() {
+        tok.eot_id().into_iter().collect()
+    } else {
+        eos
+    }
+}
+
 /// Seeded top-k 40 / top-p 0.9 generations of ~40 tokens from [`SAMPLE_PROMPTS`].
-pub fn make_samples(model: &Gpt2, tok: &Tok, seed: u64) -> Result<Vec<(String, String)>> {
+pub fn make_samples(model: &dyn CausalLm, tok: &Tok, seed: u64) -> Result<Vec<(String, String)>> {
+    let stops = stop_tokens(model, tok);
     let mut out = Vec::new();
     for (i, prompt) in SAMPLE_PROMPTS.iter().enumerate() {
         let ids = tok.encode(prompt)?;
@@ -360,7 +376,7 @@ pub fn make_samples(model: &Gpt2, tok: &Tok, seed: u64) -> Result<Vec<(String, S
             top_p: Some(0.9),
             seed: seed.wrapping_add(i as u64),
         };
-        let gen = sample::generate(model, &ids, &opts, tok.eot_id())?;
+        let gen = sample::generate(model, &ids, &opts, &stops)?;
         out.push((prompt.to_string(), tok.decode(&gen)?));
     }
     Ok(out)

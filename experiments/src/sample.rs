@@ -1,5 +1,5 @@
 //! Text generation for the report's sample section: temperature, top-k and top-p (nucleus)
-//! sampling from a [`Gpt2`], reproducible for a seed.
+//! sampling from a model of any family, reproducible for a seed.
 //!
 //! The filtering is a pure function ([`filter_probs`]) so its rules are tested on hand-made logits;
 //! [`generate`] only runs the model and draws from what it returns. There is no KV cache: samples
@@ -8,7 +8,7 @@
 use candle_core::Tensor;
 use rand::{rngs::StdRng, Rng, SeedableRng};
 
-use crate::model::{Gpt2, Trainable};
+use crate::model::{CausalLm, Trainable};
 use crate::{Error, Result};
 
 /// How to draw tokens.
@@ -141,14 +141,14 @@ fn draw(probs: &[f32], rng: &mut StdRng) -> usize {
     last_nonzero
 }
 
-/// Generates up to `max_new_tokens` tokens after `prompt` and returns the new tokens only (the
-/// stop token, when produced, is included and ends generation). The model sees at most its last
-/// `n_positions` tokens. Same model, prompt, options and seed → same output.
+/// Generates up to `max_new_tokens` tokens after `prompt` and returns the new tokens only (a stop
+/// token, when produced, is included and ends generation). The model sees at most its last
+/// `max_positions` tokens. Same model, prompt, options and seed → same output.
 pub fn generate(
-    model: &Gpt2,
+    model: &dyn CausalLm,
     prompt: &[u32],
     opts: &SampleOpts,
-    stop_token: Option<u32>,
+    stop_tokens: &[u32],
 ) -> Result<Vec<u32>> {
     opts.validate()?;
     if prompt.is_empty() {
@@ -156,19 +156,19 @@ pub fn generate(
             "generation needs a non-empty prompt (e.g. the end-of-text token)".into(),
         ));
     }
-    let cfg = model.config();
-    if let Some(&bad) = prompt.iter().find(|&&t| t as usize >= cfg.vocab_size) {
+    let dims = model.dims();
+    if let Some(&bad) = prompt.iter().find(|&&t| t as usize >= dims.vocab_size) {
         return Err(Error::Config(format!(
             "prompt token {bad} is outside the model's vocabulary of {}",
-            cfg.vocab_size
+            dims.vocab_size
         )));
     }
-    let frozen = Trainable::none(cfg.n_layer);
+    let frozen = Trainable::none(dims.n_layer);
     let mut rng = StdRng::seed_from_u64(opts.seed);
     let mut tokens = prompt.to_vec();
     let mut new = Vec::with_capacity(opts.max_new_tokens);
     for _ in 0..opts.max_new_tokens {
-        let start = tokens.len().saturating_sub(cfg.n_positions);
+        let start = tokens.len().saturating_sub(dims.max_positions);
         let window = &tokens[start..];
         let ids = Tensor::from_slice(window, (1, window.len()), model.device())?;
         let logits = model.forward_with(&ids, &frozen)?; // (1, T, V)
@@ -177,7 +177,7 @@ pub fn generate(
         let next = draw(&probs, &mut rng) as u32;
         tokens.push(next);
         new.push(next);
-        if Some(next) == stop_token {
+        if stop_tokens.contains(&next) {
             break;
         }
     }
@@ -187,7 +187,7 @@ pub fn generate(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::Gpt2Config;
+    use crate::model::{Gpt2, Gpt2Config};
     use candle_core::Device;
 
     fn tiny_model() -> Gpt2 {
@@ -241,10 +241,10 @@ mod tests {
         // 12 new tokens with an 8-token context also exercises the cropping.
         let want = greedy(&model, &prompt, 12);
         for seed in [0, 1, 2] {
-            let got = generate(&model, &prompt, &opts(1.0, Some(1), None, seed), None).unwrap();
+            let got = generate(&model, &prompt, &opts(1.0, Some(1), None, seed), &[]).unwrap();
             assert_eq!(got, want, "seed {seed}");
         }
-        let zero_t = generate(&model, &prompt, &opts(0.0, None, None, 9), None).unwrap();
+        let zero_t = generate(&model, &prompt, &opts(0.0, None, None, 9), &[]).unwrap();
         assert_eq!(zero_t, want);
     }
 
@@ -314,8 +314,8 @@ mod tests {
     fn same_seed_same_output() {
         let model = tiny_model();
         let o = opts(1.5, Some(20), Some(0.95), 11);
-        let a = generate(&model, &[4, 5], &o, None).unwrap();
-        let b = generate(&model, &[4, 5], &o, None).unwrap();
+        let a = generate(&model, &[4, 5], &o, &[]).unwrap();
+        let b = generate(&model, &[4, 5], &o, &[]).unwrap();
         assert_eq!(a, b);
         assert_eq!(a.len(), 12);
         // Different seeds give a different stream for a near-uniform random model.
@@ -326,7 +326,7 @@ mod tests {
                 seed: 12,
                 ..o.clone()
             },
-            None,
+            &[],
         )
         .unwrap();
         assert_ne!(a, c);
@@ -336,12 +336,12 @@ mod tests {
     fn stops_at_stop_token_and_rejects_bad_options() {
         let model = tiny_model();
         let first = greedy(&model, &[2, 2], 1)[0];
-        let out = generate(&model, &[2, 2], &opts(0.0, None, None, 0), Some(first)).unwrap();
+        let out = generate(&model, &[2, 2], &opts(0.0, None, None, 0), &[first]).unwrap();
         assert_eq!(out, vec![first]);
-        assert!(generate(&model, &[], &opts(1.0, None, None, 0), None).is_err());
-        assert!(generate(&model, &[99], &opts(1.0, None, None, 0), None).is_err());
-        assert!(generate(&model, &[1], &opts(-1.0, None, None, 0), None).is_err());
-        assert!(generate(&model, &[1], &opts(1.0, Some(0), None, 0), None).is_err());
-        assert!(generate(&model, &[1], &opts(1.0, None, Some(1.5), 0), None).is_err());
+        assert!(generate(&model, &[], &opts(1.0, None, None, 0), &[]).is_err());
+        assert!(generate(&model, &[99], &opts(1.0, None, None, 0), &[]).is_err());
+        assert!(generate(&model, &[1], &opts(-1.0, None, None, 0), &[]).is_err());
+        assert!(generate(&model, &[1], &opts(1.0, Some(0), None, 0), &[]).is_err());
+        assert!(generate(&model, &[1], &opts(1.0, None, Some(1.5), 0), &[]).is_err());
     }
 }

@@ -23,10 +23,11 @@ use std::time::Instant;
 use candle_core::{Device, Tensor, Var};
 use serde::{Deserialize, Serialize};
 
+use crate::backward;
 use crate::data::{Batcher, BatcherState};
 use crate::eval;
 use crate::methods::{self, LayerGroups, TrainMask};
-use crate::model::{backward, Gpt2, Trainable};
+use crate::model::{CausalLm, Param, Trainable};
 use crate::optim::{self, AdamW, AdamWConfig, GradAccumulator, ParamUpdate};
 use crate::trial::{Method, Progress, TrainSpec};
 use crate::{Error, Result};
@@ -53,7 +54,8 @@ pub trait GradSync: Send + Sync {
 /// Everything one training run needs. `run_key` identifies the run (the trial id): a checkpoint
 /// made by a different run in the same out dir is refused rather than silently continued.
 pub struct TrainJob<'a> {
-    pub model: &'a Gpt2,
+    /// The model to train, of any family (see [`crate::model`]).
+    pub model: &'a dyn CausalLm,
     pub method: &'a Method,
     pub spec: &'a TrainSpec,
     pub groups: usize,
@@ -135,22 +137,31 @@ pub fn to_trainable(m: &TrainMask) -> Trainable {
     }
 }
 
-/// Parameters that train under the group flags `on`, with their (unscheduled) learning rates.
+/// Parameters that train under the group flags `on`, with their (unscheduled) learning rates,
+/// decided by each parameter's part (see [`LayerGroups::param_lr`]).
 pub fn trainable_params(
-    named: &[(String, Var)],
+    params: &[Param],
     lg: &LayerGroups,
     on: &[bool],
     lrs: &[f64],
 ) -> Vec<(String, Var, f64)> {
-    named
+    params
         .iter()
-        .filter_map(|(n, v)| lg.param_lr(n, on, lrs).map(|lr| (n.clone(), v.clone(), lr)))
+        .filter_map(|p| {
+            lg.param_lr(p.part, on, lrs)
+                .map(|lr| (p.name.clone(), p.var.clone(), lr))
+        })
         .collect()
 }
 
-/// Number of parameters that train at step `step` (wte counted once, even when tied).
-pub fn count_trainable(model: &Gpt2, method: &Method, groups: usize, step: u64) -> Result<u64> {
-    let named = model.named_vars();
+/// Number of parameters that train at step `step` (a tied embedding table counted once).
+pub fn count_trainable(
+    model: &dyn CausalLm,
+    method: &Method,
+    groups: usize,
+    step: u64,
+) -> Result<u64> {
+    let named = model.params();
     let n_layer = eval::n_layer_of(model);
     if matches!(method, Method::Baseline) {
         return Ok(0);
@@ -187,6 +198,7 @@ pub fn train(job: &TrainJob<'_>, on_progress: &mut dyn FnMut(&Progress)) -> Resu
     let spec = job.spec;
     let total = spec.steps;
     let named = job.model.named_vars();
+    let parts = job.model.params();
     let n_layer = eval::n_layer_of(job.model);
     let groups = methods::effective_groups(job.method, job.groups, n_layer);
     let lg = LayerGroups::new(n_layer, groups)?;
@@ -262,7 +274,7 @@ pub fn train(job: &TrainJob<'_>, on_progress: &mut dyn FnMut(&Progress)) -> Resu
         let on = methods::active_groups(job.method, groups, step)?;
         let mask = lg.mask(&on);
         let trainable = to_trainable(&mask);
-        let params = trainable_params(&named, &lg, &on, &lrs);
+        let params = trainable_params(&parts, &lg, &on, &lrs);
         if params.is_empty() {
             return Err(Error::Config(format!(
                 "method {} trains no parameters",
@@ -283,7 +295,7 @@ pub fn train(job: &TrainJob<'_>, on_progress: &mut dyn FnMut(&Progress)) -> Resu
             let (x, y) = mine.expect("rank < world");
             let ids = Tensor::from_vec(x, (spec.batch_size, job.context), job.device)?;
             let tgt = Tensor::from_vec(y, spec.batch_size * job.context, job.device)?;
-            // Forward, loss, backward and `acc.add` (on the CPU one manual pass, model::backward).
+            // Forward, loss, backward and `acc.add` (on the CPU one manual pass, crate::backward).
             let l = backward::accumulate(job.model, &ids, &tgt, &trainable, &refs, &mut acc)?;
             // With other ranks waiting in the all-reduce, a rank must not leave alone: its NaN
             // reaches every rank through the mean and all of them stop below.

@@ -270,6 +270,130 @@ fn causal_attention_equals_masked_composition() -> Res<()> {
 }
 
 #[test]
+fn rms_norm_gradients_and_formula() -> Res<()> {
+    let x = tensor(&[3, 7], 51, 2.0, 0.3)?;
+    let w = tensor(&[7], 52, 0.5, 1.0)?;
+    check_both("rms_norm", &[x.clone(), w.clone()], &|a| {
+        Ok(ops::rms_norm(&a[0], &a[1], 1e-5)?)
+    })?;
+    check_both("rms_norm_portable", &[x.clone(), w.clone()], &|a| {
+        Ok(ops::rms_norm_portable(&a[0], &a[1], 1e-5)?)
+    })?;
+    // transformers' LlamaRMSNorm, written out: w · x / sqrt(mean(x²) + eps).
+    let xs: Vec<Vec<f64>> = x.to_vec2()?;
+    let ws: Vec<f64> = w.to_vec1()?;
+    let got: Vec<Vec<f64>> = ops::rms_norm(&x, &w, 1e-5)?.to_vec2()?;
+    for (row, out) in xs.iter().zip(&got) {
+        let r = 1.0 / (row.iter().map(|v| v * v).sum::<f64>() / row.len() as f64 + 1e-5).sqrt();
+        for ((v, wi), o) in row.iter().zip(&ws).zip(out) {
+            assert!((o - wi * v * r).abs() < 1e-12, "{o} vs {}", wi * v * r);
+        }
+    }
+    // A long row (several 8-lane blocks and a remainder) in f32 against f64.
+    let x = tensor(&[2, 1000], 53, 3.0, 0.0)?;
+    let w = tensor(&[1000], 54, 0.5, 1.0)?;
+    check_f32("rms_norm, wide rows", &[x, w], &|a| {
+        Ok(ops::rms_norm(&a[0], &a[1], 1e-6)?)
+    })
+}
+
+fn rope_tables(head_dim: usize, positions: usize) -> std::sync::Arc<ops::RopeTables> {
+    let inv: Vec<f32> = (0..head_dim / 2)
+        .map(|i| 1.0 / 10000f32.powf((2 * i) as f32 / head_dim as f32))
+        .collect();
+    std::sync::Arc::new(ops::RopeTables::new(&inv, positions))
+}
+
+#[test]
+fn rope_gradients_and_formula() -> Res<()> {
+    let (b, h, t, d) = (2, 3, 5, 8);
+    let tables = rope_tables(d, 16);
+    let x = tensor(&[b, h, t, d], 61, 1.0, 0.0)?;
+    check_both("rope", std::slice::from_ref(&x), &|a| {
+        Ok(ops::rope(&a[0], &tables)?)
+    })?;
+    check_both("rope_portable", std::slice::from_ref(&x), &|a| {
+        Ok(ops::rope_portable(&a[0], &tables)?)
+    })?;
+    // transformers' apply_rotary_pos_emb, written out: x·cos + rotate_half(x)·sin with
+    // rotate_half([x1 | x2]) = [−x2 | x1], angle p · inv_freq[i] for both halves' column i.
+    let xs: Vec<f64> = x.flatten_all()?.to_vec1()?;
+    let got: Vec<f64> = ops::rope(&x, &tables)?.flatten_all()?.to_vec1()?;
+    let half = d / 2;
+    for r in 0..b * h * t {
+        let p = r % t;
+        for i in 0..d {
+            let (c, s) = tables.at(p, i % half);
+            let rot = if i < half {
+                -xs[r * d + i + half]
+            } else {
+                xs[r * d + i - half]
+            };
+            let want = xs[r * d + i] * c + rot * s;
+            assert!((got[r * d + i] - want).abs() < 1e-12, "row {r} col {i}");
+        }
+    }
+    // Position 0 is the identity; the rotation keeps each pair's length.
+    for (a, b) in got[..d].iter().zip(&xs[..d]) {
+        assert!((a - b).abs() < 1e-15);
+    }
+    // Too many positions or the wrong head width is an error, not a panic.
+    assert!(ops::rope(&tensor(&[1, 1, 17, d], 62, 1.0, 0.0)?, &tables).is_err());
+    assert!(ops::rope(&tensor(&[1, 1, 4, 6], 63, 1.0, 0.0)?, &tables).is_err());
+    Ok(())
+}
+
+#[test]
+fn swiglu_gradients_and_formula() -> Res<()> {
+    // Gates from −9 to 9: both tails of the sigmoid.
+    let g = tensor(&[4, 6], 71, 9.0, 0.0)?;
+    let u = tensor(&[4, 6], 72, 2.0, 0.0)?;
+    check_both("swiglu", &[g.clone(), u.clone()], &|a| {
+        Ok(ops::swiglu(&a[0], &a[1])?)
+    })?;
+    check_both("swiglu_portable", &[g.clone(), u.clone()], &|a| {
+        Ok(ops::swiglu_portable(&a[0], &a[1])?)
+    })?;
+    let gs: Vec<f64> = g.flatten_all()?.to_vec1()?;
+    let us: Vec<f64> = u.flatten_all()?.to_vec1()?;
+    let got: Vec<f64> = ops::swiglu(&g, &u)?.flatten_all()?.to_vec1()?;
+    for ((z, up), o) in gs.iter().zip(&us).zip(&got) {
+        let want = z / (1.0 + (-z).exp()) * up;
+        assert!(
+            (o - want).abs() < 1e-12,
+            "silu({z})·{up} = {o}, want {want}"
+        );
+    }
+    assert!(ops::swiglu(&g, &u.narrow(1, 0, 5)?).is_err());
+    Ok(())
+}
+
+#[test]
+fn grouped_query_attention_repeats_each_kv_head_for_its_group() -> Res<()> {
+    let (b, hkv, t, d, rep) = (2, 2, 4, 3, 3);
+    let q = tensor(&[b, hkv * rep, t, d], 81, 1.0, 0.0)?;
+    let k = tensor(&[b, hkv, t, d], 82, 1.0, 0.0)?;
+    let v = tensor(&[b, hkv, t, d], 83, 1.0, 0.0)?;
+    check_both("gqa attention", &[q.clone(), k.clone(), v.clone()], &|a| {
+        Ok(ops::causal_attention(
+            &a[0],
+            &ops::repeat_kv(&a[1], rep)?,
+            &ops::repeat_kv(&a[2], rep)?,
+        )?)
+    })?;
+    // Query head h attends with key/value head h / rep (transformers' repeat_kv).
+    let kr = ops::repeat_kv(&k, rep)?;
+    for h in 0..hkv * rep {
+        let d = (kr.narrow(1, h, 1)? - k.narrow(1, h / rep, 1)?)?
+            .abs()?
+            .max_all()?
+            .to_scalar::<f64>()?;
+        assert_eq!(d, 0.0, "head {h}");
+    }
+    Ok(())
+}
+
+#[test]
 fn fast_exp_and_tanh_match_libm() {
     let mut worst_exp = 0f64;
     let mut worst_tanh = 0f64;

@@ -1,15 +1,19 @@
-//! The manual CPU backward (`experiments::model::backward`, what training runs on the CPU) against
-//! candle's autograd through the same model: the same loss, the same set of gradients (every
-//! trainable parameter, no frozen one) and the same values, under every kind of training mask —
-//! everything trainable, freeze (top group only), gradual unfreezing mid-way, Inheritune's
-//! truncated model, and two hand-made masks that split the tied `wte` between its embedding and
-//! head uses.
+//! The manual CPU backward (`experiments::backward`, what training runs on the CPU) against
+//! candle's autograd through the same model, for both families: the same loss, the same set of
+//! gradients (every trainable parameter, no frozen one) and the same values, under every kind of
+//! training mask — everything trainable, freeze (top group only), gradual unfreezing mid-way,
+//! Inheritune's truncated model, and hand-made masks that split a tied embedding table between
+//! its embedding and head uses. The Llama cases run grouped-query attention with tied and untied
+//! heads and llama3 RoPE scaling.
 
 use std::collections::BTreeMap;
 
 use candle_core::{Device, Tensor, Var};
+use experiments::backward;
 use experiments::methods::{self, LayerGroups};
-use experiments::model::{backward, Gpt2, Gpt2Config, Trainable};
+use experiments::model::{
+    CausalLm, Gpt2, Gpt2Config, Llama, LlamaConfig, ModelConfig, RopeScaling, Trainable,
+};
 use experiments::ops;
 use experiments::optim::GradAccumulator;
 use experiments::train::{to_trainable, trainable_params};
@@ -43,34 +47,41 @@ fn values(n: usize, seed: u64) -> Vec<f32> {
         .collect()
 }
 
-/// A random model whose layer norms and biases are not at their identity/zero initialisation
-/// (so a gradient that ignored them would show).
-fn model() -> Res<Gpt2> {
-    let m = Gpt2::new_random(&cfg(), 7, &Device::Cpu)?;
+/// Moves every parameter off its initialisation (norm weights and biases by more), so a
+/// gradient that ignored one would show.
+fn perturb(m: &dyn CausalLm) -> Res<()> {
     for (i, (name, var)) in m.named_vars().into_iter().enumerate() {
         let noise = Tensor::from_vec(
             values(var.elem_count(), 100 + i as u64),
             var.dims(),
             &Device::Cpu,
         )?;
-        let scale = if name.ends_with("bias") || name.contains("ln_") {
+        let scale = if name.ends_with("bias") || name.contains("ln_") || name.contains("norm") {
             0.3
         } else {
             0.05
         };
         var.set(&(var.as_tensor() + (noise * scale)?)?)?;
     }
+    Ok(())
+}
+
+/// A random model whose layer norms and biases are not at their identity/zero initialisation
+/// (so a gradient that ignored them would show).
+fn model() -> Res<Gpt2> {
+    let m = Gpt2::new_random(&cfg(), 7, &Device::Cpu)?;
+    perturb(&m)?;
     Ok(m)
 }
 
-fn batch(c: &Gpt2Config, b: usize, t: usize) -> Res<(Tensor, Tensor)> {
+fn batch(vocab: usize, b: usize, t: usize) -> Res<(Tensor, Tensor)> {
     let ids: Vec<u32> = values(b * t, 1)
         .iter()
-        .map(|v| ((v + 1.0) * 1000.0) as u32 % c.vocab_size as u32)
+        .map(|v| ((v + 1.0) * 1000.0) as u32 % vocab as u32)
         .collect();
     let tg: Vec<u32> = values(b * t, 2)
         .iter()
-        .map(|v| ((v + 1.0) * 1000.0) as u32 % c.vocab_size as u32)
+        .map(|v| ((v + 1.0) * 1000.0) as u32 % vocab as u32)
         .collect();
     Ok((
         Tensor::from_vec(ids, (b, t), &Device::Cpu)?,
@@ -78,8 +89,36 @@ fn batch(c: &Gpt2Config, b: usize, t: usize) -> Res<(Tensor, Tensor)> {
     ))
 }
 
-/// Names of the parameters `tr` makes live (see `Trainable` for the tied wte).
-fn live_names(c: &Gpt2Config, tr: &Trainable) -> Vec<String> {
+/// Names of the parameters `tr` makes live, worked out from the names (not from the model's
+/// parts, which are under test too): for GPT-2, see `Trainable` for the tied wte.
+fn live_names(m: &dyn CausalLm, tr: &Trainable) -> Vec<String> {
+    match m.model_config() {
+        ModelConfig::Gpt2(c) => live_names_gpt2(&c, tr),
+        ModelConfig::Llama(c) => live_names_llama(&c, tr),
+    }
+}
+
+/// Llama: the embeddings (trained by the head too when tied), `model.layers.{j}.*` by block,
+/// `model.norm` and `lm_head` with the top.
+fn live_names_llama(c: &LlamaConfig, tr: &Trainable) -> Vec<String> {
+    c.param_layout()
+        .into_iter()
+        .map(|(n, _, _)| n)
+        .filter(|n| {
+            if n == "model.embed_tokens.weight" {
+                tr.embeddings || (c.tie_word_embeddings && tr.top)
+            } else if let Some(rest) = n.strip_prefix("model.layers.") {
+                let j: usize = rest.split('.').next().unwrap().parse().unwrap();
+                tr.blocks[j]
+            } else {
+                assert!(n == "model.norm.weight" || n == "lm_head.weight", "{n}");
+                tr.top
+            }
+        })
+        .collect()
+}
+
+fn live_names_gpt2(c: &Gpt2Config, tr: &Trainable) -> Vec<String> {
     c.param_shapes()
         .into_iter()
         .map(|(n, _)| n)
@@ -101,7 +140,7 @@ fn live_names(c: &Gpt2Config, tr: &Trainable) -> Vec<String> {
 type Grads = BTreeMap<String, Tensor>;
 
 fn autograd(
-    m: &Gpt2,
+    m: &dyn CausalLm,
     ids: &Tensor,
     tg: &Tensor,
     tr: &Trainable,
@@ -117,7 +156,7 @@ fn autograd(
 }
 
 fn manual(
-    m: &Gpt2,
+    m: &dyn CausalLm,
     ids: &Tensor,
     tg: &Tensor,
     tr: &Trainable,
@@ -138,20 +177,28 @@ fn manual(
 }
 
 /// Both paths on one mask; returns the worst relative difference (max |a − b| / max |b|).
-fn compare(what: &str, m: &Gpt2, tr: &Trainable) -> Res<f64> {
+fn compare(what: &str, m: &dyn CausalLm, tr: &Trainable) -> Res<f64> {
     compare_on(what, m, tr, 3, 20)
 }
 
 /// [`compare`] on a batch of `b` windows of `t` tokens.
-fn compare_on(what: &str, m: &Gpt2, tr: &Trainable, b: usize, t: usize) -> Res<f64> {
-    let c = m.config().clone();
-    let (ids, tg) = batch(&c, b, t)?;
-    let names = live_names(&c, tr);
+fn compare_on(what: &str, m: &dyn CausalLm, tr: &Trainable, b: usize, t: usize) -> Res<f64> {
+    let (ids, tg) = batch(m.dims().vocab_size, b, t)?;
+    let names = live_names(m, tr);
     assert!(!names.is_empty(), "{what}: the mask trains nothing");
+    let all = m.named_vars();
     let vars: Vec<(String, Var)> = names
         .iter()
-        .map(|n| Ok((n.clone(), m.var(n)?)))
-        .collect::<Res<_>>()?;
+        .map(|n| {
+            let v = all
+                .iter()
+                .find(|(k, _)| k == n)
+                .expect("a parameter")
+                .1
+                .clone();
+            (n.clone(), v)
+        })
+        .collect();
     let refs: Vec<(&str, &Var)> = vars.iter().map(|(n, v)| (n.as_str(), v)).collect();
     let (la, ga) = autograd(m, &ids, &tg, tr, &refs)?;
     let (lm, gm) = manual(m, &ids, &tg, tr, &refs)?;
@@ -194,19 +241,19 @@ fn compare_on(what: &str, m: &Gpt2, tr: &Trainable, b: usize, t: usize) -> Res<f
 
 /// The mask a method gives at `step` with 4 layer groups (embeddings, 3 block groups... the last
 /// with ln_f and the head), checked against the training loop's parameter list.
-fn method_mask(m: &Gpt2, method: &Method, step: u64) -> Res<Trainable> {
-    let c = m.config();
-    let groups = methods::effective_groups(method, 4, c.n_layer);
-    let lg = LayerGroups::new(c.n_layer, groups)?;
+fn method_mask(m: &dyn CausalLm, method: &Method, step: u64) -> Res<Trainable> {
+    let n_layer = m.dims().n_layer;
+    let groups = methods::effective_groups(method, 4, n_layer);
+    let lg = LayerGroups::new(n_layer, groups)?;
     let on = methods::active_groups(method, groups, step)?;
     let tr = to_trainable(&lg.mask(&on));
-    let named = m.named_vars();
+    let named = m.params();
     let mut from_loop: Vec<String> = trainable_params(&named, &lg, &on, &vec![1.0; groups])
         .into_iter()
         .map(|(n, _, _)| n)
         .collect();
     from_loop.sort();
-    let mut ours = live_names(c, &tr);
+    let mut ours = live_names(m, &tr);
     ours.sort();
     assert_eq!(
         from_loop, ours,
@@ -312,5 +359,122 @@ fn manual_backward_rejects_out_of_vocabulary_ids() -> Res<()> {
         .err()
         .expect("target 300 is outside the vocabulary");
     assert!(err.to_string().contains("300"), "{err}");
+    Ok(())
+}
+
+// ---- Llama ------------------------------------------------------------------------------------
+
+/// Odd sizes again: vocabulary 97, 6 query heads of width 6 sharing 2 key/value heads (3 each),
+/// intermediate 40, four blocks, llama3 RoPE over a short original context.
+fn llama_cfg(tied: bool) -> LlamaConfig {
+    LlamaConfig {
+        vocab_size: 97,
+        hidden_size: 24,
+        intermediate_size: 40,
+        num_hidden_layers: 4,
+        num_attention_heads: 6,
+        num_key_value_heads: 2,
+        head_dim: 6,
+        max_position_embeddings: 32,
+        rms_norm_eps: 1e-5,
+        rope_theta: 10000.0,
+        rope_scaling: RopeScaling::Llama3 {
+            factor: 4.0,
+            low_freq_factor: 1.0,
+            high_freq_factor: 4.0,
+            original_max_position_embeddings: 8,
+        },
+        tie_word_embeddings: tied,
+        bos_token_id: None,
+        eos_token_id: vec![],
+    }
+}
+
+fn llama(tied: bool) -> Res<Llama> {
+    let m = Llama::new_random(&llama_cfg(tied), 11, &Device::Cpu)?;
+    perturb(&m)?;
+    Ok(m)
+}
+
+#[test]
+fn llama_manual_backward_matches_autograd_when_everything_trains() -> Res<()> {
+    for tied in [true, false] {
+        let m = llama(tied)?;
+        compare(&format!("llama tied={tied}, full"), &m, &Trainable::all(4))?;
+    }
+    Ok(())
+}
+
+#[test]
+fn llama_manual_backward_matches_autograd_under_freeze_gradual_and_inheritune() -> Res<()> {
+    for tied in [true, false] {
+        let m = llama(tied)?;
+        let tr = method_mask(&m, &Method::Freeze { top: 1 }, 0)?;
+        assert!(!tr.embeddings && tr.top);
+        compare(&format!("llama tied={tied}, freeze top 1"), &m, &tr)?;
+        let tr = method_mask(&m, &Method::Gradual { stage_steps: 10 }, 15)?;
+        assert!(tr.blocks.iter().any(|b| !b) && tr.blocks.iter().any(|b| *b));
+        compare(&format!("llama tied={tied}, gradual second stage"), &m, &tr)?;
+        let small = m.truncate(2)?;
+        let tr = method_mask(&small, &Method::Inheritune { blocks: 2 }, 0)?;
+        compare(
+            &format!("llama tied={tied}, inheritune 2 of 4"),
+            &small,
+            &tr,
+        )?;
+    }
+    Ok(())
+}
+
+#[test]
+fn llama_manual_backward_matches_autograd_under_hand_made_masks() -> Res<()> {
+    for tied in [true, false] {
+        let m = llama(tied)?;
+        let masks = [
+            ("head only", false, vec![false; 4], true),
+            (
+                "embeddings + block 1",
+                true,
+                vec![false, true, false, false],
+                false,
+            ),
+            (
+                "block 0 only",
+                false,
+                vec![true, false, false, false],
+                false,
+            ),
+            ("embeddings only", true, vec![false; 4], false),
+        ];
+        for (what, embeddings, blocks, top) in masks {
+            let tr = Trainable {
+                embeddings,
+                blocks,
+                top,
+            };
+            compare(&format!("llama tied={tied}, {what}"), &m, &tr)?;
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn llama_manual_backward_matches_autograd_when_work_is_split_across_tasks() -> Res<()> {
+    // 8 × 64 rows 64 wide, 8 heads over 4 KV heads: the norms' weight sums, the GEMMs, the rope
+    // and the attention tasks all split, and the two paths add in different orders.
+    let cfg = LlamaConfig {
+        vocab_size: 500,
+        hidden_size: 64,
+        intermediate_size: 160,
+        num_hidden_layers: 2,
+        num_attention_heads: 8,
+        num_key_value_heads: 4,
+        head_dim: 8,
+        max_position_embeddings: 64,
+        rope_scaling: RopeScaling::None,
+        ..llama_cfg(true)
+    };
+    let m = Llama::new_random(&cfg, 3, &Device::Cpu)?;
+    compare_on("wider llama, full", &m, &Trainable::all(2), 8, 64)?;
     Ok(())
 }

@@ -221,7 +221,7 @@ fn pretrain_then_every_method_from_its_checkpoint() {
     let tok = Tok::load(&base_dir.join("tokenizer.json")).unwrap();
     let mut valid = tok.encode(MILTON.lines().last().unwrap()).unwrap();
     valid.extend(tok.eot_id());
-    let by_hand = eval::perplexity(&model, &valid, 16, 4, None, &Device::Cpu).unwrap();
+    let by_hand = eval::perplexity(&*model, &valid, 16, 4, None, &Device::Cpu).unwrap();
     assert!(
         (by_hand.perplexity - b.perplexity).abs() < 1e-6 * b.perplexity,
         "{by_hand:?} vs {b:?}"
@@ -264,7 +264,7 @@ fn pretrain_then_every_method_from_its_checkpoint() {
         .unwrap(),
     );
     let small = checkpoint::load_hf_dir(&e.out_dir.join("model"), None, &Device::Cpu).unwrap();
-    assert_eq!(small.config().n_layer, 2);
+    assert_eq!(small.dims().n_layer, 2);
     assert_eq!(m.trainable_params, m.total_params);
     assert!(m.total_params < b.total_params);
 }

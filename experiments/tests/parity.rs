@@ -1,16 +1,21 @@
-//! Parity with Hugging Face transformers on a committed fixture.
+//! Parity with Hugging Face transformers on committed fixtures, one per model family.
 //!
-//! `scripts/parity_fixture.py` built `fixtures/tiny-gpt2/` (a real `save_pretrained` directory with
-//! a byte-level BPE `tokenizer.json`) and recorded what `GPT2LMHeadModel` computes for two token
-//! windows in `fixtures/tiny-gpt2-reference.json`. These tests load the directory with
-//! `load_hf_dir` and require the same logits (1e-4 absolute) and perplexity (1e-4 relative). They
-//! need no Python: the reference numbers are committed.
+//! `scripts/parity_fixture.py` built `fixtures/tiny-gpt2/` and `scripts/parity_fixture_llama.py`
+//! built `fixtures/tiny-llama/` (real `save_pretrained` directories with a byte-level BPE
+//! `tokenizer.json`; the Llama one with grouped-query attention, an untied head and llama3 RoPE
+//! scaling) and recorded what `GPT2LMHeadModel` / `LlamaForCausalLM` compute for two token
+//! windows in `fixtures/tiny-*-reference.json`. These tests load the directories with
+//! `load_hf_dir` (which picks the family from config.json) and require the same logits (1e-4
+//! absolute) and perplexity (1e-4 relative), and for Llama the same rotary inverse frequencies
+//! as transformers for every RoPE type. They need no Python: the reference numbers are
+//! committed.
 
 use std::path::PathBuf;
 
 use candle_core::{Device, Tensor};
-use experiments::checkpoint::load_hf_dir;
+use experiments::checkpoint::{load_gpt2_dir, load_hf_dir};
 use experiments::model::Trainable;
+use experiments::model::{Family, LlamaConfig, RopeScaling};
 use experiments::ops::nll_sum;
 use serde_json::Value;
 
@@ -19,7 +24,12 @@ fn fixtures() -> PathBuf {
 }
 
 fn reference() -> Value {
-    let text = std::fs::read_to_string(fixtures().join("tiny-gpt2-reference.json")).unwrap();
+    reference_of("tiny-gpt2")
+}
+
+fn reference_of(fixture: &str) -> Value {
+    let text =
+        std::fs::read_to_string(fixtures().join(format!("{fixture}-reference.json"))).unwrap();
     serde_json::from_str(&text).unwrap()
 }
 
@@ -48,15 +58,27 @@ fn f64s(v: &Value) -> Vec<f64> {
 
 #[test]
 fn logits_and_perplexity_match_transformers() -> anyhow::Result<()> {
-    let r = reference();
+    check_fixture("tiny-gpt2", Family::Gpt2)
+}
+
+#[test]
+fn llama_logits_and_perplexity_match_transformers() -> anyhow::Result<()> {
+    check_fixture("tiny-llama", Family::Llama)
+}
+
+/// Loads `fixtures/NAME/`, runs the reference windows, and holds logits and perplexity to the
+/// reference file's.
+fn check_fixture(name: &str, family: Family) -> anyhow::Result<()> {
+    let r = reference_of(name);
     let dev = Device::Cpu;
-    let model = load_hf_dir(&fixtures().join("tiny-gpt2"), None, &dev)?;
+    let model = load_hf_dir(&fixtures().join(name), None, &dev)?;
+    assert_eq!(model.family(), family);
     let windows = ids_of(&r);
     let (b, t) = (windows.len(), windows[0].len());
     let flat: Vec<u32> = windows.concat();
     let ids = Tensor::from_vec(flat.clone(), (b, t), &dev)?;
     let logits = model.forward(&ids)?; // (B, T, V)
-    let v = model.config().vocab_size;
+    let v = model.dims().vocab_size;
     let all: Vec<Vec<Vec<f32>>> = logits.to_vec3()?;
 
     // Full rows at a few positions.
@@ -106,7 +128,7 @@ fn logits_and_perplexity_match_transformers() -> anyhow::Result<()> {
     let ppl_rel = (ppl - want_ppl).abs() / want_ppl;
 
     println!(
-        "parity vs transformers {}: max |logit diff| {max_diff:.3e}, row-sum diff {max_sum_frac:.3e} of the 1e-4 bound, \
+        "{name} parity vs transformers {}: max |logit diff| {max_diff:.3e}, row-sum diff {max_sum_frac:.3e} of the 1e-4 bound, \
          perplexity {ppl:.6} vs {want_ppl:.6} (rel {ppl_rel:.3e})",
         r["transformers"]
     );
@@ -123,7 +145,7 @@ fn logits_and_perplexity_match_transformers() -> anyhow::Result<()> {
 fn graph_free_forward_equals_training_forward() -> anyhow::Result<()> {
     let r = reference();
     let dev = Device::Cpu;
-    let model = load_hf_dir(&fixtures().join("tiny-gpt2"), None, &dev)?;
+    let model = load_gpt2_dir(&fixtures().join("tiny-gpt2"), None, &dev)?;
     let windows = ids_of(&r);
     let ids = Tensor::from_vec(windows.concat(), (windows.len(), windows[0].len()), &dev)?;
     let a = model.forward(&ids)?;
@@ -155,8 +177,8 @@ fn fixture_tokenizer_encodes_like_python() -> anyhow::Result<()> {
 fn max_blocks_load_equals_truncate() -> anyhow::Result<()> {
     let dev = Device::Cpu;
     let dir = fixtures().join("tiny-gpt2");
-    let full = load_hf_dir(&dir, None, &dev)?;
-    let one = load_hf_dir(&dir, Some(1), &dev)?;
+    let full = load_gpt2_dir(&dir, None, &dev)?;
+    let one = load_gpt2_dir(&dir, Some(1), &dev)?;
     assert_eq!(one.config().n_layer, 1);
     let trunc = full.truncate(1)?;
     let a = one.named_vars();
@@ -186,5 +208,83 @@ fn max_blocks_load_equals_truncate() -> anyhow::Result<()> {
     // A 0-block or too-deep request is a config error, not a panic.
     assert!(load_hf_dir(&dir, Some(0), &dev).is_err());
     assert!(load_hf_dir(&dir, Some(3), &dev).is_err());
+    // The family-generic truncation gives the same model as the GPT-2 one.
+    let generic = experiments::model::truncate(&full, 1)?;
+    for ((n, x), (m, y)) in generic.named_vars().iter().zip(&a) {
+        assert_eq!(n, m);
+        let d = (x.as_tensor() - y.as_tensor())?
+            .abs()?
+            .max_all()?
+            .to_scalar::<f32>()?;
+        assert_eq!(d, 0.0, "{n}");
+    }
+    Ok(())
+}
+
+#[test]
+fn llama_fixture_tokenizer_encodes_like_python() -> anyhow::Result<()> {
+    let r = reference_of("tiny-llama");
+    let tok = tokenizers::Tokenizer::from_file(fixtures().join("tiny-llama/tokenizer.json"))
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let enc = tok
+        .encode(r["text"].as_str().unwrap(), false)
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let want: Vec<u32> = r["text_ids_prefix"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect();
+    assert_eq!(&enc.get_ids()[..want.len()], want.as_slice());
+    Ok(())
+}
+
+/// The rotary inverse frequencies of every RoPE type ablate implements, at two head widths,
+/// against what transformers' `LlamaRotaryEmbedding` computed (committed in the reference): equal
+/// bit for bit, as `LlamaConfig::inv_freq` follows torch's order of f32 operations.
+#[test]
+fn rope_inverse_frequencies_match_transformers() -> anyhow::Result<()> {
+    let r = reference_of("tiny-llama");
+    let cases = r["inv_freq"].as_array().unwrap();
+    assert_eq!(cases.len(), 6, "default, linear, llama3 at two widths");
+    let base = LlamaConfig::preset("tiny-llama").unwrap();
+    let mut worst_ulps = 0u32;
+    for case in cases {
+        let sc = &case["rope_scaling"];
+        let scaling = match sc["rope_type"].as_str() {
+            None => RopeScaling::None,
+            Some("linear") => RopeScaling::Linear {
+                factor: sc["factor"].as_f64().unwrap(),
+            },
+            Some("llama3") => RopeScaling::Llama3 {
+                factor: sc["factor"].as_f64().unwrap(),
+                low_freq_factor: sc["low_freq_factor"].as_f64().unwrap(),
+                high_freq_factor: sc["high_freq_factor"].as_f64().unwrap(),
+                original_max_position_embeddings: sc["original_max_position_embeddings"]
+                    .as_u64()
+                    .unwrap() as usize,
+            },
+            Some(other) => panic!("unexpected rope type {other}"),
+        };
+        let cfg = LlamaConfig {
+            head_dim: case["head_dim"].as_u64().unwrap() as usize,
+            rope_theta: case["rope_theta"].as_f64().unwrap(),
+            rope_scaling: scaling.clone(),
+            ..base.clone()
+        };
+        let want: Vec<f32> = f64s(&case["inv_freq"]).iter().map(|&x| x as f32).collect();
+        let got = cfg.inv_freq();
+        assert_eq!(got.len(), want.len());
+        for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+            let ulps = (g.to_bits() as i64 - w.to_bits() as i64).unsigned_abs() as u32;
+            worst_ulps = worst_ulps.max(ulps);
+            assert!(
+                ulps == 0,
+                "{scaling:?}, head_dim {}: inv_freq[{i}] = {g:e}, transformers {w:e} ({ulps} ulps)",
+                cfg.head_dim
+            );
+        }
+    }
+    println!("rope inverse frequencies: worst difference {worst_ulps} f32 ulps");
     Ok(())
 }

@@ -1,12 +1,14 @@
 //! `ablate-worker bench`: the time of one training step, split into forward, backward and optimizer,
-//! on a randomly initialised GPT-2 and a synthetic token stream.
+//! on a randomly initialised GPT-2 or Llama and a synthetic token stream.
 //!
 //! It runs the pieces of [`experiments::train::train`] in the same order (model forward with the
 //! method's trainable mask, cross-entropy, backward, gradient accumulation, clipping to norm 1,
 //! AdamW), with nothing else around them (no evaluation, no checkpoints), so its numbers are the
 //! per-step cost of a real trial. On the CPU that is the manual forward/backward of
-//! `experiments::model::backward`; `ABLATE_AUTOGRAD=1` times candle's autograd instead. `scripts/bench.sh` runs it interleaved with the same model in
-//! PyTorch (`scripts/bench_torch.py`, which prints the same JSON keys) and prints the ratio.
+//! `experiments::backward`; `ABLATE_AUTOGRAD=1` times candle's autograd instead.
+//! `scripts/bench.sh` runs it interleaved with the same model in PyTorch
+//! (`scripts/bench_torch.py`: transformers' `GPT2LMHeadModel` or `LlamaForCausalLM`, printing
+//! the same JSON keys) and prints the ratio.
 //!
 //! Model FLOP/s is `6 · params · tokens / step time` (the usual estimate; attention scores and
 //! frozen parts are not discounted, so a frozen run shows how much cheaper its step is).
@@ -15,9 +17,10 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use candle_core::{Tensor, Var};
+use experiments::backward;
 use experiments::data::Batcher;
 use experiments::methods::{self, LayerGroups};
-use experiments::model::{backward, Gpt2, Gpt2Config};
+use experiments::model::{self, Gpt2Config, LlamaConfig, ModelConfig, RopeScaling};
 use experiments::ops;
 use experiments::optim::{self, AdamW, AdamWConfig, GradAccumulator, ParamUpdate};
 use experiments::runner;
@@ -27,8 +30,10 @@ use experiments::trial::Method;
 /// Flags of `ablate-worker bench`.
 #[derive(clap::Args, Debug, Clone)]
 pub struct BenchArgs {
-    /// `tiny` (4 blocks × 256 wide, 4 heads, vocab 8192; batch 8 × context 128: 5.3 M params),
-    /// `gpt2` (124 M; batch 4 × context 256) or `gpt2-medium` (355 M; batch 2 × context 256).
+    /// GPT-2: `tiny` (4 blocks × 256 wide, 4 heads, vocab 8192; batch 8 × context 128: 5.3 M
+    /// params), `gpt2` (124 M; batch 4 × context 256), `gpt2-medium` (355 M; batch 2 × 256).
+    /// Llama: `tiny-llama` (tiny's size: 4 blocks × 256, 4 heads / 2 KV heads, intermediate 688,
+    /// vocab 8192; batch 8 × 128), `smollm2` (SmolLM2-135M's shape, 134.5 M; batch 4 × 256).
     #[arg(long, default_value = "tiny")]
     pub preset: String,
     /// Windows per step [default: the preset's].
@@ -60,27 +65,78 @@ pub struct BenchArgs {
     pub device: String,
 }
 
+/// The preset names `--preset` takes.
+pub const PRESETS: &[&str] = &["tiny", "gpt2", "gpt2-medium", "tiny-llama", "smollm2"];
+
 /// Model shape and batch of a bench preset.
-pub fn preset(name: &str) -> Result<(Gpt2Config, usize, usize)> {
+pub fn preset(name: &str) -> Result<(ModelConfig, usize, usize)> {
     let (cfg, batch, context) = match name {
         // facts.md's "tiny" comparison model (not Gpt2Config's test-sized "tiny").
         "tiny" => (
-            Gpt2Config {
+            ModelConfig::Gpt2(Gpt2Config {
                 vocab_size: 8192,
                 n_positions: 128,
                 n_embd: 256,
                 n_layer: 4,
                 n_head: 4,
                 layer_norm_epsilon: 1e-5,
-            },
+            }),
             8,
             128,
         ),
-        "gpt2" => (Gpt2Config::preset("gpt2").expect("preset"), 4, 256),
-        "gpt2-medium" => (Gpt2Config::preset("gpt2-medium").expect("preset"), 2, 256),
-        other => bail!("--preset {other:?}: expected tiny, gpt2 or gpt2-medium"),
+        "gpt2" => (
+            ModelConfig::Gpt2(Gpt2Config::preset("gpt2").expect("preset")),
+            4,
+            256,
+        ),
+        "gpt2-medium" => (
+            ModelConfig::Gpt2(Gpt2Config::preset("gpt2-medium").expect("preset")),
+            2,
+            256,
+        ),
+        // The Llama twin of `tiny`: same width, depth and vocabulary, SwiGLU at ~8/3 the width.
+        "tiny-llama" => (
+            ModelConfig::Llama(LlamaConfig {
+                vocab_size: 8192,
+                hidden_size: 256,
+                intermediate_size: 688,
+                num_hidden_layers: 4,
+                num_attention_heads: 4,
+                num_key_value_heads: 2,
+                head_dim: 64,
+                max_position_embeddings: 128,
+                rms_norm_eps: 1e-5,
+                rope_theta: 10000.0,
+                rope_scaling: RopeScaling::None,
+                tie_word_embeddings: true,
+                bos_token_id: Some(1),
+                eos_token_id: vec![2],
+            }),
+            8,
+            128,
+        ),
+        "smollm2" => (
+            ModelConfig::Llama(LlamaConfig::preset("smollm2").expect("preset")),
+            4,
+            256,
+        ),
+        other => bail!("--preset {other:?}: expected one of {}", PRESETS.join(", ")),
     };
     Ok((cfg, batch, context))
+}
+
+/// `cfg` with room for windows of `context` tokens.
+fn with_context(cfg: ModelConfig, context: usize) -> ModelConfig {
+    match cfg {
+        ModelConfig::Gpt2(c) => ModelConfig::Gpt2(Gpt2Config {
+            n_positions: c.n_positions.max(context),
+            ..c
+        }),
+        ModelConfig::Llama(c) => ModelConfig::Llama(LlamaConfig {
+            max_position_embeddings: c.max_position_embeddings.max(context),
+            ..c
+        }),
+    }
 }
 
 /// Medians of one bench run, in seconds per optimizer step.
@@ -161,28 +217,30 @@ pub fn run_bench(args: &BenchArgs) -> Result<()> {
 
 /// One bench run: see the module doc.
 pub fn bench(args: &BenchArgs) -> Result<BenchResult> {
-    let (mut cfg, batch, context) = preset(&args.preset)?;
+    let (cfg, batch, context) = preset(&args.preset)?;
     let batch = args.batch.unwrap_or(batch);
     let context = args.context.unwrap_or(context);
     if batch == 0 || context == 0 || args.steps == 0 {
         bail!("--batch, --context and --steps must be at least 1");
     }
-    // Longer windows than the preset's n_positions get a longer position table.
-    cfg.n_positions = cfg.n_positions.max(context);
+    // Longer windows than the preset's positions get a longer position table.
+    let cfg = with_context(cfg, context);
+    let dims = cfg.dims();
     let device = runner::parse_device(&args.device)?;
-    let model = Gpt2::new_random(&cfg, 0, &device).context("building the model")?;
+    let model = model::new_random(&cfg, 0, &device).context("building the model")?;
+    let model = &*model;
     let method = match args.freeze_top {
         Some(top) => Method::Freeze { top },
         None => Method::Pretrain {
-            vocab_size: cfg.vocab_size,
+            vocab_size: dims.vocab_size,
         },
     };
-    let groups = methods::effective_groups(&method, args.groups, cfg.n_layer);
-    methods::validate(&method, groups, cfg.n_layer)?;
-    let lg = LayerGroups::new(cfg.n_layer, groups)?;
+    let groups = methods::effective_groups(&method, args.groups, dims.n_layer);
+    methods::validate(&method, groups, dims.n_layer)?;
+    let lg = LayerGroups::new(dims.n_layer, groups)?;
     let on = methods::active_groups(&method, groups, 0)?;
     let trainable = to_trainable(&lg.mask(&on));
-    let named = model.named_vars();
+    let named = model.params();
     let lrs = vec![1e-4; groups];
     let params = trainable_params(&named, &lg, &on, &lrs);
     let refs: Vec<(&str, &Var)> = params.iter().map(|(n, v, _)| (n.as_str(), v)).collect();
@@ -199,7 +257,7 @@ pub fn bench(args: &BenchArgs) -> Result<BenchResult> {
     // A fixed pseudo-random token stream long enough for every step to see fresh windows.
     let total_steps = args.warmup + args.steps;
     let n_tokens = batch * context * total_steps.max(1) + 1;
-    let vocab = cfg.vocab_size as u64;
+    let vocab = dims.vocab_size as u64;
     let tokens: Vec<u32> = (0..n_tokens as u64)
         .map(|i| ((i.wrapping_mul(2_654_435_761) >> 7) % vocab) as u32)
         .collect();
@@ -211,7 +269,7 @@ pub fn bench(args: &BenchArgs) -> Result<BenchResult> {
         weight_decay: 0.01,
     });
     let mut acc = GradAccumulator::new();
-    let manual = backward::enabled(&model);
+    let manual = backward::enabled(model);
     let (mut fwd, mut bwd, mut optm, mut tot) = (vec![], vec![], vec![], vec![]);
     let mut final_loss = f64::NAN;
     for i in 0..total_steps {
@@ -219,10 +277,10 @@ pub fn bench(args: &BenchArgs) -> Result<BenchResult> {
         let (x, y) = batcher.next_batch();
         let ids = Tensor::from_vec(x, (batch, context), &device)?;
         let tgt = Tensor::from_vec(y, batch * context, &device)?;
-        // What training runs: the manual CPU pass (model::backward) unless ABLATE_AUTOGRAD=1 or
-        // off the CPU, then candle's autograd.
+        // What training runs: the manual CPU pass (experiments::backward) unless
+        // ABLATE_AUTOGRAD=1 or off the CPU, then candle's autograd.
         let tape = if manual {
-            backward::forward(&model, &ids, &tgt, &trainable)?
+            backward::forward(model, &ids, &tgt, &trainable)?
         } else {
             None
         };
@@ -230,10 +288,10 @@ pub fn bench(args: &BenchArgs) -> Result<BenchResult> {
         if let Some(tape) = tape {
             final_loss = tape.loss();
             t1 = Instant::now();
-            acc.add_named(tape.backward(&model)?.grads, &refs)?;
+            acc.add_named(tape.backward(model)?.grads, &refs)?;
         } else {
             let logits = model.forward_with(&ids, &trainable)?;
-            let logits = logits.reshape((batch * context, cfg.vocab_size))?;
+            let logits = logits.reshape((batch * context, dims.vocab_size))?;
             let loss = ops::cross_entropy(&logits, &tgt)?;
             final_loss = loss.to_scalar::<f32>()? as f64;
             device.synchronize()?;

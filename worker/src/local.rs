@@ -3,7 +3,7 @@
 //!
 //! They exist so one trial can be reproduced, debugged or timed by hand on any machine with the
 //! exact code path a leased trial takes ([`experiments::runner::run_trial`] for `train`), and so a
-//! researcher can score or sample any Hugging Face GPT-2 directory. Every bad input (missing file,
+//! researcher can score or sample any Hugging Face GPT-2 or Llama directory. Every bad input (missing file,
 //! malformed config.json or trial file, wrong tensor shapes, impossible method settings) ends in
 //! one error naming the input; nothing here panics on user input.
 
@@ -21,7 +21,8 @@ use experiments::trial::{CorpusSpec, DocSplit, Progress};
 
 #[derive(clap::Subcommand, Debug, Clone)]
 pub enum LocalCommand {
-    /// Perplexity of a Hugging Face GPT-2 directory on text files (the whole text is validation).
+    /// Perplexity of a Hugging Face model directory (GPT-2 or Llama) on text files (the whole
+    /// text is validation).
     Eval {
         /// Model directory: config.json, model.safetensors, tokenizer.json.
         #[arg(long)]
@@ -29,7 +30,7 @@ pub enum LocalCommand {
         /// Text files, directories or glob patterns.
         #[arg(long, required = true, num_args = 1..)]
         data: Vec<String>,
-        /// Evaluation window in tokens (default: the model's n_positions).
+        /// Evaluation window in tokens (default: the model's n_positions / max_position_embeddings).
         #[arg(long)]
         context: Option<usize>,
         /// Windows per forward pass.
@@ -79,7 +80,8 @@ pub enum LocalCommand {
         #[arg(long, default_value = "cpu")]
         device: String,
     },
-    /// Time one training step (forward, backward, optimizer) on a random GPT-2; see README, Benchmarks.
+    /// Time one training step (forward, backward, optimizer) on a random GPT-2 or Llama; see
+    /// README, Benchmarks.
     Bench(crate::bench::BenchArgs),
 }
 
@@ -142,10 +144,13 @@ fn eval_cmd(
     let device = runner::parse_device(device)?;
     check_model_dir(model_dir)?;
     let (model, tok, _) = runner::load_base(model_dir, &device)?;
-    let n_positions = model.config().n_positions;
+    let n_positions = model.dims().max_positions;
     let context = context.unwrap_or(n_positions);
     if context < 2 || context > n_positions {
-        bail!("--context {context}: must be between 2 and the model's n_positions ({n_positions})");
+        bail!(
+            "--context {context}: must be between 2 and the model's {} ({n_positions})",
+            model.family().positions_field()
+        );
     }
     let spec = CorpusSpec {
         paths: paths.to_vec(),
@@ -160,7 +165,7 @@ fn eval_cmd(
         tokens.extend_from_slice(&ids);
         tokens.extend(tok.eot_id());
     }
-    let r = eval::perplexity(&model, &tokens, context, batch_size.max(1), None, &device)?;
+    let r = eval::perplexity(&*model, &tokens, context, batch_size.max(1), None, &device)?;
     if json {
         let v = serde_json::json!({
             "perplexity": r.perplexity,
@@ -299,7 +304,8 @@ fn sample_cmd(model_dir: &Path, prompt: &str, opts: &SampleOpts, device: &str) -
     } else {
         ids
     };
-    let gen = sample::generate(&model, &ids, opts, tok.eot_id())?;
+    let stops = runner::stop_tokens(&*model, &tok);
+    let gen = sample::generate(&*model, &ids, opts, &stops)?;
     println!("{prompt}{}", tok.decode(&gen)?);
     Ok(())
 }

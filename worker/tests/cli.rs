@@ -109,7 +109,7 @@ fn eval_prints_the_same_perplexity_as_the_library() {
     let tok = Tok::load(&fx.join("tokenizer.json")).unwrap();
     let mut ids = tok.encode(TEXT).unwrap();
     ids.extend(tok.eot_id());
-    let r = eval::perplexity(&model, &ids, 32, 4, None, &dev).unwrap();
+    let r = eval::perplexity(&*model, &ids, 32, 4, None, &dev).unwrap();
     assert_eq!(r.tokens, tokens);
     assert!(
         (r.perplexity - ppl).abs() < 1e-6 * ppl,

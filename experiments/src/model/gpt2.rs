@@ -1,4 +1,5 @@
-//! GPT-2 in candle, with Hugging Face parameter names and per-part trainability.
+//! GPT-2 in candle, with Hugging Face parameter names and per-part trainability (the GPT-2
+//! family of the [`super::CausalLm`] seam).
 //!
 //! The parameters live in a [`candle_nn::VarMap`] under the names of a Hugging Face GPT-2
 //! checkpoint without the `transformer.` prefix (`wte.weight`, `h.3.attn.c_attn.weight`, ...), so
@@ -14,18 +15,20 @@
 //! *detached* tensor, so backward never computes gradients for it, and when everything below a
 //! block is frozen the activation entering it is detached too, so backward stops there.
 //!
-//! Parameters are updated in place (`Var::set`, what optimizers and `VarMap::load` do); the model
-//! keeps handles to the same `Var`s, so do not replace entries of the `VarMap` with new `Var`s.
-
-pub mod backward;
+//! Parts: `wte` is [`Part::TiedEmbeddings`] (the lookup and the head), `wpe`
+//! [`Part::Embeddings`], `h.{i}.*` [`Part::Block`], `ln_f.*` [`Part::Head`].
 
 use std::collections::HashMap;
 
-use candle_core::{DType, Device, Tensor, Var};
+use candle_core::{Device, Tensor, Var};
 use candle_nn::VarMap;
-use rand::{rngs::StdRng, Rng, SeedableRng};
+use rand::{rngs::StdRng, SeedableRng};
 use serde::{Deserialize, Serialize};
 
+use super::{
+    check_ids, linear, normal_vec, p, params_of, vars_from_tensors, CausalLm, FamilyRef,
+    ModelConfig, Param, Part, Trainable,
+};
 use crate::ops::{causal_attention, gelu_new, layer_norm, linear_nt};
 use crate::{Error, Result};
 
@@ -98,18 +101,34 @@ impl Gpt2Config {
     /// Every parameter's name and shape in candle layout (`[out, in]` for linear weights), in a
     /// fixed order: wte, wpe, blocks 0..n_layer, ln_f. Checkpoint loading checks against this.
     pub fn param_shapes(&self) -> Vec<(String, Vec<usize>)> {
+        self.param_layout()
+            .into_iter()
+            .map(|(n, s, _)| (n, s))
+            .collect()
+    }
+
+    /// [`Self::param_shapes`] with each parameter's part.
+    pub fn param_layout(&self) -> Vec<(String, Vec<usize>, Part)> {
         let c = self.n_embd;
         let mut v = vec![
-            ("wte.weight".to_string(), vec![self.vocab_size, c]),
-            ("wpe.weight".to_string(), vec![self.n_positions, c]),
+            (
+                "wte.weight".to_string(),
+                vec![self.vocab_size, c],
+                Part::TiedEmbeddings,
+            ),
+            (
+                "wpe.weight".to_string(),
+                vec![self.n_positions, c],
+                Part::Embeddings,
+            ),
         ];
         for i in 0..self.n_layer {
             for (suffix, shape) in block_param_shapes(c) {
-                v.push((format!("h.{i}.{suffix}"), shape));
+                v.push((format!("h.{i}.{suffix}"), shape, Part::Block(i)));
             }
         }
-        v.push(("ln_f.weight".to_string(), vec![c]));
-        v.push(("ln_f.bias".to_string(), vec![c]));
+        v.push(("ln_f.weight".to_string(), vec![c], Part::Head));
+        v.push(("ln_f.bias".to_string(), vec![c], Part::Head));
         v
     }
 }
@@ -132,55 +151,19 @@ fn block_param_shapes(c: usize) -> [(&'static str, Vec<usize>); 12] {
     ]
 }
 
-/// Which parts receive gradients. Frozen parts use detached tensors (no gradient work at all); if
-/// everything below block j is frozen the activation entering block j is detached too, so backward
-/// never walks frozen blocks.
-///
-/// `top` covers ln_f and the tied head. The head is `wte`, so with `top` true and `embeddings`
-/// false, the embedding *lookup* reads a detached `wte` while the head reads the live `wte` Var:
-/// `wte` then gets gradient only through the head, as in PyTorch where `lm_head.weight` *is*
-/// `wte`. With `top` false the head reads a detached `wte` too.
-#[derive(Clone, Debug, PartialEq)]
-pub struct Trainable {
-    /// wte (as the input lookup) and wpe.
-    pub embeddings: bool,
-    /// One flag per transformer block, bottom first.
-    pub blocks: Vec<bool>,
-    /// ln_f and the tied head.
-    pub top: bool,
-}
-
-impl Trainable {
-    pub fn all(n_layer: usize) -> Self {
-        Trainable {
-            embeddings: true,
-            blocks: vec![true; n_layer],
-            top: true,
-        }
-    }
-
-    pub fn none(n_layer: usize) -> Self {
-        Trainable {
-            embeddings: false,
-            blocks: vec![false; n_layer],
-            top: false,
-        }
-    }
-}
-
-struct BlockVars {
-    ln_1_w: Var,
-    ln_1_b: Var,
-    c_attn_w: Var,
-    c_attn_b: Var,
-    attn_proj_w: Var,
-    attn_proj_b: Var,
-    ln_2_w: Var,
-    ln_2_b: Var,
-    c_fc_w: Var,
-    c_fc_b: Var,
-    mlp_proj_w: Var,
-    mlp_proj_b: Var,
+pub(crate) struct BlockVars {
+    pub(crate) ln_1_w: Var,
+    pub(crate) ln_1_b: Var,
+    pub(crate) c_attn_w: Var,
+    pub(crate) c_attn_b: Var,
+    pub(crate) attn_proj_w: Var,
+    pub(crate) attn_proj_b: Var,
+    pub(crate) ln_2_w: Var,
+    pub(crate) ln_2_b: Var,
+    pub(crate) c_fc_w: Var,
+    pub(crate) c_fc_b: Var,
+    pub(crate) mlp_proj_w: Var,
+    pub(crate) mlp_proj_b: Var,
 }
 
 /// A GPT-2 language model (tied head, no dropout), parameters f32.
@@ -188,51 +171,11 @@ pub struct Gpt2 {
     cfg: Gpt2Config,
     device: Device,
     varmap: VarMap,
-    wte: Var,
-    wpe: Var,
-    blocks: Vec<BlockVars>,
-    ln_f_w: Var,
-    ln_f_b: Var,
-}
-
-/// The parameter tensor, live (gradient flows to the Var) or detached (treated as a constant).
-fn p(v: &Var, live: bool) -> Tensor {
-    if live {
-        v.as_tensor().clone()
-    } else {
-        v.as_detached_tensor()
-    }
-}
-
-/// `x (.., in) · wᵀ + b` with `w` stored `[out, in]`. The batch dims are folded into one so a
-/// single 2-D GEMM runs (the weight is read transposed through strides, without a copy; on the CPU
-/// one fused op with its own backward, [`linear_nt`]).
-fn linear(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
-    let dims = x.dims().to_vec();
-    let k = *dims.last().expect("linear input has a last dim");
-    let n: usize = dims.iter().product::<usize>() / k;
-    let out = w.dim(0)?;
-    let y = linear_nt(&x.reshape((n, k))?, w, Some(b))?;
-    let mut out_dims = dims;
-    *out_dims.last_mut().expect("non-empty") = out;
-    Ok(y.reshape(out_dims)?)
-}
-
-/// N(0, std) samples from a seeded generator (Box–Muller), so initialisation is the same for a
-/// seed on every machine and device (the device RNGs are not seedable portably).
-fn normal_vec(rng: &mut StdRng, n: usize, std: f64) -> Vec<f32> {
-    let mut v = Vec::with_capacity(n);
-    while v.len() < n {
-        let u1: f64 = 1.0 - rng.gen::<f64>(); // (0, 1]
-        let u2: f64 = rng.gen::<f64>();
-        let r = (-2.0 * u1.ln()).sqrt() * std;
-        let th = 2.0 * std::f64::consts::PI * u2;
-        v.push((r * th.cos()) as f32);
-        if v.len() < n {
-            v.push((r * th.sin()) as f32);
-        }
-    }
-    v
+    pub(crate) wte: Var,
+    pub(crate) wpe: Var,
+    pub(crate) blocks: Vec<BlockVars>,
+    pub(crate) ln_f_w: Var,
+    pub(crate) ln_f_b: Var,
 }
 
 impl Gpt2 {
@@ -269,32 +212,11 @@ impl Gpt2 {
     /// loading checks them first to name the file.
     pub fn from_tensors(
         cfg: &Gpt2Config,
-        mut tensors: HashMap<String, Tensor>,
+        tensors: HashMap<String, Tensor>,
         device: &Device,
     ) -> Result<Self> {
         cfg.validate()?;
-        let varmap = VarMap::new();
-        let mut vars: HashMap<String, Var> = HashMap::new();
-        for (name, shape) in cfg.param_shapes() {
-            let t = tensors
-                .remove(&name)
-                .ok_or_else(|| Error::Config(format!("GPT-2 parameter {name} is missing")))?;
-            if t.dims() != shape.as_slice() {
-                return Err(Error::Config(format!(
-                    "GPT-2 parameter {name} has shape {:?}, expected {shape:?}",
-                    t.dims()
-                )));
-            }
-            // `detach` guarantees `from_tensor` copies into new storage, even if `t` is a Var.
-            let t = t.to_device(device)?.to_dtype(DType::F32)?.detach();
-            vars.insert(name, Var::from_tensor(&t)?);
-        }
-        {
-            let mut data = varmap.data().lock().expect("fresh VarMap lock");
-            for (k, v) in &vars {
-                data.insert(k.clone(), v.clone());
-            }
-        }
+        let (varmap, mut vars) = vars_from_tensors("GPT-2", &cfg.param_layout(), tensors, device)?;
         let mut take = |name: &str| vars.remove(name).expect("inserted above from param_shapes");
         let wte = take("wte.weight");
         let wpe = take("wpe.weight");
@@ -344,10 +266,7 @@ impl Gpt2 {
 
     /// All parameters with their Hugging Face names (no `transformer.` prefix), sorted by name.
     pub fn named_vars(&self) -> Vec<(String, Var)> {
-        let data = self.varmap.data().lock().expect("VarMap lock poisoned");
-        let mut v: Vec<(String, Var)> = data.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
-        v.sort_by(|a, b| a.0.cmp(&b.0));
-        v
+        CausalLm::named_vars(self)
     }
 
     /// ids (B,T) u32 → logits (B,T,V) f32, everything trainable.
@@ -359,24 +278,7 @@ impl Gpt2 {
     /// (see [`Trainable`]). `Trainable::none` gives a graph-free forward for evaluation.
     pub fn forward_with(&self, ids: &Tensor, trainable: &Trainable) -> Result<Tensor> {
         let cfg = &self.cfg;
-        let (b, t) = ids.dims2().map_err(|_| {
-            Error::Config(format!(
-                "GPT-2 input ids must be (batch, time), got {:?}",
-                ids.dims()
-            ))
-        })?;
-        if ids.dtype() != DType::U32 {
-            return Err(Error::Config(format!(
-                "GPT-2 input ids must be u32, got {:?}",
-                ids.dtype()
-            )));
-        }
-        if t == 0 || t > cfg.n_positions {
-            return Err(Error::Config(format!(
-                "GPT-2 input length {t} must be between 1 and n_positions {}",
-                cfg.n_positions
-            )));
-        }
+        let (b, t) = check_ids("GPT-2", ids, cfg.n_positions, "n_positions")?;
         if trainable.blocks.len() != cfg.n_layer {
             return Err(Error::Config(format!(
                 "Trainable has {} block flags, the model has {} blocks",
@@ -423,8 +325,8 @@ impl Gpt2 {
         let hd = c / nh;
         let eps = cfg.layer_norm_epsilon;
         let h = layer_norm(x, &p(&blk.ln_1_w, live), &p(&blk.ln_1_b, live), eps)?;
-        let qkv = linear(&h, &p(&blk.c_attn_w, live), &p(&blk.c_attn_b, live))?; // (B,T,3C)
-                                                                                 // One copy to (3, B, H, T, D); q, k and v are then contiguous slices of it.
+        let qkv = linear(&h, &p(&blk.c_attn_w, live), Some(&p(&blk.c_attn_b, live)))?; // (B,T,3C)
+                                                                                       // One copy to (3, B, H, T, D); q, k and v are then contiguous slices of it.
         let qkv = qkv
             .reshape((b, t, 3, nh, hd))?
             .permute((2, 0, 3, 1, 4))?
@@ -434,32 +336,34 @@ impl Gpt2 {
         let v = qkv.get(2)?;
         let y = causal_attention(&q, &k, &v)?; // (B,H,T,D)
         let y = y.transpose(1, 2)?.reshape((b, t, c))?;
-        let y = linear(&y, &p(&blk.attn_proj_w, live), &p(&blk.attn_proj_b, live))?;
+        let y = linear(
+            &y,
+            &p(&blk.attn_proj_w, live),
+            Some(&p(&blk.attn_proj_b, live)),
+        )?;
         let x = (x + y)?;
         let h = layer_norm(&x, &p(&blk.ln_2_w, live), &p(&blk.ln_2_b, live), eps)?;
-        let h = gelu_new(&linear(&h, &p(&blk.c_fc_w, live), &p(&blk.c_fc_b, live))?)?;
-        let h = linear(&h, &p(&blk.mlp_proj_w, live), &p(&blk.mlp_proj_b, live))?;
+        let h = gelu_new(&linear(
+            &h,
+            &p(&blk.c_fc_w, live),
+            Some(&p(&blk.c_fc_b, live)),
+        )?)?;
+        let h = linear(
+            &h,
+            &p(&blk.mlp_proj_w, live),
+            Some(&p(&blk.mlp_proj_b, live)),
+        )?;
         Ok((x + h)?)
     }
 
-    /// Inheritune: a new model holding copies of the first n blocks plus wte, wpe, ln_f (tied head).
+    /// Inheritune: a new model holding copies of the first n blocks plus wte, wpe, ln_f (tied
+    /// head); the family-generic [`super::truncate`] with the concrete type.
     pub fn truncate(&self, n_blocks: usize) -> Result<Gpt2> {
-        if n_blocks == 0 || n_blocks > self.cfg.n_layer {
-            return Err(Error::Config(format!(
-                "cannot keep {n_blocks} blocks of a {}-block model",
-                self.cfg.n_layer
-            )));
+        let (cfg, tensors) = super::truncated_parts(self, n_blocks)?;
+        match cfg {
+            ModelConfig::Gpt2(c) => Self::from_tensors(&c, tensors, &self.device),
+            _ => unreachable!("a GPT-2 truncates to a GPT-2"),
         }
-        let cfg = Gpt2Config {
-            n_layer: n_blocks,
-            ..self.cfg.clone()
-        };
-        let mut tensors = HashMap::new();
-        for (name, _) in cfg.param_shapes() {
-            let var = self.var(&name)?;
-            tensors.insert(name, var.as_detached_tensor());
-        }
-        Self::from_tensors(&cfg, tensors, &self.device)
     }
 
     /// Looks a parameter up by its Hugging Face name (without `transformer.`).
@@ -472,6 +376,28 @@ impl Gpt2 {
 
     /// Number of parameters, the tied head counted once.
     pub fn num_params(&self) -> usize {
-        self.named_vars().iter().map(|(_, v)| v.elem_count()).sum()
+        CausalLm::num_params(self)
+    }
+}
+
+impl CausalLm for Gpt2 {
+    fn family_ref(&self) -> FamilyRef<'_> {
+        FamilyRef::Gpt2(self)
+    }
+
+    fn model_config(&self) -> ModelConfig {
+        ModelConfig::Gpt2(self.cfg.clone())
+    }
+
+    fn device(&self) -> &Device {
+        &self.device
+    }
+
+    fn params(&self) -> Vec<Param> {
+        params_of(&self.varmap, &self.cfg.param_layout())
+    }
+
+    fn forward_with(&self, ids: &Tensor, trainable: &Trainable) -> Result<Tensor> {
+        Gpt2::forward_with(self, ids, trainable)
     }
 }
