@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Runs the operator's kit (deploy/) as far as a machine without a Docker engine, a GPU or systemd
 # as PID 1 allows. Called by scripts/lint-deploy.sh (and so by scripts/test); needs root (it makes
-# namespaces, mounts and chroots) and the CPU binaries (`cargo build --workspace --bins`, built
-# here when missing).
+# namespaces, mounts and chroots) and the CPU binaries in target/debug (`cargo test --workspace
+# --no-run`, which scripts/test runs first, builds them; so does `cargo build --workspace --bins`).
 #
 #   scripts/test-deploy.sh            # every check
 #   scripts/test-deploy.sh bootstrap  # the checks whose names contain "bootstrap"
@@ -57,9 +57,8 @@ if wants bootstrap; then
   root_cache=$(bash scripts/make-test-root.sh bullseye)
 fi
 if wants entrypoint && { [ ! -x target/debug/ablate ] || [ ! -x target/debug/ablate-worker ]; }; then
-  echo "test-deploy: building the CPU binaries"
-  # The same build scripts/test makes next (same features, so nothing is built twice).
-  cargo build --quiet --workspace --bins
+  echo "test-deploy: target/debug/ablate and ablate-worker are missing: run \`cargo test --workspace --no-run\` first (scripts/test does)" >&2
+  exit 1
 fi
 
 # Stand-ins (scripts/deploy-tests): CUDA libraries, a CUDA worker that needs them, wheels.

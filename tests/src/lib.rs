@@ -26,20 +26,17 @@ fn bin_dir() -> PathBuf {
         .to_path_buf()
 }
 
-/// Path of a workspace binary, building both binaries once if they are missing or older than
-/// the test executable (`cargo test -p e2e` alone does not build other packages' binaries).
+/// Path of a workspace binary. The test command (`scripts/test`) builds every binary once with
+/// `cargo test --workspace --no-run` before any test starts; no test runs cargo itself
+/// (`cargo test -p e2e` alone builds no other package's binaries: a missing one is a clear
+/// failure naming the command that builds it).
 pub fn bin(name: &str) -> PathBuf {
-    static BUILD: std::sync::Once = std::sync::Once::new();
-    BUILD.call_once(|| {
-        let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-            .args(["build", "-p", "coordinator", "-p", "worker", "--bins"])
-            .current_dir(workspace_root())
-            .status()
-            .expect("run cargo build");
-        assert!(status.success(), "building ablate and ablate-worker failed");
-    });
     let p = bin_dir().join(name);
-    assert!(p.exists(), "{} not found", p.display());
+    assert!(
+        p.exists(),
+        "{} not found: build the binaries with `cargo test --workspace --no-run` (what scripts/test does)",
+        p.display()
+    );
     p
 }
 
