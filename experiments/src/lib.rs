@@ -19,6 +19,10 @@ pub mod data;
 #[cfg(feature = "ml")]
 pub mod eval;
 #[cfg(feature = "ml")]
+pub mod gguf;
+#[cfg(feature = "ml")]
+pub mod hub;
+#[cfg(feature = "ml")]
 pub mod methods;
 #[cfg(feature = "ml")]
 pub mod model;

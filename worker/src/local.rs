@@ -80,6 +80,17 @@ pub enum LocalCommand {
         #[arg(long, default_value = "cpu")]
         device: String,
     },
+    /// Convert a llama.cpp GGUF file (Llama architecture) into a Hugging Face Llama directory:
+    /// weights dequantized to f32, config.json from its metadata, tokenizer.json built as
+    /// transformers' GGUF loader builds it.
+    Import {
+        /// The .gguf file.
+        #[arg(long)]
+        gguf: PathBuf,
+        /// Directory to create (must not exist).
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Time one training step (forward, backward, optimizer) on a random GPT-2 or Llama; see
     /// README, Benchmarks.
     Bench(crate::bench::BenchArgs),
@@ -122,8 +133,35 @@ pub fn run_local(cmd: LocalCommand) -> Result<()> {
             };
             sample_cmd(&model, &prompt, &opts, &device)
         }
+        LocalCommand::Import { gguf, out } => import_cmd(&gguf, &out),
         LocalCommand::Bench(args) => crate::bench::run_bench(&args),
     }
+}
+
+fn import_cmd(gguf: &Path, out: &Path) -> Result<()> {
+    let started = std::time::Instant::now();
+    let r = experiments::gguf::import(gguf, out)?;
+    let c = &r.config;
+    let types: Vec<String> = r.types.iter().map(|(t, n)| format!("{n} {t}")).collect();
+    println!(
+        "imported {} -> {} in {:.1} s",
+        gguf.display(),
+        out.display(),
+        started.elapsed().as_secs_f64()
+    );
+    println!(
+        "llama: {} blocks, hidden {}, {} heads ({} KV), vocab {}, {} tied; {:.1} M parameters from {} tensors ({})",
+        c.num_hidden_layers,
+        c.hidden_size,
+        c.num_attention_heads,
+        c.num_key_value_heads,
+        c.vocab_size,
+        if c.tie_word_embeddings { "head" } else { "head not" },
+        r.n_params as f64 / 1e6,
+        r.n_tensors,
+        types.join(", ")
+    );
+    Ok(())
 }
 
 fn check_model_dir(dir: &Path) -> Result<()> {

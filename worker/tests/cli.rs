@@ -331,6 +331,67 @@ fn train_runs_one_trial_and_writes_metrics_and_model() {
     assert!(!stderr(&o).contains("step 1/6"), "{}", stderr(&o));
 }
 
+/// `[base] kind = "hub"` through the CLI: the model comes from a Hugging Face cache laid out as
+/// huggingface_hub writes it (blobs, a snapshot of links, refs/main), found through `HF_HOME`
+/// with `HF_HUB_OFFLINE=1`, as transformers would find it; a repository the cache lacks is a
+/// clear error naming it.
+#[test]
+fn train_starts_from_a_hub_model_in_the_hf_cache() {
+    let s = train_setup();
+    let hf = s.dir.path().join("hf");
+    let repo = hf.join("hub/models--acme--tiny-llama");
+    let commit = "89abcdef0123456789abcdef0123456789abcdef";
+    let snap = repo.join("snapshots").join(commit);
+    std::fs::create_dir_all(&snap).unwrap();
+    std::fs::create_dir_all(repo.join("blobs")).unwrap();
+    std::fs::create_dir_all(repo.join("refs")).unwrap();
+    std::fs::write(repo.join("refs/main"), commit).unwrap();
+    let llama =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../experiments/tests/fixtures/tiny-llama");
+    for f in ["config.json", "model.safetensors", "tokenizer.json"] {
+        let blob = repo.join("blobs").join(format!("sha-{f}"));
+        std::fs::copy(llama.join(f), &blob).unwrap();
+        std::os::unix::fs::symlink(format!("../../blobs/sha-{f}"), snap.join(f)).unwrap();
+    }
+    let body = trial_toml("kind = \"freeze\"\ntop = 1", &fixture(), &s.train, &s.valid);
+    let base = format!(
+        "[base]\nkind = \"hf_dir\"\npath = \"{}\"\n",
+        fixture().display()
+    );
+    assert!(body.contains(&base));
+    let go = |name: &str, repo_id: &str| {
+        let trial = s.dir.path().join(format!("{name}.toml"));
+        let hub = format!("[base]\nkind = \"hub\"\nrepo = \"{repo_id}\"\n");
+        std::fs::write(&trial, body.replace(&base, &hub)).unwrap();
+        Command::new(env!("CARGO_BIN_EXE_ablate-worker"))
+            .args(["train", "--trial"])
+            .arg(&trial)
+            .arg("--out")
+            .arg(s.dir.path().join(name))
+            .arg("--cache")
+            .arg(s.dir.path().join("cache"))
+            .env("HF_HOME", &hf)
+            .env_remove("HF_HUB_CACHE")
+            .env_remove("HUGGINGFACE_HUB_CACHE")
+            .env("HF_HUB_OFFLINE", "1")
+            .output()
+            .unwrap()
+    };
+    let o = go("hub-ok", "acme/tiny-llama");
+    assert!(o.status.success(), "{}", stderr(&o));
+    let m: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(s.dir.path().join("hub-ok/metrics.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(m["steps"], 6);
+    let cfg = std::fs::read_to_string(s.dir.path().join("hub-ok/model/config.json")).unwrap();
+    assert!(cfg.contains("LlamaForCausalLM"), "{cfg}");
+
+    let o = go("hub-missing", "acme/not-cached");
+    assert_clean_failure(&o, "acme/not-cached@main");
+    assert!(stderr(&o).contains("HF_HUB_OFFLINE"), "{}", stderr(&o));
+}
+
 #[test]
 fn train_rejects_bad_trials_by_name() {
     let s = train_setup();

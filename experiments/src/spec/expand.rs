@@ -8,7 +8,7 @@ use std::path::Path;
 
 use super::location::Ctx;
 use super::raw::*;
-use super::resolve::{resolve_data, resolve_train};
+use super::resolve::{parse_package, resolve_data, resolve_train};
 use super::Sweep;
 use crate::error::Result;
 use crate::trial::{Base, DataSpec, Method, ModelShape, TrainSpec, TrialConfig};
@@ -41,19 +41,59 @@ pub(super) fn expand(ctx: &Ctx, raw: RawSweep) -> Result<Sweep> {
     let mut trials = Vec::new();
     let base_span = ctx.find("[base");
     let base = raw.base;
-    let (base_ref, n_layer) = match (base.path, base.pretrain) {
-        (Some(_), Some(_)) => {
-            return Err(ctx.err(
-                ctx.find("pretrain"),
-                "[base] takes either `path` or `pretrain`, not both",
-            ))
+    let given = [
+        base.path.is_some(),
+        base.pretrain.is_some(),
+        base.gguf.is_some(),
+        base.hub.is_some(),
+    ]
+    .iter()
+    .filter(|&&b| b)
+    .count();
+    if given > 1 {
+        return Err(ctx.err(
+            base_span,
+            "[base] takes one of `path`, `gguf`, `hub` or `pretrain`, not several",
+        ));
+    }
+    if let (Some(r), None) = (&base.revision, &base.hub) {
+        return Err(ctx.err(r.span(), "`revision` goes with `hub`"));
+    }
+    let (base_ref, n_layer) = if let Some(h) = base.hub {
+        let repo = h.get_ref().trim().to_string();
+        let revision = base
+            .revision
+            .as_ref()
+            .map(|r| r.get_ref().trim().to_string());
+        if let Err(msg) = crate::trial::validate_hub(&repo, revision.as_deref()) {
+            let span = match (&base.revision, msg.starts_with("revision")) {
+                (Some(r), true) => r.span(),
+                _ => h.span(),
+            };
+            return Err(ctx.err(span, msg));
         }
-        (None, None) => {
-            return Err(ctx.err(
-                base_span,
-                "[base] needs `path` (a Hugging Face GPT-2 directory) or a [base.pretrain] table",
-            ))
+        // Checked on the worker, whose Hugging Face cache holds the model.
+        (Base::Hub { repo, revision }, None)
+    } else if let Some(g) = base.gguf {
+        let g = g.into_inner();
+        let package = g
+            .package
+            .as_ref()
+            .map(|p| parse_package(ctx, p))
+            .transpose()?;
+        let path = if package.is_some() {
+            g.path.get_ref().clone()
+        } else {
+            ctx.resolve(g.path.get_ref())
+        };
+        if path.trim().is_empty() {
+            return Err(ctx.err(g.path.span(), "`path` of the GGUF file is empty"));
         }
+        // The depth is checked on the worker once the file is there (it may be in a package
+        // that only the workers install).
+        (Base::Gguf { path, package }, None)
+    } else {
+        match (base.path, base.pretrain) {
         (Some(path), None) => {
             let dir = ctx.resolve(path.get_ref());
             // Validate against the checkpoint's depth when it is readable here; workers on other
@@ -121,6 +161,14 @@ pub(super) fn expand(ctx: &Ctx, raw: RawSweep) -> Result<Sweep> {
             trials.push(pre);
             check_context(ctx, &data, shape.n_positions, ctx.find("[data]"))?;
             (Base::Trial { id }, Some(shape.n_layer))
+        }
+        (Some(_), Some(_)) => unreachable!("checked above: one of path, gguf, pretrain"),
+        (None, None) => {
+            return Err(ctx.err(
+                base_span,
+                "[base] needs `path` (a Hugging Face directory), `gguf` (a GGUF file), `hub` (\"org/name\") or a [base.pretrain] table",
+            ))
+        }
         }
     };
 
@@ -336,11 +384,13 @@ fn check_context(ctx: &Ctx, data: &DataSpec, n_positions: usize, span: Range<usi
     Ok(())
 }
 
-/// `n_layer` from a Hugging Face config.json, if the directory is readable here.
+/// The depth (`n_layer` of GPT-2, `num_hidden_layers` of Llama) from a Hugging Face
+/// config.json, if the directory is readable here.
 fn read_n_layer(dir: &Path) -> Option<usize> {
     let text = std::fs::read_to_string(dir.join("config.json")).ok()?;
     let v: serde_json::Value = serde_json::from_str(&text).ok()?;
     v.get("n_layer")
+        .or_else(|| v.get("num_hidden_layers"))
         .and_then(|n| n.as_u64())
         .map(|n| n as usize)
 }

