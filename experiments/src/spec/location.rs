@@ -52,10 +52,15 @@ impl Ctx<'_> {
         }
     }
 
-    /// Span of the first occurrence of `needle` (for errors about whole tables, which toml's
-    /// `Spanned` cannot wrap reliably when they are written as `[a.b]` headers).
+    /// Span of a table header (`needle` starting with `[`) or of a key named `needle`, for errors
+    /// about values toml's `Spanned` cannot wrap (whole tables written as `[a.b]` headers, untagged
+    /// enums). Only code counts: a comment or a string that mentions the word is skipped, so an
+    /// error about `gradual` points at `gradual = ...`, not at a comment above it. Falls back to
+    /// the first occurrence anywhere, then to the start of the file.
     pub(super) fn find(&self, needle: &str) -> Range<usize> {
-        let start = self.text.find(needle).unwrap_or(0);
+        let start = key_offset(self.text, needle)
+            .or_else(|| self.text.find(needle))
+            .unwrap_or(0);
         start..start + needle.len()
     }
 
@@ -67,6 +72,75 @@ impl Ctx<'_> {
             self.dir.join(path).display().to_string()
         }
     }
+}
+
+/// Byte offset of the header or key `needle` in TOML `text`, outside comments and strings.
+fn key_offset(text: &str, needle: &str) -> Option<usize> {
+    let mut line_start = 0;
+    for line in text.split_inclusive('\n') {
+        let code = code_part(line);
+        let found = if needle.starts_with('[') {
+            let trimmed = code.trim_start();
+            trimmed
+                .starts_with(needle)
+                .then(|| code.len() - trimmed.len())
+        } else {
+            key_in(&code, needle)
+        };
+        if let Some(i) = found {
+            return Some(line_start + i);
+        }
+        line_start += line.len();
+    }
+    None
+}
+
+/// `line` up to its comment, with the insides of strings blanked (same length, so offsets hold).
+fn code_part(line: &str) -> String {
+    let mut out = String::with_capacity(line.len());
+    let mut quote: Option<char> = None;
+    let mut escaped = false;
+    for c in line.chars() {
+        match quote {
+            Some(q) => {
+                if escaped {
+                    escaped = false;
+                } else if c == '\\' && q == '"' {
+                    escaped = true;
+                } else if c == q {
+                    quote = None;
+                    out.push(c);
+                    continue;
+                }
+                out.extend(std::iter::repeat_n(' ', c.len_utf8()));
+            }
+            None => match c {
+                '#' => break,
+                '"' | '\'' => {
+                    quote = Some(c);
+                    out.push(c);
+                }
+                _ => out.push(c),
+            },
+        }
+    }
+    out
+}
+
+/// Offset of `key` used as a key in `code`: at the start of the line or after `{` or `,` (inline
+/// tables), followed by `=` or `.` (dotted keys).
+fn key_in(code: &str, key: &str) -> Option<usize> {
+    let mut from = 0;
+    while let Some(i) = code[from..].find(key).map(|i| i + from) {
+        let before = code[..i].trim_end();
+        let after = code[i + key.len()..].trim_start();
+        let starts = before.is_empty() || before.ends_with('{') || before.ends_with(',');
+        if starts && (after.starts_with('=') || after.starts_with('.')) {
+            return Some(i);
+        }
+        from = i + key.len();
+    }
+    None
 }
 
 /// 1-based line and column of a byte offset.

