@@ -4,9 +4,14 @@
 //! Each child is this same binary with `--device cuda:0`, `CUDA_VISIBLE_DEVICES=<id>` and
 //! `CUDA_DEVICE_ORDER=PCI_BUS_ID` (so the id means what nvidia-smi shows), named `<name>-gpu<id>`.
 //! The supervisor restarts a child that exits on its own (crash, driver fault) with a capped,
-//! growing delay; on SIGTERM/SIGINT it forwards the signal to every child (each checkpoints and
-//! reports its attempt as preempted) and exits when they all have. A second signal is forwarded
-//! too, which makes the children exit at once.
+//! growing delay, at most `max_restarts` times in a row (a child that ran five minutes starts a
+//! fresh count): a GPU that keeps failing is given up with an error in the log, and when every
+//! GPU has been given up the supervisor exits non-zero, so systemd, Slurm or the container
+//! runtime sees the failure instead of a restart loop. On SIGTERM/SIGINT it forwards SIGTERM to
+//! every child (each checkpoints and reports its attempt as preempted) and exits when they all
+//! have. A repeat within [`crate::signals::REPEAT_WINDOW`] is the same request (Slurm signals
+//! every process of the job, the supervisor included) and is not forwarded again; a later one
+//! is forwarded as SIGINT, which makes the children exit at once.
 
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -25,6 +30,37 @@ pub struct FleetOpts {
     pub work_dir: Option<PathBuf>,
     /// Prefix of the children's names (`<prefix>-gpu<id>`).
     pub name: String,
+    /// Restarts in a row after which a GPU's worker is given up.
+    pub max_restarts: u32,
+}
+
+/// What the supervisor does when a child exits on its own.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AfterExit {
+    /// Start it again after this delay (the count of restarts in a row so far is returned too).
+    Restart { delay: Duration, in_a_row: u32 },
+    /// It failed `max` times in a row: leave this GPU alone.
+    GiveUp { in_a_row: u32 },
+}
+
+/// A child that exited after running `ran_for`, having been restarted `in_a_row` times in a row
+/// before: restart it (a run of five minutes or more resets the count) unless that would exceed
+/// `max` restarts in a row.
+pub fn after_exit(in_a_row: u32, ran_for: Duration, max: u32) -> AfterExit {
+    let prior = if ran_for >= Duration::from_secs(300) {
+        0
+    } else {
+        in_a_row
+    };
+    let n = prior + 1;
+    if n > max {
+        AfterExit::GiveUp { in_a_row: prior }
+    } else {
+        AfterExit::Restart {
+            delay: restart_delay(n),
+            in_a_row: n,
+        }
+    }
 }
 
 /// How one child is started: argv after the binary, and its environment additions.
@@ -107,34 +143,55 @@ pub async fn run_fleet(opts: FleetOpts, gpus: Vec<String>) -> anyhow::Result<()>
     let mut term = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
     let mut tick = tokio::time::interval(Duration::from_millis(500));
-    let mut signals = 0u32;
+    let mut stops = crate::signals::StopSignals::new();
+    let mut stopping = false;
+    let mut given_up = 0usize;
     loop {
-        tokio::select! {
-            _ = term.recv() => { signals += 1; forward(&members, libc::SIGTERM); }
-            _ = int.recv() => { signals += 1; forward(&members, libc::SIGTERM); }
-            _ = tick.tick() => {}
-        }
-        if signals >= 2 {
-            forward(&members, libc::SIGINT);
+        let got = tokio::select! {
+            _ = term.recv() => true,
+            _ = int.recv() => true,
+            _ = tick.tick() => false,
+        };
+        if got {
+            use crate::signals::StopAction;
+            match stops.received(Instant::now()) {
+                StopAction::Stop => {
+                    tracing::info!("stop signal: asking every worker to checkpoint and stop");
+                    stopping = true;
+                    forward(&members, libc::SIGTERM);
+                }
+                StopAction::Repeat => {
+                    tracing::info!(
+                        "the same stop request again (within the repeat window): already stopping"
+                    );
+                }
+                StopAction::ExitNow => {
+                    tracing::warn!("another stop signal: telling every worker to exit now");
+                    forward(&members, libc::SIGINT);
+                }
+            }
         }
         let now = Instant::now();
         for m in members.iter_mut() {
             if let Some(c) = &mut m.child {
                 if let Ok(Some(status)) = c.try_wait() {
                     m.child = None;
-                    if signals == 0 {
-                        // A child that ran a good while before dying starts a fresh backoff.
-                        if m.started.elapsed() > Duration::from_secs(300) {
-                            m.restarts = 0;
+                    if !stopping {
+                        match after_exit(m.restarts, m.started.elapsed(), opts.max_restarts) {
+                            AfterExit::Restart { delay, in_a_row } => {
+                                m.restarts = in_a_row;
+                                tracing::warn!(gpu = %m.gpu, %status, ?delay, restart = in_a_row, max = opts.max_restarts, "worker exited; restarting");
+                                m.due = Some(now + delay);
+                            }
+                            AfterExit::GiveUp { in_a_row } => {
+                                given_up += 1;
+                                tracing::error!(gpu = %m.gpu, %status, restarts = in_a_row, "worker keeps exiting: giving this GPU up (see its log above; raise --max-restarts to try longer)");
+                            }
                         }
-                        m.restarts += 1;
-                        let delay = restart_delay(m.restarts);
-                        tracing::warn!(gpu = %m.gpu, %status, ?delay, "worker exited; restarting");
-                        m.due = Some(now + delay);
                     }
                 }
             }
-            if signals == 0 && m.child.is_none() && m.due.is_some_and(|d| d <= now) {
+            if !stopping && m.child.is_none() && m.due.is_some_and(|d| d <= now) {
                 m.due = None;
                 match spawn(&m.gpu) {
                     Ok(c) => {
@@ -148,9 +205,15 @@ pub async fn run_fleet(opts: FleetOpts, gpus: Vec<String>) -> anyhow::Result<()>
                 }
             }
         }
-        if signals > 0 && members.iter().all(|m| m.child.is_none()) {
+        if stopping && members.iter().all(|m| m.child.is_none()) {
             tracing::info!("every worker stopped");
             return Ok(());
+        }
+        if given_up == members.len() {
+            bail!(
+                "every GPU's worker exited {} times in a row; giving up",
+                opts.max_restarts + 1
+            );
         }
     }
 }
@@ -179,6 +242,7 @@ mod tests {
             cache: None,
             work_dir: Some("/var/lib/ablate-worker".into()),
             name: "box1".into(),
+            max_restarts: 5,
         };
         let (args, env) = child_command(&opts, "2");
         let joined = args.join(" ");
@@ -199,6 +263,29 @@ mod tests {
         // UUIDs are fine as CUDA_VISIBLE_DEVICES but make names without odd characters.
         let (args, _) = child_command(&opts, "GPU-8f2c:1");
         assert!(args.contains(&"box1-gpuGPU-8f2c_1".to_string()), "{args:?}");
+    }
+
+    #[test]
+    fn restarts_in_a_row_are_capped_and_a_long_run_resets_the_count() {
+        let short = Duration::from_secs(2);
+        let mut n = 0;
+        for i in 1..=3 {
+            match after_exit(n, short, 3) {
+                AfterExit::Restart { delay, in_a_row } => {
+                    assert_eq!(in_a_row, i);
+                    assert_eq!(delay, restart_delay(i));
+                    n = in_a_row;
+                }
+                other => panic!("restart {i}: {other:?}"),
+            }
+        }
+        assert_eq!(after_exit(n, short, 3), AfterExit::GiveUp { in_a_row: 3 });
+        // Five minutes of work since the last start: a new crash is the first in a row.
+        assert!(matches!(
+            after_exit(3, Duration::from_secs(301), 3),
+            AfterExit::Restart { in_a_row: 1, .. }
+        ));
+        assert_eq!(after_exit(0, short, 0), AfterExit::GiveUp { in_a_row: 0 });
     }
 
     #[test]

@@ -69,6 +69,10 @@ struct Cli {
     /// Name shown in status tables [default: <host>-<device>].
     #[arg(long)]
     name: Option<String>,
+    /// With --all-gpus: restarts in a row after which a GPU whose worker keeps exiting is given
+    /// up (the supervisor exits non-zero once every GPU is).
+    #[arg(long, env = "ABLATE_MAX_RESTARTS", default_value_t = 5)]
+    max_restarts: u32,
 }
 
 /// candle's element-wise ops run on its own spin-waiting thread pool, next to rayon's pool that
@@ -160,6 +164,7 @@ fn fleet_opts(cli: Cli) -> anyhow::Result<worker::fleet::FleetOpts> {
         cache: cli.cache,
         work_dir: cli.work_dir,
         name,
+        max_restarts: cli.max_restarts,
     })
 }
 
@@ -235,21 +240,31 @@ async fn watch_signals(stop: Arc<AtomicBool>) {
         tracing::warn!("cannot install signal handlers");
         return;
     };
-    let mut count = 0;
+    // Slurm signals every process of a job and a supervisor forwards its own copy: a repeat
+    // within the window is the same request (worker::signals), only a later one exits at once.
+    let mut stops = worker::signals::StopSignals::new();
     loop {
         tokio::select! {
             _ = term.recv() => {}
             _ = int.recv() => {}
         }
-        count += 1;
-        if count == 1 {
-            tracing::info!(
-                "signal received: checkpointing and stopping (send again to exit at once)"
-            );
-            stop.store(true, Ordering::SeqCst);
-        } else {
-            tracing::warn!("second signal: exiting now");
-            std::process::exit(130);
+        match stops.received(std::time::Instant::now()) {
+            worker::signals::StopAction::Stop => {
+                tracing::info!(
+                    "signal received: checkpointing and stopping (send again after {:?} to exit at once)",
+                    worker::signals::REPEAT_WINDOW
+                );
+                stop.store(true, Ordering::SeqCst);
+            }
+            worker::signals::StopAction::Repeat => {
+                tracing::info!(
+                    "the same stop request again (within the repeat window): already stopping"
+                );
+            }
+            worker::signals::StopAction::ExitNow => {
+                tracing::warn!("another signal: exiting now");
+                std::process::exit(130);
+            }
         }
     }
 }

@@ -501,3 +501,31 @@ fn sample_is_seeded_and_continues_the_prompt() {
         "top_p",
     );
 }
+
+/// `--all-gpus` gives up on a GPU whose worker keeps exiting instead of restarting it forever:
+/// here every child fails at once (this CPU build cannot open `cuda:0`), so after
+/// `--max-restarts 2` restarts each GPU is given up and the supervisor exits non-zero, which is
+/// what systemd, Slurm or a container runtime needs to see.
+#[test]
+fn all_gpus_supervisor_caps_restarts_and_fails() {
+    let t0 = std::time::Instant::now();
+    let o = Command::new(env!("CARGO_BIN_EXE_ablate-worker"))
+        .args([
+            "--all-gpus",
+            "--coordinator",
+            "http://127.0.0.1:1",
+            "--max-restarts",
+            "2",
+        ])
+        .env("CUDA_VISIBLE_DEVICES", "0,1")
+        .env("RUST_LOG", "info")
+        .output()
+        .unwrap();
+    let err = stderr(&o);
+    assert!(!o.status.success(), "{err}");
+    assert_eq!(err.matches("giving this GPU up").count(), 2, "{err}");
+    assert!(err.contains("exited 3 times in a row"), "{err}");
+    // Two restarts per GPU (1 s and 2 s of backoff), then the third exit gives up.
+    assert_eq!(err.matches("worker exited; restarting").count(), 4, "{err}");
+    assert!(t0.elapsed() < std::time::Duration::from_secs(30));
+}
