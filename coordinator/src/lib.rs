@@ -13,4 +13,5 @@ pub mod run;
 pub mod scheduler;
 pub mod server;
 pub mod store;
+pub mod tensorboard;
 pub mod tls;

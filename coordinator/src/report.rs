@@ -386,6 +386,9 @@ pub struct TrialEvents {
     pub id: String,
     pub name: String,
     pub events: Vec<Progress>,
+    /// When the coordinator recorded each event (Unix ms), parallel to `events`; empty when not
+    /// known. TensorBoard's wall-time axis comes from here.
+    pub unix_ms: Vec<i64>,
 }
 
 /// A trial's (train loss, validation loss) per step. A retried attempt replays steps from its
@@ -631,7 +634,7 @@ pub struct ReportMeta {
 }
 
 /// Write every report file into `dir`: summary.{md,csv,json}, curves.csv, samples.md,
-/// trials/<id>.json (the exact resolved config) and report.html. Returns the summary rows (for
+/// trials/<id>.json (the exact resolved config), report.html and tensorboard/<trial name>/. Returns the summary rows (for
 /// the stdout table).
 pub fn write_report(
     dir: &Path,
@@ -694,5 +697,6 @@ pub fn write_full_report(
         "report.html",
         crate::html::report_html(meta, records, &rows, &aggregate, events),
     )?;
+    crate::tensorboard::write_tensorboard(dir, records, events)?;
     Ok(rows)
 }

@@ -33,6 +33,7 @@ fn metrics(ppl: f64, trainable: u64) -> TrialMetrics {
             .into_iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect(),
+        ..Default::default()
     }
 }
 
@@ -313,6 +314,7 @@ fn curves_merge_train_and_valid_loss_by_step_and_keep_the_latest_attempt() {
     let events = vec![TrialEvents {
         id: "abc".into(),
         name: "freeze-1".into(),
+        unix_ms: vec![],
         events: vec![
             Progress::Step {
                 step: 1,
@@ -370,11 +372,13 @@ fn samples_are_grouped_by_trial_and_fenced_safely() {
         TrialEvents {
             id: "t1".into(),
             name: "baseline".into(),
+            unix_ms: vec![],
             events: vec![],
         },
         TrialEvents {
             id: "t2".into(),
             name: "freeze-1".into(),
+            unix_ms: vec![],
             events: vec![
                 Progress::Sample {
                     prompt: "To be".into(),
@@ -406,6 +410,7 @@ fn write_report_writes_every_file_and_the_exact_configs() {
         .map(|r| TrialEvents {
             id: r.id.clone(),
             name: r.name.clone(),
+            unix_ms: vec![],
             events: vec![Progress::Eval {
                 step: 10,
                 valid_loss: 3.0,
@@ -538,6 +543,7 @@ fn html_report_holds_table_seed_table_plots_samples_and_configs() {
             TrialEvents {
                 id: r.id.clone(),
                 name: r.name.clone(),
+                unix_ms: vec![],
                 events,
             }
         })
