@@ -9,6 +9,7 @@ pub mod metrics;
 pub mod plots;
 pub mod progress;
 pub mod report;
+pub mod report_stats;
 pub mod run;
 pub mod scheduler;
 pub mod server;
