@@ -155,7 +155,8 @@ pub fn crc32c(data: &[u8]) -> u32 {
 /// a CRC of data that itself contains CRCs stays well distributed.
 pub fn masked_crc32c(data: &[u8]) -> u32 {
     let crc = crc32c(data);
-    ((crc >> 15) | (crc << 17)).wrapping_add(0xa282_ead8)
+    // ((crc >> 15) | (crc << 17)) + 0xa282ead8, as TensorFlow's crc32c::Mask.
+    crc.rotate_right(15).wrapping_add(0xa282_ead8)
 }
 
 /// One TFRecord: length, masked CRC of the length, the data, masked CRC of the data.
