@@ -360,13 +360,14 @@ pub async fn write_sweep_report(
     let mut events = Vec::with_capacity(sweep.trials.len());
     for t in &sweep.trials {
         let ev = client
-            .events(&t.id)
+            .events_timed(&t.id)
             .await
             .with_context(|| format!("fetching the events of trial {} ({})", t.name, t.id))?;
         events.push(TrialEvents {
             id: t.id.clone(),
             name: t.name.clone(),
-            events: ev,
+            unix_ms: ev.iter().map(|(ms, _)| *ms).collect(),
+            events: ev.into_iter().map(|(_, e)| e).collect(),
         });
     }
     let meta = crate::report::ReportMeta {
@@ -791,6 +792,16 @@ impl Client {
     /// All recorded progress events of a trial, oldest attempt first. Events this build cannot
     /// parse are skipped rather than failing the whole report.
     pub async fn events(&mut self, trial: &str) -> anyhow::Result<Vec<Progress>> {
+        Ok(self
+            .events_timed(trial)
+            .await?
+            .into_iter()
+            .map(|(_, e)| e)
+            .collect())
+    }
+
+    /// [`Client::events`] with the Unix ms at which the coordinator recorded each event.
+    pub async fn events_timed(&mut self, trial: &str) -> anyhow::Result<Vec<(i64, Progress)>> {
         let r = self
             .inner
             .events(pb::EventsRequest {
@@ -803,7 +814,11 @@ impl Client {
         events.sort_by_key(|e| (e.attempt, e.seq));
         Ok(events
             .iter()
-            .filter_map(|e| serde_json::from_str::<Progress>(&e.progress_json).ok())
+            .filter_map(|e| {
+                serde_json::from_str::<Progress>(&e.progress_json)
+                    .ok()
+                    .map(|p| (e.unix_ms, p))
+            })
             .collect())
     }
 

@@ -14,8 +14,8 @@ use experiments::trial::Progress;
 
 use crate::plots::{self, Curve};
 use crate::report::{
-    fmt_mean_std, human_count, human_duration, is_done, losses_by_step, AggregateRow, ReportMeta,
-    SummaryRow, TrialEvents, TrialRecord,
+    fmt_ci, fmt_mean_std, human_count, human_duration, is_done, losses_by_step, vs_best_mark,
+    AggregateRow, ReportMeta, SummaryRow, TrialEvents, TrialRecord,
 };
 
 /// Escape text for HTML element content and attribute values.
@@ -132,7 +132,7 @@ fn summary_table(out: &mut String, rows: &[SummaryRow]) {
         .fold(f64::INFINITY, f64::min);
     out.push_str(
         "<div class=\"wide\"><table id=\"summary-table\"><thead><tr><th>trial</th><th>method</th><th>status</th>\
-         <th class=\"num\">perplexity</th><th class=\"num\">Δ baseline</th>\
+         <th class=\"num\">perplexity</th><th class=\"num\">Δ baseline (95 % CI)</th><th>vs best</th>\
          <th class=\"num\">valid loss</th><th class=\"num\">trainable / total params</th>\
          <th class=\"num\">tokens seen</th><th class=\"num\">steps</th><th class=\"num\">wall time</th>\
          <th>device</th><th class=\"num\">attempts</th></tr></thead><tbody>\n",
@@ -152,7 +152,7 @@ fn summary_table(out: &mut String, rows: &[SummaryRow]) {
             out,
             "<tr class=\"{cls}\" data-trial=\"{id}\"><td>{name}<br><code class=\"id\">{id}</code></td>\
              <td>{method}</td><td class=\"status-{state}\">{status}</td>\
-             <td class=\"num{best_cls}\">{ppl}</td><td class=\"num\">{delta}</td><td class=\"num\">{vl}</td>\
+             <td class=\"num{best_cls}\">{ppl}</td><td class=\"num\">{delta}</td><td class=\"vs-best\">{vs_best}</td><td class=\"num\">{vl}</td>\
              <td class=\"num\">{params}</td><td class=\"num\">{tokens}</td><td class=\"num\">{steps}</td>\
              <td class=\"num\">{wall}</td><td>{device}</td><td class=\"num\">{attempts}</td></tr>",
             cls = if done { "done".to_string() } else { esc(&r.status) }.replace(' ', "-"),
@@ -161,7 +161,20 @@ fn summary_table(out: &mut String, rows: &[SummaryRow]) {
             method = esc(&r.method),
             state = esc(&r.status),
             ppl = opt_num(r.perplexity, 2),
-            delta = delta_cell(r.baseline_delta),
+            delta = match r.baseline_delta_ci {
+                Some(_) => format!(
+                    "{}<br><small>{}</small>",
+                    delta_cell(r.baseline_delta),
+                    fmt_ci(r.baseline_delta_ci, 2)
+                ),
+                None => delta_cell(r.baseline_delta),
+            },
+            vs_best = match r.vs_best.as_deref() {
+                Some("best") => "<b>best</b>".to_string(),
+                Some("indistinguishable") => format!("≈ best<br><small>{}</small>", fmt_ci(r.best_delta_ci, 2)),
+                Some("worse") => format!("{}<br><small>{}</small>", delta_cell(r.best_delta), fmt_ci(r.best_delta_ci, 2)),
+                _ => String::new(),
+            },
             vl = opt_num(r.valid_loss, 4),
             params = params_cell(r),
             tokens = r.train_tokens.map_or_else(|| "—".into(), human_count),
@@ -172,6 +185,16 @@ fn summary_table(out: &mut String, rows: &[SummaryRow]) {
         );
     }
     out.push_str("</tbody></table></div>\n");
+    if rows
+        .iter()
+        .any(|r| r.baseline_delta_ci.is_some() || r.best_delta_ci.is_some())
+    {
+        out.push_str(
+            "<p class=\"muted\">95 % intervals: paired bootstrap over the validation windows \
+             (the same windows for every trial on the same data, context and tokenizer; fixed seed). \
+             ≈ best: the interval of Δ perplexity against the best trial contains 0.</p>\n",
+        );
+    }
     let failures: Vec<&SummaryRow> = rows
         .iter()
         .filter(|r| !is_done(&r.status) && (r.reason.is_some() || r.message.is_some()))
@@ -196,14 +219,15 @@ fn aggregate_table(out: &mut String, rows: &[AggregateRow]) {
     out.push_str(
         "<table id=\"seed-table\"><thead><tr><th>configuration</th><th>method</th><th>seeds</th>\
          <th class=\"num\">finished</th><th class=\"num\">perplexity (mean ± std)</th>\
-         <th class=\"num\">Δ baseline (mean ± std)</th><th class=\"num\">mean wall time</th></tr></thead><tbody>\n",
+         <th class=\"num\">Δ baseline (mean ± std)</th><th class=\"num\">Δ best arm (mean ± std, 95 % CI)</th>\
+         <th>vs best</th><th class=\"num\">mean wall time</th></tr></thead><tbody>\n",
     );
     for r in rows {
         let seeds: Vec<String> = r.seeds.iter().map(u64::to_string).collect();
         let _ = writeln!(
             out,
             "<tr><td>{}</td><td>{}</td><td>{}</td><td class=\"num\">{}/{}</td><td class=\"num\">{}</td>\
-             <td class=\"num\">{}</td><td class=\"num\">{}</td></tr>",
+             <td class=\"num\">{}</td><td class=\"num\">{}</td><td>{}</td><td class=\"num\">{}</td></tr>",
             esc(&r.name),
             esc(&r.method),
             esc(&seeds.join(", ")),
@@ -211,11 +235,21 @@ fn aggregate_table(out: &mut String, rows: &[AggregateRow]) {
             r.trials.len(),
             fmt_mean_std(r.perplexity_mean, r.perplexity_std, false),
             fmt_mean_std(r.baseline_delta_mean, r.baseline_delta_std, true),
+            match r.best_delta_ci {
+                Some(_) => format!(
+                    "{}<br><small>{}</small>",
+                    fmt_mean_std(r.best_delta_mean, r.best_delta_std, true),
+                    fmt_ci(r.best_delta_ci, 2)
+                ),
+                None => fmt_mean_std(r.best_delta_mean, r.best_delta_std, true),
+            },
+            vs_best_mark(r.vs_best.as_deref()),
             r.wall_seconds_mean.map_or_else(|| "—".into(), human_duration),
         );
     }
     out.push_str(
-        "</tbody></table>\n<p class=\"muted\">Standard deviation over seeds (n − 1).</p>\n",
+        "</tbody></table>\n<p class=\"muted\">Standard deviation over seeds (n − 1); 95 % intervals: \
+         Student t over the seeds, Δ best arm paired by seed; ≈ best: the interval contains 0.</p>\n",
     );
 }
 

@@ -16,7 +16,9 @@ use std::fmt::Write as _;
 use std::path::Path;
 
 use anyhow::Context as _;
-use experiments::trial::{Method, Progress, TrialConfig, TrialMetrics};
+use experiments::trial::{Base, Method, Progress, TrialConfig, TrialMetrics};
+
+use crate::report_stats as stats;
 use serde::Serialize;
 
 /// One trial as the coordinator stores it: the input of every report function.
@@ -66,6 +68,27 @@ pub struct SummaryRow {
     /// Worker (and its device) that ran the last attempt.
     pub worker: Option<String>,
     pub seed: Option<u64>,
+    /// Validation windows of the final evaluation the intervals resample (None: not recorded).
+    pub valid_windows: Option<usize>,
+    /// Paired bootstrap 95 % interval of `baseline_delta` over the validation windows.
+    pub baseline_delta_ci: Option<[f64; 2]>,
+    /// valid loss − valid loss of the baseline (nats per token), and its interval.
+    pub baseline_loss_delta: Option<f64>,
+    pub baseline_loss_delta_ci: Option<[f64; 2]>,
+    /// Id of the trial with the lowest perplexity among the finished trials scored on the same
+    /// validation windows (same data, context and tokenizer); None when there is only one.
+    pub best_trial: Option<String>,
+    /// perplexity − perplexity of `best_trial`, its paired bootstrap interval, and the same for
+    /// the loss.
+    pub best_delta: Option<f64>,
+    pub best_delta_ci: Option<[f64; 2]>,
+    pub best_loss_delta: Option<f64>,
+    pub best_loss_delta_ci: Option<[f64; 2]>,
+    /// `best`, `indistinguishable` (the interval of Δ vs best contains 0) or `worse`; None
+    /// without an interval.
+    pub vs_best: Option<String>,
+    /// Why an interval is missing where a reference exists (e.g. different validation windows).
+    pub interval_note: Option<String>,
 }
 
 /// Sort key: pretrain, baseline, then family, then the family's parameter (freeze 1,2,3,all;
@@ -95,26 +118,57 @@ fn same_eval(a: &TrialConfig, b: &TrialConfig) -> bool {
 pub fn summary_rows(records: &[TrialRecord]) -> Vec<SummaryRow> {
     let mut sorted: Vec<&TrialRecord> = records.iter().collect();
     sorted.sort_by_key(|r| order_key(r));
-    let baselines: Vec<(&TrialConfig, f64)> = records
+    let baselines: Vec<(&TrialConfig, f64, &TrialRecord)> = records
         .iter()
         .filter_map(|r| {
             let c = r.config.as_ref()?;
             let m = r.metrics.as_ref()?;
             (matches!(c.method, Method::Baseline) && is_done(&r.state) && m.perplexity.is_finite())
-                .then_some((c, m.perplexity))
+                .then_some((c, m.perplexity, r))
         })
         .collect();
+    let best = best_trials(records);
     sorted
         .into_iter()
         .map(|r| {
             let done = is_done(&r.state);
             let metrics = if done { r.metrics.as_ref() } else { None };
             let perplexity = metrics.map(|m| m.perplexity);
-            let baseline_delta = match (&r.config, perplexity) {
-                (Some(c), Some(p)) => baselines
-                    .iter()
-                    .find(|(b, _)| same_eval(b, c))
-                    .map(|(_, bp)| p - bp),
+            let baseline = match (&r.config, perplexity) {
+                (Some(c), Some(_)) => baselines.iter().find(|(b, _, _)| same_eval(b, c)),
+                _ => None,
+            };
+            let baseline_delta = baseline.and_then(|(_, bp, _)| Some(perplexity? - bp));
+            let mut notes = Vec::new();
+            let vs_baseline = match (metrics, baseline) {
+                (Some(m), Some((_, _, b))) if b.id != r.id => compare(m, b, "baseline", &mut notes),
+                _ => None,
+            };
+            let best_ref = metrics.and_then(|_| best.get(r.id.as_str())).copied();
+            let vs_best_delta = match (metrics, best_ref) {
+                (Some(m), Some(b)) if b.id != r.id => compare(m, b, "best", &mut notes),
+                _ => None,
+            };
+            let vs_best = match (best_ref, vs_best_delta) {
+                (Some(b), _) if b.id == r.id => Some("best".to_string()),
+                (_, Some(d)) if stats::contains_zero(d.perplexity_ci) => {
+                    Some("indistinguishable".to_string())
+                }
+                (_, Some(_)) => Some("worse".to_string()),
+                _ => None,
+            };
+            let best_delta = match (best_ref, perplexity) {
+                (Some(b), Some(p)) => b.metrics.as_ref().map(|m| p - m.perplexity),
+                _ => None,
+            };
+            let best_loss_delta = match (best_ref, metrics) {
+                (Some(b), Some(m)) => b.metrics.as_ref().map(|bm| m.valid_loss - bm.valid_loss),
+                _ => None,
+            };
+            let baseline_loss_delta = match (baseline, metrics) {
+                (Some((_, _, b)), Some(m)) => {
+                    b.metrics.as_ref().map(|bm| m.valid_loss - bm.valid_loss)
+                }
                 _ => None,
             };
             SummaryRow {
@@ -139,9 +193,103 @@ pub fn summary_rows(records: &[TrialRecord]) -> Vec<SummaryRow> {
                 message: r.message.clone().filter(|s| !s.is_empty()),
                 worker: r.worker.clone().filter(|s| !s.is_empty()),
                 seed: r.config.as_ref().map(|c| c.seed),
+                valid_windows: metrics.map(|m| m.valid_window_nll.len()).filter(|n| *n > 0),
+                baseline_delta_ci: vs_baseline.map(|d| d.perplexity_ci),
+                baseline_loss_delta,
+                baseline_loss_delta_ci: vs_baseline.map(|d| d.loss_ci),
+                best_trial: best_ref.map(|b| b.id.clone()),
+                best_delta,
+                best_delta_ci: vs_best_delta.map(|d| d.perplexity_ci),
+                best_loss_delta,
+                best_loss_delta_ci: vs_best_delta.map(|d| d.loss_ci),
+                vs_best,
+                interval_note: (!notes.is_empty()).then(|| notes.join("; ")),
             }
         })
         .collect()
+}
+
+/// Paired bootstrap of `m` against the reference trial `b` (None, with a note saying why, when
+/// the two were not scored on the same windows or a trial lacks per-window NLL).
+fn compare(
+    m: &TrialMetrics,
+    b: &TrialRecord,
+    what: &str,
+    notes: &mut Vec<String>,
+) -> Option<stats::PairedDelta> {
+    let bm = b.metrics.as_ref()?;
+    match stats::paired_bootstrap(
+        &m.valid_window_nll,
+        &m.valid_window_tokens,
+        &bm.valid_window_nll,
+        &bm.valid_window_tokens,
+        stats::BOOTSTRAP_RESAMPLES,
+        stats::BOOTSTRAP_SEED,
+    ) {
+        Ok(d) => Some(d),
+        Err(e) => {
+            notes.push(format!("no interval vs {what}: {e}"));
+            None
+        }
+    }
+}
+
+/// Where a trial's tokenizer comes from: a base directory's, or the one a pretrain stage trained
+/// (named by that trial's id). Perplexities under different tokenizers are not comparable.
+fn tokenizer_key(c: &TrialConfig, records: &[TrialRecord], depth: usize) -> String {
+    match &c.base {
+        Base::HfDir { path } => format!("dir:{path}"),
+        Base::Scratch { .. } => format!("trained:{}", c.id()),
+        Base::Trial { id } => match records.iter().find(|r| &r.id == id) {
+            Some(TrialRecord {
+                config: Some(p), ..
+            }) if depth < 16 => tokenizer_key(p, records, depth + 1),
+            _ => format!("trial:{id}"),
+        },
+    }
+}
+
+/// Trials scored on the same validation windows share this key: same data (corpus, split,
+/// context, window cap) and the same tokenizer.
+pub fn comparison_key(c: &TrialConfig, records: &[TrialRecord]) -> String {
+    format!(
+        "{}|{}",
+        serde_json::to_string(&c.data).unwrap_or_default(),
+        tokenizer_key(c, records, 0)
+    )
+}
+
+/// For every finished trial, the trial with the lowest perplexity among the finished trials of
+/// its comparison group; groups of one have no best (there is nothing to compare).
+fn best_trials(records: &[TrialRecord]) -> std::collections::HashMap<&str, &TrialRecord> {
+    let mut groups: BTreeMap<String, Vec<&TrialRecord>> = BTreeMap::new();
+    for r in records {
+        let (Some(c), Some(m)) = (&r.config, &r.metrics) else {
+            continue;
+        };
+        if is_done(&r.state) && m.perplexity.is_finite() {
+            groups
+                .entry(comparison_key(c, records))
+                .or_default()
+                .push(r);
+        }
+    }
+    let mut out = std::collections::HashMap::new();
+    for members in groups.into_values().filter(|m| m.len() > 1) {
+        let best = members
+            .iter()
+            .copied()
+            .min_by(|a, b| {
+                let p =
+                    |r: &TrialRecord| r.metrics.as_ref().map_or(f64::INFINITY, |m| m.perplexity);
+                p(a).total_cmp(&p(b)).then_with(|| a.id.cmp(&b.id))
+            })
+            .expect("non-empty group");
+        for r in members {
+            out.insert(r.id.as_str(), best);
+        }
+    }
+    out
 }
 
 /// True for the state of a trial that finished successfully.
@@ -160,6 +308,32 @@ fn fmt_ppl(p: Option<f64>) -> String {
 
 fn fmt_delta(d: Option<f64>) -> String {
     d.map_or_else(|| "—".into(), |d| format!("{d:+.2}"))
+}
+
+/// "[-0.12, +0.50]": a signed interval (the intervals here are of differences).
+pub fn fmt_ci(ci: Option<[f64; 2]>, digits: usize) -> String {
+    ci.map_or_else(
+        || "—".into(),
+        |[lo, hi]| format!("[{lo:+.digits$}, {hi:+.digits$}]"),
+    )
+}
+
+/// "+1.23 [+0.50, +2.00]", or just the point estimate without an interval.
+pub fn fmt_delta_ci(d: Option<f64>, ci: Option<[f64; 2]>, digits: usize) -> String {
+    match (d, ci) {
+        (None, _) => "—".into(),
+        (Some(d), None) => format!("{d:+.digits$}"),
+        (Some(d), ci) => format!("{d:+.digits$} {}", fmt_ci(ci, digits)),
+    }
+}
+
+/// The summary's mark: `best`, `≈ best` (not distinguishable from it), or empty.
+pub fn vs_best_mark(v: Option<&str>) -> &'static str {
+    match v {
+        Some("best") => "best",
+        Some("indistinguishable") => "≈ best",
+        _ => "",
+    }
 }
 
 fn fmt_opt<T: ToString>(v: Option<T>) -> String {
@@ -207,19 +381,21 @@ fn md_escape(s: &str) -> String {
 pub fn to_markdown(rows: &[SummaryRow]) -> String {
     let mut out = String::new();
     out.push_str(
-        "| trial | name | method | status | perplexity | Δ baseline | trainable params | total params | train tokens | wall s | device | attempts | reason |\n",
+        "| trial | name | method | status | perplexity | Δ baseline | Δ baseline 95 % CI | vs best | trainable params | total params | train tokens | wall s | device | attempts | reason |\n",
     );
-    out.push_str("|---|---|---|---|---:|---:|---:|---:|---:|---:|---|---:|---|\n");
+    out.push_str("|---|---|---|---|---:|---:|---:|---|---:|---:|---:|---:|---|---:|---|\n");
     for r in rows {
         let _ = writeln!(
             out,
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
             md_escape(&r.trial),
             md_escape(&r.name),
             md_escape(&r.method),
             md_escape(&r.status),
             fmt_ppl(r.perplexity),
             fmt_delta(r.baseline_delta),
+            fmt_ci(r.baseline_delta_ci, 2),
+            vs_best_mark(r.vs_best.as_deref()),
             fmt_opt(r.trainable_params),
             fmt_opt(r.total_params),
             fmt_opt(r.train_tokens),
@@ -230,6 +406,7 @@ pub fn to_markdown(rows: &[SummaryRow]) -> String {
             md_escape(r.reason.as_deref().unwrap_or("")),
         );
     }
+    differences_markdown(&mut out, rows);
     let failures: Vec<&SummaryRow> = rows.iter().filter(|r| r.message.is_some()).collect();
     if !failures.is_empty() {
         out.push_str("\n## Failures\n\n");
@@ -247,6 +424,85 @@ pub fn to_markdown(rows: &[SummaryRow]) -> String {
     out
 }
 
+/// The "Differences" section of summary.md: every Δ against the baseline and the best trial with
+/// its paired bootstrap interval, in perplexity and in loss. Empty when no row has a reference.
+fn differences_markdown(out: &mut String, rows: &[SummaryRow]) {
+    let shown: Vec<&SummaryRow> = rows
+        .iter()
+        .filter(|r| r.best_trial.is_some() || r.baseline_delta.is_some())
+        .collect();
+    if shown.is_empty() {
+        return;
+    }
+    let name_of = |id: &str| {
+        rows.iter()
+            .find(|r| r.trial == id)
+            .map_or(id.to_string(), |r| r.name.clone())
+    };
+    let bests: Vec<String> = {
+        let mut b: Vec<String> = shown
+            .iter()
+            .filter_map(|r| r.best_trial.as_deref())
+            .map(name_of)
+            .collect();
+        b.dedup();
+        b
+    };
+    let _ = write!(
+        out,
+        "\n## Differences with 95 % intervals\n\n\
+         Δ = this trial − the reference. Intervals: paired bootstrap over the validation windows \
+         (the same windows for every trial on the same data, context and tokenizer; {} resamples, \
+         fixed seed). Best: {}. **≈ best**: the interval of Δ perplexity against the best contains 0, \
+         so this validation set does not tell the two apart.\n\n",
+        stats::BOOTSTRAP_RESAMPLES,
+        if bests.is_empty() {
+            "—".to_string()
+        } else {
+            bests.iter().map(|b| md_escape(b)).collect::<Vec<_>>().join(", ")
+        },
+    );
+    out.push_str(
+        "| name | windows | Δ ppl vs baseline | Δ loss vs baseline | Δ ppl vs best | Δ loss vs best | vs best |\n\
+         |---|---:|---:|---:|---:|---:|---|\n",
+    );
+    for r in &shown {
+        let mark = match r.vs_best.as_deref() {
+            Some("best") => "**best**",
+            Some("indistinguishable") => "**≈ best**",
+            Some("worse") => "worse",
+            _ => "",
+        };
+        let _ = writeln!(
+            out,
+            "| {} | {} | {} | {} | {} | {} | {} |",
+            md_escape(&r.name),
+            fmt_opt(r.valid_windows),
+            fmt_delta_ci(r.baseline_delta, r.baseline_delta_ci, 2),
+            fmt_delta_ci(r.baseline_loss_delta, r.baseline_loss_delta_ci, 4),
+            fmt_delta_ci(r.best_delta, r.best_delta_ci, 2),
+            fmt_delta_ci(r.best_loss_delta, r.best_loss_delta_ci, 4),
+            mark,
+        );
+    }
+    let notes: Vec<&SummaryRow> = shown
+        .iter()
+        .copied()
+        .filter(|r| r.interval_note.is_some())
+        .collect();
+    if !notes.is_empty() {
+        out.push('\n');
+        for r in notes {
+            let _ = writeln!(
+                out,
+                "- {}: {}",
+                md_escape(&r.name),
+                md_escape(r.interval_note.as_deref().unwrap_or(""))
+            );
+        }
+    }
+}
+
 fn csv_field(s: &str) -> String {
     if s.contains([',', '"', '\n', '\r']) {
         format!("\"{}\"", s.replace('"', "\"\""))
@@ -260,7 +516,7 @@ fn csv_opt<T: ToString>(v: Option<T>) -> String {
 }
 
 /// Header of `summary.csv`, in column order.
-pub const CSV_COLUMNS: [&str; 17] = [
+pub const CSV_COLUMNS: [&str; 32] = [
     "trial",
     "name",
     "method",
@@ -278,6 +534,21 @@ pub const CSV_COLUMNS: [&str; 17] = [
     "message",
     "worker",
     "seed",
+    "valid_windows",
+    "baseline_delta_lo",
+    "baseline_delta_hi",
+    "baseline_loss_delta",
+    "baseline_loss_delta_lo",
+    "baseline_loss_delta_hi",
+    "best_trial",
+    "best_delta",
+    "best_delta_lo",
+    "best_delta_hi",
+    "best_loss_delta",
+    "best_loss_delta_lo",
+    "best_loss_delta_hi",
+    "vs_best",
+    "interval_note",
 ];
 
 /// `summary.csv`: full-precision numbers (Rust's shortest round-trip form); empty cells for
@@ -304,6 +575,21 @@ pub fn to_csv(rows: &[SummaryRow]) -> String {
             csv_field(r.message.as_deref().unwrap_or("")),
             csv_field(r.worker.as_deref().unwrap_or("")),
             csv_opt(r.seed),
+            csv_opt(r.valid_windows),
+            csv_opt(r.baseline_delta_ci.map(|c| c[0])),
+            csv_opt(r.baseline_delta_ci.map(|c| c[1])),
+            csv_opt(r.baseline_loss_delta),
+            csv_opt(r.baseline_loss_delta_ci.map(|c| c[0])),
+            csv_opt(r.baseline_loss_delta_ci.map(|c| c[1])),
+            csv_field(r.best_trial.as_deref().unwrap_or("")),
+            csv_opt(r.best_delta),
+            csv_opt(r.best_delta_ci.map(|c| c[0])),
+            csv_opt(r.best_delta_ci.map(|c| c[1])),
+            csv_opt(r.best_loss_delta),
+            csv_opt(r.best_loss_delta_ci.map(|c| c[0])),
+            csv_opt(r.best_loss_delta_ci.map(|c| c[1])),
+            csv_field(r.vs_best.as_deref().unwrap_or("")),
+            csv_field(r.interval_note.as_deref().unwrap_or("")),
         ];
         out.push_str(&cells.join(","));
         out.push('\n');
@@ -325,10 +611,11 @@ pub fn to_terminal_table(rows: &[SummaryRow]) -> String {
         "status",
         "perplexity",
         "Δ baseline",
+        "vs best",
         "trainable",
         "wall",
     ];
-    let body: Vec<[String; 7]> = rows
+    let body: Vec<[String; 8]> = rows
         .iter()
         .map(|r| {
             [
@@ -337,6 +624,7 @@ pub fn to_terminal_table(rows: &[SummaryRow]) -> String {
                 status_cell(r),
                 fmt_ppl(r.perplexity),
                 fmt_delta(r.baseline_delta),
+                vs_best_mark(r.vs_best.as_deref()).to_string(),
                 r.trainable_params.map_or_else(|| "—".into(), human_count),
                 r.wall_seconds.map_or_else(|| "—".into(), human_duration),
             ]
@@ -349,7 +637,7 @@ pub fn to_terminal_table(rows: &[SummaryRow]) -> String {
         }
     }
     // Numbers right-aligned, text left-aligned.
-    let right = [false, false, false, true, true, true, true];
+    let right = [false, false, false, true, true, false, true, true];
     let line = |cells: &[String]| {
         let mut s = String::new();
         for (i, cell) in cells.iter().enumerate() {
@@ -386,6 +674,9 @@ pub struct TrialEvents {
     pub id: String,
     pub name: String,
     pub events: Vec<Progress>,
+    /// When the coordinator recorded each event (Unix ms), parallel to `events`; empty when not
+    /// known. TensorBoard's wall-time axis comes from here.
+    pub unix_ms: Vec<i64>,
 }
 
 /// A trial's (train loss, validation loss) per step. A retried attempt replays steps from its
@@ -472,6 +763,20 @@ pub struct AggregateRow {
     pub wall_seconds_mean: Option<f64>,
     /// Trial ids of the group.
     pub trials: Vec<String>,
+    /// 95 % Student-t intervals of the means across seeds (None below two finished seeds).
+    pub perplexity_ci: Option<[f64; 2]>,
+    pub baseline_delta_ci: Option<[f64; 2]>,
+    /// The configuration with the lowest mean perplexity among those scored on the same
+    /// validation windows (None when there is no other).
+    pub best_arm: Option<String>,
+    /// perplexity − perplexity of the best arm, paired by seed: mean, std and 95 % t-interval
+    /// over the seeds both finished.
+    pub best_delta_mean: Option<f64>,
+    pub best_delta_std: Option<f64>,
+    pub best_delta_ci: Option<[f64; 2]>,
+    /// `best`, `indistinguishable` (the t-interval of Δ vs the best arm contains 0) or `worse`;
+    /// None below two paired seeds.
+    pub vs_best: Option<String>,
 }
 
 /// Mean and sample standard deviation (None for the std below two values).
@@ -529,8 +834,8 @@ pub fn aggregate_rows(records: &[TrialRecord]) -> Vec<AggregateRow> {
     if groups.iter().all(|(_, m)| m.len() < 2) {
         return Vec::new();
     }
-    groups
-        .into_iter()
+    let mut out: Vec<AggregateRow> = groups
+        .iter()
         .map(|(_, members)| {
             let done: Vec<&&SummaryRow> = members.iter().filter(|r| is_done(&r.status)).collect();
             let collect = |f: fn(&SummaryRow) -> Option<f64>| -> Vec<f64> {
@@ -553,9 +858,79 @@ pub fn aggregate_rows(records: &[TrialRecord]) -> Vec<AggregateRow> {
                 baseline_delta_std: ds,
                 wall_seconds_mean: wm,
                 trials: members.iter().map(|r| r.trial.clone()).collect(),
+                perplexity_ci: stats::t_interval(&collect(|r| r.perplexity)).map(|t| t.2),
+                baseline_delta_ci: stats::t_interval(&collect(|r| r.baseline_delta)).map(|t| t.2),
+                best_arm: None,
+                best_delta_mean: None,
+                best_delta_std: None,
+                best_delta_ci: None,
+                vs_best: None,
             }
         })
-        .collect()
+        .collect();
+    // The best arm of each set of arms scored on the same windows, and every arm against it.
+    let key_of = |members: &[&SummaryRow]| {
+        members
+            .iter()
+            .find_map(|m| by_id.get(m.trial.as_str())?.config.as_ref())
+            .map(|c| comparison_key(c, records))
+    };
+    let keys: Vec<Option<String>> = groups.iter().map(|(_, m)| key_of(m)).collect();
+    for i in 0..out.len() {
+        let Some(key) = &keys[i] else { continue };
+        let peers: Vec<usize> = (0..out.len())
+            .filter(|&j| keys[j].as_ref() == Some(key) && out[j].perplexity_mean.is_some())
+            .collect();
+        if peers.len() < 2 || out[i].perplexity_mean.is_none() {
+            continue;
+        }
+        let best = *peers
+            .iter()
+            .min_by(|&&a, &&b| {
+                // Lowest mean; on a tie the arm with more finished seeds (the firmer mean).
+                let p = |j: usize| out[j].perplexity_mean.unwrap_or(f64::INFINITY);
+                p(a).total_cmp(&p(b))
+                    .then_with(|| out[b].finished.cmp(&out[a].finished))
+            })
+            .expect("two peers");
+        let seed_ppl = |j: usize| -> BTreeMap<u64, f64> {
+            groups[j]
+                .1
+                .iter()
+                .filter(|r| is_done(&r.status))
+                .filter_map(|r| Some((r.seed?, r.perplexity.filter(|p| p.is_finite())?)))
+                .collect()
+        };
+        let (mine, theirs) = (seed_ppl(i), seed_ppl(best));
+        // A best arm that ran once (the baseline: evaluation does not depend on the seed) is
+        // the reference of every seed; otherwise pair by seed.
+        let single = (theirs.len() == 1)
+            .then(|| theirs.values().copied().next())
+            .flatten();
+        let deltas: Vec<f64> = mine
+            .iter()
+            .filter_map(|(s, p)| Some(p - single.or_else(|| theirs.get(s).copied())?))
+            .collect();
+        let (dm, ds) = mean_std(&deltas);
+        let ci = stats::t_interval(&deltas).map(|t| t.2);
+        let r = &mut out[i];
+        r.best_arm = Some(strip_seed(&groups[best].1[0].name).to_string());
+        r.best_delta_mean = dm;
+        r.best_delta_std = ds;
+        r.best_delta_ci = ci;
+        r.vs_best = if i == best {
+            Some("best".into())
+        } else {
+            ci.map(|c| {
+                if stats::contains_zero(c) {
+                    "indistinguishable".into()
+                } else {
+                    "worse".into()
+                }
+            })
+        };
+    }
+    out
 }
 
 /// "12.34 ± 0.56" (or just the mean with one seed, "—" with none).
@@ -572,24 +947,40 @@ pub fn fmt_mean_std(mean: Option<f64>, std: Option<f64>, signed: bool) -> String
 /// The seed table in Markdown (appended to summary.md when a sweep has repeats).
 pub fn aggregate_markdown(rows: &[AggregateRow]) -> String {
     let mut out = String::from(
-        "| name | method | seeds | finished | perplexity (mean ± std) | Δ baseline (mean ± std) | mean wall s |\n|---|---|---|---:|---:|---:|---:|\n",
+        "| name | method | seeds | finished | perplexity (mean ± std) | 95 % CI | Δ baseline (mean ± std) | 95 % CI | Δ best arm (mean ± std) | 95 % CI | vs best | mean wall s |\n|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|---:|\n",
     );
     for r in rows {
         let seeds: Vec<String> = r.seeds.iter().map(u64::to_string).collect();
+        let mark = match r.vs_best.as_deref() {
+            Some("best") => "**best**",
+            Some("indistinguishable") => "**≈ best**",
+            Some("worse") => "worse",
+            _ => "",
+        };
         let _ = writeln!(
             out,
-            "| {} | {} | {} | {}/{} | {} | {} | {} |",
+            "| {} | {} | {} | {}/{} | {} | {} | {} | {} | {} | {} | {} | {} |",
             md_escape(&r.name),
             md_escape(&r.method),
             seeds.join(", "),
             r.finished,
             r.trials.len(),
             fmt_mean_std(r.perplexity_mean, r.perplexity_std, false),
+            r.perplexity_ci
+                .map_or_else(|| "—".into(), |[lo, hi]| format!("[{lo:.2}, {hi:.2}]")),
             fmt_mean_std(r.baseline_delta_mean, r.baseline_delta_std, true),
+            fmt_ci(r.baseline_delta_ci, 2),
+            fmt_mean_std(r.best_delta_mean, r.best_delta_std, true),
+            fmt_ci(r.best_delta_ci, 2),
+            mark,
             r.wall_seconds_mean
                 .map_or_else(|| "—".into(), |w| format!("{w:.1}")),
         );
     }
+    out.push_str(
+        "\nStandard deviation over seeds (n − 1); 95 % intervals: Student t over the seeds. \
+         Δ best arm is paired by seed; **≈ best**: its interval contains 0.\n",
+    );
     out
 }
 
@@ -597,7 +988,7 @@ pub fn aggregate_markdown(rows: &[AggregateRow]) -> String {
 /// spaces.
 pub fn aggregate_csv(rows: &[AggregateRow]) -> String {
     let mut out = String::from(
-        "name,method,seeds,finished,trials,perplexity_mean,perplexity_std,baseline_delta_mean,baseline_delta_std,wall_seconds_mean\n",
+        "name,method,seeds,finished,trials,perplexity_mean,perplexity_std,baseline_delta_mean,baseline_delta_std,wall_seconds_mean,perplexity_lo,perplexity_hi,baseline_delta_lo,baseline_delta_hi,best_arm,best_delta_mean,best_delta_std,best_delta_lo,best_delta_hi,vs_best\n",
     );
     for r in rows {
         let seeds: Vec<String> = r.seeds.iter().map(u64::to_string).collect();
@@ -612,6 +1003,16 @@ pub fn aggregate_csv(rows: &[AggregateRow]) -> String {
             csv_opt(r.baseline_delta_mean),
             csv_opt(r.baseline_delta_std),
             csv_opt(r.wall_seconds_mean),
+            csv_opt(r.perplexity_ci.map(|c| c[0])),
+            csv_opt(r.perplexity_ci.map(|c| c[1])),
+            csv_opt(r.baseline_delta_ci.map(|c| c[0])),
+            csv_opt(r.baseline_delta_ci.map(|c| c[1])),
+            csv_field(r.best_arm.as_deref().unwrap_or("")),
+            csv_opt(r.best_delta_mean),
+            csv_opt(r.best_delta_std),
+            csv_opt(r.best_delta_ci.map(|c| c[0])),
+            csv_opt(r.best_delta_ci.map(|c| c[1])),
+            csv_field(r.vs_best.as_deref().unwrap_or("")),
         ];
         out.push_str(&cells.join(","));
         out.push('\n');
@@ -631,7 +1032,7 @@ pub struct ReportMeta {
 }
 
 /// Write every report file into `dir`: summary.{md,csv,json}, curves.csv, samples.md,
-/// trials/<id>.json (the exact resolved config) and report.html. Returns the summary rows (for
+/// trials/<id>.json (the exact resolved config), report.html and tensorboard/<trial name>/. Returns the summary rows (for
 /// the stdout table).
 pub fn write_report(
     dir: &Path,
@@ -694,5 +1095,6 @@ pub fn write_full_report(
         "report.html",
         crate::html::report_html(meta, records, &rows, &aggregate, events),
     )?;
+    crate::tensorboard::write_tensorboard(dir, records, events)?;
     Ok(rows)
 }

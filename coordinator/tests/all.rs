@@ -9,3 +9,4 @@ mod report;
 mod scheduler;
 mod server;
 mod store;
+mod tensorboard;

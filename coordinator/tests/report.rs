@@ -5,9 +5,9 @@
 use std::path::Path;
 
 use coordinator::report::{
-    aggregate_csv, aggregate_rows, curves_csv, mean_std, samples_md, summary_rows, to_csv, to_json,
-    to_markdown, to_terminal_table, write_full_report, write_report, ReportMeta, SummaryRow,
-    TrialEvents, TrialRecord, CSV_COLUMNS,
+    aggregate_csv, aggregate_markdown, aggregate_rows, curves_csv, mean_std, samples_md,
+    summary_rows, to_csv, to_json, to_markdown, to_terminal_table, write_full_report, write_report,
+    ReportMeta, SummaryRow, TrialEvents, TrialRecord, CSV_COLUMNS,
 };
 use experiments::trial::{Progress, TrialConfig, TrialMetrics};
 
@@ -33,6 +33,7 @@ fn metrics(ppl: f64, trainable: u64) -> TrialMetrics {
             .into_iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect(),
+        ..Default::default()
     }
 }
 
@@ -313,6 +314,7 @@ fn curves_merge_train_and_valid_loss_by_step_and_keep_the_latest_attempt() {
     let events = vec![TrialEvents {
         id: "abc".into(),
         name: "freeze-1".into(),
+        unix_ms: vec![],
         events: vec![
             Progress::Step {
                 step: 1,
@@ -370,11 +372,13 @@ fn samples_are_grouped_by_trial_and_fenced_safely() {
         TrialEvents {
             id: "t1".into(),
             name: "baseline".into(),
+            unix_ms: vec![],
             events: vec![],
         },
         TrialEvents {
             id: "t2".into(),
             name: "freeze-1".into(),
+            unix_ms: vec![],
             events: vec![
                 Progress::Sample {
                     prompt: "To be".into(),
@@ -406,6 +410,7 @@ fn write_report_writes_every_file_and_the_exact_configs() {
         .map(|r| TrialEvents {
             id: r.id.clone(),
             name: r.name.clone(),
+            unix_ms: vec![],
             events: vec![Progress::Eval {
                 step: 10,
                 valid_loss: 3.0,
@@ -538,6 +543,7 @@ fn html_report_holds_table_seed_table_plots_samples_and_configs() {
             TrialEvents {
                 id: r.id.clone(),
                 name: r.name.clone(),
+                unix_ms: vec![],
                 events,
             }
         })
@@ -601,4 +607,229 @@ fn html_report_holds_table_seed_table_plots_samples_and_configs() {
         .unwrap()
         .replace('"', "&quot;");
     assert!(html.contains(&pretty));
+}
+
+/// Metrics whose perplexity and loss come from per-window NLL: `offset` nats per token above a
+/// shared per-window difficulty, plus `noise` alternating in sign.
+fn window_metrics(windows: usize, offset: f64, noise: f64) -> TrialMetrics {
+    let tok = 127u64;
+    let nll: Vec<f64> = (0..windows)
+        .map(|i| {
+            let difficulty = 4.0 + 0.5 * (i as f64).sin();
+            let wiggle = if i % 2 == 0 { noise } else { -noise * 0.9 };
+            tok as f64 * (difficulty + offset + wiggle)
+        })
+        .collect();
+    let loss = nll.iter().sum::<f64>() / (tok * windows as u64) as f64;
+    TrialMetrics {
+        perplexity: loss.exp(),
+        valid_loss: loss,
+        valid_tokens: tok * windows as u64,
+        valid_window_tokens: vec![tok; windows],
+        valid_window_nll: nll,
+        ..metrics(1.0, 10)
+    }
+}
+
+/// The quickstart with per-window NLL: freeze-1 best, freeze-3 a hair worse with noise (not
+/// distinguishable), freeze-all clearly worse, gradual scored on other windows (no interval).
+fn windowed_records() -> Vec<TrialRecord> {
+    quickstart()
+        .iter()
+        .map(|c| {
+            let m = match c.name.as_str() {
+                "freeze-2" => {
+                    let mut r = record(c, "failed", None);
+                    r.reason = Some("diverged".into());
+                    return r;
+                }
+                "baseline" => window_metrics(48, 0.5, 0.0),
+                "freeze-1" => window_metrics(48, 0.0, 0.0),
+                "freeze-3" => window_metrics(48, 0.002, 0.05),
+                "freeze-all" => window_metrics(48, 0.1, 0.01),
+                "gradual" => window_metrics(40, 0.05, 0.0),
+                _ => window_metrics(48, 0.3, 0.02),
+            };
+            record(c, "done", Some(m))
+        })
+        .collect()
+}
+
+#[test]
+fn deltas_carry_paired_bootstrap_intervals_and_the_best_is_marked() {
+    let recs = windowed_records();
+    let rows = summary_rows(&recs);
+    let best = row(&rows, "freeze-1");
+    assert_eq!(best.vs_best.as_deref(), Some("best"));
+    assert_eq!(best.best_trial.as_deref(), Some(best.trial.as_str()));
+    assert_eq!(best.valid_windows, Some(48));
+
+    let tied = row(&rows, "freeze-3");
+    assert_eq!(tied.vs_best.as_deref(), Some("indistinguishable"));
+    let ci = tied.best_delta_ci.unwrap();
+    assert!(ci[0] < 0.0 && ci[1] > 0.0, "{ci:?}");
+    let d = tied.best_delta.unwrap();
+    assert!((d - (tied.perplexity.unwrap() - best.perplexity.unwrap())).abs() < 1e-12);
+    assert!(ci[0] <= d && d <= ci[1]);
+    assert!(tied.best_loss_delta_ci.is_some());
+
+    let worse = row(&rows, "freeze-all");
+    assert_eq!(worse.vs_best.as_deref(), Some("worse"));
+    assert!(worse.best_delta_ci.unwrap()[0] > 0.0);
+    // Better than the baseline, and the interval says so.
+    let b = worse.baseline_delta_ci.unwrap();
+    assert!(b[1] < 0.0, "{b:?}");
+    let lb = worse.baseline_loss_delta_ci.unwrap();
+    assert!((worse.baseline_loss_delta.unwrap() - (0.1 - 0.5)).abs() < 0.01);
+    assert!(lb[0] <= -0.35 && lb[1] >= -0.45 && lb[1] < 0.0, "{lb:?}");
+
+    let base = row(&rows, "baseline");
+    assert_eq!(base.baseline_delta, Some(0.0));
+    assert_eq!(base.baseline_delta_ci, None);
+    assert_eq!(base.vs_best.as_deref(), Some("worse"));
+
+    // Other windows: the point estimate, no interval, and a note saying why.
+    let g = row(&rows, "gradual");
+    assert!(g.best_delta.is_some());
+    assert_eq!((g.best_delta_ci, g.baseline_delta_ci), (None, None));
+    assert_eq!(g.vs_best, None);
+    let note = g.interval_note.as_deref().unwrap();
+    assert!(
+        note.contains("different validation windows: 40 vs 48"),
+        "{note}"
+    );
+
+    // The pretrain stage is scored on its own data and tokenizer: nothing to compare with.
+    let p = rows.iter().find(|r| r.method == "pretrain").unwrap();
+    assert_eq!(
+        (p.best_trial.as_deref(), p.vs_best.as_deref()),
+        (None, None)
+    );
+
+    // The same numbers in every format.
+    let md = to_markdown(&rows);
+    assert!(md.contains("## Differences with 95 % intervals"), "{md}");
+    let line = |text: &str, name: &str| {
+        text.lines()
+            .find(|l| l.starts_with(&format!("| {name} |")))
+            .unwrap_or_else(|| panic!("no row for {name}"))
+            .to_string()
+    };
+    assert!(line(&md, "freeze-3").contains("| **≈ best** |"));
+    let [lo, hi] = ci;
+    assert!(
+        line(&md, "freeze-3").contains(&format!("{d:+.2} [{lo:+.2}, {hi:+.2}]")),
+        "{}",
+        line(&md, "freeze-3")
+    );
+    let main = md.lines().find(|l| l.contains(&best.trial)).unwrap();
+    assert!(main.contains("| best |"), "{main}");
+    let csv = to_csv(&rows);
+    let header = parse_csv_line(csv.lines().next().unwrap());
+    let col = |n: &str| header.iter().position(|h| h == n).unwrap();
+    let cells = parse_csv_line(csv.lines().find(|l| l.starts_with(&tied.trial)).unwrap());
+    assert_eq!(cells[col("vs_best")], "indistinguishable");
+    assert_eq!(cells[col("best_delta_lo")].parse::<f64>().unwrap(), lo);
+    assert_eq!(cells[col("best_delta_hi")].parse::<f64>().unwrap(), hi);
+    assert_eq!(cells[col("best_trial")], best.trial);
+    let json: serde_json::Value = serde_json::from_str(&to_json(&rows)).unwrap();
+    let j = json
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|j| j["name"] == "freeze-3")
+        .unwrap();
+    assert_eq!(j["best_delta_ci"][0].as_f64(), Some(lo));
+    assert_eq!(j["vs_best"], "indistinguishable");
+    let t = to_terminal_table(&rows);
+    assert!(
+        t.lines()
+            .any(|l| l.starts_with("freeze-3 ") && l.contains("≈ best")),
+        "{t}"
+    );
+    // Reproducible: the bootstrap is seeded.
+    assert_eq!(summary_rows(&recs), rows);
+}
+
+/// Metrics from before per-window NLL was recorded still read, and simply have no interval.
+#[test]
+fn metrics_without_windows_read_and_have_no_interval() {
+    let old = r#"{"perplexity":12.5,"valid_loss":2.5257,"valid_tokens":4096,"train_tokens":0,
+        "steps":0,"trainable_params":0,"total_params":10,"final_train_loss":null,"wall_seconds":1.0}"#;
+    let m: TrialMetrics = serde_json::from_str(old).unwrap();
+    assert!(m.valid_window_nll.is_empty() && m.valid_window_tokens.is_empty());
+    // And the new fields are left out of the JSON when empty, so old readers are not surprised.
+    assert!(!serde_json::to_string(&m).unwrap().contains("window"));
+    let rows = summary_rows(&records());
+    assert!(rows
+        .iter()
+        .all(|r| r.best_delta_ci.is_none() && r.valid_windows.is_none()));
+    let f1 = row(&rows, "freeze-1");
+    assert!(f1.best_delta.is_some());
+    assert!(f1
+        .interval_note
+        .as_deref()
+        .unwrap()
+        .contains("no per-window NLL"));
+}
+
+#[test]
+fn seeds_give_t_intervals_and_the_best_arm() {
+    let (mut recs, _) = seeded_records();
+    // freeze-all sits around gradual's perplexity, above and below it by seed.
+    let gradual: std::collections::HashMap<u64, f64> = recs
+        .iter()
+        .filter(|r| r.name.starts_with("gradual seed="))
+        .map(|r| {
+            (
+                r.config.as_ref().unwrap().seed,
+                r.metrics.as_ref().unwrap().perplexity,
+            )
+        })
+        .collect();
+    for r in &mut recs {
+        if r.name.starts_with("freeze-all seed=") {
+            let s = r.config.as_ref().unwrap().seed;
+            r.metrics.as_mut().unwrap().perplexity = gradual[&s] + [0.5, -0.4, 0.2][s as usize];
+        }
+    }
+    let agg = aggregate_rows(&recs);
+    let g = agg.iter().find(|a| a.name == "gradual").unwrap();
+    assert_eq!(g.vs_best.as_deref(), Some("best"));
+    assert_eq!(g.best_arm.as_deref(), Some("gradual"));
+    // freeze-1: 48, 49, 50 → 49 ± 1, t(2) = 4.303: 49 ± 4.303/√3.
+    let f1 = agg.iter().find(|a| a.name == "freeze-1").unwrap();
+    let [lo, hi] = f1.perplexity_ci.unwrap();
+    let half = 4.303 / 3f64.sqrt();
+    assert!((lo - (49.0 - half)).abs() < 1e-9 && (hi - (49.0 + half)).abs() < 1e-9);
+    // One more than gradual at every seed: Δ = 1 exactly, clearly worse.
+    assert_eq!(f1.best_delta_mean, Some(1.0));
+    assert_eq!(f1.best_delta_ci, Some([1.0, 1.0]));
+    assert_eq!(f1.vs_best.as_deref(), Some("worse"));
+    let fa = agg.iter().find(|a| a.name == "freeze-all").unwrap();
+    assert!((fa.best_delta_mean.unwrap() - 0.1).abs() < 1e-9);
+    assert_eq!(fa.vs_best.as_deref(), Some("indistinguishable"));
+    // The baseline ran once, at gradual's mean: gradual (three seeds) is the best arm, and the
+    // baseline has no interval of its own and no verdict.
+    let b = agg.iter().find(|a| a.name == "baseline").unwrap();
+    assert_eq!(b.perplexity_mean, g.perplexity_mean);
+    assert_eq!((b.perplexity_ci, b.vs_best.as_deref()), (None, None));
+    // Against a best arm that ran once, every seed is paired with that one run.
+    let mut once = recs.clone();
+    once.retain(|r| !r.name.starts_with("gradual") && !r.name.starts_with("freeze-all"));
+    let agg1 = aggregate_rows(&once);
+    let f1b = agg1.iter().find(|a| a.name == "freeze-1").unwrap();
+    assert_eq!(f1b.best_arm.as_deref(), Some("baseline"));
+    // 48, 49, 50 against the baseline's 48.
+    assert_eq!(f1b.best_delta_mean, Some(1.0));
+    assert_eq!(f1b.vs_best.as_deref(), Some("indistinguishable"));
+    let md = aggregate_markdown(&agg);
+    let line = md
+        .lines()
+        .find(|l| l.starts_with("| freeze-all |"))
+        .unwrap();
+    assert!(line.contains("**≈ best**"), "{line}");
+    let csv = aggregate_csv(&agg);
+    let line = csv.lines().find(|l| l.starts_with("freeze-1,")).unwrap();
+    assert!(line.ends_with(",gradual,1,0,1,1,worse"), "{line}");
 }

@@ -74,6 +74,50 @@ pub fn perplexity(
     max_chunks: Option<usize>,
     device: &Device,
 ) -> Result<EvalResult> {
+    evaluate(model, tokens, context, batch_size, max_chunks, device, None)
+}
+
+/// Summed NLL and prediction count of each evaluation window (chunk), in chunk order: what a
+/// paired comparison of two trials on the same validation windows resamples.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct WindowNll {
+    pub nll: Vec<f64>,
+    pub tokens: Vec<u64>,
+}
+
+/// [`perplexity`] that also keeps each window's summed NLL (for the report's paired bootstrap
+/// intervals). The totals are the sums of the windows, so `result.nll == windows.nll.sum()`.
+/// Costs one host sync per window more than [`perplexity`], so periodic evaluations do not use it.
+pub fn perplexity_by_window(
+    model: &dyn CausalLm,
+    tokens: &[u32],
+    context: usize,
+    batch_size: usize,
+    max_chunks: Option<usize>,
+    device: &Device,
+) -> Result<(EvalResult, WindowNll)> {
+    let mut windows = WindowNll::default();
+    let r = evaluate(
+        model,
+        tokens,
+        context,
+        batch_size,
+        max_chunks,
+        device,
+        Some(&mut windows),
+    )?;
+    Ok((r, windows))
+}
+
+fn evaluate(
+    model: &dyn CausalLm,
+    tokens: &[u32],
+    context: usize,
+    batch_size: usize,
+    max_chunks: Option<usize>,
+    device: &Device,
+    mut windows: Option<&mut WindowNll>,
+) -> Result<EvalResult> {
     if context < 2 {
         return Err(Error::Config(format!(
             "evaluation context {context} must be at least 2"
@@ -112,7 +156,20 @@ pub fn perplexity(
         let logits = model.forward_with(&ids, &none)?;
         let v = logits.dim(2)?;
         let logits = logits.reshape((b * (len - 1), v))?;
-        nll += ops::nll_sum(&logits, &tgt)?;
+        match windows.as_deref_mut() {
+            None => nll += ops::nll_sum(&logits, &tgt)?,
+            // Full chunks come first, in order, then the tail: window order is chunk order.
+            Some(w) => {
+                for i in 0..b {
+                    let rows = logits.narrow(0, i * (len - 1), len - 1)?;
+                    let t = tgt.narrow(0, i * (len - 1), len - 1)?;
+                    let x = ops::nll_sum(&rows, &t)?;
+                    nll += x;
+                    w.nll.push(x);
+                    w.tokens.push((len - 1) as u64);
+                }
+            }
+        }
         predicted += (b * (len - 1)) as u64;
     }
     let loss = nll / predicted as f64;
@@ -176,6 +233,23 @@ mod tests {
             r.perplexity > 25.0 && r.perplexity < 100.0,
             "{}",
             r.perplexity
+        );
+        // Per window: the hand-computed chunks, and the same totals.
+        let (r, w) = perplexity_by_window(&model, &tokens, 8, 2, None, &dev)?;
+        assert_eq!(w.tokens, vec![7, 7, 5]);
+        assert_eq!(w.nll.len(), 3);
+        assert_eq!(r.nll, w.nll.iter().sum::<f64>());
+        assert!((r.nll - nll).abs() < 1e-4 * nll);
+        let first = {
+            let c = &tokens[..8];
+            let ids = Tensor::from_slice(&c[..7], (1, 7), &dev)?;
+            let tgt = Tensor::from_slice(&c[1..], 7, &dev)?;
+            ops::nll_sum(&model.forward(&ids)?.reshape((7, 50))?, &tgt)?
+        };
+        assert!(
+            (w.nll[0] - first).abs() < 1e-4 * first,
+            "{} vs {first}",
+            w.nll[0]
         );
         // Capped: only the first chunk.
         let capped = perplexity(&model, &tokens, 8, 4, Some(1), &dev)?;

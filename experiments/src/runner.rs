@@ -244,7 +244,7 @@ fn run_trial_inner(
     }
 
     // 4. Final evaluation on the whole validation split (or max_valid_windows chunks).
-    let ev = eval::perplexity(
+    let (ev, windows) = eval::perplexity_by_window(
         &*model,
         valid_tokens,
         cfg.data.context,
@@ -295,6 +295,7 @@ fn run_trial_inner(
         cfg.groups,
         cfg.train.steps.saturating_sub(1),
     )?;
+    let finite = windows.nll.iter().all(|x| x.is_finite());
     let metrics = TrialMetrics {
         perplexity: ev.perplexity,
         valid_loss: ev.loss,
@@ -308,6 +309,10 @@ fn run_trial_inner(
         wall_seconds: started.elapsed().as_secs_f64()
             + report.as_ref().map_or(0.0, |r| r.prior_wall_s),
         environment: environment(&env.device),
+        // For the report's paired intervals; left out when not finite (JSON has no NaN, and
+        // such a trial has no meaningful interval anyway).
+        valid_window_nll: if finite { windows.nll } else { Vec::new() },
+        valid_window_tokens: if finite { windows.tokens } else { Vec::new() },
     };
     write_json(&out.join("metrics.json"), &metrics)?;
     Ok(Outcome::Finished(metrics))

@@ -309,6 +309,15 @@ pub struct TrialMetrics {
     /// threads (see `runner::environment`). Empty in metrics from before it was recorded.
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub environment: std::collections::BTreeMap<String, String>,
+    /// Summed validation NLL (nats) of each window of the final evaluation, in window order
+    /// (`eval::chunks`). Trials on the same data and context share the windows, so the report
+    /// pairs them by index for bootstrap intervals. Empty in metrics from before it was recorded
+    /// (and when a window's NLL is not finite: JSON has no NaN).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub valid_window_nll: Vec<f64>,
+    /// Predicted tokens of each of those windows.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub valid_window_tokens: Vec<u64>,
 }
 
 /// A progress event streamed while a trial runs.
