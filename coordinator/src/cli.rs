@@ -539,11 +539,11 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     use std::io::Write as _;
     let _ = std::io::stdout().flush();
     let opts = crate::server::ServeOpts {
-        state_dir: args.state,
         worker_token,
         admin_token,
         lease_ttl,
         tls,
+        ..crate::server::ServeOpts::new(args.state)
     };
     let metrics = std::sync::Arc::new(crate::metrics::Metrics::default());
     let metrics_task = match &args.metrics_listen {
@@ -857,11 +857,10 @@ pub async fn serve_on(
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let opts = crate::server::ServeOpts {
-        state_dir,
         worker_token,
         admin_token,
         lease_ttl,
-        tls: None,
+        ..crate::server::ServeOpts::new(state_dir)
     };
     crate::server::serve(listener, opts, shutdown).await
 }

@@ -14,8 +14,9 @@ use std::collections::HashSet;
 use std::future::Future;
 use std::path::PathBuf;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use ablate_proto::pb;
 use ablate_proto::pb::sweep_service_client::SweepServiceClient;
@@ -53,6 +54,59 @@ pub struct ServeOpts {
     pub lease_ttl: Duration,
     /// Serve TLS with this certificate and key; `None` is plain HTTP/2.
     pub tls: Option<crate::tls::TlsIdentity>,
+    /// Where the server reads the time (tests step its wall clock).
+    pub clock: Clock,
+}
+
+/// The coordinator's two clocks. Lease deadlines count in monotonic milliseconds, which never
+/// jump: fed wall time, the scheduler expired every lease when NTP or an operator stepped the
+/// clock forward (and kept dead leases forever after a step back). Wall time is only for what
+/// people read: stored start/finish times and the deadlines shown to workers.
+#[derive(Clone, Debug)]
+pub struct Clock {
+    origin: Instant,
+    /// Added to the system's wall time: what a clock step does, for tests.
+    wall_step_ms: Arc<AtomicI64>,
+}
+
+impl Default for Clock {
+    fn default() -> Self {
+        Clock {
+            origin: Instant::now(),
+            wall_step_ms: Arc::new(AtomicI64::new(0)),
+        }
+    }
+}
+
+impl Clock {
+    /// Milliseconds since this clock was made; never goes back, unaffected by clock steps.
+    pub fn mono_ms(&self) -> i64 {
+        self.origin.elapsed().as_millis().min(i64::MAX as u128) as i64
+    }
+
+    /// Unix time in milliseconds.
+    pub fn wall_ms(&self) -> i64 {
+        let sys = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_millis() as i64)
+            .unwrap_or(0);
+        sys.saturating_add(self.wall_step_ms.load(Ordering::Relaxed))
+    }
+
+    /// Step this clock's wall time by `ms`, as NTP or `date -s` steps the system's.
+    pub fn step_wall(&self, ms: i64) {
+        self.wall_step_ms.fetch_add(ms, Ordering::Relaxed);
+    }
+
+    /// A monotonic deadline as unix milliseconds, for people and workers to read.
+    fn shown(&self, deadline_mono_ms: i64) -> i64 {
+        self.wall_ms() + (deadline_mono_ms - self.sched_ms())
+    }
+
+    /// The time the scheduler is fed: monotonic, so lease deadlines ignore clock steps.
+    fn sched_ms(&self) -> i64 {
+        self.mono_ms()
+    }
 }
 
 impl std::fmt::Debug for ServeOpts {
@@ -64,6 +118,7 @@ impl std::fmt::Debug for ServeOpts {
             .field("admin_token", &set(&self.admin_token))
             .field("lease_ttl", &self.lease_ttl)
             .field("tls", &self.tls.is_some())
+            .field("clock", &self.clock)
             .finish()
     }
 }
@@ -77,6 +132,7 @@ impl ServeOpts {
             admin_token: None,
             lease_ttl: Duration::from_secs(30),
             tls: None,
+            clock: Clock::default(),
         }
     }
 }
@@ -149,7 +205,7 @@ pub async fn serve_with_metrics(
         crate::scheduler::DEFAULT_RETRY_BUDGET,
         restored,
         workers,
-        now_ms(),
+        opts.clock.sched_ms(),
     );
     let (bus, _) = broadcast::channel(1024);
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -160,6 +216,7 @@ pub async fn serve_with_metrics(
         ttl_ms,
         stop: stop_rx,
         metrics: metrics.clone(),
+        clock: opts.clock.clone(),
     });
     install_gauges(&metrics, &shared);
     {
@@ -175,7 +232,7 @@ pub async fn serve_with_metrics(
             );
         }
         shared
-            .apply(&mut inner, &decisions, now_ms())
+            .apply(&mut inner, &decisions, shared.clock.wall_ms())
             .map_err(status_to_anyhow)?;
     }
     let addr = listener.local_addr().ok();
@@ -232,6 +289,7 @@ struct Shared {
     ttl_ms: i64,
     stop: watch::Receiver<bool>,
     metrics: Arc<crate::metrics::Metrics>,
+    clock: Clock,
 }
 
 /// Let the metrics endpoint read trials by state and registered workers from the store at scrape
@@ -305,9 +363,8 @@ async fn tick_loop(shared: Arc<Shared>) {
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         interval.tick().await;
-        let now = now_ms();
         let mut inner = shared.lock();
-        let decisions = inner.sched.tick(now);
+        let decisions = inner.sched.tick(shared.clock.sched_ms());
         if !decisions.is_empty() {
             for d in &decisions {
                 if let Decision::Ended {
@@ -318,18 +375,11 @@ async fn tick_loop(shared: Arc<Shared>) {
                     shared.metrics.leases_expired(1);
                 }
             }
-            if let Err(e) = shared.apply(&mut inner, &decisions, now) {
+            if let Err(e) = shared.apply(&mut inner, &decisions, shared.clock.wall_ms()) {
                 tracing::error!(cause = %e.message(), "could not persist expired leases");
             }
         }
     }
-}
-
-fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
 }
 
 fn store_status(e: StoreError) -> Status {
@@ -477,7 +527,7 @@ impl WorkerService for WorkerApi {
         let mut inner = self.0.lock();
         let id = inner
             .store
-            .register_worker(&info, now_ms())
+            .register_worker(&info, self.0.clock.wall_ms())
             .map_err(store_status)?;
         inner.sched.register_worker(&id, &info.host);
         self.0.metrics.worker_seen(&id);
@@ -583,16 +633,17 @@ impl WorkerService for WorkerApi {
         let mut inner = self.0.lock();
         let ans = inner
             .sched
-            .heartbeat(&r.worker_id, &held, now_ms())
+            .heartbeat(&r.worker_id, &held, self.0.clock.sched_ms())
             .map_err(sched_status)?;
+        let clock = &self.0.clock;
         Ok(Response::new(pb::HeartbeatResponse {
             renewed: ans
                 .renewed
                 .into_iter()
-                .map(|(trial_id, attempt, deadline_unix_ms)| pb::RenewedLease {
+                .map(|(trial_id, attempt, deadline)| pb::RenewedLease {
                     trial_id,
                     attempt,
-                    deadline_unix_ms,
+                    deadline_unix_ms: clock.shown(deadline),
                 })
                 .collect(),
             cancel: ans
@@ -619,7 +670,7 @@ impl WorkerService for WorkerApi {
         }
         let fresh = inner
             .store
-            .record_event(&r.trial_id, r.attempt, r.seq, &json, now_ms())
+            .record_event(&r.trial_id, r.attempt, r.seq, &json, self.0.clock.wall_ms())
             .map_err(store_status)?;
         if fresh {
             self.0.metrics.event_recorded();
@@ -642,7 +693,8 @@ impl WorkerService for WorkerApi {
         let mut inner = self.0.lock();
         let decisions = inner.sched.complete(&r.trial_id, r.attempt, r.metrics_json);
         let accepted = !decisions.is_empty();
-        self.0.apply(&mut inner, &decisions, now_ms())?;
+        self.0
+            .apply(&mut inner, &decisions, self.0.clock.wall_ms())?;
         if accepted {
             tracing::info!(trial = %r.trial_id, attempt = r.attempt, perplexity = metrics.perplexity, "trial finished");
             // The final model is kept; the resumable checkpoint is no longer needed.
@@ -674,7 +726,8 @@ impl WorkerService for WorkerApi {
         let mut inner = self.0.lock();
         let decisions = inner.sched.fail(&r.trial_id, r.attempt, failure);
         let accepted = !decisions.is_empty();
-        self.0.apply(&mut inner, &decisions, now_ms())?;
+        self.0
+            .apply(&mut inner, &decisions, self.0.clock.wall_ms())?;
         Ok(Response::new(pb::FailResponse { accepted }))
     }
 
@@ -704,14 +757,24 @@ impl WorkerService for WorkerApi {
         while let Some(chunk) = stream.next().await {
             writer.write(&chunk?.data).map_err(store_status)?;
         }
-        let row = tokio::task::spawn_blocking(move || writer.finish())
+        // fsync off the runtime's threads; the file is not in place yet.
+        let sealed = tokio::task::spawn_blocking(move || writer.seal())
             .await
             .map_err(|e| Status::internal(format!("artifact writer: {e}")))?
             .map_err(store_status)?;
+        // The stream may have taken longer than the lease: a stale attempt's late `ckpt/` upload
+        // would replace the new attempt's checkpoint. Check ownership again under the lock that
+        // puts the file in place, so no new attempt can start between the check and the rename.
         let mut inner = self.0.lock();
-        inner
+        if !inner.sched.is_current(&trial_id, attempt) {
+            return Err(Status::failed_precondition(format!(
+                "attempt {attempt} of trial {trial_id} lost the trial during its upload of {name}"
+            )));
+        }
+        let now = self.0.clock.wall_ms();
+        let row = inner
             .store
-            .record_artifact(&trial_id, &row, now_ms())
+            .commit_artifact(&trial_id, sealed, now)
             .map_err(store_status)?;
         tracing::debug!(trial = %trial_id, name = %row.name, size = row.size, "artifact stored");
         Ok(Response::new(pb::UploadArtifactResponse {
@@ -830,10 +893,13 @@ impl Drop for Waiting<'_> {
 impl WorkerApi {
     fn try_lease(&self, worker_id: &str) -> Result<Option<pb::Lease>, Status> {
         let mut inner = self.0.lock();
-        let now = now_ms();
-        let (grant, decisions) = inner.sched.lease(worker_id, now).map_err(sched_status)?;
+        let clock = &self.0.clock;
+        let (grant, decisions) = inner
+            .sched
+            .lease(worker_id, clock.sched_ms())
+            .map_err(sched_status)?;
         let Some(grant) = grant else { return Ok(None) };
-        self.0.apply(&mut inner, &decisions, now)?;
+        self.0.apply(&mut inner, &decisions, clock.wall_ms())?;
         let row = inner
             .store
             .trial(&grant.trial_id)
@@ -856,7 +922,7 @@ impl WorkerApi {
             config_json: row.config_json,
             base_trial_id: row.depends_on.unwrap_or_default(),
             resume_artifacts: resume,
-            deadline_unix_ms: grant.deadline_ms,
+            deadline_unix_ms: clock.shown(grant.deadline_ms),
             rank: grant.rank,
             world: grant.world,
         }))
@@ -888,7 +954,7 @@ impl SweepService for SweepApi {
             }
             trials.push(NewTrial { id, config });
         }
-        let now = now_ms();
+        let now = self.0.clock.wall_ms();
         let mut inner = self.0.lock();
         let submitted = inner
             .store
@@ -1030,6 +1096,12 @@ impl SweepService for SweepApi {
             );
         }
         ids.extend(r.trial_ids);
+        // Validate every id before the scheduler changes anything: an error half way used to
+        // leave the first trials cancelled in memory but running in the store (and a restart
+        // revived them). Then decide, then persist.
+        if let Some(unknown) = ids.iter().find(|id| inner.sched.state(id).is_none()) {
+            return Err(sched_status(SchedError::UnknownTrial(unknown.clone())));
+        }
         let mut decisions = Vec::new();
         let mut cancelled = Vec::new();
         for id in ids {
@@ -1039,7 +1111,8 @@ impl SweepService for SweepApi {
             }
             decisions.extend(ds);
         }
-        self.0.apply(&mut inner, &decisions, now_ms())?;
+        self.0
+            .apply(&mut inner, &decisions, self.0.clock.wall_ms())?;
         tracing::info!(n = cancelled.len(), "trials cancelled");
         Ok(Response::new(pb::CancelResponse { cancelled }))
     }

@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use ablate_proto::pb;
 use coordinator::server::{
-    admin_client, serve, worker_client, AdminClient, ServeOpts, WorkerClient,
+    admin_client, serve, worker_client, AdminClient, Clock, ServeOpts, WorkerClient,
 };
 use experiments::trial::*;
 use tokio::sync::oneshot;
@@ -21,12 +21,17 @@ struct Server {
 
 impl Server {
     async fn start(state_dir: &std::path::Path, ttl: Duration) -> Server {
+        Server::start_with_clock(state_dir, ttl, Clock::default()).await
+    }
+
+    async fn start_with_clock(state_dir: &std::path::Path, ttl: Duration, clock: Clock) -> Server {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
         let mut opts = ServeOpts::new(state_dir);
         opts.worker_token = Some(WORKER_TOKEN.into());
         opts.admin_token = Some(ADMIN_TOKEN.into());
         opts.lease_ttl = ttl;
+        opts.clock = clock;
         let (tx, rx) = oneshot::channel::<()>();
         let handle = tokio::spawn(serve(listener, opts, async move {
             let _ = rx.await;
@@ -834,5 +839,185 @@ async fn a_worker_that_heartbeats_after_a_restart_keeps_its_attempt() {
         .into_inner();
     let seqs: Vec<u64> = ev.events.iter().map(|e| e.seq).collect();
     assert_eq!(seqs, [0, 1, 2, 3], "every report once, in order");
+    server.shutdown().await;
+}
+
+/// A cancel naming an unknown trial after known ones changes nothing: neither the scheduler's
+/// memory nor the store (which once disagreed: cancelled in memory, running on disk, revived by a
+/// restart).
+#[tokio::test]
+async fn cancel_with_an_unknown_id_cancels_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = config("a", Base::HfDir { path: "/m".into() }, 10);
+    let server = Server::start(dir.path(), Duration::from_secs(30)).await;
+    let mut admin = server.admin().await;
+    let mut w = server.worker().await;
+    admin
+        .submit(pb::SubmitRequest {
+            sweep_name: "s".into(),
+            sweep_text: String::new(),
+            trials: vec![submitted(&a)],
+        })
+        .await
+        .unwrap();
+    let err = admin
+        .cancel(pb::CancelRequest {
+            sweep: String::new(),
+            trial_ids: vec![a.id(), "00000000deadbeef".into()],
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::NotFound);
+    assert!(
+        err.message().contains("00000000deadbeef"),
+        "{}",
+        err.message()
+    );
+    let got = admin
+        .get(pb::GetRequest { sweep: "s".into() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(got.trials[0].state, "queued");
+    // The scheduler agrees with the store: the trial is still handed out.
+    let wid = register(&mut w, "one").await;
+    let l = lease(&mut w, &wid, 2000)
+        .await
+        .expect("the trial is still queued");
+    assert_eq!(l.trial_id, a.id());
+    // A valid cancel still works.
+    let c = admin
+        .cancel(pb::CancelRequest {
+            sweep: String::new(),
+            trial_ids: vec![a.id()],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(c.cancelled, vec![a.id()]);
+    server.shutdown().await;
+}
+
+/// An upload that began while its attempt owned the trial, and ends after the lease passed to a
+/// new attempt, must not replace the new attempt's checkpoint.
+#[tokio::test]
+async fn a_stale_upload_finishing_late_does_not_replace_the_new_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = config("a", Base::HfDir { path: "/m".into() }, 10);
+    let server = Server::start(dir.path(), Duration::from_millis(400)).await;
+    let mut admin = server.admin().await;
+    let mut w = server.worker().await;
+    admin
+        .submit(pb::SubmitRequest {
+            sweep_name: "s".into(),
+            sweep_text: String::new(),
+            trials: vec![submitted(&a)],
+        })
+        .await
+        .unwrap();
+    let w1 = register(&mut w, "one").await;
+    let w2 = register(&mut w, "two").await;
+    let l1 = lease(&mut w, &w1, 1000).await.unwrap();
+    assert_eq!(l1.attempt, 1);
+    // Attempt 1 starts uploading its checkpoint while it owns the trial...
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    let chunk = |attempt: u32, byte: u8| pb::ArtifactChunk {
+        trial_id: a.id(),
+        attempt,
+        name: "ckpt/state.safetensors".into(),
+        data: vec![byte; 16],
+    };
+    tx.send(chunk(1, 1)).await.unwrap();
+    let mut w_slow = server.worker().await;
+    let slow = tokio::spawn(async move {
+        w_slow
+            .upload_artifact(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await
+    });
+    // ...then goes silent: its lease expires and attempt 2 takes over and uploads its own.
+    let l2 = tokio::time::timeout(Duration::from_secs(5), lease(&mut w, &w2, 5000))
+        .await
+        .unwrap()
+        .expect("re-queued");
+    assert_eq!(l2.attempt, 2);
+    w.upload_artifact(tokio_stream::iter(vec![chunk(2, 2)]))
+        .await
+        .unwrap();
+    // The stale stream ends now: refused, and the new checkpoint stays.
+    tx.send(chunk(1, 1)).await.unwrap();
+    drop(tx);
+    let res = slow.await.unwrap();
+    assert_eq!(
+        res.map(|_| ()).unwrap_err().code(),
+        tonic::Code::FailedPrecondition
+    );
+    let mut down = w
+        .download_artifact(pb::DownloadArtifactRequest {
+            trial_id: a.id(),
+            name: "ckpt/state.safetensors".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut bytes = Vec::new();
+    while let Some(c) = down.next().await {
+        bytes.extend(c.unwrap().data);
+    }
+    assert_eq!(bytes, vec![2u8; 16]);
+    server.shutdown().await;
+}
+
+/// A wall-clock step (NTP, `date -s`) does not expire leases: deadlines are monotonic.
+#[tokio::test]
+async fn a_wall_clock_step_does_not_expire_leases() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = config("a", Base::HfDir { path: "/m".into() }, 10);
+    let clock = Clock::default();
+    let server = Server::start_with_clock(dir.path(), Duration::from_secs(3), clock.clone()).await;
+    let mut admin = server.admin().await;
+    let mut w = server.worker().await;
+    admin
+        .submit(pb::SubmitRequest {
+            sweep_name: "s".into(),
+            sweep_text: String::new(),
+            trials: vec![submitted(&a)],
+        })
+        .await
+        .unwrap();
+    let wid = register(&mut w, "one").await;
+    let l = lease(&mut w, &wid, 1000).await.unwrap();
+    let before = clock.wall_ms();
+    assert!(
+        (l.deadline_unix_ms - before - 3000).abs() < 1000,
+        "the deadline is shown in wall time: {} vs now {before}",
+        l.deadline_unix_ms
+    );
+    clock.step_wall(3_600_000);
+    // Several scheduler ticks (every 300 ms with a 3 s ttl) pass after the step.
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let hb = w
+        .heartbeat(pb::HeartbeatRequest {
+            worker_id: wid,
+            held: vec![pb::HeldLease {
+                trial_id: a.id(),
+                attempt: 1,
+            }],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(hb.cancel.is_empty(), "the lease survived the step: {hb:?}");
+    assert_eq!(hb.renewed.len(), 1);
+    let shown = hb.renewed[0].deadline_unix_ms - clock.wall_ms();
+    assert!((2000..=3000).contains(&shown), "{shown}");
+    let got = admin
+        .get(pb::GetRequest { sweep: "s".into() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (got.trials[0].state.as_str(), got.trials[0].attempts),
+        ("running", 1)
+    );
     server.shutdown().await;
 }
