@@ -1,4 +1,6 @@
-//! The coordinator's gRPC server: `WorkerService` and `SweepService` on one port.
+//! The coordinator's gRPC server: `WorkerService` and `SweepService` on one port, with the
+//! standard `grpc.health.v1.Health` and server reflection (v1 and v1alpha) beside them, those two
+//! without a token so Kubernetes gRPC probes and grpcurl work.
 //!
 //! This module only translates. Requests are checked and converted to domain types here (JSON of
 //! the shared trial types is parsed and rejected with the field named), the [`Scheduler`] decides,
@@ -30,6 +32,8 @@ use tokio_stream::StreamExt;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 use tonic::{Request, Response, Status, Streaming};
+use tonic_health::pb::health_server::{Health, HealthServer};
+use tonic_health::ServingStatus;
 
 use crate::auth::{BearerToken, RequireToken};
 use crate::scheduler::{Decision, Failure, SchedError, Scheduler, TrialSpec, TrialState};
@@ -214,7 +218,7 @@ pub async fn serve_with_metrics(
         notify: Notify::new(),
         bus,
         ttl_ms,
-        stop: stop_rx,
+        stop: stop_rx.clone(),
         metrics: metrics.clone(),
         clock: opts.clock.clone(),
     });
@@ -249,8 +253,39 @@ pub async fn serve_with_metrics(
     let worker_auth = RequireToken::new(opts.worker_token.as_deref(), "worker");
     let admin_auth = RequireToken::new(opts.admin_token.as_deref(), "admin");
 
+    // grpc.health.v1.Health and reflection: no token (probes and grpcurl carry none, and they
+    // reveal only whether the server works and the schema that is in the repository).
+    let (health, _) = tonic_health::server::health_reporter();
+    set_health(&health, ServingStatus::Serving).await;
+    let health_svc = HealthServer::new(StoppableHealth {
+        inner: tonic_health::server::HealthService::from_health_reporter(health.clone()),
+        stop: stop_rx.clone(),
+    });
+    let health_task = tokio::spawn(health_loop(
+        health.clone(),
+        opts.state_dir.clone(),
+        stop_rx.clone(),
+    ));
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(ablate_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    // Each version lists itself; register the other so both list every service.
+    let reflection_v1 = reflection()
+        .register_encoded_file_descriptor_set(tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(|e| anyhow::anyhow!("reflection service: {e}"))?;
+    let reflection_v1alpha = reflection()
+        .register_encoded_file_descriptor_set(tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()
+        .map_err(|e| anyhow::anyhow!("reflection service: {e}"))?;
+
     let signal = async move {
         shutdown.await;
+        // Draining: probes see NOT_SERVING from now on (new connections are refused soon).
+        set_health(&health, ServingStatus::NotServing).await;
+        tracing::info!("shutting down: health is NOT_SERVING");
         // Wake long polls and watch streams so graceful shutdown does not wait on them.
         let _ = stop_tx.send(true);
     };
@@ -263,10 +298,113 @@ pub async fn serve_with_metrics(
     let result = builder
         .add_service(InterceptedService::new(worker_svc, worker_auth))
         .add_service(InterceptedService::new(sweep_svc, admin_auth))
+        .add_service(health_svc)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), signal)
         .await;
     ticker.abort();
+    health_task.abort();
     result.map_err(|e| anyhow::anyhow!("grpc server: {e}"))
+}
+
+/// The names health answers for: the whole server (`""`) and each service.
+const HEALTH_NAMES: [&str; 3] = [
+    "",
+    <WorkerServiceServer<WorkerApi> as tonic::server::NamedService>::NAME,
+    <SweepServiceServer<SweepApi> as tonic::server::NamedService>::NAME,
+];
+
+/// How often the store is probed for the health service, and how long a probe waits for it.
+const HEALTH_PERIOD: Duration = Duration::from_millis(500);
+const HEALTH_PROBE_WAIT: Duration = Duration::from_millis(250);
+
+async fn set_health(health: &tonic_health::server::HealthReporter, status: ServingStatus) {
+    for name in HEALTH_NAMES {
+        health.set_service_status(name, status).await;
+    }
+}
+
+/// NOT_SERVING while the store cannot take a write (locked, disk gone, read-only), SERVING when
+/// it can again; stops at shutdown, which leaves NOT_SERVING set.
+async fn health_loop(
+    health: tonic_health::server::HealthReporter,
+    state_dir: PathBuf,
+    stop: watch::Receiver<bool>,
+) {
+    let mut serving = true;
+    loop {
+        tokio::time::sleep(HEALTH_PERIOD).await;
+        let dir = state_dir.clone();
+        let probe = tokio::task::spawn_blocking(move || Store::probe(&dir, HEALTH_PROBE_WAIT))
+            .await
+            .unwrap_or_else(|e| Err(StoreError::Invalid(format!("store probe: {e}"))));
+        if *stop.borrow() {
+            return;
+        }
+        match probe {
+            Ok(()) if !serving => {
+                tracing::info!("store available again: health is SERVING");
+                set_health(&health, ServingStatus::Serving).await;
+                serving = true;
+            }
+            Err(e) if serving => {
+                tracing::error!(cause = %e, "store unavailable: health is NOT_SERVING");
+                set_health(&health, ServingStatus::NotServing).await;
+                serving = false;
+            }
+            _ => {}
+        }
+    }
+}
+
+/// tonic-health's service with `Watch` streams that end at shutdown: an open health watch
+/// would otherwise hold graceful shutdown forever.
+struct StoppableHealth {
+    inner: tonic_health::server::HealthService,
+    stop: watch::Receiver<bool>,
+}
+
+type HealthWatch = Pin<
+    Box<
+        dyn tokio_stream::Stream<Item = Result<tonic_health::pb::HealthCheckResponse, Status>>
+            + Send,
+    >,
+>;
+
+#[tonic::async_trait]
+impl Health for StoppableHealth {
+    async fn check(
+        &self,
+        req: Request<tonic_health::pb::HealthCheckRequest>,
+    ) -> Result<Response<tonic_health::pb::HealthCheckResponse>, Status> {
+        self.inner.check(req).await
+    }
+
+    type WatchStream = HealthWatch;
+
+    async fn watch(
+        &self,
+        req: Request<tonic_health::pb::HealthCheckRequest>,
+    ) -> Result<Response<HealthWatch>, Status> {
+        let mut inner = self.inner.watch(req).await?.into_inner();
+        let mut stop = self.stop.clone();
+        let (tx, rx) = mpsc::channel(4);
+        tokio::spawn(async move {
+            loop {
+                let item = tokio::select! {
+                    item = inner.next() => item,
+                    _ = stop.wait_for(|s| *s) => return,
+                    _ = tx.closed() => return,
+                };
+                let Some(item) = item else { return };
+                if tx.send(item).await.is_err() {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
 }
 
 struct Inner {

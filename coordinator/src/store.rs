@@ -243,6 +243,27 @@ impl Store {
         Ok(s)
     }
 
+    /// Whether the store in `state_dir` can take a write now, for the health service: its own
+    /// connection (no server lock held), the write lock taken for a moment and released
+    /// without writing. Fails when the database is gone, read-only, or locked past `wait`.
+    pub fn probe(state_dir: &Path, wait: std::time::Duration) -> Result<()> {
+        use rusqlite::OpenFlags;
+        let db_path = state_dir.join("ablate.sqlite");
+        let db = |e| StoreError::Db {
+            path: db_path.clone(),
+            source: e,
+        };
+        let conn = Connection::open_with_flags(
+            &db_path,
+            OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )
+        .map_err(db)?;
+        conn.busy_timeout(wait).map_err(db)?;
+        conn.execute_batch("BEGIN IMMEDIATE; ROLLBACK;")
+            .map_err(db)?;
+        Ok(())
+    }
+
     pub fn state_dir(&self) -> &Path {
         &self.dir
     }

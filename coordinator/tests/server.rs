@@ -1021,3 +1021,90 @@ async fn a_wall_clock_step_does_not_expire_leases() {
     );
     server.shutdown().await;
 }
+
+/// `grpc.health.v1.Health` answers without a token (Kubernetes probes and grpcurl carry none):
+/// SERVING, NOT_SERVING while the store is locked by someone else, SERVING again after; the
+/// token still guards the API on the same port.
+#[tokio::test]
+async fn health_answers_without_a_token_and_follows_the_store() {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    use tonic_health::pb::health_client::HealthClient;
+    use tonic_health::pb::HealthCheckRequest;
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), Duration::from_secs(30)).await;
+    let channel = tonic::transport::Endpoint::from_shared(server.url.clone())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut health = HealthClient::new(channel);
+    let status = |mut h: HealthClient<tonic::transport::Channel>, service: &'static str| async move {
+        h.check(HealthCheckRequest {
+            service: service.into(),
+        })
+        .await
+        .map(|r| r.into_inner().status())
+    };
+    for service in ["", "ablate.v1.SweepService", "ablate.v1.WorkerService"] {
+        assert_eq!(
+            status(health.clone(), service).await.unwrap(),
+            ServingStatus::Serving,
+            "{service:?}"
+        );
+    }
+    let unknown = status(health.clone(), "no.such.Service").await.unwrap_err();
+    assert_eq!(unknown.code(), tonic::Code::NotFound);
+    // The API itself still wants its token.
+    let mut anon = admin_client(&server.url, None).await.unwrap();
+    let err = anon.list(pb::ListRequest {}).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unauthenticated);
+
+    // Another process holds the database's write lock: the store cannot take a write.
+    let db = dir.path().join("ablate.sqlite");
+    let (locked_tx, locked_rx) = std::sync::mpsc::channel();
+    let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
+    let holder = std::thread::spawn(move || {
+        let conn = rusqlite::Connection::open(&db).unwrap();
+        conn.execute_batch("BEGIN EXCLUSIVE").unwrap();
+        locked_tx.send(()).unwrap();
+        release_rx.recv().unwrap();
+        conn.execute_batch("ROLLBACK").unwrap();
+    });
+    locked_rx.recv().unwrap();
+    let wait_for = |want: ServingStatus| {
+        let health = health.clone();
+        async move {
+            let until = tokio::time::Instant::now() + Duration::from_secs(10);
+            loop {
+                let got = status(health.clone(), "").await.unwrap();
+                if got == want {
+                    return;
+                }
+                assert!(
+                    tokio::time::Instant::now() < until,
+                    "health stayed {got:?}, expected {want:?}"
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    };
+    wait_for(ServingStatus::NotServing).await;
+    assert_eq!(
+        status(health.clone(), "ablate.v1.SweepService")
+            .await
+            .unwrap(),
+        ServingStatus::NotServing
+    );
+    release_tx.send(()).unwrap();
+    holder.join().unwrap();
+    wait_for(ServingStatus::Serving).await;
+    // An open health watch does not hold up shutdown.
+    let _watch = health
+        .watch(HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    server.shutdown().await;
+}
