@@ -60,6 +60,9 @@ pub struct ServeOpts {
     pub tls: Option<crate::tls::TlsIdentity>,
     /// Where the server reads the time (tests step its wall clock).
     pub clock: Clock,
+    /// A second, plain-HTTP/2 port serving only `grpc.health.v1.Health`: Kubernetes' gRPC
+    /// probes cannot speak TLS, so with `tls` set the main port is out of their reach.
+    pub health_listener: Option<Arc<std::net::TcpListener>>,
 }
 
 /// The coordinator's two clocks. Lease deadlines count in monotonic milliseconds, which never
@@ -123,6 +126,7 @@ impl std::fmt::Debug for ServeOpts {
             .field("lease_ttl", &self.lease_ttl)
             .field("tls", &self.tls.is_some())
             .field("clock", &self.clock)
+            .field("health_listener", &self.health_listener)
             .finish()
     }
 }
@@ -137,6 +141,7 @@ impl ServeOpts {
             lease_ttl: Duration::from_secs(30),
             tls: None,
             clock: Clock::default(),
+            health_listener: None,
         }
     }
 }
@@ -266,6 +271,30 @@ pub async fn serve_with_metrics(
         opts.state_dir.clone(),
         stop_rx.clone(),
     ));
+    let health_port = match &opts.health_listener {
+        Some(l) => {
+            let l = l
+                .try_clone()
+                .and_then(|l| {
+                    l.set_nonblocking(true)?;
+                    tokio::net::TcpListener::from_std(l)
+                })
+                .map_err(|e| anyhow::anyhow!("health listener: {e}"))?;
+            let svc = HealthServer::new(StoppableHealth {
+                inner: tonic_health::server::HealthService::from_health_reporter(health.clone()),
+                stop: stop_rx.clone(),
+            });
+            let mut stop = stop_rx.clone();
+            Some(tokio::spawn(
+                tonic::transport::Server::builder()
+                    .add_service(svc)
+                    .serve_with_incoming_shutdown(TcpListenerStream::new(l), async move {
+                        let _ = stop.wait_for(|s| *s).await;
+                    }),
+            ))
+        }
+        None => None,
+    };
     let reflection = || {
         tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(ablate_proto::FILE_DESCRIPTOR_SET)
@@ -305,6 +334,9 @@ pub async fn serve_with_metrics(
         .await;
     ticker.abort();
     health_task.abort();
+    if let Some(t) = health_port {
+        t.abort();
+    }
     result.map_err(|e| anyhow::anyhow!("grpc server: {e}"))
 }
 

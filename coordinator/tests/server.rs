@@ -1108,3 +1108,45 @@ async fn health_answers_without_a_token_and_follows_the_store() {
         .into_inner();
     server.shutdown().await;
 }
+
+/// `health_listener`: a plain port with only the health service (for probes that cannot do TLS).
+#[tokio::test]
+async fn the_health_port_serves_health_and_nothing_else() {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    use tonic_health::pb::health_client::HealthClient;
+    use tonic_health::pb::HealthCheckRequest;
+    let dir = tempfile::tempdir().unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let health_l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let health_url = format!("http://{}", health_l.local_addr().unwrap());
+    let mut opts = ServeOpts::new(dir.path());
+    opts.admin_token = Some(ADMIN_TOKEN.into());
+    opts.worker_token = Some(WORKER_TOKEN.into());
+    opts.health_listener = Some(std::sync::Arc::new(health_l));
+    let (tx, rx) = oneshot::channel::<()>();
+    let handle = tokio::spawn(serve(listener, opts, async move {
+        let _ = rx.await;
+    }));
+    let channel = tonic::transport::Endpoint::from_shared(health_url.clone())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let got = HealthClient::new(channel)
+        .check(HealthCheckRequest {
+            service: "ablate.v1.SweepService".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(got.status(), ServingStatus::Serving);
+    let mut admin = admin_client(&health_url, Some(ADMIN_TOKEN)).await.unwrap();
+    let err = admin.list(pb::ListRequest {}).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unimplemented, "{err:?}");
+    let _ = tx.send(());
+    tokio::time::timeout(Duration::from_secs(10), handle)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+}

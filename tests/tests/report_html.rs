@@ -15,7 +15,7 @@ use std::process::Command;
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use e2e::{bin, run_cmd, shared_cache, tiny_sweep, workspace_root};
+use e2e::{bin, run_cmd, shared_cache, tiny_sweep};
 use serde_json::Value;
 
 /// The tiny sweep's trials: pretrain, baseline, freeze-1, freeze-all, gradual, inheritune-1.
