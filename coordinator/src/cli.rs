@@ -107,6 +107,10 @@ pub struct ServeArgs {
     /// Serve Prometheus metrics (`GET /metrics`, plain HTTP) on this address, e.g. 127.0.0.1:9464.
     #[arg(long)]
     pub metrics_listen: Option<String>,
+    /// Also serve only `grpc.health.v1.Health`, in plain HTTP/2, on this address (e.g.
+    /// 0.0.0.0:7071): for Kubernetes gRPC probes, which cannot speak TLS to the main port.
+    #[arg(long)]
+    pub health_listen: Option<String>,
 }
 
 /// How a client command reaches the coordinator.
@@ -540,11 +544,27 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     use std::io::Write as _;
     let _ = std::io::stdout().flush();
     let opts = crate::server::ServeOpts {
-        state_dir: args.state,
         worker_token,
         admin_token,
         lease_ttl,
         tls,
+        ..crate::server::ServeOpts::new(args.state)
+    };
+    let health_listener = match &args.health_listen {
+        Some(h) => {
+            let haddr = resolve_listen(h).await?;
+            let hl = std::net::TcpListener::bind(haddr)
+                .with_context(|| format!("--health-listen {h}: binding {haddr}"))?;
+            let bound = hl.local_addr().context("reading the health address")?;
+            println!("health on {bound}");
+            let _ = std::io::stdout().flush();
+            Some(std::sync::Arc::new(hl))
+        }
+        None => None,
+    };
+    let opts = crate::server::ServeOpts {
+        health_listener,
+        ..opts
     };
     let metrics = std::sync::Arc::new(crate::metrics::Metrics::default());
     let metrics_task = match &args.metrics_listen {
@@ -872,11 +892,10 @@ pub async fn serve_on(
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let opts = crate::server::ServeOpts {
-        state_dir,
         worker_token,
         admin_token,
         lease_ttl,
-        tls: None,
+        ..crate::server::ServeOpts::new(state_dir)
     };
     crate::server::serve(listener, opts, shutdown).await
 }

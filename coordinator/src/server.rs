@@ -1,4 +1,6 @@
-//! The coordinator's gRPC server: `WorkerService` and `SweepService` on one port.
+//! The coordinator's gRPC server: `WorkerService` and `SweepService` on one port, with the
+//! standard `grpc.health.v1.Health` and server reflection (v1 and v1alpha) beside them, those two
+//! without a token so Kubernetes gRPC probes and grpcurl work.
 //!
 //! This module only translates. Requests are checked and converted to domain types here (JSON of
 //! the shared trial types is parsed and rejected with the field named), the [`Scheduler`] decides,
@@ -14,8 +16,9 @@ use std::collections::HashSet;
 use std::future::Future;
 use std::path::PathBuf;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use ablate_proto::pb;
 use ablate_proto::pb::sweep_service_client::SweepServiceClient;
@@ -29,6 +32,8 @@ use tokio_stream::StreamExt;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 use tonic::{Request, Response, Status, Streaming};
+use tonic_health::pb::health_server::{Health, HealthServer};
+use tonic_health::ServingStatus;
 
 use crate::auth::{BearerToken, RequireToken};
 use crate::scheduler::{Decision, Failure, SchedError, Scheduler, TrialSpec, TrialState};
@@ -53,6 +58,62 @@ pub struct ServeOpts {
     pub lease_ttl: Duration,
     /// Serve TLS with this certificate and key; `None` is plain HTTP/2.
     pub tls: Option<crate::tls::TlsIdentity>,
+    /// Where the server reads the time (tests step its wall clock).
+    pub clock: Clock,
+    /// A second, plain-HTTP/2 port serving only `grpc.health.v1.Health`: Kubernetes' gRPC
+    /// probes cannot speak TLS, so with `tls` set the main port is out of their reach.
+    pub health_listener: Option<Arc<std::net::TcpListener>>,
+}
+
+/// The coordinator's two clocks. Lease deadlines count in monotonic milliseconds, which never
+/// jump: fed wall time, the scheduler expired every lease when NTP or an operator stepped the
+/// clock forward (and kept dead leases forever after a step back). Wall time is only for what
+/// people read: stored start/finish times and the deadlines shown to workers.
+#[derive(Clone, Debug)]
+pub struct Clock {
+    origin: Instant,
+    /// Added to the system's wall time: what a clock step does, for tests.
+    wall_step_ms: Arc<AtomicI64>,
+}
+
+impl Default for Clock {
+    fn default() -> Self {
+        Clock {
+            origin: Instant::now(),
+            wall_step_ms: Arc::new(AtomicI64::new(0)),
+        }
+    }
+}
+
+impl Clock {
+    /// Milliseconds since this clock was made; never goes back, unaffected by clock steps.
+    pub fn mono_ms(&self) -> i64 {
+        self.origin.elapsed().as_millis().min(i64::MAX as u128) as i64
+    }
+
+    /// Unix time in milliseconds.
+    pub fn wall_ms(&self) -> i64 {
+        let sys = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_millis() as i64)
+            .unwrap_or(0);
+        sys.saturating_add(self.wall_step_ms.load(Ordering::Relaxed))
+    }
+
+    /// Step this clock's wall time by `ms`, as NTP or `date -s` steps the system's.
+    pub fn step_wall(&self, ms: i64) {
+        self.wall_step_ms.fetch_add(ms, Ordering::Relaxed);
+    }
+
+    /// A monotonic deadline as unix milliseconds, for people and workers to read.
+    fn shown(&self, deadline_mono_ms: i64) -> i64 {
+        self.wall_ms() + (deadline_mono_ms - self.sched_ms())
+    }
+
+    /// The time the scheduler is fed: monotonic, so lease deadlines ignore clock steps.
+    fn sched_ms(&self) -> i64 {
+        self.mono_ms()
+    }
 }
 
 impl std::fmt::Debug for ServeOpts {
@@ -64,6 +125,8 @@ impl std::fmt::Debug for ServeOpts {
             .field("admin_token", &set(&self.admin_token))
             .field("lease_ttl", &self.lease_ttl)
             .field("tls", &self.tls.is_some())
+            .field("clock", &self.clock)
+            .field("health_listener", &self.health_listener)
             .finish()
     }
 }
@@ -77,6 +140,8 @@ impl ServeOpts {
             admin_token: None,
             lease_ttl: Duration::from_secs(30),
             tls: None,
+            clock: Clock::default(),
+            health_listener: None,
         }
     }
 }
@@ -149,7 +214,7 @@ pub async fn serve_with_metrics(
         crate::scheduler::DEFAULT_RETRY_BUDGET,
         restored,
         workers,
-        now_ms(),
+        opts.clock.sched_ms(),
     );
     let (bus, _) = broadcast::channel(1024);
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -158,8 +223,9 @@ pub async fn serve_with_metrics(
         notify: Notify::new(),
         bus,
         ttl_ms,
-        stop: stop_rx,
+        stop: stop_rx.clone(),
         metrics: metrics.clone(),
+        clock: opts.clock.clone(),
     });
     install_gauges(&metrics, &shared);
     {
@@ -175,7 +241,7 @@ pub async fn serve_with_metrics(
             );
         }
         shared
-            .apply(&mut inner, &decisions, now_ms())
+            .apply(&mut inner, &decisions, shared.clock.wall_ms())
             .map_err(status_to_anyhow)?;
     }
     let addr = listener.local_addr().ok();
@@ -192,8 +258,63 @@ pub async fn serve_with_metrics(
     let worker_auth = RequireToken::new(opts.worker_token.as_deref(), "worker");
     let admin_auth = RequireToken::new(opts.admin_token.as_deref(), "admin");
 
+    // grpc.health.v1.Health and reflection: no token (probes and grpcurl carry none, and they
+    // reveal only whether the server works and the schema that is in the repository).
+    let (health, _) = tonic_health::server::health_reporter();
+    set_health(&health, ServingStatus::Serving).await;
+    let health_svc = HealthServer::new(StoppableHealth {
+        inner: tonic_health::server::HealthService::from_health_reporter(health.clone()),
+        stop: stop_rx.clone(),
+    });
+    let health_task = tokio::spawn(health_loop(
+        health.clone(),
+        opts.state_dir.clone(),
+        stop_rx.clone(),
+    ));
+    let health_port = match &opts.health_listener {
+        Some(l) => {
+            let l = l
+                .try_clone()
+                .and_then(|l| {
+                    l.set_nonblocking(true)?;
+                    tokio::net::TcpListener::from_std(l)
+                })
+                .map_err(|e| anyhow::anyhow!("health listener: {e}"))?;
+            let svc = HealthServer::new(StoppableHealth {
+                inner: tonic_health::server::HealthService::from_health_reporter(health.clone()),
+                stop: stop_rx.clone(),
+            });
+            let mut stop = stop_rx.clone();
+            Some(tokio::spawn(
+                tonic::transport::Server::builder()
+                    .add_service(svc)
+                    .serve_with_incoming_shutdown(TcpListenerStream::new(l), async move {
+                        let _ = stop.wait_for(|s| *s).await;
+                    }),
+            ))
+        }
+        None => None,
+    };
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(ablate_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    // Each version lists itself; register the other so both list every service.
+    let reflection_v1 = reflection()
+        .register_encoded_file_descriptor_set(tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(|e| anyhow::anyhow!("reflection service: {e}"))?;
+    let reflection_v1alpha = reflection()
+        .register_encoded_file_descriptor_set(tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()
+        .map_err(|e| anyhow::anyhow!("reflection service: {e}"))?;
+
     let signal = async move {
         shutdown.await;
+        // Draining: probes see NOT_SERVING from now on (new connections are refused soon).
+        set_health(&health, ServingStatus::NotServing).await;
+        tracing::info!("shutting down: health is NOT_SERVING");
         // Wake long polls and watch streams so graceful shutdown does not wait on them.
         let _ = stop_tx.send(true);
     };
@@ -206,10 +327,116 @@ pub async fn serve_with_metrics(
     let result = builder
         .add_service(InterceptedService::new(worker_svc, worker_auth))
         .add_service(InterceptedService::new(sweep_svc, admin_auth))
+        .add_service(health_svc)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), signal)
         .await;
     ticker.abort();
+    health_task.abort();
+    if let Some(t) = health_port {
+        t.abort();
+    }
     result.map_err(|e| anyhow::anyhow!("grpc server: {e}"))
+}
+
+/// The names health answers for: the whole server (`""`) and each service.
+const HEALTH_NAMES: [&str; 3] = [
+    "",
+    <WorkerServiceServer<WorkerApi> as tonic::server::NamedService>::NAME,
+    <SweepServiceServer<SweepApi> as tonic::server::NamedService>::NAME,
+];
+
+/// How often the store is probed for the health service, and how long a probe waits for it.
+const HEALTH_PERIOD: Duration = Duration::from_millis(500);
+const HEALTH_PROBE_WAIT: Duration = Duration::from_millis(250);
+
+async fn set_health(health: &tonic_health::server::HealthReporter, status: ServingStatus) {
+    for name in HEALTH_NAMES {
+        health.set_service_status(name, status).await;
+    }
+}
+
+/// NOT_SERVING while the store cannot take a write (locked, disk gone, read-only), SERVING when
+/// it can again; stops at shutdown, which leaves NOT_SERVING set.
+async fn health_loop(
+    health: tonic_health::server::HealthReporter,
+    state_dir: PathBuf,
+    stop: watch::Receiver<bool>,
+) {
+    let mut serving = true;
+    loop {
+        tokio::time::sleep(HEALTH_PERIOD).await;
+        let dir = state_dir.clone();
+        let probe = tokio::task::spawn_blocking(move || Store::probe(&dir, HEALTH_PROBE_WAIT))
+            .await
+            .unwrap_or_else(|e| Err(StoreError::Invalid(format!("store probe: {e}"))));
+        if *stop.borrow() {
+            return;
+        }
+        match probe {
+            Ok(()) if !serving => {
+                tracing::info!("store available again: health is SERVING");
+                set_health(&health, ServingStatus::Serving).await;
+                serving = true;
+            }
+            Err(e) if serving => {
+                tracing::error!(cause = %e, "store unavailable: health is NOT_SERVING");
+                set_health(&health, ServingStatus::NotServing).await;
+                serving = false;
+            }
+            _ => {}
+        }
+    }
+}
+
+/// tonic-health's service with `Watch` streams that end at shutdown: an open health watch
+/// would otherwise hold graceful shutdown forever.
+struct StoppableHealth {
+    inner: tonic_health::server::HealthService,
+    stop: watch::Receiver<bool>,
+}
+
+type HealthWatch = Pin<
+    Box<
+        dyn tokio_stream::Stream<Item = Result<tonic_health::pb::HealthCheckResponse, Status>>
+            + Send,
+    >,
+>;
+
+#[tonic::async_trait]
+impl Health for StoppableHealth {
+    async fn check(
+        &self,
+        req: Request<tonic_health::pb::HealthCheckRequest>,
+    ) -> Result<Response<tonic_health::pb::HealthCheckResponse>, Status> {
+        self.inner.check(req).await
+    }
+
+    type WatchStream = HealthWatch;
+
+    async fn watch(
+        &self,
+        req: Request<tonic_health::pb::HealthCheckRequest>,
+    ) -> Result<Response<HealthWatch>, Status> {
+        let mut inner = self.inner.watch(req).await?.into_inner();
+        let mut stop = self.stop.clone();
+        let (tx, rx) = mpsc::channel(4);
+        tokio::spawn(async move {
+            loop {
+                let item = tokio::select! {
+                    item = inner.next() => item,
+                    _ = stop.wait_for(|s| *s) => return,
+                    _ = tx.closed() => return,
+                };
+                let Some(item) = item else { return };
+                if tx.send(item).await.is_err() {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
 }
 
 struct Inner {
@@ -232,6 +459,7 @@ struct Shared {
     ttl_ms: i64,
     stop: watch::Receiver<bool>,
     metrics: Arc<crate::metrics::Metrics>,
+    clock: Clock,
 }
 
 /// Let the metrics endpoint read trials by state and registered workers from the store at scrape
@@ -305,9 +533,8 @@ async fn tick_loop(shared: Arc<Shared>) {
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         interval.tick().await;
-        let now = now_ms();
         let mut inner = shared.lock();
-        let decisions = inner.sched.tick(now);
+        let decisions = inner.sched.tick(shared.clock.sched_ms());
         if !decisions.is_empty() {
             for d in &decisions {
                 if let Decision::Ended {
@@ -318,18 +545,11 @@ async fn tick_loop(shared: Arc<Shared>) {
                     shared.metrics.leases_expired(1);
                 }
             }
-            if let Err(e) = shared.apply(&mut inner, &decisions, now) {
+            if let Err(e) = shared.apply(&mut inner, &decisions, shared.clock.wall_ms()) {
                 tracing::error!(cause = %e.message(), "could not persist expired leases");
             }
         }
     }
-}
-
-fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
 }
 
 fn store_status(e: StoreError) -> Status {
@@ -477,7 +697,7 @@ impl WorkerService for WorkerApi {
         let mut inner = self.0.lock();
         let id = inner
             .store
-            .register_worker(&info, now_ms())
+            .register_worker(&info, self.0.clock.wall_ms())
             .map_err(store_status)?;
         inner.sched.register_worker(&id, &info.host);
         self.0.metrics.worker_seen(&id);
@@ -583,16 +803,17 @@ impl WorkerService for WorkerApi {
         let mut inner = self.0.lock();
         let ans = inner
             .sched
-            .heartbeat(&r.worker_id, &held, now_ms())
+            .heartbeat(&r.worker_id, &held, self.0.clock.sched_ms())
             .map_err(sched_status)?;
+        let clock = &self.0.clock;
         Ok(Response::new(pb::HeartbeatResponse {
             renewed: ans
                 .renewed
                 .into_iter()
-                .map(|(trial_id, attempt, deadline_unix_ms)| pb::RenewedLease {
+                .map(|(trial_id, attempt, deadline)| pb::RenewedLease {
                     trial_id,
                     attempt,
-                    deadline_unix_ms,
+                    deadline_unix_ms: clock.shown(deadline),
                 })
                 .collect(),
             cancel: ans
@@ -619,7 +840,7 @@ impl WorkerService for WorkerApi {
         }
         let fresh = inner
             .store
-            .record_event(&r.trial_id, r.attempt, r.seq, &json, now_ms())
+            .record_event(&r.trial_id, r.attempt, r.seq, &json, self.0.clock.wall_ms())
             .map_err(store_status)?;
         if fresh {
             self.0.metrics.event_recorded();
@@ -642,7 +863,8 @@ impl WorkerService for WorkerApi {
         let mut inner = self.0.lock();
         let decisions = inner.sched.complete(&r.trial_id, r.attempt, r.metrics_json);
         let accepted = !decisions.is_empty();
-        self.0.apply(&mut inner, &decisions, now_ms())?;
+        self.0
+            .apply(&mut inner, &decisions, self.0.clock.wall_ms())?;
         if accepted {
             tracing::info!(trial = %r.trial_id, attempt = r.attempt, perplexity = metrics.perplexity, "trial finished");
             // The final model is kept; the resumable checkpoint is no longer needed.
@@ -674,7 +896,8 @@ impl WorkerService for WorkerApi {
         let mut inner = self.0.lock();
         let decisions = inner.sched.fail(&r.trial_id, r.attempt, failure);
         let accepted = !decisions.is_empty();
-        self.0.apply(&mut inner, &decisions, now_ms())?;
+        self.0
+            .apply(&mut inner, &decisions, self.0.clock.wall_ms())?;
         Ok(Response::new(pb::FailResponse { accepted }))
     }
 
@@ -704,14 +927,24 @@ impl WorkerService for WorkerApi {
         while let Some(chunk) = stream.next().await {
             writer.write(&chunk?.data).map_err(store_status)?;
         }
-        let row = tokio::task::spawn_blocking(move || writer.finish())
+        // fsync off the runtime's threads; the file is not in place yet.
+        let sealed = tokio::task::spawn_blocking(move || writer.seal())
             .await
             .map_err(|e| Status::internal(format!("artifact writer: {e}")))?
             .map_err(store_status)?;
+        // The stream may have taken longer than the lease: a stale attempt's late `ckpt/` upload
+        // would replace the new attempt's checkpoint. Check ownership again under the lock that
+        // puts the file in place, so no new attempt can start between the check and the rename.
         let mut inner = self.0.lock();
-        inner
+        if !inner.sched.is_current(&trial_id, attempt) {
+            return Err(Status::failed_precondition(format!(
+                "attempt {attempt} of trial {trial_id} lost the trial during its upload of {name}"
+            )));
+        }
+        let now = self.0.clock.wall_ms();
+        let row = inner
             .store
-            .record_artifact(&trial_id, &row, now_ms())
+            .commit_artifact(&trial_id, sealed, now)
             .map_err(store_status)?;
         tracing::debug!(trial = %trial_id, name = %row.name, size = row.size, "artifact stored");
         Ok(Response::new(pb::UploadArtifactResponse {
@@ -830,10 +1063,13 @@ impl Drop for Waiting<'_> {
 impl WorkerApi {
     fn try_lease(&self, worker_id: &str) -> Result<Option<pb::Lease>, Status> {
         let mut inner = self.0.lock();
-        let now = now_ms();
-        let (grant, decisions) = inner.sched.lease(worker_id, now).map_err(sched_status)?;
+        let clock = &self.0.clock;
+        let (grant, decisions) = inner
+            .sched
+            .lease(worker_id, clock.sched_ms())
+            .map_err(sched_status)?;
         let Some(grant) = grant else { return Ok(None) };
-        self.0.apply(&mut inner, &decisions, now)?;
+        self.0.apply(&mut inner, &decisions, clock.wall_ms())?;
         let row = inner
             .store
             .trial(&grant.trial_id)
@@ -856,7 +1092,7 @@ impl WorkerApi {
             config_json: row.config_json,
             base_trial_id: row.depends_on.unwrap_or_default(),
             resume_artifacts: resume,
-            deadline_unix_ms: grant.deadline_ms,
+            deadline_unix_ms: clock.shown(grant.deadline_ms),
             rank: grant.rank,
             world: grant.world,
         }))
@@ -888,7 +1124,7 @@ impl SweepService for SweepApi {
             }
             trials.push(NewTrial { id, config });
         }
-        let now = now_ms();
+        let now = self.0.clock.wall_ms();
         let mut inner = self.0.lock();
         let submitted = inner
             .store
@@ -1030,6 +1266,12 @@ impl SweepService for SweepApi {
             );
         }
         ids.extend(r.trial_ids);
+        // Validate every id before the scheduler changes anything: an error half way used to
+        // leave the first trials cancelled in memory but running in the store (and a restart
+        // revived them). Then decide, then persist.
+        if let Some(unknown) = ids.iter().find(|id| inner.sched.state(id).is_none()) {
+            return Err(sched_status(SchedError::UnknownTrial(unknown.clone())));
+        }
         let mut decisions = Vec::new();
         let mut cancelled = Vec::new();
         for id in ids {
@@ -1039,7 +1281,8 @@ impl SweepService for SweepApi {
             }
             decisions.extend(ds);
         }
-        self.0.apply(&mut inner, &decisions, now_ms())?;
+        self.0
+            .apply(&mut inner, &decisions, self.0.clock.wall_ms())?;
         tracing::info!(n = cancelled.len(), "trials cancelled");
         Ok(Response::new(pb::CancelResponse { cancelled }))
     }

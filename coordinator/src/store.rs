@@ -16,6 +16,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use rusqlite::{params, Connection, OptionalExtension};
+use sha2::{Digest, Sha256};
 
 use crate::scheduler::{Decision, RestoredTrial, TrialSpec, TrialState};
 use experiments::trial::TrialConfig;
@@ -240,6 +241,27 @@ impl Store {
             .map_err(|e| s.db(e))?;
         s.conn.execute_batch(SCHEMA).map_err(|e| s.db(e))?;
         Ok(s)
+    }
+
+    /// Whether the store in `state_dir` can take a write now, for the health service: its own
+    /// connection (no server lock held), the write lock taken for a moment and released
+    /// without writing. Fails when the database is gone, read-only, or locked past `wait`.
+    pub fn probe(state_dir: &Path, wait: std::time::Duration) -> Result<()> {
+        use rusqlite::OpenFlags;
+        let db_path = state_dir.join("ablate.sqlite");
+        let db = |e| StoreError::Db {
+            path: db_path.clone(),
+            source: e,
+        };
+        let conn = Connection::open_with_flags(
+            &db_path,
+            OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )
+        .map_err(db)?;
+        conn.busy_timeout(wait).map_err(db)?;
+        conn.execute_batch("BEGIN IMMEDIATE; ROLLBACK;")
+            .map_err(db)?;
+        Ok(())
     }
 
     pub fn state_dir(&self) -> &Path {
@@ -724,6 +746,19 @@ impl Store {
         Ok(())
     }
 
+    /// Put a sealed artifact in place and record it (replacing an older version of the same
+    /// name). The caller holds whatever lock decides who may write (the server's).
+    pub fn commit_artifact(
+        &mut self,
+        trial_id: &str,
+        sealed: SealedArtifact,
+        now_ms: i64,
+    ) -> Result<ArtifactRow> {
+        let row = sealed.commit()?;
+        self.record_artifact(trial_id, &row, now_ms)?;
+        Ok(row)
+    }
+
     /// Write a whole artifact at once (tests, small files).
     pub fn put_artifact(
         &mut self,
@@ -917,154 +952,69 @@ impl ArtifactWriter {
     }
 
     /// Flush, fsync and rename into place; the row is ready for [`Store::record_artifact`].
-    pub fn finish(mut self) -> Result<ArtifactRow> {
+    pub fn finish(self) -> Result<ArtifactRow> {
+        self.seal()?.commit()
+    }
+
+    /// Flush and fsync (slow), without putting the file in place: [`Store::commit_artifact`]
+    /// does that quickly, after the caller checked it may.
+    pub fn seal(mut self) -> Result<SealedArtifact> {
         self.file.sync_all().map_err(|e| StoreError::Io {
             path: self.tmp.clone(),
             source: e,
         })?;
-        fs::rename(&self.tmp, &self.path).map_err(|e| StoreError::Io {
-            path: self.path.clone(),
-            source: e,
-        })?;
-        let digest = std::mem::replace(&mut self.hash, Sha256::new()).finish();
-        Ok(ArtifactRow {
-            name: self.name.clone(),
-            size: self.size,
-            sha256: to_hex(&digest),
+        let digest = std::mem::replace(&mut self.hash, Sha256::new()).finalize();
+        Ok(SealedArtifact {
+            path: std::mem::take(&mut self.path),
+            tmp: std::mem::take(&mut self.tmp),
+            row: ArtifactRow {
+                name: std::mem::take(&mut self.name),
+                size: self.size,
+                sha256: hex::encode(digest),
+            },
         })
     }
 }
 
 impl Drop for ArtifactWriter {
     fn drop(&mut self) {
-        // An abandoned upload leaves no temporary file behind (after finish it no longer exists).
-        let _ = fs::remove_file(&self.tmp);
+        // An abandoned upload leaves no temporary file behind (after seal it is SealedArtifact's).
+        if !self.tmp.as_os_str().is_empty() {
+            let _ = fs::remove_file(&self.tmp);
+        }
+    }
+}
+
+/// A complete, fsynced artifact in its temporary file, not yet visible under its name.
+pub struct SealedArtifact {
+    path: PathBuf,
+    tmp: PathBuf,
+    row: ArtifactRow,
+}
+
+impl SealedArtifact {
+    fn commit(mut self) -> Result<ArtifactRow> {
+        fs::rename(&self.tmp, &self.path).map_err(|e| StoreError::Io {
+            path: self.path.clone(),
+            source: e,
+        })?;
+        self.tmp = PathBuf::new();
+        Ok(self.row.clone())
+    }
+}
+
+impl Drop for SealedArtifact {
+    fn drop(&mut self) {
+        // Refused (a stale attempt) or failed: the bytes go.
+        if !self.tmp.as_os_str().is_empty() {
+            let _ = fs::remove_file(&self.tmp);
+        }
     }
 }
 
 static TMP_COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
-fn to_hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-/// SHA-256 of a byte string as lowercase hex (artifact digests; the coordinator has no sha2 dep).
+/// SHA-256 of a byte string as lowercase hex (artifact digests).
 pub fn sha256_hex(bytes: &[u8]) -> String {
-    let mut h = Sha256::new();
-    h.update(bytes);
-    to_hex(&h.finish())
-}
-
-/// A small streaming SHA-256 (FIPS 180-4), so artifact digests need no extra dependency.
-#[derive(Clone)]
-struct Sha256 {
-    state: [u32; 8],
-    buf: [u8; 64],
-    buf_len: usize,
-    len: u64,
-}
-
-const K: [u32; 64] = [
-    0x428a2f98, 0x71374491, 0xb5c0fbcf, 0xe9b5dba5, 0x3956c25b, 0x59f111f1, 0x923f82a4, 0xab1c5ed5,
-    0xd807aa98, 0x12835b01, 0x243185be, 0x550c7dc3, 0x72be5d74, 0x80deb1fe, 0x9bdc06a7, 0xc19bf174,
-    0xe49b69c1, 0xefbe4786, 0x0fc19dc6, 0x240ca1cc, 0x2de92c6f, 0x4a7484aa, 0x5cb0a9dc, 0x76f988da,
-    0x983e5152, 0xa831c66d, 0xb00327c8, 0xbf597fc7, 0xc6e00bf3, 0xd5a79147, 0x06ca6351, 0x14292967,
-    0x27b70a85, 0x2e1b2138, 0x4d2c6dfc, 0x53380d13, 0x650a7354, 0x766a0abb, 0x81c2c92e, 0x92722c85,
-    0xa2bfe8a1, 0xa81a664b, 0xc24b8b70, 0xc76c51a3, 0xd192e819, 0xd6990624, 0xf40e3585, 0x106aa070,
-    0x19a4c116, 0x1e376c08, 0x2748774c, 0x34b0bcb5, 0x391c0cb3, 0x4ed8aa4a, 0x5b9cca4f, 0x682e6ff3,
-    0x748f82ee, 0x78a5636f, 0x84c87814, 0x8cc70208, 0x90befffa, 0xa4506ceb, 0xbef9a3f7, 0xc67178f2,
-];
-
-impl Sha256 {
-    fn new() -> Self {
-        Sha256 {
-            state: [
-                0x6a09e667, 0xbb67ae85, 0x3c6ef372, 0xa54ff53a, 0x510e527f, 0x9b05688c, 0x1f83d9ab,
-                0x5be0cd19,
-            ],
-            buf: [0; 64],
-            buf_len: 0,
-            len: 0,
-        }
-    }
-
-    fn update(&mut self, mut data: &[u8]) {
-        self.len += data.len() as u64;
-        if self.buf_len > 0 {
-            let take = (64 - self.buf_len).min(data.len());
-            self.buf[self.buf_len..self.buf_len + take].copy_from_slice(&data[..take]);
-            self.buf_len += take;
-            data = &data[take..];
-            if self.buf_len == 64 {
-                let block = self.buf;
-                self.compress(&block);
-                self.buf_len = 0;
-            }
-        }
-        while data.len() >= 64 {
-            let (block, rest) = data.split_at(64);
-            self.compress(block.try_into().expect("64-byte block"));
-            data = rest;
-        }
-        if !data.is_empty() {
-            self.buf[..data.len()].copy_from_slice(data);
-            self.buf_len = data.len();
-        }
-    }
-
-    fn finish(mut self) -> [u8; 32] {
-        let bit_len = self.len.wrapping_mul(8);
-        let mut pad = vec![0x80u8];
-        let rem = (self.len % 64) as usize;
-        let zeros = if rem < 56 { 55 - rem } else { 119 - rem };
-        pad.extend(std::iter::repeat_n(0u8, zeros));
-        pad.extend_from_slice(&bit_len.to_be_bytes());
-        let len = self.len;
-        self.update(&pad);
-        self.len = len;
-        let mut out = [0u8; 32];
-        for (i, w) in self.state.iter().enumerate() {
-            out[i * 4..i * 4 + 4].copy_from_slice(&w.to_be_bytes());
-        }
-        out
-    }
-
-    fn compress(&mut self, block: &[u8; 64]) {
-        let mut w = [0u32; 64];
-        for i in 0..16 {
-            w[i] = u32::from_be_bytes(block[i * 4..i * 4 + 4].try_into().expect("4 bytes"));
-        }
-        for i in 16..64 {
-            let s0 = w[i - 15].rotate_right(7) ^ w[i - 15].rotate_right(18) ^ (w[i - 15] >> 3);
-            let s1 = w[i - 2].rotate_right(17) ^ w[i - 2].rotate_right(19) ^ (w[i - 2] >> 10);
-            w[i] = w[i - 16]
-                .wrapping_add(s0)
-                .wrapping_add(w[i - 7])
-                .wrapping_add(s1);
-        }
-        let [mut a, mut b, mut c, mut d, mut e, mut f, mut g, mut h] = self.state;
-        for i in 0..64 {
-            let s1 = e.rotate_right(6) ^ e.rotate_right(11) ^ e.rotate_right(25);
-            let ch = (e & f) ^ (!e & g);
-            let t1 = h
-                .wrapping_add(s1)
-                .wrapping_add(ch)
-                .wrapping_add(K[i])
-                .wrapping_add(w[i]);
-            let s0 = a.rotate_right(2) ^ a.rotate_right(13) ^ a.rotate_right(22);
-            let maj = (a & b) ^ (a & c) ^ (b & c);
-            let t2 = s0.wrapping_add(maj);
-            h = g;
-            g = f;
-            f = e;
-            e = d.wrapping_add(t1);
-            d = c;
-            c = b;
-            b = a;
-            a = t1.wrapping_add(t2);
-        }
-        for (s, v) in self.state.iter_mut().zip([a, b, c, d, e, f, g, h]) {
-            *s = s.wrapping_add(v);
-        }
-    }
+    hex::encode(Sha256::digest(bytes))
 }

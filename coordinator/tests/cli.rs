@@ -319,3 +319,98 @@ fn admin_token_is_required_and_never_printed() {
         "token leaked into the log: {logged}"
     );
 }
+
+/// The reference Python env's interpreter (`$ABLATE_PYTHON`, else
+/// `${ABLATE_PYENV:-$HOME/.cache/ablate/pyenv}/bin/python`, made by scripts/pyenv.sh). Missing,
+/// the test fails naming it: it is part of what the test command prepares.
+fn reference_python() -> PathBuf {
+    let py = std::env::var_os("ABLATE_PYTHON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            std::env::var_os("ABLATE_PYENV")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| {
+                    PathBuf::from(std::env::var_os("HOME").unwrap_or_default())
+                        .join(".cache/ablate/pyenv")
+                })
+                .join("bin/python")
+        });
+    let ok = Command::new(&py)
+        .args(["-c", "import grpc, grpc_health.v1, grpc_reflection.v1alpha"])
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    assert!(
+        ok,
+        "no Python with grpcio, grpcio-health-checking and grpcio-reflection at {} (run `bash \
+         scripts/pyenv.sh`, or set ABLATE_PYTHON)",
+        py.display()
+    );
+    py
+}
+
+/// Python's grpcio (another gRPC implementation, no stubs from ablate.proto) lists the services
+/// by reflection, checks health without a token, and calls SweepService.List with the admin
+/// token from the reflected descriptors (and is refused without it).
+#[test]
+fn python_grpc_client_uses_reflection_health_and_the_admin_api() {
+    let py = reference_python();
+    let dir = tempfile::tempdir().unwrap();
+    let (wt, at) = (
+        dir.path().join("worker.token"),
+        dir.path().join("admin.token"),
+    );
+    std::fs::write(&wt, "wk-py-1f2e3d").unwrap();
+    std::fs::write(&at, "ad-py-4c5b6a\n").unwrap();
+    let server = Server::start(
+        &dir.path().join("state"),
+        &[
+            "--worker-token-file",
+            wt.to_str().unwrap(),
+            "--admin-token-file",
+            at.to_str().unwrap(),
+        ],
+    );
+    let submit = Command::new(ABLATE)
+        .args(["submit", quickstart().to_str().unwrap()])
+        .env("ABLATE_COORDINATOR", &server.url)
+        .env("ABLATE_TOKEN_FILE", &at)
+        .output()
+        .unwrap();
+    assert!(submit.status.success(), "{}", text(&submit.stderr));
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/py/health_reflection.py");
+    let out = Command::new(&py)
+        .arg(&script)
+        .arg(server.url.trim_start_matches("http://"))
+        .arg("ad-py-4c5b6a")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{} failed:\n{}",
+        script.display(),
+        text(&out.stderr)
+    );
+    let got: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let services: Vec<&str> = got["services"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s.as_str().unwrap())
+        .collect();
+    for want in [
+        "ablate.v1.SweepService",
+        "ablate.v1.WorkerService",
+        "grpc.health.v1.Health",
+        "grpc.reflection.v1.ServerReflection",
+        "grpc.reflection.v1alpha.ServerReflection",
+    ] {
+        assert!(services.contains(&want), "{want} not in {services:?}");
+    }
+    for name in ["", "ablate.v1.SweepService", "ablate.v1.WorkerService"] {
+        assert_eq!(got["health"][name], "SERVING", "{got}");
+    }
+    assert_eq!(got["sweeps"], serde_json::json!(["quickstart"]), "{got}");
+    assert_eq!(got["anonymous_list"], "UNAUTHENTICATED", "{got}");
+    assert!(server.terminate().success());
+}

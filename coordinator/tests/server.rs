@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use ablate_proto::pb;
 use coordinator::server::{
-    admin_client, serve, worker_client, AdminClient, ServeOpts, WorkerClient,
+    admin_client, serve, worker_client, AdminClient, Clock, ServeOpts, WorkerClient,
 };
 use experiments::trial::*;
 use tokio::sync::oneshot;
@@ -21,12 +21,17 @@ struct Server {
 
 impl Server {
     async fn start(state_dir: &std::path::Path, ttl: Duration) -> Server {
+        Server::start_with_clock(state_dir, ttl, Clock::default()).await
+    }
+
+    async fn start_with_clock(state_dir: &std::path::Path, ttl: Duration, clock: Clock) -> Server {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
         let mut opts = ServeOpts::new(state_dir);
         opts.worker_token = Some(WORKER_TOKEN.into());
         opts.admin_token = Some(ADMIN_TOKEN.into());
         opts.lease_ttl = ttl;
+        opts.clock = clock;
         let (tx, rx) = oneshot::channel::<()>();
         let handle = tokio::spawn(serve(listener, opts, async move {
             let _ = rx.await;
@@ -835,4 +840,313 @@ async fn a_worker_that_heartbeats_after_a_restart_keeps_its_attempt() {
     let seqs: Vec<u64> = ev.events.iter().map(|e| e.seq).collect();
     assert_eq!(seqs, [0, 1, 2, 3], "every report once, in order");
     server.shutdown().await;
+}
+
+/// A cancel naming an unknown trial after known ones changes nothing: neither the scheduler's
+/// memory nor the store (which once disagreed: cancelled in memory, running on disk, revived by a
+/// restart).
+#[tokio::test]
+async fn cancel_with_an_unknown_id_cancels_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = config("a", Base::HfDir { path: "/m".into() }, 10);
+    let server = Server::start(dir.path(), Duration::from_secs(30)).await;
+    let mut admin = server.admin().await;
+    let mut w = server.worker().await;
+    admin
+        .submit(pb::SubmitRequest {
+            sweep_name: "s".into(),
+            sweep_text: String::new(),
+            trials: vec![submitted(&a)],
+        })
+        .await
+        .unwrap();
+    let err = admin
+        .cancel(pb::CancelRequest {
+            sweep: String::new(),
+            trial_ids: vec![a.id(), "00000000deadbeef".into()],
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::NotFound);
+    assert!(
+        err.message().contains("00000000deadbeef"),
+        "{}",
+        err.message()
+    );
+    let got = admin
+        .get(pb::GetRequest { sweep: "s".into() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(got.trials[0].state, "queued");
+    // The scheduler agrees with the store: the trial is still handed out.
+    let wid = register(&mut w, "one").await;
+    let l = lease(&mut w, &wid, 2000)
+        .await
+        .expect("the trial is still queued");
+    assert_eq!(l.trial_id, a.id());
+    // A valid cancel still works.
+    let c = admin
+        .cancel(pb::CancelRequest {
+            sweep: String::new(),
+            trial_ids: vec![a.id()],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(c.cancelled, vec![a.id()]);
+    server.shutdown().await;
+}
+
+/// An upload that began while its attempt owned the trial, and ends after the lease passed to a
+/// new attempt, must not replace the new attempt's checkpoint.
+#[tokio::test]
+async fn a_stale_upload_finishing_late_does_not_replace_the_new_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = config("a", Base::HfDir { path: "/m".into() }, 10);
+    let server = Server::start(dir.path(), Duration::from_millis(400)).await;
+    let mut admin = server.admin().await;
+    let mut w = server.worker().await;
+    admin
+        .submit(pb::SubmitRequest {
+            sweep_name: "s".into(),
+            sweep_text: String::new(),
+            trials: vec![submitted(&a)],
+        })
+        .await
+        .unwrap();
+    let w1 = register(&mut w, "one").await;
+    let w2 = register(&mut w, "two").await;
+    let l1 = lease(&mut w, &w1, 1000).await.unwrap();
+    assert_eq!(l1.attempt, 1);
+    // Attempt 1 starts uploading its checkpoint while it owns the trial...
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    let chunk = |attempt: u32, byte: u8| pb::ArtifactChunk {
+        trial_id: a.id(),
+        attempt,
+        name: "ckpt/state.safetensors".into(),
+        data: vec![byte; 16],
+    };
+    tx.send(chunk(1, 1)).await.unwrap();
+    let mut w_slow = server.worker().await;
+    let slow = tokio::spawn(async move {
+        w_slow
+            .upload_artifact(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await
+    });
+    // ...then goes silent: its lease expires and attempt 2 takes over and uploads its own.
+    let l2 = tokio::time::timeout(Duration::from_secs(5), lease(&mut w, &w2, 5000))
+        .await
+        .unwrap()
+        .expect("re-queued");
+    assert_eq!(l2.attempt, 2);
+    w.upload_artifact(tokio_stream::iter(vec![chunk(2, 2)]))
+        .await
+        .unwrap();
+    // The stale stream ends now: refused, and the new checkpoint stays.
+    tx.send(chunk(1, 1)).await.unwrap();
+    drop(tx);
+    let res = slow.await.unwrap();
+    assert_eq!(
+        res.map(|_| ()).unwrap_err().code(),
+        tonic::Code::FailedPrecondition
+    );
+    let mut down = w
+        .download_artifact(pb::DownloadArtifactRequest {
+            trial_id: a.id(),
+            name: "ckpt/state.safetensors".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut bytes = Vec::new();
+    while let Some(c) = down.next().await {
+        bytes.extend(c.unwrap().data);
+    }
+    assert_eq!(bytes, vec![2u8; 16]);
+    server.shutdown().await;
+}
+
+/// A wall-clock step (NTP, `date -s`) does not expire leases: deadlines are monotonic.
+#[tokio::test]
+async fn a_wall_clock_step_does_not_expire_leases() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = config("a", Base::HfDir { path: "/m".into() }, 10);
+    let clock = Clock::default();
+    let server = Server::start_with_clock(dir.path(), Duration::from_secs(3), clock.clone()).await;
+    let mut admin = server.admin().await;
+    let mut w = server.worker().await;
+    admin
+        .submit(pb::SubmitRequest {
+            sweep_name: "s".into(),
+            sweep_text: String::new(),
+            trials: vec![submitted(&a)],
+        })
+        .await
+        .unwrap();
+    let wid = register(&mut w, "one").await;
+    let l = lease(&mut w, &wid, 1000).await.unwrap();
+    let before = clock.wall_ms();
+    assert!(
+        (l.deadline_unix_ms - before - 3000).abs() < 1000,
+        "the deadline is shown in wall time: {} vs now {before}",
+        l.deadline_unix_ms
+    );
+    clock.step_wall(3_600_000);
+    // Several scheduler ticks (every 300 ms with a 3 s ttl) pass after the step.
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let hb = w
+        .heartbeat(pb::HeartbeatRequest {
+            worker_id: wid,
+            held: vec![pb::HeldLease {
+                trial_id: a.id(),
+                attempt: 1,
+            }],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(hb.cancel.is_empty(), "the lease survived the step: {hb:?}");
+    assert_eq!(hb.renewed.len(), 1);
+    let shown = hb.renewed[0].deadline_unix_ms - clock.wall_ms();
+    assert!((2000..=3000).contains(&shown), "{shown}");
+    let got = admin
+        .get(pb::GetRequest { sweep: "s".into() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (got.trials[0].state.as_str(), got.trials[0].attempts),
+        ("running", 1)
+    );
+    server.shutdown().await;
+}
+
+/// `grpc.health.v1.Health` answers without a token (Kubernetes probes and grpcurl carry none):
+/// SERVING, NOT_SERVING while the store is locked by someone else, SERVING again after; the
+/// token still guards the API on the same port.
+#[tokio::test]
+async fn health_answers_without_a_token_and_follows_the_store() {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    use tonic_health::pb::health_client::HealthClient;
+    use tonic_health::pb::HealthCheckRequest;
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), Duration::from_secs(30)).await;
+    let channel = tonic::transport::Endpoint::from_shared(server.url.clone())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut health = HealthClient::new(channel);
+    let status = |mut h: HealthClient<tonic::transport::Channel>, service: &'static str| async move {
+        h.check(HealthCheckRequest {
+            service: service.into(),
+        })
+        .await
+        .map(|r| r.into_inner().status())
+    };
+    for service in ["", "ablate.v1.SweepService", "ablate.v1.WorkerService"] {
+        assert_eq!(
+            status(health.clone(), service).await.unwrap(),
+            ServingStatus::Serving,
+            "{service:?}"
+        );
+    }
+    let unknown = status(health.clone(), "no.such.Service").await.unwrap_err();
+    assert_eq!(unknown.code(), tonic::Code::NotFound);
+    // The API itself still wants its token.
+    let mut anon = admin_client(&server.url, None).await.unwrap();
+    let err = anon.list(pb::ListRequest {}).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unauthenticated);
+
+    // Another process holds the database's write lock: the store cannot take a write.
+    let db = dir.path().join("ablate.sqlite");
+    let (locked_tx, locked_rx) = std::sync::mpsc::channel();
+    let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
+    let holder = std::thread::spawn(move || {
+        let conn = rusqlite::Connection::open(&db).unwrap();
+        conn.execute_batch("BEGIN EXCLUSIVE").unwrap();
+        locked_tx.send(()).unwrap();
+        release_rx.recv().unwrap();
+        conn.execute_batch("ROLLBACK").unwrap();
+    });
+    locked_rx.recv().unwrap();
+    let wait_for = |want: ServingStatus| {
+        let health = health.clone();
+        async move {
+            let until = tokio::time::Instant::now() + Duration::from_secs(10);
+            loop {
+                let got = status(health.clone(), "").await.unwrap();
+                if got == want {
+                    return;
+                }
+                assert!(
+                    tokio::time::Instant::now() < until,
+                    "health stayed {got:?}, expected {want:?}"
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    };
+    wait_for(ServingStatus::NotServing).await;
+    assert_eq!(
+        status(health.clone(), "ablate.v1.SweepService")
+            .await
+            .unwrap(),
+        ServingStatus::NotServing
+    );
+    release_tx.send(()).unwrap();
+    holder.join().unwrap();
+    wait_for(ServingStatus::Serving).await;
+    // An open health watch does not hold up shutdown.
+    let _watch = health
+        .watch(HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    server.shutdown().await;
+}
+
+/// `health_listener`: a plain port with only the health service (for probes that cannot do TLS).
+#[tokio::test]
+async fn the_health_port_serves_health_and_nothing_else() {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    use tonic_health::pb::health_client::HealthClient;
+    use tonic_health::pb::HealthCheckRequest;
+    let dir = tempfile::tempdir().unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let health_l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let health_url = format!("http://{}", health_l.local_addr().unwrap());
+    let mut opts = ServeOpts::new(dir.path());
+    opts.admin_token = Some(ADMIN_TOKEN.into());
+    opts.worker_token = Some(WORKER_TOKEN.into());
+    opts.health_listener = Some(std::sync::Arc::new(health_l));
+    let (tx, rx) = oneshot::channel::<()>();
+    let handle = tokio::spawn(serve(listener, opts, async move {
+        let _ = rx.await;
+    }));
+    let channel = tonic::transport::Endpoint::from_shared(health_url.clone())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let got = HealthClient::new(channel)
+        .check(HealthCheckRequest {
+            service: "ablate.v1.SweepService".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(got.status(), ServingStatus::Serving);
+    let mut admin = admin_client(&health_url, Some(ADMIN_TOKEN)).await.unwrap();
+    let err = admin.list(pb::ListRequest {}).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unimplemented, "{err:?}");
+    let _ = tx.send(());
+    tokio::time::timeout(Duration::from_secs(10), handle)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
 }

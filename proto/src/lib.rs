@@ -5,3 +5,7 @@
 pub mod pb {
     tonic::include_proto!("ablate.v1");
 }
+
+/// `ablate.proto` as an encoded `FileDescriptorSet`, served by the coordinator's reflection
+/// service so that generic clients (grpcurl, Python's reflection client) can call it.
+pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("ablate_descriptor");

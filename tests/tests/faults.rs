@@ -993,14 +993,14 @@ fn ip(args: &[String]) -> Result<(), String> {
 }
 
 #[test]
+#[cfg_attr(
+    not(ablate_ci),
+    ignore = "needs root for a network namespace (ip netns); scripts/test and CI run it"
+)]
 fn network_cut_worker_keeps_training_replays_reports_and_the_lease_decides() {
-    let ns = match NetNs::create() {
-        Ok(ns) => ns,
-        Err(why) => {
-            println!("SKIPPED network cut scenario: cannot create a network namespace ({why})");
-            return;
-        }
-    };
+    let ns = NetNs::create().unwrap_or_else(|why| {
+        panic!("the network cut scenario needs a network namespace (run as root): {why}")
+    });
     // Long enough that a short cut never costs the lease; the long cut outlasts it.
     let ttl = 12;
     let mut c = Cluster::new("netcut", ttl, &ns.host_ip);

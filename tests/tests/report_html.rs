@@ -6,14 +6,16 @@
 //!   scripts/chromium.sh), shows the table rows and the SVG plots after rendering (`--dump-dom`)
 //!   and makes a screenshot that is not blank and carries the plots' colours.
 //!
-//! Where chromium cannot be installed (no apt-get, not root), the browser half prints why and is
-//! skipped; the file checks still run.
+//! The browser half is its own test: `#[ignore]`d outside CI (the `ablate_ci` cfg of build.rs),
+//! run by scripts/test (which installs chromium first) and under CI, where a missing chromium is
+//! a failure. Both tests share one run of the sweep.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::OnceLock;
 use std::time::Duration;
 
-use e2e::{bin, run_cmd, shared_cache, tiny_sweep, workspace_root};
+use e2e::{bin, run_cmd, shared_cache, tiny_sweep};
 use serde_json::Value;
 
 /// The tiny sweep's trials: pretrain, baseline, freeze-1, freeze-all, gradual, inheritune-1.
@@ -38,32 +40,20 @@ fn csv_line(line: &str) -> Vec<String> {
     out
 }
 
-/// `chromium` on PATH, installing it with scripts/chromium.sh when missing. None (with the reason
-/// printed) only where it cannot be installed.
-fn chromium() -> Option<PathBuf> {
-    let find = || {
-        std::env::var_os("PATH").and_then(|p| {
+/// `chromium` on PATH (scripts/chromium.sh installs it; a test installs nothing itself).
+fn chromium() -> PathBuf {
+    std::env::var_os("PATH")
+        .and_then(|p| {
             std::env::split_paths(&p)
                 .map(|d| d.join("chromium"))
                 .find(|c| c.is_file())
         })
-    };
-    if let Some(c) = find() {
-        return Some(c);
-    }
-    let script = workspace_root().join("scripts/chromium.sh");
-    let status = Command::new("bash").arg(&script).status();
-    match (status, find()) {
-        (_, Some(c)) => Some(c),
-        (s, None) => {
-            eprintln!(
-                "SKIPPED the browser checks of report.html: chromium is not installed and \
-                 {} could not install it ({s:?})",
-                script.display()
-            );
-            None
-        }
-    }
+        .unwrap_or_else(|| {
+            panic!(
+                "the browser checks of report.html need `chromium` on PATH: run `bash \
+                 scripts/chromium.sh` (scripts/test does)"
+            )
+        })
 }
 
 fn headless(chromium: &Path, profile: &Path) -> Command {
@@ -107,25 +97,38 @@ fn read_png(path: &Path) -> (u32, u32, Vec<[u8; 4]>) {
     (info.width, info.height, px)
 }
 
+/// The output directory of one `ablate run` of the tiny sweep and its log, made once for both
+/// tests of this file (the second to ask waits for the first).
+fn finished_sweep() -> &'static (PathBuf, String) {
+    static SWEEP: OnceLock<(PathBuf, String)> = OnceLock::new();
+    SWEEP.get_or_init(|| {
+        let ablate = bin("ablate");
+        bin("ablate-worker");
+        // Statics are never dropped: a fixed directory, cleared first, instead of a TempDir.
+        let root = Path::new(env!("CARGO_TARGET_TMPDIR")).join("report-html");
+        let _ = std::fs::remove_dir_all(&root);
+        std::fs::create_dir_all(&root).unwrap();
+        let sweep = root.join("tiny.toml");
+        std::fs::write(&sweep, tiny_sweep("report-html")).unwrap();
+        let out = root.join("out");
+        let (ok, log, _) = run_cmd(
+            Command::new(&ablate)
+                .arg("run")
+                .arg(&sweep)
+                .arg("--out")
+                .arg(&out)
+                .arg("--cache")
+                .arg(shared_cache()),
+            Duration::from_secs(900),
+        );
+        assert!(ok, "ablate run failed:\n{log}");
+        (out, log)
+    })
+}
+
 #[test]
-fn report_of_a_finished_tiny_sweep_in_every_format_and_in_a_browser() {
-    let ablate = bin("ablate");
-    bin("ablate-worker");
-    let tmp = tempfile::tempdir().unwrap();
-    let sweep = tmp.path().join("tiny.toml");
-    std::fs::write(&sweep, tiny_sweep("report-html")).unwrap();
-    let out = tmp.path().join("out");
-    let (ok, log, _) = run_cmd(
-        Command::new(&ablate)
-            .arg("run")
-            .arg(&sweep)
-            .arg("--out")
-            .arg(&out)
-            .arg("--cache")
-            .arg(shared_cache()),
-        Duration::from_secs(900),
-    );
-    assert!(ok, "ablate run failed:\n{log}");
+fn report_of_a_finished_tiny_sweep_in_every_format() {
+    let (out, log) = finished_sweep();
     assert!(
         log.contains("report.html"),
         "ablate run names the HTML report:\n{log}"
@@ -218,9 +221,19 @@ fn report_of_a_finished_tiny_sweep_in_every_format_and_in_a_browser() {
     if let Some(keep) = std::env::var_os("ABLATE_KEEP_REPORT") {
         let _ = std::fs::copy(out.join("report.html"), keep);
     }
+}
 
-    // --- the browser.
-    let Some(chromium) = chromium() else { return };
+#[test]
+#[cfg_attr(
+    not(ablate_ci),
+    ignore = "needs chromium (scripts/chromium.sh); scripts/test and CI run it"
+)]
+fn report_html_renders_in_a_browser() {
+    let chromium = chromium();
+    let (out, _) = finished_sweep();
+    let json: Vec<Value> =
+        serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
     let page = format!("file://{}", out.join("report.html").display());
     let profile = tmp.path().join("chromium-profile");
     let (ok, dom, _) = run_cmd(

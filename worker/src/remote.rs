@@ -220,10 +220,15 @@ impl Backoff {
     }
 
     async fn wait(&mut self) {
-        let jitter = jitter_fraction();
-        let d = self.next.mul_f64(0.5 + jitter);
-        tokio::time::sleep(d).await;
+        tokio::time::sleep(self.step()).await;
+    }
+
+    /// The next delay (the current one, jittered to 0.5-1.5x), doubling the one after up to
+    /// [`MAX_BACKOFF`].
+    fn step(&mut self) -> Duration {
+        let d = self.next.mul_f64(0.5 + jitter_fraction());
         self.next = (self.next * 2).min(MAX_BACKOFF);
+        d
     }
 }
 
@@ -333,6 +338,22 @@ impl Worker {
         let trial_id = lease.trial_id.clone();
         let attempt = lease.attempt;
         tracing::info!("leased");
+        // Trial ids become directory names that are later removed: refuse any that is not one
+        // plain path component before touching the disk.
+        let ids_ok = check_trial_id("trial_id", &lease.trial_id).and_then(|()| {
+            if lease.base_trial_id.is_empty() {
+                Ok(())
+            } else {
+                check_trial_id("base_trial_id", &lease.base_trial_id)
+            }
+        });
+        if let Err(e) = ids_ok {
+            let msg = format!("{e:#}");
+            tracing::error!(cause = %msg, "refusing the lease");
+            self.fail(&trial_id, attempt, "bad_lease", &msg, true, false)
+                .await;
+            return Ok(());
+        }
         let out_dir = self.opts.work_dir.join("trials").join(&trial_id);
         let cfg: TrialConfig = match serde_json::from_str(&lease.config_json) {
             Ok(c) => c,
@@ -771,6 +792,19 @@ impl Worker {
     async fn upload_file(&self, trial_id: &str, attempt: u32, name: &str, path: &Path) -> bool {
         upload_file_retrying(&self.client, trial_id, attempt, name, path, &|| false).await
     }
+}
+
+/// Trial ids from the coordinator name directories under the work and cache dirs: the same rule
+/// as the coordinator's store (1-64 ASCII letters or digits; it generates 16 hex digits), so an id
+/// can never be `..`, absolute or hold a `/`.
+fn check_trial_id(field: &str, id: &str) -> anyhow::Result<()> {
+    if id.is_empty() || id.len() > 64 || !id.chars().all(|c| c.is_ascii_alphanumeric()) {
+        anyhow::bail!(
+            "lease {field} {id:?} from the coordinator is not a trial id (1-64 ASCII letters or \
+             digits)"
+        );
+    }
+    Ok(())
 }
 
 /// Names coming from the coordinator become local paths: same rules as the coordinator's store.
@@ -1361,14 +1395,221 @@ mod tests {
     #[test]
     fn backoff_is_capped_and_jitter_in_range() {
         let mut b = Backoff::new();
-        for _ in 0..20 {
-            b.next = (b.next * 2).min(MAX_BACKOFF);
+        let mut base = Duration::from_millis(200);
+        for i in 0..40 {
+            let d = b.step();
+            assert!(
+                d >= base.mul_f64(0.5) && d < base.mul_f64(1.5),
+                "delay {i}: {d:?} outside 0.5-1.5x {base:?}"
+            );
+            base = (base * 2).min(MAX_BACKOFF);
         }
         assert_eq!(b.next, MAX_BACKOFF);
+        assert!(b.step() < MAX_BACKOFF.mul_f64(1.5));
         for _ in 0..100 {
             let j = jitter_fraction();
             assert!((0.0..1.0).contains(&j));
         }
+    }
+
+    /// A coordinator that hands out one lease with the given trial id, then records the
+    /// worker's `Fail` (a compromised or buggy coordinator; the real one only makes hex ids).
+    struct Hostile {
+        lease: pb::Lease,
+        failed: tokio::sync::Mutex<Vec<pb::FailRequest>>,
+    }
+
+    struct HostileSvc(Arc<Hostile>);
+
+    type Chunks = std::pin::Pin<
+        Box<dyn tokio_stream::Stream<Item = Result<pb::ArtifactChunk, Status>> + Send>,
+    >;
+
+    #[tonic::async_trait]
+    impl pb::worker_service_server::WorkerService for HostileSvc {
+        async fn register(
+            &self,
+            _: Request<pb::RegisterRequest>,
+        ) -> Result<tonic::Response<pb::RegisterResponse>, Status> {
+            Err(Status::unimplemented("register"))
+        }
+        async fn lease(
+            &self,
+            _: Request<pb::LeaseRequest>,
+        ) -> Result<tonic::Response<pb::LeaseResponse>, Status> {
+            Ok(tonic::Response::new(pb::LeaseResponse {
+                lease: Some(self.0.lease.clone()),
+            }))
+        }
+        async fn heartbeat(
+            &self,
+            _: Request<pb::HeartbeatRequest>,
+        ) -> Result<tonic::Response<pb::HeartbeatResponse>, Status> {
+            Ok(tonic::Response::new(pb::HeartbeatResponse::default()))
+        }
+        async fn report(
+            &self,
+            _: Request<pb::ReportRequest>,
+        ) -> Result<tonic::Response<pb::ReportResponse>, Status> {
+            Ok(tonic::Response::new(pb::ReportResponse { accepted: true }))
+        }
+        async fn complete(
+            &self,
+            _: Request<pb::CompleteRequest>,
+        ) -> Result<tonic::Response<pb::CompleteResponse>, Status> {
+            Err(Status::unimplemented("complete"))
+        }
+        async fn fail(
+            &self,
+            req: Request<pb::FailRequest>,
+        ) -> Result<tonic::Response<pb::FailResponse>, Status> {
+            self.0.failed.lock().await.push(req.into_inner());
+            Ok(tonic::Response::new(pb::FailResponse { accepted: true }))
+        }
+        async fn upload_artifact(
+            &self,
+            _: Request<tonic::Streaming<pb::ArtifactChunk>>,
+        ) -> Result<tonic::Response<pb::UploadArtifactResponse>, Status> {
+            Err(Status::failed_precondition("upload"))
+        }
+        type DownloadArtifactStream = Chunks;
+        async fn download_artifact(
+            &self,
+            _: Request<pb::DownloadArtifactRequest>,
+        ) -> Result<tonic::Response<Chunks>, Status> {
+            Err(Status::not_found("no such artifact"))
+        }
+        async fn list_artifacts(
+            &self,
+            _: Request<pb::ListArtifactsRequest>,
+        ) -> Result<tonic::Response<pb::ListArtifactsResponse>, Status> {
+            Err(Status::not_found("no artifacts"))
+        }
+        async fn rendezvous(
+            &self,
+            _: Request<pb::RendezvousRequest>,
+        ) -> Result<tonic::Response<pb::RendezvousResponse>, Status> {
+            Err(Status::unimplemented("rendezvous"))
+        }
+    }
+
+    fn any_config() -> TrialConfig {
+        use experiments::trial::*;
+        TrialConfig {
+            name: "t".into(),
+            method: Method::Freeze { top: 1 },
+            base: Base::HfDir { path: "/m".into() },
+            data: DataSpec {
+                train: CorpusSpec {
+                    paths: vec!["/nonexistent/x.txt".into()],
+                    package: None,
+                    documents: DocSplit::File,
+                },
+                valid: None,
+                valid_fraction: 0.1,
+                context: 32,
+                max_train_tokens: None,
+                max_valid_windows: None,
+            },
+            train: TrainSpec {
+                steps: 1,
+                batch_size: 2,
+                grad_accum: 1,
+                lr: 1e-3,
+                lr_factor: None,
+                weight_decay: 0.0,
+                beta1: 0.9,
+                beta2: 0.999,
+                eps: 1e-8,
+                schedule: Schedule::Constant,
+                warmup_steps: 0,
+                clip_norm: None,
+                eval_every: 0,
+                eval_windows: 1,
+                checkpoint_every: 0,
+                ranks: 1,
+            },
+            groups: 2,
+            seed: 0,
+        }
+    }
+
+    /// A lease whose trial id is `..` must not make the worker delete `<work>/ckpt` (the resume
+    /// path clears `<work>/trials/<id>/ckpt` before downloading): it is refused, by name.
+    #[tokio::test]
+    async fn trial_ids_from_the_coordinator_are_refused_unless_plain() {
+        let hostile = Arc::new(Hostile {
+            lease: pb::Lease {
+                trial_id: "..".into(),
+                attempt: 1,
+                config_json: serde_json::to_string(&any_config()).unwrap(),
+                base_trial_id: String::new(),
+                resume_artifacts: vec!["ckpt/state.safetensors".into()],
+                deadline_unix_ms: 0,
+                rank: 0,
+                world: 1,
+            },
+            failed: Default::default(),
+        });
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let server = tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(pb::worker_service_server::WorkerServiceServer::new(
+                    HostileSvc(hostile.clone()),
+                ))
+                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let work = dir.path().join("work");
+        // As after any earlier trial: `<work>/trials` exists, so `trials/..` resolves.
+        std::fs::create_dir_all(work.join("trials")).unwrap();
+        let victim = work.join("ckpt").join("keep");
+        std::fs::create_dir_all(victim.parent().unwrap()).unwrap();
+        std::fs::write(&victim, b"mine").unwrap();
+        let opts = RemoteOpts {
+            coordinator: url,
+            ca_pem: None,
+            device: "cpu".into(),
+            token: None,
+            cache_dir: dir.path().join("cache"),
+            work_dir: work.clone(),
+            name: "w".into(),
+        };
+        let make_env: EnvFactory = Arc::new(|base_dir, out_dir, cache_dir, stop, sync| TrialEnv {
+            device: candle_core::Device::Cpu,
+            base_dir,
+            out_dir,
+            cache_dir,
+            stop,
+            sync,
+        });
+        let mut w = Worker {
+            client: client(&opts).unwrap(),
+            opts,
+            make_env,
+            gang_device: candle_core::Device::Cpu,
+            stop: Arc::new(AtomicBool::new(false)),
+            worker_id: "w1".into(),
+            ttl: Duration::from_secs(30),
+        };
+        let lease = w.lease().await.unwrap().unwrap();
+        w.run_lease(lease).await.unwrap();
+        assert_eq!(
+            std::fs::read(&victim).unwrap(),
+            b"mine",
+            "the worker left <work>/ckpt alone"
+        );
+        let failed = hostile.failed.lock().await;
+        assert_eq!(failed.len(), 1, "{failed:?}");
+        assert_eq!(failed[0].reason, "bad_lease", "{failed:?}");
+        assert!(
+            failed[0].message.contains("\"..\""),
+            "{}",
+            failed[0].message
+        );
+        assert!(failed[0].deterministic);
+        server.abort();
     }
 
     #[test]
