@@ -239,6 +239,16 @@ fn compare(
 fn tokenizer_key(c: &TrialConfig, records: &[TrialRecord], depth: usize) -> String {
     match &c.base {
         Base::HfDir { path } => format!("dir:{path}"),
+        Base::Gguf { path, package } => format!(
+            "gguf:{}:{path}",
+            package
+                .as_ref()
+                .map(|p| format!("{}:{}=={}", p.manager, p.name, p.version))
+                .unwrap_or_default()
+        ),
+        Base::Hub { repo, revision } => {
+            format!("hub:{repo}@{}", revision.as_deref().unwrap_or("main"))
+        }
         Base::Scratch { .. } => format!("trained:{}", c.id()),
         Base::Trial { id } => match records.iter().find(|r| &r.id == id) {
             Some(TrialRecord {

@@ -7,8 +7,8 @@
 //!
 //! The transformers tests need the reference Python env (`bash scripts/pyenv.sh`). The interpreter
 //! is `$ABLATE_PYTHON`, else `${ABLATE_PYENV:-$HOME/.cache/ablate/pyenv}/bin/python`. Without it
-//! they print a SKIP line and pass, except when `CI` is set: CI installs the env first, so a
-//! missing interpreter there is a failure, not a silent skip.
+//! they fail, naming the command that makes it (scripts/test runs it first); they never pass
+//! without checking.
 
 use std::collections::HashMap;
 use std::io::Write;
