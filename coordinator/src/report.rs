@@ -346,6 +346,15 @@ pub fn vs_best_mark(v: Option<&str>) -> &'static str {
     }
 }
 
+/// The Markdown tables' mark: the summary's, bold, or `worse`.
+fn md_vs_best(v: Option<&str>) -> String {
+    match (v, vs_best_mark(v)) {
+        (Some("worse"), _) => "worse".into(),
+        (_, "") => String::new(),
+        (_, m) => format!("**{m}**"),
+    }
+}
+
 fn fmt_opt<T: ToString>(v: Option<T>) -> String {
     v.map_or_else(|| "—".into(), |v| v.to_string())
 }
@@ -477,12 +486,7 @@ fn differences_markdown(out: &mut String, rows: &[SummaryRow]) {
          |---|---:|---:|---:|---:|---:|---|\n",
     );
     for r in &shown {
-        let mark = match r.vs_best.as_deref() {
-            Some("best") => "**best**",
-            Some("indistinguishable") => "**≈ best**",
-            Some("worse") => "worse",
-            _ => "",
-        };
+        let mark = md_vs_best(r.vs_best.as_deref());
         let _ = writeln!(
             out,
             "| {} | {} | {} | {} | {} | {} | {} |",
@@ -961,12 +965,7 @@ pub fn aggregate_markdown(rows: &[AggregateRow]) -> String {
     );
     for r in rows {
         let seeds: Vec<String> = r.seeds.iter().map(u64::to_string).collect();
-        let mark = match r.vs_best.as_deref() {
-            Some("best") => "**best**",
-            Some("indistinguishable") => "**≈ best**",
-            Some("worse") => "worse",
-            _ => "",
-        };
+        let mark = md_vs_best(r.vs_best.as_deref());
         let _ = writeln!(
             out,
             "| {} | {} | {} | {}/{} | {} | {} | {} | {} | {} | {} | {} | {} |",
