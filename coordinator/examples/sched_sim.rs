@@ -155,6 +155,7 @@ fn main() -> anyhow::Result<()> {
             device_kind: "cuda".into(),
             device_name: "sim".into(),
             memory_bytes: 80 << 30,
+            price_per_hour: 0.0,
         };
         let id = store.register_worker(&info, now)?;
         sched.register_worker(&id, &info.host);

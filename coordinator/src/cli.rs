@@ -47,6 +47,9 @@ pub enum Command {
     /// Write the report of a sweep (report.html, summary.md/csv/json, curves.csv, samples.md,
     /// trials/).
     Report(ReportArgs),
+    /// Copy the trained models of a sweep out as Hugging Face directories (OUT/<trial name>/),
+    /// from a coordinator or, with --from, from an `ablate run` output folder.
+    Export(crate::export::ExportArgs),
 }
 
 #[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
@@ -265,6 +268,8 @@ pub struct TrialView {
     /// Unix ms; None when the coordinator sent 0 (never started / not finished).
     pub started_ms: Option<i64>,
     pub finished_ms: Option<i64>,
+    /// Every attempt so far, for the cost table.
+    pub attempt_spans: Vec<crate::cost::AttemptSpan>,
 }
 
 impl TrialView {
@@ -281,6 +286,8 @@ impl TrialView {
             worker: self.worker.clone(),
             started_ms: self.started_ms,
             finished_ms: self.finished_ms,
+            attempt_spans: self.attempt_spans.clone(),
+            price_per_hour: None,
         }
     }
 
@@ -325,6 +332,7 @@ impl SweepView {
     /// Records for the report; `local` fills configs the server did not return (ablate run has
     /// the parsed sweep at hand).
     pub fn records(&self, local: Option<&HashMap<String, TrialConfig>>) -> Vec<TrialRecord> {
+        let price = self.price_per_hour();
         self.trials
             .iter()
             .map(|t| {
@@ -332,9 +340,20 @@ impl SweepView {
                 if r.config.is_none() {
                     r.config = local.and_then(|m| m.get(&t.id)).cloned();
                 }
+                r.price_per_hour = price;
                 r
             })
             .collect()
+    }
+
+    /// The sweep file's `price_per_hour`, read back from the stored text (None when the text does
+    /// not parse here, e.g. a sweep from a newer client).
+    pub fn price_per_hour(&self) -> Option<f64> {
+        let doc: toml::Table = self.text.parse().ok()?;
+        let p = doc.get("price_per_hour")?;
+        p.as_float()
+            .or_else(|| p.as_integer().map(|i| i as f64))
+            .filter(|p| p.is_finite() && *p >= 0.0)
     }
 }
 
@@ -416,7 +435,7 @@ fn token(conn: &Conn) -> anyhow::Result<Option<String>> {
     conn.token_file.as_deref().map(read_token_file).transpose()
 }
 
-async fn connect(conn: &Conn) -> anyhow::Result<Client> {
+pub(crate) async fn connect(conn: &Conn) -> anyhow::Result<Client> {
     let ca = conn.ca.as_deref().map(crate::tls::read_ca).transpose()?;
     Client::connect_tls(&conn.coordinator, token(conn)?, ca.as_deref()).await
 }
@@ -641,12 +660,12 @@ impl tonic::service::Interceptor for BearerAuth {
 
 /// A `SweepService` client speaking in domain types.
 pub struct Client {
-    inner: SweepServiceClient<InterceptedService<Channel, BearerAuth>>,
-    url: String,
+    pub(crate) inner: SweepServiceClient<InterceptedService<Channel, BearerAuth>>,
+    pub(crate) url: String,
 }
 
 /// Turn a gRPC status into an error a user can act on.
-fn status_error(url: &str, what: &str, s: tonic::Status) -> anyhow::Error {
+pub(crate) fn status_error(url: &str, what: &str, s: tonic::Status) -> anyhow::Error {
     match s.code() {
         tonic::Code::Unauthenticated | tonic::Code::PermissionDenied => anyhow::anyhow!(
             "{what}: the coordinator at {url} rejected the token ({}); check --token-file / \
@@ -701,6 +720,19 @@ fn trial_view(t: pb::TrialStatus) -> anyhow::Result<TrialView> {
         tokens_per_sec: (has_progress && p.tokens_per_sec > 0.0).then_some(p.tokens_per_sec),
         started_ms: (t.started_unix_ms > 0).then_some(t.started_unix_ms),
         finished_ms: (t.finished_unix_ms > 0).then_some(t.finished_unix_ms),
+        attempt_spans: t
+            .attempt_costs
+            .into_iter()
+            .map(|a| crate::cost::AttemptSpan {
+                attempt: a.attempt,
+                outcome: a.outcome,
+                started_ms: a.started_unix_ms,
+                ended_ms: (a.ended_unix_ms > 0).then_some(a.ended_unix_ms),
+                devices: a.devices.max(1),
+                device_kind: a.device_kind,
+                price_per_hour: a.price_per_hour,
+            })
+            .collect(),
     })
 }
 

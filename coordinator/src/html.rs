@@ -253,6 +253,65 @@ fn aggregate_table(out: &mut String, rows: &[AggregateRow]) {
     );
 }
 
+/// Device time, GPU-hours, money, time lost to preemption and retries, throughput and peak memory
+/// of every trial, with the sweep's total.
+fn cost_table(out: &mut String, rows: &[SummaryRow]) {
+    use crate::cost::{fmt_money, human_bytes, sum_costs};
+    out.push_str(
+        "<table id=\"cost-table\"><thead><tr><th>trial</th><th class=\"num\">device time</th>\
+         <th class=\"num\">GPU-h</th><th class=\"num\">cost</th>\
+         <th class=\"num\">lost to preemption / retries</th><th class=\"num\">tokens/s</th>\
+         <th class=\"num\">peak memory</th></tr></thead><tbody>\n",
+    );
+    let lost = |c: &crate::cost::TrialCost| {
+        if c.lost_attempts == 0 {
+            "—".to_string()
+        } else {
+            format!(
+                "{} ({} attempt{}{})",
+                human_duration(c.lost_device_seconds),
+                c.lost_attempts,
+                if c.lost_attempts == 1 { "" } else { "s" },
+                c.lost_cost
+                    .map_or_else(String::new, |m| format!(", {m:.2}"))
+            )
+        }
+    };
+    for r in rows {
+        let c = &r.cost;
+        let _ = writeln!(
+            out,
+            "<tr><td>{}</td><td class=\"num\">{}</td><td class=\"num\">{:.3}</td>\
+             <td class=\"num\">{}</td><td class=\"num\">{}</td><td class=\"num\">{}</td>\
+             <td class=\"num\">{}</td></tr>",
+            esc(&r.name),
+            human_duration(c.device_seconds),
+            c.gpu_hours,
+            fmt_money(c.cost),
+            esc(&lost(c)),
+            c.tokens_per_s
+                .map_or_else(|| "—".into(), |t| format!("{t:.1}")),
+            c.peak_memory_bytes.map_or_else(|| "—".into(), human_bytes),
+        );
+    }
+    let t = sum_costs(rows.iter().map(|r| &r.cost));
+    let _ = writeln!(
+        out,
+        "<tr><td><b>all</b></td><td class=\"num\">{}</td><td class=\"num\">{:.3}</td>\
+         <td class=\"num\">{}</td><td class=\"num\">{}</td><td></td><td></td></tr>",
+        human_duration(t.device_seconds),
+        t.gpu_hours,
+        fmt_money(t.cost),
+        esc(&lost(&t)),
+    );
+    out.push_str(
+        "</tbody></table>\n<p class=\"muted\">Device time sums every attempt and every device of a \
+         gang. Cost: each worker's <code>--price-per-hour</code>, else the sweep's \
+         <code>price_per_hour</code>. Lost: attempts preempted, expired or failed. Tokens/s over \
+         training wall time; peak memory of the finishing attempt (CPU resident set).</p>\n",
+    );
+}
+
 /// The bar chart of fine-tuned perplexity against the baseline (pretrain stages are on other
 /// text and left out).
 fn perplexity_figure(out: &mut String, rows: &[SummaryRow]) {
@@ -518,6 +577,11 @@ pub fn report_html(
     if !aggregate.is_empty() {
         out.push_str("<h2 id=\"seeds\">Across seeds</h2>\n");
         aggregate_table(&mut out, aggregate);
+    }
+
+    if rows.iter().any(|r| r.cost.device_seconds > 0.0) {
+        out.push_str("<h2 id=\"cost\">Cost</h2>\n");
+        cost_table(&mut out, rows);
     }
 
     out.push_str("<h2 id=\"perplexity\">Perplexity against the baseline</h2>\n");

@@ -4,6 +4,8 @@
 
 pub mod auth;
 pub mod cli;
+pub mod cost;
+pub mod export;
 pub mod html;
 pub mod metrics;
 pub mod plots;

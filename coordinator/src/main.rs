@@ -38,6 +38,7 @@ fn main() -> ExitCode {
             Command::List(args) => coordinator::cli::list(args).await.map(|()| 0),
             Command::Cancel(args) => coordinator::cli::cancel(args).await.map(|()| 0),
             Command::Report(args) => coordinator::cli::report(args).await.map(|()| 0),
+            Command::Export(args) => coordinator::export::export_command(args).await.map(|()| 0),
         }
     });
     // Workers and servers were stopped inside the commands; do not wait on stray blocking tasks.

@@ -420,6 +420,7 @@ mod tests {
                 memory_bytes: 1 << 30,
                 host: "test".into(),
                 worker_name: "w".into(),
+                ..Default::default()
             })
             .await
             .unwrap();

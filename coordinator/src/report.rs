@@ -42,6 +42,10 @@ pub struct TrialRecord {
     /// When the last attempt started and when the trial reached its final state (Unix ms).
     pub started_ms: Option<i64>,
     pub finished_ms: Option<i64>,
+    /// Every attempt so far (for the cost table); empty when unknown.
+    pub attempt_spans: Vec<crate::cost::AttemptSpan>,
+    /// The sweep file's `price_per_hour` (per device), for attempts whose workers set none.
+    pub price_per_hour: Option<f64>,
 }
 
 /// One row of the summary table. Serialised as-is into `summary.json`.
@@ -89,6 +93,8 @@ pub struct SummaryRow {
     pub vs_best: Option<String>,
     /// Why an interval is missing where a reference exists (e.g. different validation windows).
     pub interval_note: Option<String>,
+    /// Device time, GPU-hours, money, throughput and peak memory over every attempt.
+    pub cost: crate::cost::TrialCost,
 }
 
 /// Sort key: pretrain, baseline, then family, then the family's parameter (freeze 1,2,3,all;
@@ -204,6 +210,12 @@ pub fn summary_rows(records: &[TrialRecord]) -> Vec<SummaryRow> {
                 best_loss_delta_ci: vs_best_delta.map(|d| d.loss_ci),
                 vs_best,
                 interval_note: (!notes.is_empty()).then(|| notes.join("; ")),
+                cost: crate::cost::trial_cost(
+                    &r.attempt_spans,
+                    r.metrics.as_ref().filter(|_| done),
+                    r.price_per_hour,
+                    now_ms(),
+                ),
             }
         })
         .collect()
@@ -426,6 +438,7 @@ pub fn to_markdown(rows: &[SummaryRow]) -> String {
         );
     }
     differences_markdown(&mut out, rows);
+    cost_markdown(&mut out, rows);
     let failures: Vec<&SummaryRow> = rows.iter().filter(|r| r.message.is_some()).collect();
     if !failures.is_empty() {
         out.push_str("\n## Failures\n\n");
@@ -441,6 +454,65 @@ pub fn to_markdown(rows: &[SummaryRow]) -> String {
         }
     }
     out
+}
+
+/// The "Cost" section of summary.md: what every trial took, over all its attempts. Empty when no
+/// trial has an attempt on record.
+fn cost_markdown(out: &mut String, rows: &[SummaryRow]) {
+    use crate::cost::{fmt_money, human_bytes};
+    if rows.iter().all(|r| r.cost.device_seconds == 0.0) {
+        return;
+    }
+    out.push_str(
+        "\n## Cost\n\n| name | device time | GPU-h | cost | lost to preemption/retries | tokens/s | peak memory |\n|---|---:|---:|---:|---:|---:|---:|\n",
+    );
+    let mut total = Vec::new();
+    for r in rows {
+        let c = &r.cost;
+        total.push(c);
+        let _ = writeln!(
+            out,
+            "| {} | {} | {:.3} | {} | {} | {} | {} |",
+            md_escape(&r.name),
+            human_duration(c.device_seconds),
+            c.gpu_hours,
+            fmt_money(c.cost),
+            lost_cell(c),
+            c.tokens_per_s
+                .map_or_else(|| "—".into(), |t| format!("{t:.1}")),
+            c.peak_memory_bytes.map_or_else(|| "—".into(), human_bytes),
+        );
+    }
+    let t = crate::cost::sum_costs(total);
+    let _ = writeln!(
+        out,
+        "| **all** | {} | {:.3} | {} | {} | | |",
+        human_duration(t.device_seconds),
+        t.gpu_hours,
+        fmt_money(t.cost),
+        lost_cell(&t),
+    );
+    out.push_str(
+        "\nDevice time sums every attempt and every device of a gang; cost uses each worker's \
+         `--price-per-hour`, else the sweep's `price_per_hour` (— when neither is set). Lost: \
+         attempts that were preempted, expired or failed. Tokens/s: training tokens over training \
+         wall time; peak memory: the finishing attempt's peak resident set (CPU workers).\n",
+    );
+}
+
+fn lost_cell(c: &crate::cost::TrialCost) -> String {
+    if c.lost_attempts == 0 {
+        return "—".into();
+    }
+    let money = c
+        .lost_cost
+        .map_or_else(String::new, |m| format!(", {m:.2}"));
+    format!(
+        "{} ({} attempt{}{money})",
+        human_duration(c.lost_device_seconds),
+        c.lost_attempts,
+        if c.lost_attempts == 1 { "" } else { "s" }
+    )
 }
 
 /// The "Differences" section of summary.md: every Δ against the baseline and the best trial with
@@ -530,7 +602,7 @@ fn csv_opt<T: ToString>(v: Option<T>) -> String {
 }
 
 /// Header of `summary.csv`, in column order.
-pub const CSV_COLUMNS: [&str; 32] = [
+pub const CSV_COLUMNS: [&str; 40] = [
     "trial",
     "name",
     "method",
@@ -563,6 +635,14 @@ pub const CSV_COLUMNS: [&str; 32] = [
     "best_loss_delta_hi",
     "vs_best",
     "interval_note",
+    "device_seconds",
+    "gpu_hours",
+    "cost",
+    "lost_device_seconds",
+    "lost_attempts",
+    "lost_cost",
+    "tokens_per_s",
+    "peak_memory_bytes",
 ];
 
 /// `summary.csv`: full-precision numbers (Rust's shortest round-trip form); empty cells for
@@ -604,6 +684,14 @@ pub fn to_csv(rows: &[SummaryRow]) -> String {
             csv_opt(r.best_loss_delta_ci.map(|c| c[1])),
             csv_field(r.vs_best.as_deref().unwrap_or("")),
             csv_field(r.interval_note.as_deref().unwrap_or("")),
+            csv_opt(Some(r.cost.device_seconds)),
+            csv_opt(Some(r.cost.gpu_hours)),
+            csv_opt(r.cost.cost),
+            csv_opt(Some(r.cost.lost_device_seconds)),
+            csv_opt(Some(r.cost.lost_attempts)),
+            csv_opt(r.cost.lost_cost),
+            csv_opt(r.cost.tokens_per_s),
+            csv_opt(r.cost.peak_memory_bytes),
         ];
         out.push_str(&cells.join(","));
         out.push('\n');
@@ -791,6 +879,8 @@ pub struct AggregateRow {
     /// `best`, `indistinguishable` (the t-interval of Δ vs the best arm contains 0) or `worse`;
     /// None below two paired seeds.
     pub vs_best: Option<String>,
+    /// The arm's cost: its seeds' device time, GPU-hours and money summed.
+    pub cost: crate::cost::TrialCost,
 }
 
 /// Mean and sample standard deviation (None for the std below two values).
@@ -879,6 +969,7 @@ pub fn aggregate_rows(records: &[TrialRecord]) -> Vec<AggregateRow> {
                 best_delta_std: None,
                 best_delta_ci: None,
                 vs_best: None,
+                cost: crate::cost::sum_costs(members.iter().map(|r| &r.cost)),
             }
         })
         .collect();
@@ -961,14 +1052,14 @@ pub fn fmt_mean_std(mean: Option<f64>, std: Option<f64>, signed: bool) -> String
 /// The seed table in Markdown (appended to summary.md when a sweep has repeats).
 pub fn aggregate_markdown(rows: &[AggregateRow]) -> String {
     let mut out = String::from(
-        "| name | method | seeds | finished | perplexity (mean ± std) | 95 % CI | Δ baseline (mean ± std) | 95 % CI | Δ best arm (mean ± std) | 95 % CI | vs best | mean wall s |\n|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|---:|\n",
+        "| name | method | seeds | finished | perplexity (mean ± std) | 95 % CI | Δ baseline (mean ± std) | 95 % CI | Δ best arm (mean ± std) | 95 % CI | vs best | mean wall s | device time | cost |\n|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|\n",
     );
     for r in rows {
         let seeds: Vec<String> = r.seeds.iter().map(u64::to_string).collect();
         let mark = md_vs_best(r.vs_best.as_deref());
         let _ = writeln!(
             out,
-            "| {} | {} | {} | {}/{} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {}/{} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
             md_escape(&r.name),
             md_escape(&r.method),
             seeds.join(", "),
@@ -984,6 +1075,8 @@ pub fn aggregate_markdown(rows: &[AggregateRow]) -> String {
             mark,
             r.wall_seconds_mean
                 .map_or_else(|| "—".into(), |w| format!("{w:.1}")),
+            human_duration(r.cost.device_seconds),
+            crate::cost::fmt_money(r.cost.cost),
         );
     }
     out.push_str(
@@ -997,7 +1090,7 @@ pub fn aggregate_markdown(rows: &[AggregateRow]) -> String {
 /// spaces.
 pub fn aggregate_csv(rows: &[AggregateRow]) -> String {
     let mut out = String::from(
-        "name,method,seeds,finished,trials,perplexity_mean,perplexity_std,baseline_delta_mean,baseline_delta_std,wall_seconds_mean,perplexity_lo,perplexity_hi,baseline_delta_lo,baseline_delta_hi,best_arm,best_delta_mean,best_delta_std,best_delta_lo,best_delta_hi,vs_best\n",
+        "name,method,seeds,finished,trials,perplexity_mean,perplexity_std,baseline_delta_mean,baseline_delta_std,wall_seconds_mean,perplexity_lo,perplexity_hi,baseline_delta_lo,baseline_delta_hi,best_arm,best_delta_mean,best_delta_std,best_delta_lo,best_delta_hi,vs_best,device_seconds,gpu_hours,cost,lost_device_seconds\n",
     );
     for r in rows {
         let seeds: Vec<String> = r.seeds.iter().map(u64::to_string).collect();
@@ -1022,6 +1115,10 @@ pub fn aggregate_csv(rows: &[AggregateRow]) -> String {
             csv_opt(r.best_delta_ci.map(|c| c[0])),
             csv_opt(r.best_delta_ci.map(|c| c[1])),
             csv_field(r.vs_best.as_deref().unwrap_or("")),
+            csv_opt(Some(r.cost.device_seconds)),
+            csv_opt(Some(r.cost.gpu_hours)),
+            csv_opt(r.cost.cost),
+            csv_opt(Some(r.cost.lost_device_seconds)),
         ];
         out.push_str(&cells.join(","));
         out.push('\n');

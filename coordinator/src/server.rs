@@ -648,7 +648,42 @@ fn trial_status(store: &Store, row: &TrialRow) -> pb::TrialStatus {
         finished_unix_ms: row.finished_ms.unwrap_or(0),
         progress,
         config_json: row.config_json.clone(),
+        attempt_costs: attempt_costs(store, &row.id),
     }
+}
+
+/// Each attempt's span, devices and price, for the report's cost table.
+fn attempt_costs(store: &Store, trial_id: &str) -> Vec<pb::AttemptCost> {
+    let Ok(attempts) = store.attempts(trial_id) else {
+        return Vec::new();
+    };
+    attempts
+        .into_iter()
+        .map(|a| {
+            let members: Vec<_> = a
+                .worker_id
+                .split(',')
+                .map(|w| store.worker(w).ok().flatten())
+                .collect();
+            pb::AttemptCost {
+                attempt: a.attempt,
+                outcome: a.outcome.unwrap_or_default(),
+                started_unix_ms: a.started_ms,
+                ended_unix_ms: a.ended_ms.unwrap_or(0),
+                devices: members.len() as u32,
+                device_kind: members
+                    .first()
+                    .and_then(|w| w.as_ref())
+                    .map(|w| w.info.device_kind.clone())
+                    .unwrap_or_default(),
+                price_per_hour: members
+                    .iter()
+                    .flatten()
+                    .map(|w| w.info.price_per_hour)
+                    .sum(),
+            }
+        })
+        .collect()
 }
 
 fn sweep_snapshot(store: &Store, key: &str) -> Result<pb::GetResponse, Status> {
@@ -693,6 +728,11 @@ impl WorkerService for WorkerApi {
             device_kind: kind,
             device_name: r.device_name,
             memory_bytes: r.memory_bytes,
+            price_per_hour: if r.price_per_hour.is_finite() && r.price_per_hour > 0.0 {
+                r.price_per_hour
+            } else {
+                0.0
+            },
         };
         let mut inner = self.0.lock();
         let id = inner
@@ -959,90 +999,105 @@ impl WorkerService for WorkerApi {
         &self,
         req: Request<pb::DownloadArtifactRequest>,
     ) -> Result<Response<Self::DownloadArtifactStream>, Status> {
-        let r = req.into_inner();
-        let path = {
-            let inner = self.0.lock();
-            let path = inner
-                .store
-                .artifact_path(&r.trial_id, &r.name)
-                .map_err(store_status)?;
-            let known = inner
-                .store
-                .artifacts(&r.trial_id, Some(&r.name))
-                .map_err(store_status)?
-                .into_iter()
-                .any(|a| a.name == r.name);
-            if !known {
-                return Err(Status::not_found(format!(
-                    "trial {} has no artifact {}",
-                    r.trial_id, r.name
-                )));
-            }
-            path
-        };
-        let mut file = tokio::fs::File::open(&path)
-            .await
-            .map_err(|e| Status::internal(format!("{}: {e}", path.display())))?;
-        let (tx, rx) = mpsc::channel(4);
-        let (trial_id, name) = (r.trial_id, r.name);
-        tokio::spawn(async move {
-            use tokio::io::AsyncReadExt;
-            let mut first = true;
-            loop {
-                let mut buf = vec![0u8; CHUNK_BYTES];
-                let n = match file.read(&mut buf).await {
-                    Ok(n) => n,
-                    Err(e) => {
-                        let _ = tx
-                            .send(Err(Status::internal(format!("reading artifact: {e}"))))
-                            .await;
-                        return;
-                    }
-                };
-                if n == 0 && !first {
-                    return;
-                }
-                buf.truncate(n);
-                let chunk = pb::ArtifactChunk {
-                    trial_id: if first {
-                        trial_id.clone()
-                    } else {
-                        String::new()
-                    },
-                    attempt: 0,
-                    name: if first { name.clone() } else { String::new() },
-                    data: buf,
-                };
-                first = false;
-                if tx.send(Ok(chunk)).await.is_err() || n == 0 {
-                    return;
-                }
-            }
-        });
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        download_artifact(&self.0, req.into_inner()).await
     }
 
     async fn list_artifacts(
         &self,
         req: Request<pb::ListArtifactsRequest>,
     ) -> Result<Response<pb::ListArtifactsResponse>, Status> {
-        let r = req.into_inner();
-        let inner = self.0.lock();
-        let rows = inner
-            .store
-            .artifacts(&r.trial_id, None)
-            .map_err(store_status)?;
-        Ok(Response::new(pb::ListArtifactsResponse {
-            artifacts: rows
-                .into_iter()
-                .map(|a| pb::ArtifactInfo {
-                    name: a.name,
-                    size: a.size,
-                    sha256: a.sha256,
-                })
-                .collect(),
-        }))
+        list_artifacts(&self.0, req.into_inner())
     }
+}
+
+/// One stored artifact as a stream of chunks: the worker side (a base model, a checkpoint to
+/// resume) and the user side (`ablate export`) both read through here.
+async fn download_artifact(
+    shared: &Shared,
+    r: pb::DownloadArtifactRequest,
+) -> Result<Response<ChunkStream>, Status> {
+    let path = {
+        let inner = shared.lock();
+        let path = inner
+            .store
+            .artifact_path(&r.trial_id, &r.name)
+            .map_err(store_status)?;
+        let known = inner
+            .store
+            .artifacts(&r.trial_id, Some(&r.name))
+            .map_err(store_status)?
+            .into_iter()
+            .any(|a| a.name == r.name);
+        if !known {
+            return Err(Status::not_found(format!(
+                "trial {} has no artifact {}",
+                r.trial_id, r.name
+            )));
+        }
+        path
+    };
+    let mut file = tokio::fs::File::open(&path)
+        .await
+        .map_err(|e| Status::internal(format!("{}: {e}", path.display())))?;
+    let (tx, rx) = mpsc::channel(4);
+    let (trial_id, name) = (r.trial_id, r.name);
+    tokio::spawn(async move {
+        use tokio::io::AsyncReadExt;
+        let mut first = true;
+        loop {
+            let mut buf = vec![0u8; CHUNK_BYTES];
+            let n = match file.read(&mut buf).await {
+                Ok(n) => n,
+                Err(e) => {
+                    let _ = tx
+                        .send(Err(Status::internal(format!("reading artifact: {e}"))))
+                        .await;
+                    return;
+                }
+            };
+            if n == 0 && !first {
+                return;
+            }
+            buf.truncate(n);
+            let chunk = pb::ArtifactChunk {
+                trial_id: if first {
+                    trial_id.clone()
+                } else {
+                    String::new()
+                },
+                attempt: 0,
+                name: if first { name.clone() } else { String::new() },
+                data: buf,
+            };
+            first = false;
+            if tx.send(Ok(chunk)).await.is_err() || n == 0 {
+                return;
+            }
+        }
+    });
+    Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+}
+
+/// The stored artifacts of one trial (names, sizes, SHA-256).
+fn list_artifacts(
+    shared: &Shared,
+    r: pb::ListArtifactsRequest,
+) -> Result<Response<pb::ListArtifactsResponse>, Status> {
+    let inner = shared.lock();
+    let rows = inner
+        .store
+        .artifacts(&r.trial_id, None)
+        .map_err(store_status)?;
+    Ok(Response::new(pb::ListArtifactsResponse {
+        artifacts: rows
+            .into_iter()
+            .map(|a| pb::ArtifactInfo {
+                name: a.name,
+                size: a.size,
+                sha256: a.sha256,
+            })
+            .collect(),
+    }))
 }
 
 /// Marks a worker as no longer waiting for work when its lease call ends without a lease.
@@ -1105,6 +1160,22 @@ struct SweepApi(Arc<Shared>);
 
 #[tonic::async_trait]
 impl SweepService for SweepApi {
+    type DownloadArtifactStream = ChunkStream;
+
+    async fn download_artifact(
+        &self,
+        req: Request<pb::DownloadArtifactRequest>,
+    ) -> Result<Response<Self::DownloadArtifactStream>, Status> {
+        download_artifact(&self.0, req.into_inner()).await
+    }
+
+    async fn list_artifacts(
+        &self,
+        req: Request<pb::ListArtifactsRequest>,
+    ) -> Result<Response<pb::ListArtifactsResponse>, Status> {
+        list_artifacts(&self.0, req.into_inner())
+    }
+
     async fn submit(
         &self,
         req: Request<pb::SubmitRequest>,

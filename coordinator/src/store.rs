@@ -113,6 +113,8 @@ pub struct WorkerInfo {
     pub device_kind: String,
     pub device_name: String,
     pub memory_bytes: u64,
+    /// What an hour of this worker costs (0: not set), for the report's cost table.
+    pub price_per_hour: f64,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -240,7 +242,28 @@ impl Store {
             .execute_batch("PRAGMA synchronous=NORMAL; PRAGMA busy_timeout=5000;")
             .map_err(|e| s.db(e))?;
         s.conn.execute_batch(SCHEMA).map_err(|e| s.db(e))?;
+        // Columns added after the first release: a state dir written by an older coordinator
+        // gets them with their default on open (SQLite's ALTER TABLE ADD COLUMN keeps the rows).
+        s.add_column_if_missing("workers", "price_per_hour", "REAL NOT NULL DEFAULT 0")?;
         Ok(s)
+    }
+
+    fn add_column_if_missing(&self, table: &str, column: &str, decl: &str) -> Result<()> {
+        let mut st = self
+            .conn
+            .prepare(&format!("PRAGMA table_info({table})"))
+            .map_err(|e| self.db(e))?;
+        let names = st
+            .query_map([], |r| r.get::<_, String>(1))
+            .map_err(|e| self.db(e))?
+            .collect::<rusqlite::Result<Vec<_>>>()
+            .map_err(|e| self.db(e))?;
+        if !names.iter().any(|n| n == column) {
+            self.conn
+                .execute_batch(&format!("ALTER TABLE {table} ADD COLUMN {column} {decl}"))
+                .map_err(|e| self.db(e))?;
+        }
+        Ok(())
     }
 
     /// Whether the store in `state_dir` can take a write now, for the health service: its own
@@ -674,8 +697,9 @@ impl Store {
         let id = format!("w{}", n + 1);
         self.conn
             .execute(
-                "INSERT INTO workers (id, name, host, device_kind, device_name, memory_bytes, registered_ms)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                "INSERT INTO workers (id, name, host, device_kind, device_name, memory_bytes,
+                 registered_ms, price_per_hour)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
                 params![
                     id,
                     info.name,
@@ -683,7 +707,8 @@ impl Store {
                     info.device_kind,
                     info.device_name,
                     info.memory_bytes as i64,
-                    now_ms
+                    now_ms,
+                    info.price_per_hour
                 ],
             )
             .map_err(|e| self.db(e))?;
@@ -693,8 +718,8 @@ impl Store {
     pub fn worker(&self, id: &str) -> Result<Option<WorkerRow>> {
         self.conn
             .query_row(
-                "SELECT id, name, host, device_kind, device_name, memory_bytes, registered_ms
-                 FROM workers WHERE id = ?1",
+                "SELECT id, name, host, device_kind, device_name, memory_bytes, registered_ms,
+                 price_per_hour FROM workers WHERE id = ?1",
                 [id],
                 worker_row,
             )
@@ -706,8 +731,8 @@ impl Store {
         let mut st = self
             .conn
             .prepare(
-                "SELECT id, name, host, device_kind, device_name, memory_bytes, registered_ms
-                 FROM workers ORDER BY registered_ms, rowid",
+                "SELECT id, name, host, device_kind, device_name, memory_bytes, registered_ms,
+                 price_per_hour FROM workers ORDER BY registered_ms, rowid",
             )
             .map_err(|e| self.db(e))?;
         let rows = st.query_map([], worker_row).map_err(|e| self.db(e))?;
@@ -829,6 +854,7 @@ fn worker_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<WorkerRow> {
             device_kind: r.get(3)?,
             device_name: r.get(4)?,
             memory_bytes: r.get::<_, i64>(5)? as u64,
+            price_per_hour: r.get(7)?,
         },
         registered_ms: r.get(6)?,
     })

@@ -5,7 +5,7 @@
 use std::path::Path;
 
 use coordinator::report::{
-    aggregate_csv, aggregate_markdown, aggregate_rows, curves_csv, mean_std, samples_md,
+    aggregate_csv, aggregate_markdown, aggregate_rows, curves_csv, is_done, mean_std, samples_md,
     summary_rows, to_csv, to_json, to_markdown, to_terminal_table, write_full_report, write_report,
     ReportMeta, SummaryRow, TrialEvents, TrialRecord, CSV_COLUMNS,
 };
@@ -50,6 +50,7 @@ fn record(c: &TrialConfig, state: &str, m: Option<TrialMetrics>) -> TrialRecord 
         worker: Some("w0/cpu".into()),
         started_ms: Some(1_795_426_800_000),
         finished_ms: Some(1_795_426_861_250),
+        ..Default::default()
     }
 }
 
@@ -831,5 +832,69 @@ fn seeds_give_t_intervals_and_the_best_arm() {
     assert!(line.contains("**≈ best**"), "{line}");
     let csv = aggregate_csv(&agg);
     let line = csv.lines().find(|l| l.starts_with("freeze-1,")).unwrap();
-    assert!(line.ends_with(",gradual,1,0,1,1,worse"), "{line}");
+    assert!(line.ends_with(",gradual,1,0,1,1,worse,0,0,,0"), "{line}");
+}
+
+#[test]
+fn cost_sums_attempts_per_trial_and_per_arm_in_every_format() {
+    use coordinator::cost::AttemptSpan;
+    let (mut recs, _) = seeded_records();
+    let span = |attempt, outcome: &str, secs: i64, price| AttemptSpan {
+        attempt,
+        outcome: outcome.into(),
+        started_ms: 1_000,
+        ended_ms: Some(1_000 + secs * 1000),
+        devices: 1,
+        device_kind: "cuda".into(),
+        price_per_hour: price,
+    };
+    for r in &mut recs {
+        // Every trial: a 10-minute preempted attempt at 2/h, then a 30-minute finished one on a
+        // worker without a price (the sweep's 4/h applies).
+        r.attempt_spans = vec![
+            span(1, "preempted", 600, 2.0),
+            span(2, "finished", 1800, 0.0),
+        ];
+        r.price_per_hour = Some(4.0);
+        if let Some(m) = &mut r.metrics {
+            m.train_tokens = 1000;
+            m.train_seconds = Some(4.0);
+            m.peak_memory_bytes = Some(3 << 30);
+        }
+    }
+    let rows = summary_rows(&recs);
+    for r in &rows {
+        let c = &r.cost;
+        assert_eq!(c.device_seconds, 2400.0, "{}", r.name);
+        assert!((c.gpu_hours - 2400.0 / 3600.0).abs() < 1e-12);
+        assert!((c.cost.unwrap() - (2.0 / 6.0 + 2.0)).abs() < 1e-12);
+        assert!((c.lost_cost.unwrap() - 2.0 / 6.0).abs() < 1e-12);
+        assert_eq!((c.lost_device_seconds, c.lost_attempts), (600.0, 1));
+        if is_done(&r.status) {
+            assert_eq!(c.tokens_per_s, Some(250.0));
+            assert_eq!(c.peak_memory_bytes, Some(3 << 30));
+        }
+    }
+    let md = to_markdown(&rows);
+    assert!(md.contains("## Cost"), "{md}");
+    assert!(
+        md.contains("| 40m00s | 0.667 | 2.33 | 10m00s (1 attempt, 0.33) | 250.0 | 3.00 GiB |"),
+        "{md}"
+    );
+    let csv = to_csv(&rows);
+    let header = parse_csv_line(csv.lines().next().unwrap());
+    let first = parse_csv_line(csv.lines().nth(1).unwrap());
+    let col = |name: &str| &first[header.iter().position(|h| h == name).unwrap()];
+    assert_eq!(col("device_seconds"), "2400");
+    assert_eq!(col("lost_attempts"), "1");
+    let json: serde_json::Value = serde_json::from_str(&to_json(&rows)).unwrap();
+    assert_eq!(json[0]["cost"]["device_seconds"], 2400.0);
+    // Per arm: the seeds' costs add up.
+    let agg = aggregate_rows(&recs);
+    let arm = agg
+        .iter()
+        .find(|a| a.trials.len() > 1)
+        .expect("an arm with seeds");
+    assert_eq!(arm.cost.device_seconds, 2400.0 * arm.trials.len() as f64);
+    assert!(aggregate_markdown(&agg).contains("| device time | cost |"));
 }

@@ -115,6 +115,7 @@ async fn register(w: &mut WorkerClient, name: &str) -> String {
         memory_bytes: 1 << 30,
         host: "localhost".into(),
         worker_name: name.into(),
+        ..Default::default()
     })
     .await
     .unwrap()

@@ -117,6 +117,7 @@ fn decisions_events_and_workers_survive_a_reopen() {
             device_kind: "cuda".into(),
             device_name: "H100".into(),
             memory_bytes: 80 << 30,
+            price_per_hour: 0.0,
         };
         wid = store.register_worker(&info, 1).unwrap();
         store

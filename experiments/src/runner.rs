@@ -133,6 +133,7 @@ fn run_trial_inner(
     let out = &env.out_dir;
     fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
     let dev = &env.device;
+    let peak = dev.is_cpu().then(PeakMemory::start);
 
     // 1. Starting model and tokenizer.
     let (mut model, tok, tok_path) = match (&cfg.base, &cfg.method) {
@@ -313,9 +314,47 @@ fn run_trial_inner(
         // such a trial has no meaningful interval anyway).
         valid_window_nll: if finite { windows.nll } else { Vec::new() },
         valid_window_tokens: if finite { windows.tokens } else { Vec::new() },
+        train_seconds: report.as_ref().map(|r| r.wall_s),
+        peak_memory_bytes: peak.and_then(|p| p.peak_bytes()),
     };
     write_json(&out.join("metrics.json"), &metrics)?;
     Ok(Outcome::Finished(metrics))
+}
+
+/// Peak resident memory of this process during one trial, for the report's cost table.
+///
+/// Linux keeps the peak resident set (`VmHWM` in `/proc/self/status`) for the life of the
+/// process, and a worker runs many trials; writing `5` to `/proc/self/clear_refs` (Linux 4.0+)
+/// resets it to the current resident set, so the value read at the end is this trial's peak.
+/// Where the reset is refused (another OS, a locked-down /proc) nothing is reported rather than
+/// a figure that would include earlier trials. GPU memory is not measured here.
+pub struct PeakMemory {
+    reset: bool,
+}
+
+impl PeakMemory {
+    pub fn start() -> PeakMemory {
+        PeakMemory {
+            reset: fs::write("/proc/self/clear_refs", "5").is_ok(),
+        }
+    }
+
+    /// Peak resident bytes since [`PeakMemory::start`], if it could be measured.
+    pub fn peak_bytes(&self) -> Option<u64> {
+        if !self.reset {
+            return None;
+        }
+        let status = fs::read_to_string("/proc/self/status").ok()?;
+        parse_vm_hwm(&status)
+    }
+}
+
+/// `VmHWM:   123456 kB` → bytes.
+fn parse_vm_hwm(status: &str) -> Option<u64> {
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let mut parts = line["VmHWM:".len()..].split_whitespace();
+    let kb: u64 = parts.next()?.parse().ok()?;
+    (parts.next() == Some("kB")).then_some(kb * 1024)
 }
 
 /// The candle-core version the workspace pins (`Cargo.toml`); a test checks `Cargo.lock` agrees.
@@ -463,6 +502,30 @@ fn write_json<T: serde::Serialize>(path: &Path, v: &T) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn peak_memory_follows_an_allocation_after_the_reset() {
+        assert_eq!(
+            parse_vm_hwm("Name:\tx\nVmHWM:\t  2048 kB\nVmRSS: 1 kB\n"),
+            Some(2 << 20)
+        );
+        assert_eq!(parse_vm_hwm("VmHWM: 12 MB\n"), None);
+        if !cfg!(target_os = "linux") {
+            return;
+        }
+        let p = PeakMemory::start();
+        let before = p.peak_bytes().expect("linux resets and reads VmHWM");
+        // Touch 64 MiB so it becomes resident, then free it: the peak stays up.
+        let mut v = vec![0u8; 64 << 20];
+        for i in (0..v.len()).step_by(4096) {
+            v[i] = 1;
+        }
+        std::hint::black_box(&v);
+        drop(v);
+        let after = p.peak_bytes().unwrap();
+        // (Other tests run in this process too and can only raise the peak further.)
+        assert!(after >= before + (60 << 20), "peak {before} -> {after}");
+    }
 
     #[test]
     fn candle_version_matches_the_lock_file() {

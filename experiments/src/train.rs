@@ -87,6 +87,9 @@ pub struct TrainReport {
     pub prior_wall_s: f64,
     /// Where the wall time of this process's steps went (not saved in checkpoints).
     pub timing: StepTiming,
+    /// Wall seconds of the whole training run (steps, periodic evals, checkpoints), summed over
+    /// every process that worked on it: the denominator of a trial's tokens per second.
+    pub wall_s: f64,
 }
 
 /// Seconds spent per phase, summed over the steps this call ran.
@@ -268,6 +271,7 @@ pub fn train(job: &TrainJob<'_>, on_progress: &mut dyn FnMut(&Progress)) -> Resu
                 resumed_from,
                 prior_wall_s,
                 timing,
+                wall_s: prior_wall_s + call_started.elapsed().as_secs_f64(),
             });
         }
         let started = Instant::now();
@@ -403,6 +407,7 @@ pub fn train(job: &TrainJob<'_>, on_progress: &mut dyn FnMut(&Progress)) -> Resu
         resumed_from,
         prior_wall_s,
         timing,
+        wall_s: prior_wall_s + call_started.elapsed().as_secs_f64(),
     })
 }
 

@@ -318,6 +318,15 @@ pub struct TrialMetrics {
     /// Predicted tokens of each of those windows.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub valid_window_tokens: Vec<u64>,
+    /// Wall seconds of training alone (steps, periodic evaluations, checkpoints; not loading or
+    /// the final evaluation), over every attempt: `train_tokens / train_seconds` is the trial's
+    /// training throughput. None for the baseline and in metrics from before it was recorded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub train_seconds: Option<f64>,
+    /// Peak memory of the attempt that finished (bytes): the process's peak resident set on the
+    /// CPU (`runner::PeakMemory`). None where it could not be measured.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peak_memory_bytes: Option<u64>,
 }
 
 /// A progress event streamed while a trial runs.

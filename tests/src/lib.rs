@@ -346,3 +346,31 @@ pub fn processes_mentioning(marker: &str) -> Vec<(i32, String)> {
     }
     out
 }
+
+/// The reference Python env's interpreter (`$ABLATE_PYTHON`, else
+/// `${ABLATE_PYENV:-$HOME/.cache/ablate/pyenv}/bin/python`, made by scripts/pyenv.sh), checked to
+/// import `modules`. Missing, the test fails naming it: the test command prepares it.
+pub fn reference_python(modules: &[&str]) -> PathBuf {
+    let py = std::env::var_os("ABLATE_PYTHON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            std::env::var_os("ABLATE_PYENV")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| {
+                    PathBuf::from(std::env::var_os("HOME").unwrap_or_default())
+                        .join(".cache/ablate/pyenv")
+                })
+                .join("bin/python")
+        });
+    let ok = Command::new(&py)
+        .args(["-c", &format!("import {}", modules.join(", "))])
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(
+        ok,
+        "no Python with {} at {} (run `bash scripts/pyenv.sh`, or set ABLATE_PYTHON)",
+        modules.join(", "),
+        py.display()
+    );
+    py
+}

@@ -83,6 +83,82 @@ fn check_summary(dir: &Path) {
         TINY_TRIALS + 1,
         "CSV: a header and one line per trial"
     );
+    // What each trial cost: every attempt's device time, throughput, peak memory (CPU workers).
+    assert!(
+        md.contains("## Cost"),
+        "summary.md has the cost table:\n{md}"
+    );
+    for r in &rows {
+        let c = &r["cost"];
+        let secs = c["device_seconds"].as_f64().unwrap_or(0.0);
+        assert!(secs > 0.0, "device time recorded: {r:#}");
+        assert!(
+            secs <= r["wall_seconds"].as_f64().unwrap() + 30.0,
+            "one attempt's device time is about the trial's wall time: {r:#}"
+        );
+        assert_eq!(
+            c["gpu_hours"].as_f64(),
+            Some(0.0),
+            "CPU time is not GPU time"
+        );
+        assert!(
+            c["peak_memory_bytes"].as_u64().unwrap_or(0) > 1 << 20,
+            "peak memory: {r:#}"
+        );
+        if r["name"] != "baseline" {
+            assert!(
+                c["tokens_per_s"].as_f64().unwrap_or(0.0) > 0.0,
+                "throughput: {r:#}"
+            );
+        }
+    }
+}
+
+/// Every row's cost is its device-hours at `price` per hour (one attempt per trial here).
+fn check_cost(dir: &Path, price: impl Fn(&Value) -> f64) {
+    for r in read_summary(dir) {
+        let c = &r["cost"];
+        let want = c["device_seconds"].as_f64().unwrap() / 3600.0 * price(&r);
+        let got = c["cost"]
+            .as_f64()
+            .unwrap_or_else(|| panic!("a cost: {r:#}"));
+        assert!(
+            (got - want).abs() <= 1e-9 * want.max(1e-9),
+            "cost {got} vs {want}: {r:#}"
+        );
+    }
+}
+
+/// A Hugging Face directory written by `ablate export`: transformers loads it, with the parameter
+/// count the trial reported (the reference Python env of scripts/pyenv.sh).
+fn check_exported(dir: &Path) {
+    let meta: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("ablate.json")).unwrap()).unwrap();
+    let params = meta["metrics"]["total_params"]
+        .as_u64()
+        .expect("metrics in ablate.json");
+    let script = "import sys, torch\n\
+from transformers import AutoModelForCausalLM, AutoTokenizer\n\
+m = AutoModelForCausalLM.from_pretrained(sys.argv[1])\n\
+t = AutoTokenizer.from_pretrained(sys.argv[1])\n\
+ids = t('Of man', return_tensors='pt').input_ids\n\
+assert torch.isfinite(m(ids).logits).all()\n\
+print(sum(p.numel() for p in m.parameters()))\n";
+    let (ok, out, err) = run_cmd(
+        Command::new(e2e::reference_python(&["transformers", "torch"]))
+            .args(["-c", script])
+            .arg(dir),
+        Duration::from_secs(300),
+    );
+    assert!(ok, "transformers loads {}:\n{out}\n{err}", dir.display());
+    // (stdout and stderr arrive together: the count is the last line, after progress bars)
+    let count = out.trim().lines().last().unwrap_or("");
+    assert_eq!(
+        count,
+        params.to_string(),
+        "parameter count of {}",
+        dir.display()
+    );
 }
 
 fn write_token(dir: &Path, name: &str, token: &str) -> String {
@@ -131,6 +207,7 @@ fn coordinator_and_two_workers_run_a_sweep_over_loopback() {
                 Command::new(bin("ablate-worker"))
                     .args(["--coordinator", &url, "--token-file", &worker_token])
                     .args(["--name", &format!("w{i}")])
+                    .args(["--price-per-hour", if i == 0 { "1.5" } else { "2.5" }])
                     .arg("--cache")
                     .arg(shared_cache())
                     .arg("--work-dir")
@@ -186,6 +263,51 @@ fn coordinator_and_two_workers_run_a_sweep_over_loopback() {
     used.sort();
     used.dedup();
     assert_eq!(used.len(), 2, "trials ran on both workers: {used:?}");
+    check_cost(&report_dir, |r| {
+        if r["worker"].as_str().unwrap().starts_with("w0") {
+            1.5
+        } else {
+            2.5
+        }
+    });
+
+    // The trained models come out through the artifact stream, byte for byte what the workers
+    // uploaded; the baseline trained none.
+    let export = root.join("export");
+    let (ok, out, err) = client(
+        &["export", "e2e-serve", "--out", export.to_str().unwrap()],
+        120,
+    );
+    assert!(ok, "export:\n{out}\n{err}");
+    let rows = read_summary(&report_dir);
+    for name in ["freeze-1", "freeze-all", "gradual", "inheritune-1"] {
+        let id = row(&rows, name)["trial"].as_str().unwrap();
+        for f in ["config.json", "model.safetensors", "tokenizer.json"] {
+            let stored = state.join("artifacts").join(id).join("model").join(f);
+            assert_eq!(
+                std::fs::read(export.join(name).join(f)).unwrap(),
+                std::fs::read(&stored).unwrap(),
+                "{name}/{f} as stored"
+            );
+        }
+    }
+    assert!(
+        !export.join("baseline").exists(),
+        "the baseline trained no model"
+    );
+    assert!(err.contains("baseline: not exported"), "{err}");
+    let (ok, _, err) = client(
+        &[
+            "export",
+            "e2e-serve",
+            "--out",
+            "/nonexistent/x",
+            "--trial",
+            "nope",
+        ],
+        60,
+    );
+    assert!(!ok && err.contains("has no trial named \"nope\""), "{err}");
 
     // Submitting the same sweep again adds nothing: trial ids are hashes of the resolved configs.
     let (ok, out, _) = client(&["submit", sweep.to_str().unwrap()], 60);
@@ -235,7 +357,9 @@ fn ablate_run_is_one_command() {
     let root = tmp.path();
     let marker = root.to_string_lossy().into_owned();
     let sweep = root.join("tiny.toml");
-    std::fs::write(&sweep, tiny_sweep("e2e-run")).unwrap();
+    // A sweep-wide price (no worker sets one): the cost table prices every device-hour with it.
+    let text = format!("price_per_hour = 0.5\n{}", tiny_sweep("e2e-run"));
+    std::fs::write(&sweep, text).unwrap();
     let out = root.join("out");
     let (ok, text, _) = run_cmd(
         Command::new(bin("ablate"))
@@ -251,6 +375,25 @@ fn ablate_run_is_one_command() {
     );
     assert!(ok, "ablate run:\n{text}");
     check_summary(&out);
+    check_cost(&out, |_| 0.5);
+    // Offline export of one trial from the run's folder, loaded by transformers.
+    let export = root.join("export");
+    let (ok, text2, err) = run_cmd(
+        Command::new(bin("ablate"))
+            .args(["export", "--from"])
+            .arg(&out)
+            .arg("--out")
+            .arg(&export)
+            .args(["--trial", "freeze-1"]),
+        Duration::from_secs(120),
+    );
+    assert!(ok, "export --from:\n{text2}\n{err}");
+    let names: Vec<String> = std::fs::read_dir(&export)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(names, ["freeze-1"], "only the trial asked for");
+    check_exported(&export.join("freeze-1"));
     // The table is printed on stdout as well.
     for name in [
         "baseline",

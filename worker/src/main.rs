@@ -73,6 +73,18 @@ struct Cli {
     /// up (the supervisor exits non-zero once every GPU is).
     #[arg(long, env = "ABLATE_MAX_RESTARTS", default_value_t = 5)]
     max_restarts: u32,
+    /// What an hour of this worker's device costs (any currency; a 4-GPU machine at 8/h is 2
+    /// per GPU worker): the report's cost table multiplies device-hours by it. With --all-gpus
+    /// every GPU's worker gets it.
+    #[arg(long, env = "ABLATE_PRICE_PER_HOUR", value_parser = parse_price)]
+    price_per_hour: Option<f64>,
+}
+
+fn parse_price(s: &str) -> Result<f64, String> {
+    match s.trim().parse::<f64>() {
+        Ok(p) if p.is_finite() && p >= 0.0 => Ok(p),
+        _ => Err(format!("{s:?} is not a price (a number >= 0, e.g. 2.49)")),
+    }
 }
 
 /// candle's element-wise ops run on its own spin-waiting thread pool, next to rayon's pool that
@@ -114,6 +126,10 @@ fn real_main() -> anyhow::Result<()> {
         return run_local(cmd);
     }
     if cli.all_gpus {
+        if let Some(p) = cli.price_per_hour {
+            // The children read it from the environment they inherit (no thread runs yet).
+            std::env::set_var("ABLATE_PRICE_PER_HOUR", p.to_string());
+        }
         let opts = fleet_opts(cli)?;
         let rt = tokio::runtime::Runtime::new().context("starting the async runtime")?;
         return rt.block_on(worker::fleet::run_fleet(
@@ -214,6 +230,7 @@ fn remote_opts(cli: Cli) -> anyhow::Result<RemoteOpts> {
         cache_dir,
         work_dir,
         name,
+        price_per_hour: cli.price_per_hour.unwrap_or(0.0),
     })
 }
 

@@ -81,6 +81,8 @@ pub struct RemoteOpts {
     /// This worker's own scratch space: one out dir per trial.
     pub work_dir: PathBuf,
     pub name: String,
+    /// Sent at registration for the report's cost table (0: not set).
+    pub price_per_hour: f64,
 }
 
 /// Builds the runner's environment for one trial (base dir, out dir, cache dir, stop flag, the
@@ -290,6 +292,7 @@ impl Worker {
             memory_bytes: memory,
             host: hostname(),
             worker_name: self.opts.name.clone(),
+            price_per_hour: self.opts.price_per_hour,
         };
         let stop = self.stop.clone();
         let client = self.client.clone();
@@ -1575,6 +1578,7 @@ mod tests {
             cache_dir: dir.path().join("cache"),
             work_dir: work.clone(),
             name: "w".into(),
+            price_per_hour: 0.0,
         };
         let make_env: EnvFactory = Arc::new(|base_dir, out_dir, cache_dir, stop, sync| TrialEnv {
             device: candle_core::Device::Cpu,

@@ -25,6 +25,15 @@ pub(super) fn expand(ctx: &Ctx, raw: RawSweep) -> Result<Sweep> {
             "`name` must be non-empty and use only letters, digits, '-', '_' and '.'",
         ));
     }
+    let price_per_hour = match &raw.price_per_hour {
+        Some(p) if !(p.get_ref().is_finite() && *p.get_ref() >= 0.0) => {
+            return Err(ctx.err(
+                p.span(),
+                "`price_per_hour` must be a number >= 0 (what an hour of one device costs)",
+            ))
+        }
+        p => p.as_ref().map(|p| *p.get_ref()),
+    };
     let groups_span = raw.groups.as_ref().map(|g| g.span()).unwrap_or(0..0);
     let groups = raw.groups.as_ref().map(|g| *g.get_ref()).unwrap_or(4);
     if groups < 2 {
@@ -362,6 +371,7 @@ pub(super) fn expand(ctx: &Ctx, raw: RawSweep) -> Result<Sweep> {
         name,
         trials,
         source: ctx.text.to_string(),
+        price_per_hour,
     })
 }
 

@@ -59,6 +59,9 @@ pub struct Sweep {
     pub trials: Vec<TrialConfig>,
     /// The sweep file's text, stored by the coordinator so a report can show what was asked for.
     pub source: String,
+    /// `price_per_hour`: what an hour of one device costs (any currency), for the report's cost
+    /// table where a worker did not set its own. Not part of any trial's id.
+    pub price_per_hour: Option<f64>,
 }
 
 /// Read, validate and expand a sweep file.

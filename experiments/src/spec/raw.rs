@@ -15,6 +15,10 @@ pub(super) struct RawSweep {
     #[serde(default)]
     pub(super) groups: Option<Spanned<usize>>,
     pub(super) methods: RawMethods,
+    /// What an hour of one device costs, for the report's cost table (a worker's own
+    /// `--price-per-hour` takes precedence).
+    #[serde(default)]
+    pub(super) price_per_hour: Option<Spanned<f64>>,
 }
 
 #[derive(Deserialize)]

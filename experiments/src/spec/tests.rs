@@ -337,3 +337,18 @@ fn key_offset_for_test(text: &str, needle: &str) -> usize {
     };
     ctx.find(needle).start
 }
+
+#[test]
+fn price_per_hour_is_read_checked_and_not_part_of_any_id() {
+    let plain = parse(GOOD).unwrap();
+    assert_eq!(plain.price_per_hour, None);
+    let priced = parse(&GOOD.replace("groups = 3", "groups = 3\nprice_per_hour = 2.49")).unwrap();
+    assert_eq!(priced.price_per_hour, Some(2.49));
+    let ids = |s: &Sweep| s.trials.iter().map(|t| t.id()).collect::<Vec<_>>();
+    assert_eq!(ids(&plain), ids(&priced), "a price changes no experiment");
+    let e = parse(&GOOD.replace("groups = 3", "groups = 3\nprice_per_hour = -1.0"))
+        .unwrap_err()
+        .to_string();
+    assert!(e.starts_with("/tmp/sweep.toml:4:18:"), "{e}");
+    assert!(e.contains("price_per_hour"), "{e}");
+}
