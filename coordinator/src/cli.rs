@@ -270,6 +270,8 @@ pub struct TrialView {
     pub finished_ms: Option<i64>,
     /// Every attempt so far, for the cost table.
     pub attempt_spans: Vec<crate::cost::AttemptSpan>,
+    /// Why a queued or waiting trial does not run yet (the coordinator's words).
+    pub wait_reason: Option<String>,
 }
 
 impl TrialView {
@@ -480,6 +482,11 @@ pub async fn status(args: StatusArgs) -> anyhow::Result<u8> {
             t.loss
                 .map_or_else(String::new, |l| format!(", loss {l:.3}"))
         );
+    }
+    for t in &sweep.trials {
+        if let Some(why) = &t.wait_reason {
+            println!("  {}: {}: {why}", t.name, t.state);
+        }
     }
     Ok(0)
 }
@@ -720,6 +727,7 @@ fn trial_view(t: pb::TrialStatus) -> anyhow::Result<TrialView> {
         tokens_per_sec: (has_progress && p.tokens_per_sec > 0.0).then_some(p.tokens_per_sec),
         started_ms: (t.started_unix_ms > 0).then_some(t.started_unix_ms),
         finished_ms: (t.finished_unix_ms > 0).then_some(t.finished_unix_ms),
+        wait_reason: opt(t.wait_reason),
         attempt_spans: t
             .attempt_costs
             .into_iter()

@@ -649,6 +649,7 @@ fn trial_status(store: &Store, row: &TrialRow) -> pb::TrialStatus {
         progress,
         config_json: row.config_json.clone(),
         attempt_costs: attempt_costs(store, &row.id),
+        wait_reason: String::new(),
     }
 }
 
@@ -686,18 +687,28 @@ fn attempt_costs(store: &Store, trial_id: &str) -> Vec<pb::AttemptCost> {
         .collect()
 }
 
-fn sweep_snapshot(store: &Store, key: &str) -> Result<pb::GetResponse, Status> {
+fn sweep_snapshot(inner: &Inner, clock: &Clock, key: &str) -> Result<pb::GetResponse, Status> {
+    let store = &inner.store;
     let sweep = store
         .find_sweep(key)
         .map_err(store_status)?
         .ok_or_else(|| Status::not_found(format!("no sweep with id or name {key:?}")))?;
     let trials = store.sweep_trials(&sweep.id).map_err(store_status)?;
+    let mut why = inner
+        .sched
+        .wait_reasons(trials.iter().map(|t| t.id.as_str()), clock.sched_ms());
     Ok(pb::GetResponse {
         sweep_id: sweep.id,
         name: sweep.name,
         sweep_text: sweep.text,
         created_unix_ms: sweep.created_ms,
-        trials: trials.iter().map(|t| trial_status(store, t)).collect(),
+        trials: trials
+            .iter()
+            .map(|t| pb::TrialStatus {
+                wait_reason: why.remove(&t.id).unwrap_or_default(),
+                ..trial_status(store, t)
+            })
+            .collect(),
     })
 }
 
@@ -1246,7 +1257,11 @@ impl SweepService for SweepApi {
     async fn get(&self, req: Request<pb::GetRequest>) -> Result<Response<pb::GetResponse>, Status> {
         let r = req.into_inner();
         let inner = self.0.lock();
-        Ok(Response::new(sweep_snapshot(&inner.store, &r.sweep)?))
+        Ok(Response::new(sweep_snapshot(
+            &inner,
+            &self.0.clock,
+            &r.sweep,
+        )?))
     }
 
     type WatchStream = WatchStream;
@@ -1260,7 +1275,7 @@ impl SweepService for SweepApi {
         let mut rx = self.0.bus.subscribe();
         let snapshot = {
             let inner = self.0.lock();
-            sweep_snapshot(&inner.store, &key)?
+            sweep_snapshot(&inner, &self.0.clock, &key)?
         };
         let ids: HashSet<String> = snapshot.trials.iter().map(|t| t.id.clone()).collect();
         let sweep_id = snapshot.sweep_id.clone();
@@ -1292,7 +1307,7 @@ impl SweepService for SweepApi {
                         // Too slow to follow every event: send the whole picture again.
                         let snap = {
                             let inner = shared.lock();
-                            sweep_snapshot(&inner.store, &sweep_id)
+                            sweep_snapshot(&inner, &shared.clock, &sweep_id)
                         };
                         match snap {
                             Ok(s) => pb::watch_event::Event::Snapshot(s),

@@ -672,3 +672,54 @@ fn a_gang_running_across_a_restart_is_lost_without_spending_budget() {
         .iter()
         .any(|d| matches!(d, Decision::State { spent: 0, .. })));
 }
+
+#[test]
+fn wait_reasons_say_why_a_trial_does_not_run() {
+    let mut s = Scheduler::new(TTL, 3);
+    s.submit(spec("big", 30.0, None));
+    s.submit(spec("small", 10.0, None));
+    s.submit(spec("child", 5.0, Some("big")));
+    s.submit(gang("quad", 1.0, 4));
+    let ids = ["big", "small", "child", "quad"];
+    let why = s.wait_reasons(ids, 0);
+    assert_eq!(why["big"], "no worker has registered");
+    assert_eq!(why["child"], "waits for its base trial big to finish");
+
+    s.register_worker("w1", "h1");
+    s.register_worker("w2", "h1");
+    let why = s.wait_reasons(ids, 0);
+    assert!(
+        why["big"].starts_with("no worker is connected (2 registered"),
+        "{why:?}"
+    );
+    // The largest host has 2 workers: a 4-rank gang cannot run anywhere, and says so.
+    assert!(
+        why["quad"].starts_with("needs 4 workers on one host"),
+        "{why:?}"
+    );
+
+    // Both workers busy: the rest of the queue waits for one, in lease order.
+    assert_eq!(lease(&mut s, "w1", 0).unwrap().trial_id, "big");
+    assert_eq!(lease(&mut s, "w2", 0).unwrap().trial_id, "small");
+    let why = s.wait_reasons(ids, 10);
+    assert!(
+        !why.contains_key("big") && !why.contains_key("small"),
+        "running: {why:?}"
+    );
+    assert_eq!(why["child"], "waits for its base trial big to finish");
+
+    // A transient failure re-queues the trial; its reason counts the retries spent. (w2, whose
+    // attempt failed, is connected again only once it asks for work.)
+    s.fail("small", 1, transient("io"));
+    let why = s.wait_reasons(ids, 20);
+    assert_eq!(
+        why["small"],
+        "all 1 connected worker is busy; #1 in the queue; retry after 1 transient failure (1 of 3 spent)",
+    );
+    // Past the ttl without a heartbeat or a lease call nobody is connected any more.
+    let why = s.wait_reasons(ids, 20 + 2 * TTL);
+    assert!(
+        why["small"].starts_with("no worker is connected"),
+        "{why:?}"
+    );
+}
