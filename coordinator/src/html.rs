@@ -263,20 +263,7 @@ fn cost_table(out: &mut String, rows: &[SummaryRow]) {
          <th class=\"num\">lost to preemption / retries</th><th class=\"num\">tokens/s</th>\
          <th class=\"num\">peak memory</th></tr></thead><tbody>\n",
     );
-    let lost = |c: &crate::cost::TrialCost| {
-        if c.lost_attempts == 0 {
-            "—".to_string()
-        } else {
-            format!(
-                "{} ({} attempt{}{})",
-                human_duration(c.lost_device_seconds),
-                c.lost_attempts,
-                if c.lost_attempts == 1 { "" } else { "s" },
-                c.lost_cost
-                    .map_or_else(String::new, |m| format!(", {m:.2}"))
-            )
-        }
-    };
+    let lost = crate::report::lost_cell;
     for r in rows {
         let c = &r.cost;
         let _ = writeln!(

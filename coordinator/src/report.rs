@@ -500,7 +500,8 @@ fn cost_markdown(out: &mut String, rows: &[SummaryRow]) {
     );
 }
 
-fn lost_cell(c: &crate::cost::TrialCost) -> String {
+/// "10m00s (1 attempt, 0.33)": device time and money lost to unfinished attempts, or "—".
+pub fn lost_cell(c: &crate::cost::TrialCost) -> String {
     if c.lost_attempts == 0 {
         return "—".into();
     }
