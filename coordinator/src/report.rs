@@ -98,7 +98,7 @@ pub struct SummaryRow {
 }
 
 /// Sort key: pretrain, baseline, then family, then the family's parameter (freeze 1,2,3,all;
-/// gradual stage length; Inheritune depth), then discriminative-LR factor, seed, name.
+/// gradual stage length; Inheritune depth; LoRA rank), then discriminative-LR factor, seed, name.
 fn order_key(r: &TrialRecord) -> (u8, u64, u64, u64, String) {
     let Some(c) = &r.config else {
         return (9, 0, 0, 0, r.name.clone());
@@ -109,6 +109,11 @@ fn order_key(r: &TrialRecord) -> (u8, u64, u64, u64, String) {
         Method::Freeze { top } => (2, *top as u64),
         Method::Gradual { stage_steps } => (3, *stage_steps),
         Method::Inheritune { blocks } => (4, *blocks as u64),
+        // Rank first, then adapters in fewer groups after all blocks.
+        Method::Lora { rank, groups, .. } => (
+            5,
+            (*rank as u64) << 16 | groups.map_or(0, |k| 0xffff - k as u64),
+        ),
     };
     // Factors are ≥ 1; scale to keep ordering in an integer key (None = 1.0 sorts first).
     let factor = c.train.lr_factor.map_or(0, |f| (f * 1000.0) as u64);

@@ -38,11 +38,16 @@ pub struct TrainMask {
     pub blocks: Vec<bool>,
     /// The final norm and the head.
     pub top: bool,
+    /// Per block: its LoRA adapters train (empty for every method but LoRA).
+    pub adapters: Vec<bool>,
 }
 
 impl TrainMask {
     pub fn any(&self) -> bool {
-        self.embeddings || self.top || self.blocks.iter().any(|b| *b)
+        self.embeddings
+            || self.top
+            || self.blocks.iter().any(|b| *b)
+            || self.adapters.iter().any(|b| *b)
     }
 }
 
@@ -98,6 +103,26 @@ impl LayerGroups {
             embeddings: on[0],
             blocks,
             top: on[self.groups - 1],
+            adapters: Vec::new(),
+        }
+    }
+
+    /// LoRA's mask: every base weight frozen, the adapters of the blocks in the groups `on` live.
+    pub fn adapter_mask(&self, on: &[bool]) -> TrainMask {
+        let m = self.mask(on);
+        TrainMask {
+            embeddings: false,
+            blocks: vec![false; self.n_layer],
+            top: false,
+            adapters: m.blocks,
+        }
+    }
+
+    /// The mask of `method` under the group flags `on`.
+    pub fn mask_for(&self, method: &Method, on: &[bool]) -> TrainMask {
+        match method {
+            Method::Lora { .. } => self.adapter_mask(on),
+            _ => self.mask(on),
         }
     }
 
@@ -108,7 +133,7 @@ impl LayerGroups {
         let g = match part {
             Part::Embeddings => 0,
             Part::Head => top,
-            Part::Block(i) => self.group_of_block(i)?,
+            Part::Block(i) | Part::Adapter(i) => self.group_of_block(i)?,
             Part::TiedEmbeddings => {
                 return if on[0] {
                     Some(lrs[0])
@@ -176,9 +201,72 @@ pub fn validate(method: &Method, groups: usize, n_layer: usize) -> Result<()> {
                 ));
             }
         }
+        Method::Lora {
+            rank,
+            alpha,
+            targets,
+            groups: top,
+        } => {
+            LayerGroups::new(n_layer, groups)?;
+            if *rank == 0 {
+                return Err(Error::Config("lora rank = 0: must be at least 1".into()));
+            }
+            if !(alpha.is_finite() && *alpha > 0.0) {
+                return Err(Error::Config(format!(
+                    "lora alpha = {alpha}: must be positive"
+                )));
+            }
+            if targets.is_empty() {
+                return Err(Error::Config(
+                    "lora targets is empty: name \"attn\" and/or \"mlp\"".into(),
+                ));
+            }
+            if let Some(k) = top {
+                if *k == 0 || *k >= groups {
+                    return Err(Error::Config(format!(
+                        "lora groups = {k}: must be between 1 and the {} block groups",
+                        groups - 1
+                    )));
+                }
+            }
+        }
         Method::Baseline | Method::Pretrain { .. } => {}
     }
     Ok(())
+}
+
+/// Whether `method` trains adapters only (the base weights stay frozen).
+pub fn adapters_only(method: &Method) -> bool {
+    matches!(method, Method::Lora { .. })
+}
+
+/// The adapters a LoRA `method` puts on a model of `n_layer` blocks split into `groups` layer
+/// groups: in the blocks of its top `groups` block groups, all blocks when it names none. None
+/// for the other methods.
+pub fn lora_spec(
+    method: &Method,
+    groups: usize,
+    n_layer: usize,
+) -> Result<Option<crate::model::lora::LoraSpec>> {
+    let Method::Lora {
+        rank,
+        alpha,
+        targets,
+        ..
+    } = method
+    else {
+        return Ok(None);
+    };
+    validate(method, groups, n_layer)?;
+    let lg = LayerGroups::new(n_layer, groups)?;
+    let on = active_groups(method, groups, 0)?;
+    let blocks = lg.adapter_mask(&on).adapters;
+    Ok(Some(crate::model::lora::LoraSpec {
+        rank: *rank,
+        alpha: *alpha,
+        targets: targets.clone(),
+        blocks: (0..n_layer).filter(|&b| blocks[b]).collect(),
+    }))
 }
 
 /// Which groups train at optimizer step `step` (0-based).
@@ -198,6 +286,11 @@ pub fn active_groups(method: &Method, groups: usize, step: u64) -> Result<Vec<bo
         Method::Gradual { stage_steps } => {
             let stage = step / (*stage_steps).max(1);
             on_top((stage as usize).saturating_add(1).min(groups))
+        }
+        // The block groups that hold adapters (never group 0, the embeddings).
+        Method::Lora { groups: top, .. } => {
+            let k = top.unwrap_or(groups - 1).min(groups - 1);
+            (0..groups).map(|g| g >= 1 && g + k >= groups).collect()
         }
     })
 }
@@ -289,7 +382,8 @@ mod tests {
             TrainMask {
                 embeddings: false,
                 blocks: vec![false, false, false, false, true, true],
-                top: true
+                top: true,
+                adapters: Vec::new(),
             }
         );
     }

@@ -190,6 +190,9 @@ fn run_trial_inner(
     if let Method::Inheritune { blocks } = cfg.method {
         model = model::truncate(&*model, blocks)?;
     }
+    if let Some(spec) = methods::lora_spec(&cfg.method, cfg.groups, base_layers)? {
+        model.attach_lora(&spec, cfg.seed)?;
+    }
     let dims = model.dims();
     let n_positions = dims.max_positions;
     if cfg.data.context > n_positions || cfg.data.context < 2 {

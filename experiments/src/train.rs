@@ -137,19 +137,23 @@ pub fn to_trainable(m: &TrainMask) -> Trainable {
         embeddings: m.embeddings,
         blocks: m.blocks.clone(),
         top: m.top,
+        adapters: m.adapters.clone(),
     }
 }
 
 /// Parameters that train under the group flags `on`, with their (unscheduled) learning rates,
-/// decided by each parameter's part (see [`LayerGroups::param_lr`]).
+/// decided by each parameter's part (see [`LayerGroups::param_lr`]); only LoRA adapters when
+/// `adapters_only` (see [`methods::adapters_only`]).
 pub fn trainable_params(
     params: &[Param],
     lg: &LayerGroups,
     on: &[bool],
     lrs: &[f64],
+    adapters_only: bool,
 ) -> Vec<(String, Var, f64)> {
     params
         .iter()
+        .filter(|p| !adapters_only || matches!(p.part, crate::model::Part::Adapter(_)))
         .filter_map(|p| {
             lg.param_lr(p.part, on, lrs)
                 .map(|lr| (p.name.clone(), p.var.clone(), lr))
@@ -173,7 +177,8 @@ pub fn count_trainable(
     let lg = LayerGroups::new(n_layer, groups)?;
     let on = methods::active_groups(method, groups, step)?;
     let lrs = vec![1.0; groups];
-    Ok(trainable_params(&named, &lg, &on, &lrs)
+    let only = methods::adapters_only(method);
+    Ok(trainable_params(&named, &lg, &on, &lrs, only)
         .iter()
         .map(|(_, v, _)| v.elem_count() as u64)
         .sum())
@@ -205,7 +210,7 @@ pub fn train(job: &TrainJob<'_>, on_progress: &mut dyn FnMut(&Progress)) -> Resu
     let n_layer = eval::n_layer_of(job.model);
     let groups = methods::effective_groups(job.method, job.groups, n_layer);
     let lg = LayerGroups::new(n_layer, groups)?;
-    if let Method::Freeze { .. } | Method::Gradual { .. } = job.method {
+    if let Method::Freeze { .. } | Method::Gradual { .. } | Method::Lora { .. } = job.method {
         methods::validate(job.method, groups, n_layer)?;
     }
     if spec.batch_size == 0 || spec.grad_accum == 0 {
@@ -276,9 +281,10 @@ pub fn train(job: &TrainJob<'_>, on_progress: &mut dyn FnMut(&Progress)) -> Resu
         }
         let started = Instant::now();
         let on = methods::active_groups(job.method, groups, step)?;
-        let mask = lg.mask(&on);
+        let mask = lg.mask_for(job.method, &on);
         let trainable = to_trainable(&mask);
-        let params = trainable_params(&parts, &lg, &on, &lrs);
+        let only = methods::adapters_only(job.method);
+        let params = trainable_params(&parts, &lg, &on, &lrs, only);
         if params.is_empty() {
             return Err(Error::Config(format!(
                 "method {} trains no parameters",

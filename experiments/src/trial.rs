@@ -73,6 +73,37 @@ pub enum Method {
     /// Keep the first `blocks` transformer blocks (plus embeddings, ln_f, tied head) of the base
     /// and train all of them.
     Inheritune { blocks: usize },
+    /// LoRA (Hu et al., 2021): the base stays frozen and each targeted linear layer `W` of the
+    /// blocks in the top `groups` block groups (all blocks when None) gains a trained low-rank
+    /// update `alpha / rank · B·A` (A `[rank, in]`, B `[out, rank]`, B starting at zero), as
+    /// PEFT's `LoraConfig(r = rank, lora_alpha = alpha, lora_dropout = 0)`.
+    Lora {
+        rank: usize,
+        alpha: f64,
+        targets: Vec<LoraTarget>,
+        groups: Option<usize>,
+    },
+}
+
+/// Which linear layers of a block LoRA adapts.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[serde(rename_all = "snake_case")]
+pub enum LoraTarget {
+    /// The attention projections: GPT-2's `attn.c_attn` and `attn.c_proj`, Llama's `q_proj`,
+    /// `k_proj`, `v_proj` and `o_proj`.
+    Attn,
+    /// The MLP: GPT-2's `mlp.c_fc` and `mlp.c_proj`, Llama's `gate_proj`, `up_proj` and
+    /// `down_proj`.
+    Mlp,
+}
+
+impl LoraTarget {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LoraTarget::Attn => "attn",
+            LoraTarget::Mlp => "mlp",
+        }
+    }
 }
 
 impl Method {
@@ -83,6 +114,7 @@ impl Method {
             Method::Freeze { .. } => "freeze",
             Method::Gradual { .. } => "gradual",
             Method::Inheritune { .. } => "inheritune",
+            Method::Lora { .. } => "lora",
         }
     }
 }

@@ -517,6 +517,7 @@ fn frozen_parts_get_no_gradient_and_trainable_ones_are_unchanged() -> Res<()> {
         embeddings: false,
         blocks: vec![false, true],
         top: false,
+        adapters: Vec::new(),
     };
     let l = loss(&model, &tr, &ids, &tgt)?;
     let grads = l.backward()?;
@@ -543,6 +544,7 @@ fn frozen_parts_get_no_gradient_and_trainable_ones_are_unchanged() -> Res<()> {
         embeddings: false,
         blocks: vec![false, false],
         top: true,
+        adapters: Vec::new(),
     };
     let grads = loss(&model, &tr, &ids, &tgt)?.backward()?;
     let wte = model.var("wte.weight")?;
@@ -577,6 +579,7 @@ fn frozen_parts_get_no_gradient_and_trainable_ones_are_unchanged() -> Res<()> {
         embeddings: true,
         blocks: vec![false, false],
         top: false,
+        adapters: Vec::new(),
     };
     let grads = loss(&model, &tr, &ids, &tgt)?.backward()?;
     assert!(grads.get(model.var("ln_f.bias")?.as_tensor()).is_none());

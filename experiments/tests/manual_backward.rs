@@ -17,7 +17,7 @@ use experiments::model::{
 use experiments::ops;
 use experiments::optim::GradAccumulator;
 use experiments::train::{to_trainable, trainable_params};
-use experiments::trial::Method;
+use experiments::trial::{LoraTarget, Method};
 
 type Res<T> = anyhow::Result<T>;
 
@@ -92,10 +92,20 @@ fn batch(vocab: usize, b: usize, t: usize) -> Res<(Tensor, Tensor)> {
 /// Names of the parameters `tr` makes live, worked out from the names (not from the model's
 /// parts, which are under test too): for GPT-2, see `Trainable` for the tied wte.
 fn live_names(m: &dyn CausalLm, tr: &Trainable) -> Vec<String> {
-    match m.model_config() {
+    let mut names = match m.model_config() {
         ModelConfig::Gpt2(c) => live_names_gpt2(&c, tr),
         ModelConfig::Llama(c) => live_names_llama(&c, tr),
+    };
+    // LoRA adapters: `<module>.lora_A.weight` / `lora_B`, live with their block's flag.
+    if let Some(l) = m.lora() {
+        for (module, _, blk, _) in l.adapters() {
+            if tr.adapter(blk) {
+                names.push(format!("{module}.lora_A.weight"));
+                names.push(format!("{module}.lora_B.weight"));
+            }
+        }
     }
+    names
 }
 
 /// Llama: the embeddings (trained by the head too when tied), `model.layers.{j}.*` by block,
@@ -246,9 +256,10 @@ fn method_mask(m: &dyn CausalLm, method: &Method, step: u64) -> Res<Trainable> {
     let groups = methods::effective_groups(method, 4, n_layer);
     let lg = LayerGroups::new(n_layer, groups)?;
     let on = methods::active_groups(method, groups, step)?;
-    let tr = to_trainable(&lg.mask(&on));
+    let tr = to_trainable(&lg.mask_for(method, &on));
     let named = m.params();
-    let mut from_loop: Vec<String> = trainable_params(&named, &lg, &on, &vec![1.0; groups])
+    let only = methods::adapters_only(method);
+    let mut from_loop: Vec<String> = trainable_params(&named, &lg, &on, &vec![1.0; groups], only)
         .into_iter()
         .map(|(n, _, _)| n)
         .collect();
@@ -301,6 +312,7 @@ fn manual_backward_matches_autograd_when_the_tied_wte_trains_through_one_use() -
         embeddings: true,
         blocks: vec![false, true, false, false],
         top: false,
+        adapters: Vec::new(),
     };
     compare("embeddings + block 1", &m, &tr)?;
     // Only ln_f and the head: wte gets only its head gradient, no block is visited.
@@ -308,6 +320,7 @@ fn manual_backward_matches_autograd_when_the_tied_wte_trains_through_one_use() -
         embeddings: false,
         blocks: vec![false; 4],
         top: true,
+        adapters: Vec::new(),
     };
     compare("head only", &m, &tr)?;
     // A lone bottom block under a frozen top.
@@ -315,6 +328,7 @@ fn manual_backward_matches_autograd_when_the_tied_wte_trains_through_one_use() -
         embeddings: false,
         blocks: vec![true, false, false, false],
         top: false,
+        adapters: Vec::new(),
     };
     compare("block 0 only", &m, &tr)?;
     Ok(())
@@ -339,6 +353,7 @@ fn manual_backward_matches_autograd_when_sums_and_gemms_are_split_across_tasks()
         embeddings: false,
         blocks: vec![false, true],
         top: true,
+        adapters: Vec::new(),
     };
     compare_on("wider model, top block and head", &m, &tr, 8, 64)?;
     Ok(())
@@ -451,6 +466,7 @@ fn llama_manual_backward_matches_autograd_under_hand_made_masks() -> Res<()> {
                 embeddings,
                 blocks,
                 top,
+                adapters: Vec::new(),
             };
             compare(&format!("llama tied={tied}, {what}"), &m, &tr)?;
         }
@@ -476,5 +492,74 @@ fn llama_manual_backward_matches_autograd_when_work_is_split_across_tasks() -> R
     };
     let m = Llama::new_random(&cfg, 3, &Device::Cpu)?;
     compare_on("wider llama, full", &m, &Trainable::all(2), 8, 64)?;
+    Ok(())
+}
+
+/// A LoRA model: adapters attached as the trial runner attaches them, then every parameter
+/// (adapters included, so B is not zero) moved off its start.
+fn with_lora(mut m: Box<dyn CausalLm>, method: &Method) -> Res<Box<dyn CausalLm>> {
+    let n_layer = m.dims().n_layer;
+    let spec = methods::lora_spec(method, 4, n_layer)?.expect("a LoRA method");
+    m.attach_lora(&spec, 3)?;
+    perturb(&*m)?;
+    Ok(m)
+}
+
+fn lora(rank: usize, targets: &[LoraTarget], groups: Option<usize>) -> Method {
+    Method::Lora {
+        rank,
+        alpha: 16.0,
+        targets: targets.to_vec(),
+        groups,
+    }
+}
+
+#[test]
+fn manual_backward_matches_autograd_for_lora_adapters() -> Res<()> {
+    use LoraTarget::{Attn, Mlp};
+    let cases = [
+        ("all layers, every block", lora(4, &[Attn, Mlp], None)),
+        ("attention, top group", lora(2, &[Attn], Some(1))),
+        ("mlp, top two groups", lora(3, &[Mlp], Some(2))),
+    ];
+    for (what, method) in &cases {
+        let m = with_lora(Box::new(model()?), method)?;
+        let tr = method_mask(&*m, method, 0)?;
+        assert!(!tr.embeddings && !tr.top && tr.blocks.iter().all(|b| !b));
+        compare(&format!("gpt2 lora {what}"), &*m, &tr)?;
+        for tied in [true, false] {
+            let m = with_lora(Box::new(llama(tied)?), method)?;
+            let tr = method_mask(&*m, method, 0)?;
+            compare(&format!("llama tied={tied} lora {what}"), &*m, &tr)?;
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn a_fresh_lora_adapter_leaves_the_model_unchanged_and_a_trained_one_merges() -> Res<()> {
+    let (ids, _) = batch(97, 2, 12)?;
+    let base = model()?;
+    let before: Vec<f32> = base.forward(&ids)?.flatten_all()?.to_vec1()?;
+    let mut m: Box<dyn CausalLm> = Box::new(base);
+    let method = lora(4, &[LoraTarget::Attn, LoraTarget::Mlp], None);
+    m.attach_lora(&methods::lora_spec(&method, 4, 4)?.unwrap(), 1)?;
+    let fresh: Vec<f32> = m.forward(&ids)?.flatten_all()?.to_vec1()?;
+    assert_eq!(before, fresh, "B starts at zero: no change");
+    perturb(&*m)?;
+    let adapted: Vec<f32> = m.forward(&ids)?.flatten_all()?.to_vec1()?;
+    let merged = experiments::model::hf::merged(&*m, m.lora().unwrap())?;
+    assert!(merged.lora().is_none());
+    let out: Vec<f32> = merged.forward(&ids)?.flatten_all()?.to_vec1()?;
+    let worst = adapted
+        .iter()
+        .zip(&out)
+        .fold(0f32, |w, (a, b)| w.max((a - b).abs()));
+    assert!(worst < 1e-4, "merged model differs by {worst}");
+    // A perturbed model (base weights too) differs from the one before.
+    assert!(adapted
+        .iter()
+        .zip(&before)
+        .any(|(a, b)| (a - b).abs() > 1e-3));
     Ok(())
 }

@@ -686,3 +686,158 @@ fn missing_llama_head_is_named() {
     let m = load_hf_dir(dir2.path(), None, &Device::Cpu).unwrap();
     assert!(m.params().iter().all(|p| p.name != "lm_head.weight"));
 }
+
+// ---- LoRA adapters through PEFT ----------------------------------------------------------------
+
+/// Output of scripts/peft_check.py for `base` and a LoRA trial's `dir`.
+fn peft_check(py: &Path, base: &Path, dir: &Path, ids: &[Vec<u32>]) -> Value {
+    let mut child = Command::new(py)
+        .arg(root().join("scripts/peft_check.py"))
+        .arg(base)
+        .arg(dir)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start peft_check.py");
+    let req = serde_json::json!({ "ids": ids });
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(req.to_string().as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "peft_check.py failed ({}):\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("JSON from peft_check.py")
+}
+
+fn flat(v: &Value) -> Vec<f32> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|b| b.as_array().unwrap().iter())
+        .flat_map(|t| t.as_array().unwrap().iter())
+        .map(|x| x.as_f64().unwrap() as f32)
+        .collect()
+}
+
+/// Attaches adapters for `method` to the model in `base`, gives them non-zero values (B starts at
+/// zero), saves, and has PEFT load the adapter onto the base: the same logits and perplexity as
+/// ablate's forward with the adapters, as the merged directory in transformers, and as PEFT's own
+/// merge.
+fn lora_round_trip(base: &Path, method: experiments::trial::Method, groups: usize, what: &str) {
+    use experiments::methods;
+    use experiments::model::Part;
+    let py = crate::common::reference_python(&["torch", "transformers", "peft"]);
+    let mut model = load_hf_dir(base, None, &Device::Cpu).unwrap();
+    let n_layer = model.dims().n_layer;
+    let spec = methods::lora_spec(&method, groups, n_layer)
+        .unwrap()
+        .unwrap();
+    model.attach_lora(&spec, 11).unwrap();
+    for (i, p) in model.params().into_iter().enumerate() {
+        if matches!(p.part, Part::Adapter(_)) && p.name.contains("lora_B") {
+            let n = p.var.elem_count();
+            let v: Vec<f32> = (0..n)
+                .map(|j| ((((j * 7919 + i * 104729) % 2003) as f32 / 1001.5) - 1.0) * 0.5)
+                .collect();
+            p.var
+                .set(&Tensor::from_vec(v, p.var.dims(), &Device::Cpu).unwrap())
+                .unwrap();
+        }
+    }
+    let adapters = model.lora().unwrap().adapters().len();
+    let dir = tempfile::tempdir().unwrap();
+    save_hf_dir(&*model, dir.path(), Some(&base.join("tokenizer.json"))).unwrap();
+    let cfg: Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.path().join("adapter/adapter_config.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(cfg["peft_type"], "LORA");
+    assert_eq!(cfg["r"].as_u64(), Some(spec.rank as u64));
+    let ids = ids_for(model.dims().vocab_size, 2, 24);
+    let v = peft_check(&py, base, dir.path(), &ids);
+    let ours = our_logits(&*model, &ids);
+    let base_logits = our_logits(&*load_hf_dir(base, None, &Device::Cpu).unwrap(), &ids);
+    let moved = max_abs_diff(&ours, &base_logits);
+    let d_adapter = max_abs_diff(&ours, &flat(&v["adapter_logits"]));
+    let d_merged = max_abs_diff(&ours, &flat(&v["merged_logits"]));
+    let d_peft_merged = max_abs_diff(&ours, &flat(&v["peft_merged_logits"]));
+    let (pa, pm) = (
+        v["adapter_ppl"].as_f64().unwrap(),
+        v["merged_ppl"].as_f64().unwrap(),
+    );
+    println!(
+        "{what}: PEFT {} placed {} LoRA layers; max |logit diff| adapter {d_adapter:.2e}, merged \
+         {d_merged:.2e}, PEFT-merged {d_peft_merged:.2e} (the adapters move logits by {moved:.2}); \
+         perplexity {pa:.6} vs {pm:.6}",
+        v["peft"], v["lora_modules"]
+    );
+    assert!(moved > 0.05, "{what}: the adapters barely change the model");
+    assert_eq!(v["lora_modules"].as_u64(), Some(adapters as u64), "{what}");
+    let ours_trainable: usize = model
+        .params()
+        .iter()
+        .filter(|p| matches!(p.part, Part::Adapter(_)))
+        .map(|p| p.var.elem_count())
+        .sum();
+    assert_eq!(v["trainable"].as_u64(), Some(ours_trainable as u64));
+    for (d, which) in [
+        (d_adapter, "adapter"),
+        (d_merged, "merged"),
+        (d_peft_merged, "PEFT-merged"),
+    ] {
+        assert!(d < 1e-4, "{what}: {which} logits differ by {d}");
+    }
+    assert!(
+        (pa - pm).abs() < 1e-5 * pa,
+        "{what}: perplexity {pa} vs {pm}"
+    );
+}
+
+#[test]
+fn gpt2_lora_adapter_loads_in_peft_with_the_same_logits() {
+    use experiments::trial::{LoraTarget, Method};
+    let all = Method::Lora {
+        rank: 4,
+        alpha: 8.0,
+        targets: vec![LoraTarget::Attn, LoraTarget::Mlp],
+        groups: None,
+    };
+    lora_round_trip(&fixture(), all, 3, "gpt2 lora r4 attn+mlp");
+    // Attention only, top block group only: the qualified `attn.c_proj` target and
+    // layers_to_transform must keep PEFT off the MLP's c_proj and off block 0.
+    let attn_top = Method::Lora {
+        rank: 2,
+        alpha: 16.0,
+        targets: vec![LoraTarget::Attn],
+        groups: Some(1),
+    };
+    lora_round_trip(&fixture(), attn_top, 3, "gpt2 lora r2 attn top group");
+}
+
+#[test]
+fn llama_lora_adapter_loads_in_peft_with_the_same_logits() {
+    use experiments::trial::{LoraTarget, Method};
+    let base = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-llama");
+    let all = Method::Lora {
+        rank: 4,
+        alpha: 8.0,
+        targets: vec![LoraTarget::Attn, LoraTarget::Mlp],
+        groups: None,
+    };
+    lora_round_trip(&base, all, 3, "llama lora r4 attn+mlp");
+    let mlp_top = Method::Lora {
+        rank: 3,
+        alpha: 6.0,
+        targets: vec![LoraTarget::Mlp],
+        groups: Some(1),
+    };
+    lora_round_trip(&base, mlp_top, 3, "llama lora r3 mlp top group");
+}

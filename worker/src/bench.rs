@@ -25,7 +25,7 @@ use experiments::ops;
 use experiments::optim::{self, AdamW, AdamWConfig, GradAccumulator, ParamUpdate};
 use experiments::runner;
 use experiments::train::{to_trainable, trainable_params};
-use experiments::trial::Method;
+use experiments::trial::{LoraTarget, Method};
 
 /// Flags of `ablate-worker bench`.
 #[derive(clap::Args, Debug, Clone)]
@@ -54,6 +54,13 @@ pub struct BenchArgs {
     /// Layer groups (embeddings + groups-1 block groups), as in a sweep file.
     #[arg(long, default_value_t = 4)]
     pub groups: usize,
+    /// Train LoRA adapters of this rank (attention and MLP, alpha 16) instead of the weights (the
+    /// `lora` method).
+    #[arg(long, conflicts_with = "freeze_top")]
+    pub lora_rank: Option<usize>,
+    /// With `--lora-rank`: adapters only in the top K block groups [default: every block].
+    #[arg(long, requires = "lora_rank")]
+    pub lora_groups: Option<usize>,
     /// Compute threads (sets RAYON_NUM_THREADS before the pool starts) [default: candle's choice].
     #[arg(long)]
     pub threads: Option<usize>,
@@ -227,22 +234,32 @@ pub fn bench(args: &BenchArgs) -> Result<BenchResult> {
     let cfg = with_context(cfg, context);
     let dims = cfg.dims();
     let device = runner::parse_device(&args.device)?;
-    let model = model::new_random(&cfg, 0, &device).context("building the model")?;
-    let model = &*model;
-    let method = match args.freeze_top {
-        Some(top) => Method::Freeze { top },
-        None => Method::Pretrain {
+    let mut model = model::new_random(&cfg, 0, &device).context("building the model")?;
+    let method = match (args.freeze_top, args.lora_rank) {
+        (Some(top), _) => Method::Freeze { top },
+        (None, Some(rank)) => Method::Lora {
+            rank,
+            alpha: 16.0,
+            targets: vec![LoraTarget::Attn, LoraTarget::Mlp],
+            groups: args.lora_groups,
+        },
+        (None, None) => Method::Pretrain {
             vocab_size: dims.vocab_size,
         },
     };
     let groups = methods::effective_groups(&method, args.groups, dims.n_layer);
     methods::validate(&method, groups, dims.n_layer)?;
+    if let Some(spec) = methods::lora_spec(&method, groups, dims.n_layer)? {
+        model.attach_lora(&spec, 0)?;
+    }
+    let model = &*model;
     let lg = LayerGroups::new(dims.n_layer, groups)?;
     let on = methods::active_groups(&method, groups, 0)?;
-    let trainable = to_trainable(&lg.mask(&on));
+    let trainable = to_trainable(&lg.mask_for(&method, &on));
     let named = model.params();
     let lrs = vec![1e-4; groups];
-    let params = trainable_params(&named, &lg, &on, &lrs);
+    let only = methods::adapters_only(&method);
+    let params = trainable_params(&named, &lg, &on, &lrs, only);
     let refs: Vec<(&str, &Var)> = params.iter().map(|(n, v, _)| (n.as_str(), v)).collect();
     let updates: Vec<ParamUpdate<'_>> = params
         .iter()
@@ -354,6 +371,8 @@ mod tests {
             warmup: 1,
             freeze_top,
             groups: 4,
+            lora_rank: None,
+            lora_groups: None,
             threads: None,
             json: true,
             device: "cpu".into(),
@@ -372,6 +391,14 @@ mod tests {
         let frozen = bench(&small(Some(1))).unwrap();
         assert!(frozen.trainable_params < full.trainable_params);
         assert!(frozen.trainable_params > 0);
+        // LoRA r4 on the 4 × 256 model: per block (256+768)·4 + (256+256)·4 + (256+1024)·4 +
+        // (1024+256)·4 adapter parameters, and the params count includes them.
+        let mut a = small(None);
+        a.lora_rank = Some(4);
+        let lora = bench(&a).unwrap();
+        assert_eq!(lora.trainable_params, 4 * 4 * (1024 + 512 + 1280 + 1280));
+        assert_eq!(lora.params, full.params + lora.trainable_params);
+        assert!(lora.final_loss.is_finite());
         assert!(peak_rss_mib() > 1.0);
     }
 

@@ -9,10 +9,10 @@ use candle_core::{Tensor, Var};
 use rayon::prelude::*;
 
 use super::kernels::{
-    add_into, attention_bwd, attention_fwd, gemm_into, linear_bwd, linear_fwd, ln_bwd, mat,
-    AttnGradTiles, AttnShape, Heads, LinGrads, MatMut,
+    add_into, attention_bwd, attention_fwd, gemm_into, linear_bwd, linear_fwd, ln_bwd, lora_bwd,
+    lora_fwd, mat, AttnGradTiles, AttnShape, Heads, LinGrads, LoraW, MatMut,
 };
-use super::{inputs_needing_grad, put, read_batch, scatter_rows, LossGrads, Weights};
+use super::{inputs_needing_grad, put, read_batch, scatter_rows, LoraRead, LossGrads, Weights};
 use crate::model::gpt2::BlockVars;
 use crate::model::{Gpt2, Trainable};
 use crate::ops::{
@@ -41,6 +41,11 @@ pub(crate) fn forward(
     let Some(w) = Weights::read(&vars) else {
         return Ok(None);
     };
+    let Some(lr) = LoraRead::read(model.lora.as_ref()) else {
+        return Ok(None);
+    };
+    let mut ws = ModelW::new(&w.slices(), cfg.n_positions);
+    ws.lora = lr.slots(cfg.n_layer, SLOTS);
     let run = Run {
         b,
         t,
@@ -50,14 +55,9 @@ pub(crate) fn forward(
         eps: cfg.layer_norm_epsilon,
         threads: candle_core::utils::get_num_threads(),
     };
-    run.forward(
-        &ModelW::new(&w.slices(), cfg.n_positions),
-        ids_v,
-        tg_v,
-        trainable,
-    )
-    .map(Some)
-    .map_err(Error::Other)
+    run.forward(&ws, ids_v, tg_v, trainable)
+        .map(Some)
+        .map_err(Error::Other)
 }
 
 /// The activations of one GPT-2 [`forward`].
@@ -89,7 +89,13 @@ impl Tape {
                 "manual backward: the model is no longer f32 on the CPU".into(),
             ));
         };
-        let ws = ModelW::new(&w.slices(), model.config().n_positions);
+        let Some(lr) = LoraRead::read(model.lora.as_ref()) else {
+            return Err(Error::Other(
+                "manual backward: the adapters are no longer f32 on the CPU".into(),
+            ));
+        };
+        let mut ws = ModelW::new(&w.slices(), model.config().n_positions);
+        ws.lora = lr.slots(ws.blocks.len(), SLOTS);
         if ws.blocks.len() != self.tr.blocks.len() || ws.wte.len() != self.run.v * self.run.c {
             return Err(Error::Other(
                 "manual backward: not the model of the forward pass".into(),
@@ -125,7 +131,19 @@ struct ModelW<'a> {
     blocks: Vec<BlockW<'a>>,
     ln_f_w: &'a [f32],
     ln_f_b: &'a [f32],
+    /// LoRA adapters, `lora[block][slot]` (empty when the model has none).
+    lora: Vec<Vec<Option<LoraW<'a>>>>,
 }
+
+/// Adaptable layers per block, in `model::lora::modules` order: c_attn, attn.c_proj, c_fc,
+/// mlp.c_proj; the names of their adapters' gradients (after `h.{j}.`).
+const SLOTS: usize = 4;
+const LORA_NAMES: [(&str, &str); SLOTS] = [
+    ("attn.c_attn.lora_A.weight", "attn.c_attn.lora_B.weight"),
+    ("attn.c_proj.lora_A.weight", "attn.c_proj.lora_B.weight"),
+    ("mlp.c_fc.lora_A.weight", "mlp.c_fc.lora_B.weight"),
+    ("mlp.c_proj.lora_A.weight", "mlp.c_proj.lora_B.weight"),
+];
 
 fn block_vars(b: &BlockVars) -> [&Var; 12] {
     [
@@ -184,6 +202,7 @@ impl<'a> ModelW<'a> {
             blocks,
             ln_f_w: s[s.len() - 2],
             ln_f_b: s[s.len() - 1],
+            lora: Vec::new(),
         }
     }
 }
@@ -213,6 +232,8 @@ struct Saved {
     h2: Vec<f32>,
     f: Vec<f32>,
     gf: Vec<f32>,
+    /// Per adapted slot, `s·x·Aᵀ` of its adapter.
+    lu: [Option<Vec<f32>>; SLOTS],
 }
 
 /// Block gradients: (suffix after `h.{j}.`, (data, shape)).
@@ -272,8 +293,8 @@ impl Run {
         // Blocks forward, keeping what backward needs of the blocks it will visit.
         let mut saved: Vec<Option<Saved>> = Vec::with_capacity(nl);
         for (j, bw) in w.blocks.iter().enumerate() {
-            let visit = tr.blocks[j] || need_in[j];
-            let (x_out, s) = self.block_fwd(x, bw);
+            let visit = tr.block_live(j) || need_in[j];
+            let (x_out, s) = self.block_fwd(x, bw, lora_of(w, j));
             saved.push(visit.then_some(s));
             x = x_out;
         }
@@ -364,8 +385,9 @@ impl Run {
                 // Blocks backward, top down, while something below needs the gradient.
                 for j in (0..nl).rev() {
                     let Some(s) = saved[j].take() else { break };
-                    let live = tr.blocks[j];
-                    let (dx_in, bgrads) = self.block_bwd(&w.blocks[j], s, dx, live, need_in[j]);
+                    let live = (tr.blocks[j], tr.adapter(j));
+                    let lw = lora_of(w, j);
+                    let (dx_in, bgrads) = self.block_bwd(&w.blocks[j], lw, s, dx, live, need_in[j]);
                     for (suffix, (data, shape)) in bgrads {
                         put(&mut grads, &format!("h.{j}.{suffix}"), data, &shape)?;
                     }
@@ -399,11 +421,24 @@ impl Run {
     }
 
     /// One block forward: x (N × C) → block output, and what its backward needs.
-    fn block_fwd(&self, x: Vec<f32>, w: &BlockW<'_>) -> (Vec<f32>, Saved) {
+    fn block_fwd(
+        &self,
+        x: Vec<f32>,
+        w: &BlockW<'_>,
+        lw: &[Option<LoraW<'_>>; SLOTS],
+    ) -> (Vec<f32>, Saved) {
         let (b, t, c) = (self.b, self.t, self.c);
         let th = self.threads;
+        let mut lu: [Option<Vec<f32>>; SLOTS] = Default::default();
+        // The adapter of `slot`, if any, adds its update to y and keeps its u.
+        let mut adapt = |slot: usize, x: &[f32], k: usize, out: usize, y: &mut [f32]| {
+            if let Some(l) = &lw[slot] {
+                lu[slot] = Some(lora_fwd(x, l, k, out, y, th));
+            }
+        };
         let h1 = layer_norm_rows(&x, w.ln_1_w, w.ln_1_b, self.eps);
-        let qkv = linear_fwd(&h1, w.c_attn_w, Some(w.c_attn_b), c, 3 * c, th);
+        let mut qkv = linear_fwd(&h1, w.c_attn_w, Some(w.c_attn_b), c, 3 * c, th);
+        adapt(0, &h1, c, 3 * c, &mut qkv);
         // Per (batch, head): q, k, v read in place from qkv (row stride 3C).
         let mut y = vec![0f32; b * t * c];
         let heads = |off| Heads {
@@ -413,11 +448,14 @@ impl Run {
         };
         let p = attention_fwd(&self.attn(), heads(0), heads(c), heads(2 * c), &mut y);
         let mut x2 = linear_fwd(&y, w.attn_proj_w, Some(w.attn_proj_b), c, c, th);
+        adapt(1, &y, c, c, &mut x2);
         add_into(&mut x2, &x);
         let h2 = layer_norm_rows(&x2, w.ln_2_w, w.ln_2_b, self.eps);
-        let f = linear_fwd(&h2, w.c_fc_w, Some(w.c_fc_b), c, 4 * c, th);
+        let mut f = linear_fwd(&h2, w.c_fc_w, Some(w.c_fc_b), c, 4 * c, th);
+        adapt(2, &h2, c, 4 * c, &mut f);
         let gf = gelu_map(&f);
         let mut out = linear_fwd(&gf, w.mlp_proj_w, Some(w.mlp_proj_b), 4 * c, c, th);
+        adapt(3, &gf, 4 * c, c, &mut out);
         add_into(&mut out, &x2);
         let s = Saved {
             x,
@@ -429,18 +467,20 @@ impl Run {
             h2,
             f,
             gf,
+            lu,
         };
         (out, s)
     }
 
-    /// One block backward from d(out). Returns d(input) when `need_dx`, and the weight gradients
-    /// (suffix after `h.{j}.`, data, shape) when `live`.
+    /// One block backward from d(out). Returns d(input) when `need_dx`, the weight gradients
+    /// (suffix after `h.{j}.`, data, shape) when `live.0` and its adapters' when `live.1`.
     fn block_bwd(
         &self,
         w: &BlockW<'_>,
-        s: Saved,
+        lw: &[Option<LoraW<'_>>; SLOTS],
+        mut s: Saved,
         dout: Vec<f32>,
-        live: bool,
+        (live, lora_live): (bool, bool),
         need_dx: bool,
     ) -> (Option<Vec<f32>>, BlockGrads) {
         let (b, t, c) = (self.b, self.t, self.c);
@@ -448,13 +488,32 @@ impl Run {
         let hd = shape.hd;
         let th = self.threads;
         let mut g: BlockGrads = Vec::new();
+        let mut lu = std::mem::take(&mut s.lu);
+        // The adapter of `slot`, if any: its share of d(input) into dx, its gradients into g.
+        let mut adapt = |g: &mut BlockGrads,
+                         slot: usize,
+                         x: &[f32],
+                         dy: &[f32],
+                         k: usize,
+                         out: usize,
+                         dx: &mut [f32]| {
+            if let (Some(l), Some(u)) = (&lw[slot], lu[slot].take()) {
+                if let Some((da, db)) = lora_bwd(x, &u, l, dy, k, out, dx, lora_live, th) {
+                    let (an, bn) = LORA_NAMES[slot];
+                    g.push((an, (da, vec![l.r, k])));
+                    g.push((bn, (db, vec![out, l.r])));
+                }
+            }
+        };
         // MLP: out = x2 + proj(gelu(fc(ln_2(x2)))).
-        let (dgf, r) = linear_bwd(&s.gf, w.mlp_proj_w, &dout, 4 * c, c, live, true, th);
+        let (mut dgf, r) = linear_bwd(&s.gf, w.mlp_proj_w, &dout, 4 * c, c, live, true, th);
         push_lin(&mut g, "mlp.c_proj.weight", "mlp.c_proj.bias", r, c, 4 * c);
+        adapt(&mut g, 3, &s.gf, &dout, 4 * c, c, &mut dgf);
         let df = gelu_grad_map(&s.f, &dgf);
         drop(s.gf);
-        let (dh2, r) = linear_bwd(&s.h2, w.c_fc_w, &df, c, 4 * c, live, true, th);
+        let (mut dh2, r) = linear_bwd(&s.h2, w.c_fc_w, &df, c, 4 * c, live, true, th);
         push_lin(&mut g, "mlp.c_fc.weight", "mlp.c_fc.bias", r, 4 * c, c);
+        adapt(&mut g, 2, &s.h2, &df, c, 4 * c, &mut dh2);
         drop(df);
         let mut dx2 = dout;
         let r = ln_bwd(&s.x2, w.ln_2_w, &dh2, self.eps, Some(&mut dx2), live);
@@ -463,8 +522,9 @@ impl Run {
             g.push(("ln_2.bias", (db, vec![c])));
         }
         // Attention: x2 = x + proj(attn(ln_1(x))).
-        let (dy, r) = linear_bwd(&s.y, w.attn_proj_w, &dx2, c, c, live, true, th);
+        let (mut dy, r) = linear_bwd(&s.y, w.attn_proj_w, &dx2, c, c, live, true, th);
         push_lin(&mut g, "attn.c_proj.weight", "attn.c_proj.bias", r, c, c);
+        adapt(&mut g, 1, &s.y, &dx2, c, c, &mut dy);
         let mut dqkv = vec![0f32; b * t * 3 * c];
         {
             // Tiles of dqkv (N × 3C) of T rows × D columns: per window, the q heads, then the
@@ -495,7 +555,7 @@ impl Run {
             attention_bwd(&shape, heads(0), heads(c), heads(2 * c), &s.p, dyh, tiles);
         }
         drop(dy);
-        let (dh1, r) = linear_bwd(&s.h1, w.c_attn_w, &dqkv, c, 3 * c, live, true, th);
+        let (mut dh1, r) = linear_bwd(&s.h1, w.c_attn_w, &dqkv, c, 3 * c, live, true, th);
         push_lin(
             &mut g,
             "attn.c_attn.weight",
@@ -504,6 +564,7 @@ impl Run {
             3 * c,
             c,
         );
+        adapt(&mut g, 0, &s.h1, &dqkv, c, 3 * c, &mut dh1);
         drop(dqkv);
         let mut dx = dx2;
         let r = ln_bwd(&s.x, w.ln_1_w, &dh1, self.eps, Some(&mut dx), live);
@@ -512,5 +573,14 @@ impl Run {
             g.push(("ln_1.bias", (db, vec![c])));
         }
         (need_dx.then_some(dx), g)
+    }
+}
+
+/// Block `j`'s adapters (none when the model has no LoRA).
+fn lora_of<'w, 'a>(w: &'w ModelW<'a>, j: usize) -> &'w [Option<LoraW<'a>>; SLOTS] {
+    const NONE: [Option<LoraW<'static>>; SLOTS] = [None; SLOTS];
+    match w.lora.get(j) {
+        Some(v) => v.as_slice().try_into().expect("SLOTS adapters per block"),
+        None => &NONE,
     }
 }

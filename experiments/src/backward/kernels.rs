@@ -544,3 +544,69 @@ mod tests {
         assert_eq!(buf, vec![1., 1., 2., 2., 3., 3., 1., 1., 2., 2., 3., 3.]);
     }
 }
+
+// ---- LoRA ---------------------------------------------------------------------------------------
+
+/// One LoRA adapter's weights for a pass: A `[r, k]`, B `[out, r]` and the scale `alpha / r`.
+#[derive(Clone, Copy)]
+pub(crate) struct LoraW<'a> {
+    pub(crate) a: &'a [f32],
+    pub(crate) b: &'a [f32],
+    pub(crate) r: usize,
+    pub(crate) scale: f32,
+}
+
+/// Adds the adapter's update `s·(x·Aᵀ)·Bᵀ` to `y` (N × out) and returns `u = s·x·Aᵀ` (N × r),
+/// what [`lora_bwd`] needs.
+pub(crate) fn lora_fwd(
+    x: &[f32],
+    l: &LoraW<'_>,
+    k: usize,
+    out: usize,
+    y: &mut [f32],
+    threads: usize,
+) -> Vec<f32> {
+    let mut u = linear_fwd(x, l.a, None, k, l.r, threads);
+    for v in &mut u {
+        *v *= l.scale;
+    }
+    let d = linear_fwd(&u, l.b, None, l.r, out, threads);
+    add_into(y, &d);
+    u
+}
+
+/// Backward of [`lora_fwd`] from `g` = d(y) (N × out): adds the input's share into `dx` (N × k)
+/// and returns (dA `[r, k]`, dB `[out, r]`) when `want_w`. With `u = s·x·Aᵀ`: dB = gᵀ·u,
+/// d(x·Aᵀ) = s·g·B, dA = d(x·Aᵀ)ᵀ·x and dx += d(x·Aᵀ)·A.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn lora_bwd(
+    x: &[f32],
+    u: &[f32],
+    l: &LoraW<'_>,
+    g: &[f32],
+    k: usize,
+    out: usize,
+    dx: &mut [f32],
+    want_w: bool,
+    threads: usize,
+) -> Option<(Vec<f32>, Vec<f32>)> {
+    let (mut du, rb) = linear_bwd(u, l.b, g, l.r, out, want_w, false, threads);
+    for v in &mut du {
+        *v *= l.scale;
+    }
+    let ra = linear_bwd_into(
+        x,
+        l.a,
+        &du,
+        k,
+        l.r,
+        Some((dx, true)),
+        want_w,
+        false,
+        threads,
+    );
+    match (ra, rb) {
+        (Some((da, _)), Some((db, _))) => Some((da, db)),
+        _ => None,
+    }
+}

@@ -12,9 +12,9 @@ use rayon::prelude::*;
 
 use super::kernels::{
     add_into, attention_bwd, attention_fwd, gemm_into, linear_bwd, linear_bwd_into, linear_fwd,
-    mat, AttnGradTiles, AttnShape, Heads, LinGrads, MatMut,
+    lora_bwd, lora_fwd, mat, AttnGradTiles, AttnShape, Heads, LinGrads, LoraW, MatMut,
 };
-use super::{inputs_needing_grad, put, read_batch, scatter_rows, LossGrads, Weights};
+use super::{inputs_needing_grad, put, read_batch, scatter_rows, LoraRead, LossGrads, Weights};
 use crate::model::{Llama, Trainable};
 use crate::ops::{
     ce_bwd_from_exp_f32, ce_fwd_exp_inplace_f32, rms_norm_bwd_rows, rms_norm_rows,
@@ -43,6 +43,11 @@ pub(crate) fn forward(
     let Some(w) = Weights::read(&vars) else {
         return Ok(None);
     };
+    let Some(lr) = LoraRead::read(model.lora.as_ref()) else {
+        return Ok(None);
+    };
+    let mut ws = ModelW::new(&w.slices(), model);
+    ws.lora = lr.slots(cfg.num_hidden_layers, SLOTS);
     let run = Run {
         b,
         t,
@@ -56,15 +61,9 @@ pub(crate) fn forward(
         threads: candle_core::utils::get_num_threads(),
     };
     let tables = model.rope_tables(t);
-    run.forward(
-        &ModelW::new(&w.slices(), model),
-        tables,
-        ids_v,
-        tg_v,
-        trainable,
-    )
-    .map(Some)
-    .map_err(Error::Other)
+    run.forward(&ws, tables, ids_v, tg_v, trainable)
+        .map(Some)
+        .map_err(Error::Other)
 }
 
 /// The activations of one Llama [`forward`].
@@ -97,7 +96,13 @@ impl Tape {
                 "manual backward: the model is no longer f32 on the CPU".into(),
             ));
         };
-        let ws = ModelW::new(&w.slices(), model);
+        let Some(lr) = LoraRead::read(model.lora.as_ref()) else {
+            return Err(Error::Other(
+                "manual backward: the adapters are no longer f32 on the CPU".into(),
+            ));
+        };
+        let mut ws = ModelW::new(&w.slices(), model);
+        ws.lora = lr.slots(ws.blocks.len(), SLOTS);
         if ws.blocks.len() != self.tr.blocks.len() || ws.embed.len() != self.run.v * self.run.c {
             return Err(Error::Other(
                 "manual backward: not the model of the forward pass".into(),
@@ -130,6 +135,42 @@ struct ModelW<'a> {
     tied: bool,
     blocks: Vec<BlockW<'a>>,
     norm: &'a [f32],
+    /// LoRA adapters, `lora[block][slot]` (empty when the model has none).
+    lora: Vec<Vec<Option<LoraW<'a>>>>,
+}
+
+/// Adaptable layers per block, in `model::lora::modules` order: q, k, v, o, gate, up, down; the
+/// names of their adapters' gradients (after `model.layers.{j}.`).
+const SLOTS: usize = 7;
+const LORA_NAMES: [(&str, &str); SLOTS] = [
+    (
+        "self_attn.q_proj.lora_A.weight",
+        "self_attn.q_proj.lora_B.weight",
+    ),
+    (
+        "self_attn.k_proj.lora_A.weight",
+        "self_attn.k_proj.lora_B.weight",
+    ),
+    (
+        "self_attn.v_proj.lora_A.weight",
+        "self_attn.v_proj.lora_B.weight",
+    ),
+    (
+        "self_attn.o_proj.lora_A.weight",
+        "self_attn.o_proj.lora_B.weight",
+    ),
+    ("mlp.gate_proj.lora_A.weight", "mlp.gate_proj.lora_B.weight"),
+    ("mlp.up_proj.lora_A.weight", "mlp.up_proj.lora_B.weight"),
+    ("mlp.down_proj.lora_A.weight", "mlp.down_proj.lora_B.weight"),
+];
+
+/// Block `j`'s adapters (none when the model has no LoRA).
+fn lora_of<'w, 'a>(w: &'w ModelW<'a>, j: usize) -> &'w [Option<LoraW<'a>>; SLOTS] {
+    const NONE: [Option<LoraW<'static>>; SLOTS] = [None; SLOTS];
+    match w.lora.get(j) {
+        Some(v) => v.as_slice().try_into().expect("SLOTS adapters per block"),
+        None => &NONE,
+    }
 }
 
 /// The parameters in the order [`ModelW::new`] takes them: embed, lm_head (untied), blocks, norm.
@@ -182,6 +223,7 @@ impl<'a> ModelW<'a> {
             tied,
             blocks,
             norm: s[s.len() - 1],
+            lora: Vec::new(),
         }
     }
 }
@@ -218,6 +260,8 @@ struct Saved {
     gate: Vec<f32>,
     up: Vec<f32>,
     act: Vec<f32>,
+    /// Per adapted slot, `s·x·Aᵀ` of its adapter.
+    lu: [Option<Vec<f32>>; SLOTS],
 }
 
 /// Block gradients: (suffix after `model.layers.{j}.`, (data, shape)).
@@ -262,8 +306,8 @@ impl Run {
         // Blocks forward, keeping what backward needs of the blocks it will visit.
         let mut saved: Vec<Option<Saved>> = Vec::with_capacity(nl);
         for (j, bw) in w.blocks.iter().enumerate() {
-            let visit = tr.blocks[j] || need_in[j];
-            let (x_out, s) = self.block_fwd(x, bw, &tables);
+            let visit = tr.block_live(j) || need_in[j];
+            let (x_out, s) = self.block_fwd(x, bw, lora_of(w, j), &tables);
             saved.push(visit.then_some(s));
             x = x_out;
         }
@@ -356,9 +400,10 @@ impl Run {
                 // Blocks backward, top down, while something below needs the gradient.
                 for j in (0..nl).rev() {
                     let Some(s) = saved[j].take() else { break };
-                    let live = tr.blocks[j];
+                    let live = (tr.blocks[j], tr.adapter(j));
+                    let lw = lora_of(w, j);
                     let (dx_in, bgrads) =
-                        self.block_bwd(&w.blocks[j], s, dx, live, need_in[j], &tables);
+                        self.block_bwd(&w.blocks[j], lw, s, dx, live, need_in[j], &tables);
                     for (suffix, (data, shape)) in bgrads {
                         put(
                             &mut grads,
@@ -401,14 +446,30 @@ impl Run {
     }
 
     /// One block forward: x (N × C) → block output, and what its backward needs.
-    fn block_fwd(&self, x: Vec<f32>, w: &BlockW<'_>, tables: &RopeTables) -> (Vec<f32>, Saved) {
+    fn block_fwd(
+        &self,
+        x: Vec<f32>,
+        w: &BlockW<'_>,
+        lw: &[Option<LoraW<'_>>; SLOTS],
+        tables: &RopeTables,
+    ) -> (Vec<f32>, Saved) {
         let (n, c, t, inter) = (self.b * self.t, self.c, self.t, self.inter);
         let (qw, kvw) = (self.nh * self.hd, self.nkv * self.hd);
         let th = self.threads;
+        let mut lu: [Option<Vec<f32>>; SLOTS] = Default::default();
+        // The adapter of `slot`, if any, adds its update to y and keeps its u.
+        let mut adapt = |slot: usize, x: &[f32], k: usize, out: usize, y: &mut [f32]| {
+            if let Some(l) = &lw[slot] {
+                lu[slot] = Some(lora_fwd(x, l, k, out, y, th));
+            }
+        };
         let h1 = rms_norm_rows(&x, w.input_norm, self.eps);
         let mut q = linear_fwd(&h1, w.q, None, c, qw, th);
+        adapt(0, &h1, c, qw, &mut q);
         let mut k = linear_fwd(&h1, w.k, None, c, kvw, th);
-        let v = linear_fwd(&h1, w.v, None, c, kvw, th);
+        adapt(1, &h1, c, kvw, &mut k);
+        let mut v = linear_fwd(&h1, w.v, None, c, kvw, th);
+        adapt(2, &h1, c, kvw, &mut v);
         rope_inplace_f32(&mut q, t, self.nh, tables);
         rope_inplace_f32(&mut k, t, self.nkv, tables);
         let mut y = vec![0f32; n * qw];
@@ -420,12 +481,16 @@ impl Run {
             &mut y,
         );
         let mut x2 = linear_fwd(&y, w.o, None, qw, c, th);
+        adapt(3, &y, qw, c, &mut x2);
         add_into(&mut x2, &x);
         let h2 = rms_norm_rows(&x2, w.post_norm, self.eps);
-        let gate = linear_fwd(&h2, w.gate, None, c, inter, th);
-        let up = linear_fwd(&h2, w.up, None, c, inter, th);
+        let mut gate = linear_fwd(&h2, w.gate, None, c, inter, th);
+        adapt(4, &h2, c, inter, &mut gate);
+        let mut up = linear_fwd(&h2, w.up, None, c, inter, th);
+        adapt(5, &h2, c, inter, &mut up);
         let act = swiglu_f32(&gate, &up);
         let mut out = linear_fwd(&act, w.down, None, inter, c, th);
+        adapt(6, &act, inter, c, &mut out);
         add_into(&mut out, &x2);
         let s = Saved {
             x,
@@ -440,18 +505,21 @@ impl Run {
             gate,
             up,
             act,
+            lu,
         };
         (out, s)
     }
 
     /// One block backward from d(out). Returns d(input) when `need_dx`, and the weight gradients
     /// (suffix after `model.layers.{j}.`, data, shape) when `live`.
+    #[allow(clippy::too_many_arguments)]
     fn block_bwd(
         &self,
         w: &BlockW<'_>,
-        s: Saved,
+        lw: &[Option<LoraW<'_>>; SLOTS],
+        mut s: Saved,
         dout: Vec<f32>,
-        live: bool,
+        (live, lora_live): (bool, bool),
         need_dx: bool,
         tables: &RopeTables,
     ) -> (Option<Vec<f32>>, BlockGrads) {
@@ -460,9 +528,27 @@ impl Run {
         let shape = self.attn();
         let th = self.threads;
         let mut g: BlockGrads = Vec::new();
+        let mut lu = std::mem::take(&mut s.lu);
+        // The adapter of `slot`, if any: its share of d(input) into dx, its gradients into g.
+        let mut adapt = |g: &mut BlockGrads,
+                         slot: usize,
+                         x: &[f32],
+                         dy: &[f32],
+                         k: usize,
+                         out: usize,
+                         dx: &mut [f32]| {
+            if let (Some(l), Some(u)) = (&lw[slot], lu[slot].take()) {
+                if let Some((da, db)) = lora_bwd(x, &u, l, dy, k, out, dx, lora_live, th) {
+                    let (an, bn) = LORA_NAMES[slot];
+                    g.push((an, (da, vec![l.r, k])));
+                    g.push((bn, (db, vec![out, l.r])));
+                }
+            }
+        };
         // MLP: out = x2 + down(silu(gate(h2)) ⊙ up(h2)), h2 = post_norm(x2).
-        let (dact, r) = linear_bwd(&s.act, w.down, &dout, inter, c, live, false, th);
+        let (mut dact, r) = linear_bwd(&s.act, w.down, &dout, inter, c, live, false, th);
         push_w(&mut g, "mlp.down_proj.weight", r, c, inter);
+        adapt(&mut g, 6, &s.act, &dout, inter, c, &mut dact);
         drop(s.act);
         let (dgate, dup) = swiglu_bwd_f32(&s.gate, &s.up, &dact);
         drop(dact);
@@ -480,6 +566,7 @@ impl Run {
             th,
         );
         push_w(&mut g, "mlp.gate_proj.weight", r, inter, c);
+        adapt(&mut g, 4, &s.h2, &dgate, c, inter, &mut dh2);
         let r = linear_bwd_into(
             &s.h2,
             w.up,
@@ -492,6 +579,7 @@ impl Run {
             th,
         );
         push_w(&mut g, "mlp.up_proj.weight", r, inter, c);
+        adapt(&mut g, 5, &s.h2, &dup, c, inter, &mut dh2);
         drop((dgate, dup));
         let mut dx2 = dout;
         if let Some(dw) =
@@ -501,8 +589,9 @@ impl Run {
         }
         drop(dh2);
         // Attention: x2 = x + o(attn(rope(q(h1)), rope(k(h1)), v(h1))), h1 = input_norm(x).
-        let (dy, r) = linear_bwd(&s.y, w.o, &dx2, qw, c, live, false, th);
+        let (mut dy, r) = linear_bwd(&s.y, w.o, &dx2, qw, c, live, false, th);
         push_w(&mut g, "self_attn.o_proj.weight", r, c, qw);
+        adapt(&mut g, 3, &s.y, &dx2, qw, c, &mut dy);
         let mut dq = vec![0f32; n * qw];
         let mut dk = vec![0f32; n * kvw];
         let mut dv = vec![0f32; n * kvw];
@@ -550,6 +639,7 @@ impl Run {
             th,
         );
         push_w(&mut g, "self_attn.q_proj.weight", r, qw, c);
+        adapt(&mut g, 0, &s.h1, &dq, c, qw, &mut dh1);
         let r = linear_bwd_into(
             &s.h1,
             w.k,
@@ -562,6 +652,7 @@ impl Run {
             th,
         );
         push_w(&mut g, "self_attn.k_proj.weight", r, kvw, c);
+        adapt(&mut g, 1, &s.h1, &dk, c, kvw, &mut dh1);
         let r = linear_bwd_into(
             &s.h1,
             w.v,
@@ -574,6 +665,7 @@ impl Run {
             th,
         );
         push_w(&mut g, "self_attn.v_proj.weight", r, kvw, c);
+        adapt(&mut g, 2, &s.h1, &dv, c, kvw, &mut dh1);
         drop((dq, dk, dv));
         let mut dx = dx2;
         if let Some(dw) = rms_norm_bwd_rows(&s.x, w.input_norm, &dh1, self.eps, &mut dx, true, live)

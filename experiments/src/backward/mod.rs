@@ -178,14 +178,14 @@ pub(crate) fn read_batch(
 }
 
 /// `need_in[j]`: the input of block j (j = n_layer: of the final norm) needs a gradient, i.e.
-/// the embeddings or a block below j train.
+/// the embeddings or a block below j (its weights or its adapters) train.
 pub(crate) fn inputs_needing_grad(tr: &Trainable) -> Vec<bool> {
     let nl = tr.blocks.len();
     let mut need_in = vec![false; nl + 1];
     let mut below = tr.embeddings;
-    for (j, &live) in tr.blocks.iter().enumerate() {
+    for j in 0..nl {
         need_in[j] = below;
-        below |= live;
+        below |= tr.block_live(j);
     }
     need_in[nl] = below;
     need_in
@@ -227,6 +227,57 @@ impl<'a> Weights<'a> {
                 _ => unreachable!("checked CPU"),
             })
             .collect()
+    }
+}
+
+/// A model's LoRA adapters read for one pass (see [`crate::model::lora`]).
+pub(crate) struct LoraRead<'a> {
+    w: Weights<'a>,
+    /// (block, slot) of each adapter, in the order of `w`'s (A, B) pairs.
+    idx: Vec<(usize, usize)>,
+    r: usize,
+    scale: f32,
+}
+
+impl<'a> LoraRead<'a> {
+    /// The adapters of `lora` (none when it is None); None unless all are contiguous f32 CPU.
+    pub(crate) fn read(lora: Option<&'a crate::model::lora::Lora>) -> Option<Self> {
+        let (mut vars, mut idx) = (Vec::new(), Vec::new());
+        let (mut r, mut scale) = (0, 0.0);
+        if let Some(l) = lora {
+            r = l.spec.rank;
+            scale = l.scale as f32;
+            for (_, slot, blk, ad) in l.adapters() {
+                vars.push(&ad.a);
+                vars.push(&ad.b);
+                idx.push((blk, slot));
+            }
+        }
+        Some(LoraRead {
+            w: Weights::read(&vars)?,
+            idx,
+            r,
+            scale,
+        })
+    }
+
+    /// `slots[block][slot]` for a model of `n_layer` blocks with `n_slots` adaptable layers each.
+    pub(crate) fn slots(
+        &self,
+        n_layer: usize,
+        n_slots: usize,
+    ) -> Vec<Vec<Option<kernels::LoraW<'_>>>> {
+        let s = self.w.slices();
+        let mut out = vec![vec![None; n_slots]; n_layer];
+        for (i, &(blk, slot)) in self.idx.iter().enumerate() {
+            out[blk][slot] = Some(kernels::LoraW {
+                a: s[2 * i],
+                b: s[2 * i + 1],
+                r: self.r,
+                scale: self.scale,
+            });
+        }
+        out
     }
 }
 

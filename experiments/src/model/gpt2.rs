@@ -25,9 +25,10 @@ use candle_nn::VarMap;
 use rand::{rngs::StdRng, SeedableRng};
 use serde::{Deserialize, Serialize};
 
+use super::lora::{self, Lora, LoraSpec};
 use super::{
-    check_ids, linear, normal_vec, p, params_of, vars_from_tensors, CausalLm, FamilyRef,
-    ModelConfig, Param, Part, Trainable,
+    check_ids, linear, normal_vec, p, params_of, vars_from_tensors, with_adapters, CausalLm,
+    FamilyRef, ModelConfig, Param, Part, Trainable,
 };
 use crate::ops::{causal_attention, gelu_new, layer_norm, linear_nt};
 use crate::{Error, Result};
@@ -176,6 +177,8 @@ pub struct Gpt2 {
     pub(crate) blocks: Vec<BlockVars>,
     pub(crate) ln_f_w: Var,
     pub(crate) ln_f_b: Var,
+    /// LoRA adapters ([`CausalLm::attach_lora`]).
+    pub(crate) lora: Option<Lora>,
 }
 
 impl Gpt2 {
@@ -249,6 +252,7 @@ impl Gpt2 {
             blocks,
             ln_f_w,
             ln_f_b,
+            lora: None,
         })
     }
 
@@ -294,13 +298,13 @@ impl Gpt2 {
         let pos = p(&self.wpe, emb).narrow(0, 0, t)?;
         let mut x = tok.broadcast_add(&pos)?;
         let mut below_trainable = emb;
-        for (blk, &live) in self.blocks.iter().zip(&trainable.blocks) {
+        for (i, (blk, &live)) in self.blocks.iter().zip(&trainable.blocks).enumerate() {
             if !below_trainable {
                 // Nothing below needs gradient: cut the graph so backward stops here.
                 x = x.detach();
             }
-            x = self.block(&x, blk, live)?;
-            below_trainable |= live;
+            x = self.block(&x, blk, i, live, trainable.adapter(i))?;
+            below_trainable |= trainable.block_live(i);
         }
         if !below_trainable {
             x = x.detach();
@@ -318,15 +322,31 @@ impl Gpt2 {
         Ok(logits.reshape((b, t, cfg.vocab_size))?)
     }
 
-    fn block(&self, x: &Tensor, blk: &BlockVars, live: bool) -> Result<Tensor> {
+    /// One block; `live`: its weights train, `i`: its index (for its LoRA adapters, which train
+    /// when `lora_live`).
+    fn block(
+        &self,
+        x: &Tensor,
+        blk: &BlockVars,
+        i: usize,
+        live: bool,
+        lora_live: bool,
+    ) -> Result<Tensor> {
         let cfg = &self.cfg;
         let (b, t, c) = x.dims3()?;
         let nh = cfg.n_head;
         let hd = c / nh;
         let eps = cfg.layer_norm_epsilon;
+        let scale = self.lora.as_ref().map_or(0.0, |l| l.scale);
+        // The adapter of slot s (lora::modules order: c_attn, attn.c_proj, c_fc, mlp.c_proj).
+        let ad = |s: usize| self.lora.as_ref().and_then(|l| l.get(i, s));
+        let lin = |x: &Tensor, w: &Var, bias: &Var, s: usize| -> Result<Tensor> {
+            let y = linear(x, &p(w, live), Some(&p(bias, live)))?;
+            lora::add_update(y, x, ad(s), scale, lora_live)
+        };
         let h = layer_norm(x, &p(&blk.ln_1_w, live), &p(&blk.ln_1_b, live), eps)?;
-        let qkv = linear(&h, &p(&blk.c_attn_w, live), Some(&p(&blk.c_attn_b, live)))?; // (B,T,3C)
-                                                                                       // One copy to (3, B, H, T, D); q, k and v are then contiguous slices of it.
+        let qkv = lin(&h, &blk.c_attn_w, &blk.c_attn_b, 0)?; // (B,T,3C)
+                                                             // One copy to (3, B, H, T, D); q, k and v are then contiguous slices of it.
         let qkv = qkv
             .reshape((b, t, 3, nh, hd))?
             .permute((2, 0, 3, 1, 4))?
@@ -336,23 +356,11 @@ impl Gpt2 {
         let v = qkv.get(2)?;
         let y = causal_attention(&q, &k, &v)?; // (B,H,T,D)
         let y = y.transpose(1, 2)?.reshape((b, t, c))?;
-        let y = linear(
-            &y,
-            &p(&blk.attn_proj_w, live),
-            Some(&p(&blk.attn_proj_b, live)),
-        )?;
+        let y = lin(&y, &blk.attn_proj_w, &blk.attn_proj_b, 1)?;
         let x = (x + y)?;
         let h = layer_norm(&x, &p(&blk.ln_2_w, live), &p(&blk.ln_2_b, live), eps)?;
-        let h = gelu_new(&linear(
-            &h,
-            &p(&blk.c_fc_w, live),
-            Some(&p(&blk.c_fc_b, live)),
-        )?)?;
-        let h = linear(
-            &h,
-            &p(&blk.mlp_proj_w, live),
-            Some(&p(&blk.mlp_proj_b, live)),
-        )?;
+        let h = gelu_new(&lin(&h, &blk.c_fc_w, &blk.c_fc_b, 2)?)?;
+        let h = lin(&h, &blk.mlp_proj_w, &blk.mlp_proj_b, 3)?;
         Ok((x + h)?)
     }
 
@@ -394,7 +402,22 @@ impl CausalLm for Gpt2 {
     }
 
     fn params(&self) -> Vec<Param> {
-        params_of(&self.varmap, &self.cfg.param_layout())
+        with_adapters(
+            params_of(&self.varmap, &self.cfg.param_layout()),
+            self.lora.as_ref(),
+        )
+    }
+
+    fn lora(&self) -> Option<&Lora> {
+        self.lora.as_ref()
+    }
+
+    fn attach_lora(&mut self, spec: &LoraSpec, seed: u64) -> Result<()> {
+        if self.lora.is_some() {
+            return Err(Error::Config("the model already has LoRA adapters".into()));
+        }
+        self.lora = Some(Lora::new(&self.model_config(), spec, seed, &self.device)?);
+        Ok(())
     }
 
     fn forward_with(&self, ids: &Tensor, trainable: &Trainable) -> Result<Tensor> {

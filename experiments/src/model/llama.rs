@@ -22,9 +22,10 @@ use candle_core::{Device, Tensor, Var};
 use candle_nn::VarMap;
 use rand::{rngs::StdRng, SeedableRng};
 
+use super::lora::{self, Lora, LoraSpec};
 use super::{
-    check_ids, linear, normal_vec, p, params_of, vars_from_tensors, CausalLm, FamilyRef,
-    ModelConfig, Param, Part, Trainable,
+    check_ids, linear, normal_vec, p, params_of, vars_from_tensors, with_adapters, CausalLm,
+    FamilyRef, ModelConfig, Param, Part, Trainable,
 };
 use crate::ops::{causal_attention, repeat_kv, rms_norm, rope, swiglu, RopeTables};
 use crate::{Error, Result};
@@ -317,6 +318,8 @@ pub struct Llama {
     pub(crate) lm_head: Option<Var>,
     /// cos/sin of every position up to `max_position_embeddings`, built on first use.
     rope: std::sync::OnceLock<Arc<RopeTables>>,
+    /// LoRA adapters ([`CausalLm::attach_lora`]).
+    pub(crate) lora: Option<Lora>,
 }
 
 impl Llama {
@@ -375,6 +378,7 @@ impl Llama {
             norm,
             lm_head,
             rope: std::sync::OnceLock::new(),
+            lora: None,
         })
     }
 
@@ -420,7 +424,16 @@ impl Llama {
         }
     }
 
-    fn block(&self, x: &Tensor, blk: &LlamaBlockVars, live: bool) -> Result<Tensor> {
+    /// One block; `live`: its weights train, `i`: its index (for its LoRA adapters, which train
+    /// when `lora_live`).
+    fn block(
+        &self,
+        x: &Tensor,
+        blk: &LlamaBlockVars,
+        i: usize,
+        live: bool,
+        lora_live: bool,
+    ) -> Result<Tensor> {
         let cfg = &self.cfg;
         let (b, t, _) = x.dims3()?;
         let (nh, nkv, hd) = (
@@ -430,25 +443,32 @@ impl Llama {
         );
         let eps = cfg.rms_norm_eps;
         let tables = self.rope_tables(t);
+        let scale = self.lora.as_ref().map_or(0.0, |l| l.scale);
+        // Slot s in lora::modules order: q, k, v, o, gate, up, down.
+        let lin = |x: &Tensor, w: &Var, s: usize| -> Result<Tensor> {
+            let y = linear(x, &p(w, live), None)?;
+            let ad = self.lora.as_ref().and_then(|l| l.get(i, s));
+            lora::add_update(y, x, ad, scale, lora_live)
+        };
         let h = rms_norm(x, &p(&blk.input_norm, live), eps)?;
-        let heads = |w: &Var, n: usize| -> Result<Tensor> {
+        let heads = |w: &Var, n: usize, s: usize| -> Result<Tensor> {
             // (B, T, n·D) → (B, n, T, D)
-            Ok(linear(&h, &p(w, live), None)?
+            Ok(lin(&h, w, s)?
                 .reshape((b, t, n, hd))?
                 .transpose(1, 2)?
                 .contiguous()?)
         };
-        let q = rope(&heads(&blk.q, nh)?, &tables)?;
-        let k = rope(&heads(&blk.k, nkv)?, &tables)?;
-        let v = heads(&blk.v, nkv)?;
+        let q = rope(&heads(&blk.q, nh, 0)?, &tables)?;
+        let k = rope(&heads(&blk.k, nkv, 1)?, &tables)?;
+        let v = heads(&blk.v, nkv, 2)?;
         let n_rep = cfg.n_rep();
         let y = causal_attention(&q, &repeat_kv(&k, n_rep)?, &repeat_kv(&v, n_rep)?)?;
         let y = y.transpose(1, 2)?.reshape((b, t, nh * hd))?;
-        let x = (x + linear(&y, &p(&blk.o, live), None)?)?;
+        let x = (x + lin(&y, &blk.o, 3)?)?;
         let h = rms_norm(&x, &p(&blk.post_norm, live), eps)?;
-        let g = linear(&h, &p(&blk.gate, live), None)?;
-        let u = linear(&h, &p(&blk.up, live), None)?;
-        let m = linear(&swiglu(&g, &u)?, &p(&blk.down, live), None)?;
+        let g = lin(&h, &blk.gate, 4)?;
+        let u = lin(&h, &blk.up, 5)?;
+        let m = lin(&swiglu(&g, &u)?, &blk.down, 6)?;
         Ok((x + m)?)
     }
 }
@@ -467,7 +487,22 @@ impl CausalLm for Llama {
     }
 
     fn params(&self) -> Vec<Param> {
-        params_of(&self.varmap, &self.cfg.param_layout())
+        with_adapters(
+            params_of(&self.varmap, &self.cfg.param_layout()),
+            self.lora.as_ref(),
+        )
+    }
+
+    fn lora(&self) -> Option<&Lora> {
+        self.lora.as_ref()
+    }
+
+    fn attach_lora(&mut self, spec: &LoraSpec, seed: u64) -> Result<()> {
+        if self.lora.is_some() {
+            return Err(Error::Config("the model already has LoRA adapters".into()));
+        }
+        self.lora = Some(Lora::new(&self.model_config(), spec, seed, &self.device)?);
+        Ok(())
     }
 
     fn eos_token_ids(&self) -> Vec<u32> {
@@ -495,13 +530,13 @@ impl CausalLm for Llama {
             .index_select(&ids.flatten_all()?, 0)?
             .reshape((b, t, c))?;
         let mut below_trainable = emb;
-        for (blk, &live) in self.blocks.iter().zip(&trainable.blocks) {
+        for (i, (blk, &live)) in self.blocks.iter().zip(&trainable.blocks).enumerate() {
             if !below_trainable {
                 // Nothing below needs gradient: cut the graph so backward stops here.
                 x = x.detach();
             }
-            x = self.block(&x, blk, live)?;
-            below_trainable |= live;
+            x = self.block(&x, blk, i, live, trainable.adapter(i))?;
+            below_trainable |= trainable.block_live(i);
         }
         if !below_trainable {
             x = x.detach();

@@ -29,6 +29,7 @@
 pub mod gpt2;
 pub mod hf;
 pub mod llama;
+pub mod lora;
 
 use std::collections::HashMap;
 
@@ -79,6 +80,9 @@ pub enum Part {
     /// An embedding table that is also the LM head (tied). It trains when the embeddings or the
     /// head train; in PyTorch the head *is* this tensor.
     TiedEmbeddings,
+    /// A LoRA adapter of a linear layer of block `i` ([`lora`]): it trains on its own, with the
+    /// block's weights frozen.
+    Adapter(usize),
 }
 
 /// One parameter: its name (the family's Hugging Face name), its storage and its part.
@@ -105,14 +109,20 @@ pub struct Trainable {
     pub blocks: Vec<bool>,
     /// The final norm and the head.
     pub top: bool,
+    /// One flag per block: its LoRA adapters train (if the model has any there). Empty means
+    /// none do.
+    pub adapters: Vec<bool>,
 }
 
 impl Trainable {
+    /// Every weight of the model (LoRA adapters, which only the LoRA method trains, are read as
+    /// constants).
     pub fn all(n_layer: usize) -> Self {
         Trainable {
             embeddings: true,
             blocks: vec![true; n_layer],
             top: true,
+            adapters: Vec::new(),
         }
     }
 
@@ -121,7 +131,19 @@ impl Trainable {
             embeddings: false,
             blocks: vec![false; n_layer],
             top: false,
+            adapters: Vec::new(),
         }
+    }
+
+    /// Whether the adapters of block `i` train.
+    pub fn adapter(&self, i: usize) -> bool {
+        self.adapters.get(i).copied().unwrap_or(false)
+    }
+
+    /// Whether anything of block `i` trains: its weights or its adapters (a forward pass must then
+    /// keep the graph from block `i` up).
+    pub fn block_live(&self, i: usize) -> bool {
+        self.blocks.get(i).copied().unwrap_or(false) || self.adapter(i)
     }
 
     /// Whether a parameter of `part` receives a gradient under this mask.
@@ -131,6 +153,7 @@ impl Trainable {
             Part::Block(i) => self.blocks.get(i).copied().unwrap_or(false),
             Part::Head => self.top,
             Part::TiedEmbeddings => self.embeddings || self.top,
+            Part::Adapter(i) => self.adapter(i),
         }
     }
 }
@@ -227,8 +250,15 @@ pub trait CausalLm: Send + Sync {
 
     fn device(&self) -> &Device;
 
-    /// Every parameter with its name and part, sorted by name; the tied head counted once.
+    /// Every parameter with its name and part, sorted by name; the tied head counted once. LoRA
+    /// adapters, when attached, are included ([`Part::Adapter`]).
     fn params(&self) -> Vec<Param>;
+
+    /// The LoRA adapters, when [`Self::attach_lora`] added some.
+    fn lora(&self) -> Option<&lora::Lora>;
+
+    /// Adds fresh LoRA adapters (see [`lora`]); an error if the model already has some.
+    fn attach_lora(&mut self, spec: &lora::LoraSpec, seed: u64) -> Result<()>;
 
     /// ids (B, T) u32 → logits (B, T, V) f32, with gradients only for the parts `trainable`
     /// marks (see [`Trainable`]). `Trainable::none` gives a graph-free forward for evaluation.
@@ -313,6 +343,7 @@ pub(crate) fn truncated_parts(
         .params()
         .into_iter()
         .filter(|p| !matches!(p.part, Part::Block(i) if i >= n_blocks))
+        .filter(|p| !matches!(p.part, Part::Adapter(_)))
         .map(|p| (p.name, p.var.as_detached_tensor()))
         .collect();
     Ok((cfg, tensors))
@@ -409,6 +440,15 @@ pub(crate) fn params_of(varmap: &VarMap, layout: &[(String, Vec<usize>, Part)]) 
         .collect();
     v.sort_by(|a, b| a.name.cmp(&b.name));
     v
+}
+
+/// `params` plus the adapters' (when there are any), sorted by name.
+pub(crate) fn with_adapters(mut params: Vec<Param>, lora: Option<&lora::Lora>) -> Vec<Param> {
+    if let Some(l) = lora {
+        params.extend(l.params());
+        params.sort_by(|a, b| a.name.cmp(&b.name));
+    }
+    params
 }
 
 /// Checks ids for a forward pass: (B, T) u32 with 1 ≤ T ≤ `max_positions`.

@@ -11,7 +11,7 @@ use super::raw::*;
 use super::resolve::{parse_package, resolve_data, resolve_train};
 use super::Sweep;
 use crate::error::Result;
-use crate::trial::{Base, DataSpec, Method, ModelShape, TrainSpec, TrialConfig};
+use crate::trial::{Base, DataSpec, LoraTarget, Method, ModelShape, TrainSpec, TrialConfig};
 
 pub(super) fn expand(ctx: &Ctx, raw: RawSweep) -> Result<Sweep> {
     let name = raw.name.get_ref().trim().to_string();
@@ -358,6 +358,105 @@ pub(super) fn expand(ctx: &Ctx, raw: RawSweep) -> Result<Sweep> {
                     format!("inheritune-{blocks}{}", suffix(None, seed)),
                     Method::Inheritune { blocks },
                     &itrain,
+                    None,
+                    seed,
+                ));
+            }
+        }
+    }
+    if let Some(l) = &m.lora {
+        let l = l.get_ref();
+        let mut ranks = Vec::new();
+        for r in l.ranks.get_ref() {
+            if *r.get_ref() == 0 {
+                return Err(ctx.err(r.span(), "lora ranks must be at least 1"));
+            }
+            if !ranks.contains(r.get_ref()) {
+                ranks.push(*r.get_ref());
+            }
+        }
+        if ranks.is_empty() {
+            return Err(ctx.err(l.ranks.span(), "lora `ranks` must not be empty"));
+        }
+        // PEFT's default lora_alpha.
+        let alpha = match &l.alpha {
+            Some(a) if !(a.get_ref().is_finite() && *a.get_ref() > 0.0) => {
+                return Err(ctx.err(a.span(), "lora `alpha` must be a positive number"))
+            }
+            Some(a) => *a.get_ref(),
+            None => 8.0,
+        };
+        if let Some(d) = &l.dropout {
+            if *d.get_ref() != 0.0 {
+                return Err(ctx.err(
+                    d.span(),
+                    "lora `dropout` must be 0.0: ablate trains without dropout, so that a trial \
+                     is deterministic for its seed",
+                ));
+            }
+        }
+        let targets = match &l.targets {
+            None => vec![LoraTarget::Attn, LoraTarget::Mlp],
+            Some(ts) => {
+                let mut v = Vec::new();
+                for t in ts.get_ref() {
+                    let target = match t.get_ref().as_str() {
+                        "attn" => LoraTarget::Attn,
+                        "mlp" => LoraTarget::Mlp,
+                        other => {
+                            return Err(ctx.err(
+                                t.span(),
+                                format!("lora targets are \"attn\" or \"mlp\", not `{other}`"),
+                            ))
+                        }
+                    };
+                    if !v.contains(&target) {
+                        v.push(target);
+                    }
+                }
+                if v.is_empty() {
+                    return Err(ctx.err(ts.span(), "lora `targets` must not be empty"));
+                }
+                v.sort();
+                v
+            }
+        };
+        let top = match &l.groups {
+            Some(k) if *k.get_ref() == 0 || *k.get_ref() >= groups => {
+                return Err(ctx.err(
+                    k.span(),
+                    format!(
+                        "lora groups = {} is outside 1..={} (the sweep's block groups)",
+                        k.get_ref(),
+                        groups - 1
+                    ),
+                ))
+            }
+            k => k.as_ref().map(|k| *k.get_ref()),
+        };
+        let mut ltrain = train.clone();
+        if let Some(lr) = &l.lr {
+            if !(lr.get_ref().is_finite() && *lr.get_ref() > 0.0) {
+                return Err(ctx.err(lr.span(), "lora `lr` must be a positive number"));
+            }
+            ltrain.lr = *lr.get_ref();
+        }
+        any = true;
+        for rank in ranks {
+            let label = match top {
+                Some(k) => format!("lora-{rank}-top{k}"),
+                None => format!("lora-{rank}"),
+            };
+            for &seed in &seeds {
+                trials.push(mk(
+                    format!("{label}{}", suffix(None, seed)),
+                    Method::Lora {
+                        rank,
+                        alpha,
+                        targets: targets.clone(),
+                        groups: top,
+                    },
+                    &ltrain,
                     None,
                     seed,
                 ));

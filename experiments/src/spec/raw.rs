@@ -130,6 +130,28 @@ pub(super) struct RawMethods {
     /// Discriminative learning-rate factors; 1.0 means one learning rate for every group.
     #[serde(default)]
     pub(super) lr_factors: Option<Spanned<Vec<Spanned<f64>>>>,
+    /// `lora = { ranks = [4, 16], alpha = 16, dropout = 0.0, targets = ["attn", "mlp"],
+    /// groups = 2, lr = 1e-3 }`: one trial per rank.
+    #[serde(default)]
+    pub(super) lora: Option<Spanned<RawLora>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawLora {
+    pub(super) ranks: Spanned<Vec<Spanned<usize>>>,
+    #[serde(default)]
+    pub(super) alpha: Option<Spanned<f64>>,
+    #[serde(default)]
+    pub(super) dropout: Option<Spanned<f64>>,
+    #[serde(default)]
+    pub(super) targets: Option<Spanned<Vec<Spanned<String>>>>,
+    /// Adapters only in the top k block groups (all blocks when absent).
+    #[serde(default)]
+    pub(super) groups: Option<Spanned<usize>>,
+    /// The learning rate of the LoRA trials (the sweep's `train.lr` when absent).
+    #[serde(default)]
+    pub(super) lr: Option<Spanned<f64>>,
 }
 
 #[derive(Deserialize)]

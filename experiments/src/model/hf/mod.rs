@@ -422,10 +422,56 @@ pub(crate) fn token_content(tok: &Value, id: u64) -> Option<String> {
 /// Writes a Hugging Face directory for `model` (see the module doc): config.json and
 /// model.safetensors, plus tokenizer.json (copied) and tokenizer_config.json when a tokenizer is
 /// given.
+///
+/// A model with LoRA adapters is saved merged (`W + s·B·A`, a plain directory of its family) with
+/// the adapters in PEFT's format under `adapter/` (see [`super::lora`]).
 pub fn save_hf_dir(model: &dyn CausalLm, dir: &Path, tokenizer_json: Option<&Path>) -> Result<()> {
     fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    if let Some(lora) = model.lora() {
+        let merged = merged(model, lora)?;
+        save_hf_dir(&*merged, dir, tokenizer_json)?;
+        return save_adapter(lora, &dir.join(ADAPTER_DIR));
+    }
     match model.family_ref() {
         FamilyRef::Gpt2(m) => gpt2::save(m, dir, tokenizer_json),
         FamilyRef::Llama(m) => llama::save(m, dir, tokenizer_json),
     }
+}
+
+/// Where a LoRA model's directory keeps its adapter, in PEFT's layout.
+pub const ADAPTER_DIR: &str = "adapter";
+
+/// A copy of `model` without adapters, each adapted weight replaced by `W + s·B·A` (on the CPU).
+pub fn merged(model: &dyn CausalLm, lora: &super::lora::Lora) -> Result<Box<dyn CausalLm>> {
+    let mut tensors: HashMap<String, Tensor> = model
+        .params()
+        .into_iter()
+        .filter(|p| !matches!(p.part, super::Part::Adapter(_)))
+        .map(|p| {
+            let t = p.var.as_detached_tensor().to_device(&Device::Cpu)?;
+            Ok((p.name, t))
+        })
+        .collect::<Result<_>>()?;
+    for (module, _, _, ad) in lora.adapters() {
+        let name = format!("{module}.weight");
+        let w = tensors.get(&name).ok_or_else(|| {
+            Error::Other(format!("LoRA adapter {module}: the model has no {name}"))
+        })?;
+        let w = (w + lora.delta(ad)?)?;
+        tensors.insert(name, w);
+    }
+    build(&model.model_config(), tensors, &Device::Cpu)
+}
+
+/// Writes `adapter_config.json` and `adapter_model.safetensors` into `dir` (PEFT's format).
+pub fn save_adapter(lora: &super::lora::Lora, dir: &Path) -> Result<()> {
+    fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    let tensors: BTreeMap<String, Tensor> = lora.peft_tensors()?.into_iter().collect();
+    let path = dir.join("adapter_model.safetensors");
+    let tmp = path.with_extension("tmp");
+    let metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
+    safetensors::serialize_to_file(tensors.iter(), Some(metadata), &tmp)
+        .map_err(|e| Error::Other(format!("{}: cannot write safetensors: {e}", tmp.display())))?;
+    fs::rename(&tmp, &path).map_err(|e| Error::io(&path, e))?;
+    write_json(&dir.join("adapter_config.json"), &lora.peft_config(None))
 }
