@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """Load a LoRA trial's adapter with PEFT onto its base model and print logits and perplexity.
 
-Usage: peft_check.py BASE_DIR MODEL_DIR < ids.json     where ids.json is {"ids": [[...], ...]}
-(equal lengths) and MODEL_DIR is what ablate saved for a LoRA trial: the merged model, with the
+Usage: peft_check.py BASE_DIR MODEL_DIR [IDS_JSON] < ids.json     where ids.json (or the file
+IDS_JSON) is {"ids": [[...], ...]} (equal lengths) and MODEL_DIR is what ablate saved for a LoRA trial: the merged model, with the
 adapter in MODEL_DIR/adapter (adapter_config.json, adapter_model.safetensors).
 
 Prints one JSON object: {"peft": version, "adapter_logits": [B][T][V] (PeftModel.from_pretrained
@@ -33,16 +33,19 @@ def ppl(logits, ids):
 
 
 def main():
-    if len(sys.argv) != 3:
+    if len(sys.argv) not in (3, 4):
         print(__doc__, file=sys.stderr)
         return 2
     base_dir, model_dir = sys.argv[1], sys.argv[2]
-    ids = torch.tensor(json.load(sys.stdin)["ids"], dtype=torch.long)
+    if len(sys.argv) == 4:
+        with open(sys.argv[3]) as f:
+            req = json.load(f)
+    else:
+        req = json.load(sys.stdin)
+    ids = torch.tensor(req["ids"], dtype=torch.long)
     load = dict(attn_implementation="eager", torch_dtype=torch.float32)
     base = AutoModelForCausalLM.from_pretrained(base_dir, **load)
     adapter_dir = os.path.join(model_dir, "adapter")
-    with open(os.path.join(adapter_dir, "adapter_model.safetensors"), "rb"):
-        pass
     model = PeftModel.from_pretrained(base, adapter_dir)
     model.eval()
     # Every stored tensor must have landed on a LoRA layer of the model.

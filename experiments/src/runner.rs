@@ -307,7 +307,14 @@ fn run_trial_inner(
         train_tokens: report.as_ref().map_or(0, |r| r.train_tokens),
         steps: report.as_ref().map_or(0, |r| r.steps),
         trainable_params,
-        total_params: model.num_params() as u64,
+        // The saved model's size: a LoRA trial's adapters are merged into it, so they are not
+        // counted twice (its `trainable_params` are the adapters).
+        total_params: model
+            .params()
+            .iter()
+            .filter(|p| !matches!(p.part, model::Part::Adapter(_)))
+            .map(|p| p.var.elem_count() as u64)
+            .sum(),
         final_train_loss: report.as_ref().and_then(|r| r.final_loss()),
         // Includes training done by earlier (stopped or preempted) attempts.
         wall_seconds: started.elapsed().as_secs_f64()

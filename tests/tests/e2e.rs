@@ -27,14 +27,14 @@ fn row<'a>(rows: &'a [Value], name: &str) -> &'a Value {
         .unwrap_or_else(|| panic!("no row named {name} in {rows:#?}"))
 }
 
-/// The claims the issue makes about a finished sweep's table.
-fn check_summary(dir: &Path) {
+/// The claims the issue makes about a finished sweep's table of `trials` trials.
+fn check_summary(dir: &Path, trials: usize) {
     let rows = read_summary(dir);
-    assert_eq!(rows.len(), TINY_TRIALS, "one row per trial: {rows:#?}");
+    assert_eq!(rows.len(), trials, "one row per trial: {rows:#?}");
     let mut ids: Vec<&str> = rows.iter().map(|r| r["trial"].as_str().unwrap()).collect();
     ids.sort();
     ids.dedup();
-    assert_eq!(ids.len(), TINY_TRIALS, "trial ids are distinct");
+    assert_eq!(ids.len(), trials, "trial ids are distinct");
     for r in &rows {
         assert_eq!(r["status"], "finished", "every trial finished: {r:#}");
         let ppl = r["perplexity"].as_f64().expect("perplexity is a number");
@@ -80,7 +80,7 @@ fn check_summary(dir: &Path) {
     }
     assert_eq!(
         csv.lines().count(),
-        TINY_TRIALS + 1,
+        trials + 1,
         "CSV: a header and one line per trial"
     );
     // What each trial cost: every attempt's device time, throughput, peak memory (CPU workers).
@@ -257,7 +257,7 @@ fn coordinator_and_two_workers_run_a_sweep_over_loopback() {
         120,
     );
     assert!(ok, "report:\n{out}");
-    check_summary(&report_dir);
+    check_summary(&report_dir, TINY_TRIALS);
     let rows = read_summary(&report_dir);
     let mut used: Vec<&str> = rows.iter().filter_map(|r| r["worker"].as_str()).collect();
     used.sort();
@@ -351,6 +351,14 @@ fn coordinator_and_two_workers_run_a_sweep_over_loopback() {
     assert!(left.is_empty(), "stray processes: {left:#?}");
 }
 
+/// The LoRA arm `ablate_run_is_one_command` adds to the tiny sweep: rank 4 on every linear layer
+/// of both blocks, at a LoRA-sized learning rate.
+const LORA_ARM: &str = "lora = { ranks = [4], alpha = 8, lr = 1e-2 }";
+
+/// Adapter parameters of LORA_ARM on the tiny sweep's 2 blocks × 32 wide GPT-2: per block
+/// 4·(32+96) + 4·(32+32) + 4·(32+128) + 4·(128+32).
+const LORA_PARAMS: u64 = 2 * (512 + 256 + 640 + 640);
+
 #[test]
 fn ablate_run_is_one_command() {
     let tmp = tempfile::tempdir().unwrap();
@@ -358,7 +366,15 @@ fn ablate_run_is_one_command() {
     let marker = root.to_string_lossy().into_owned();
     let sweep = root.join("tiny.toml");
     // A sweep-wide price (no worker sets one): the cost table prices every device-hour with it.
-    let text = format!("price_per_hour = 0.5\n{}", tiny_sweep("e2e-run"));
+    // The tiny sweep's arms plus a LoRA arm.
+    let text = format!(
+        "price_per_hour = 0.5\n{}",
+        tiny_sweep("e2e-run").replace(
+            "inheritune = [1]\n",
+            &format!("inheritune = [1]\n{LORA_ARM}\n")
+        )
+    );
+    assert!(text.contains(LORA_ARM));
     std::fs::write(&sweep, text).unwrap();
     let out = root.join("out");
     let (ok, text, _) = run_cmd(
@@ -374,9 +390,29 @@ fn ablate_run_is_one_command() {
         Duration::from_secs(900),
     );
     assert!(ok, "ablate run:\n{text}");
-    check_summary(&out);
+    check_summary(&out, TINY_TRIALS + 1);
     check_cost(&out, |_| 0.5);
-    // Offline export of one trial from the run's folder, loaded by transformers.
+    let rows = read_summary(&out);
+    let lora = row(&rows, "lora-4");
+    assert_eq!(
+        lora["trainable_params"].as_u64(),
+        Some(LORA_PARAMS),
+        "{lora:#}"
+    );
+    assert_eq!(
+        lora["total_params"],
+        row(&rows, "freeze-all")["total_params"],
+        "a LoRA trial's saved model is the merged base: {lora:#}"
+    );
+    let (lora_ppl, base_ppl) = (
+        lora["perplexity"].as_f64().unwrap(),
+        row(&rows, "baseline")["perplexity"].as_f64().unwrap(),
+    );
+    assert!(
+        lora_ppl < base_ppl,
+        "LoRA on Milton ({lora_ppl}) beats the untrained base ({base_ppl})"
+    );
+    // Offline export from the run's folder: a full fine-tune, the LoRA trial and its base.
     let export = root.join("export");
     let (ok, text2, err) = run_cmd(
         Command::new(bin("ablate"))
@@ -384,16 +420,29 @@ fn ablate_run_is_one_command() {
             .arg(&out)
             .arg("--out")
             .arg(&export)
-            .args(["--trial", "freeze-1"]),
+            .args([
+                "--trial", "freeze-1", "--trial", "lora-4", "--trial", "pretrain",
+            ]),
         Duration::from_secs(120),
     );
     assert!(ok, "export --from:\n{text2}\n{err}");
-    let names: Vec<String> = std::fs::read_dir(&export)
+    let mut names: Vec<String> = std::fs::read_dir(&export)
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
         .collect();
-    assert_eq!(names, ["freeze-1"], "only the trial asked for");
+    names.sort();
+    assert_eq!(
+        names,
+        ["freeze-1", "lora-4", "pretrain"],
+        "only the trials asked for"
+    );
     check_exported(&export.join("freeze-1"));
+    // The LoRA trial: a merged Hugging Face directory transformers loads, and a PEFT adapter that
+    // PEFT puts on the exported base with the merged model's perplexity.
+    check_exported(&export.join("lora-4"));
+    check_peft(&export.join("pretrain"), &export.join("lora-4"));
+    // TensorBoard's own reader sees the LoRA trial's curves and hyperparameters.
+    check_tensorboard(&out.join("tensorboard").join("lora-4"));
     // The table is printed on stdout as well.
     for name in [
         "baseline",
@@ -401,6 +450,7 @@ fn ablate_run_is_one_command() {
         "freeze-all",
         "gradual",
         "inheritune-1",
+        "lora-4",
     ] {
         assert!(
             text.contains(name),
@@ -412,4 +462,82 @@ fn ablate_run_is_one_command() {
         left.is_empty(),
         "ablate run left processes behind: {left:#?}"
     );
+}
+
+/// scripts/peft_check.py on an exported LoRA trial and its exported base: PEFT places every
+/// adapter tensor, and the adapter on the base gives the merged model's logits and perplexity.
+fn check_peft(base: &Path, trial: &Path) {
+    assert!(trial.join("adapter/adapter_config.json").is_file());
+    assert!(trial.join("adapter/adapter_model.safetensors").is_file());
+    let ids: Vec<Vec<u32>> = (0..2)
+        .map(|r| {
+            (0..48)
+                .map(|i| ((i * 37 + r * 101 + 5) % 300) as u32)
+                .collect()
+        })
+        .collect();
+    let req = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(req.path(), serde_json::json!({ "ids": ids }).to_string()).unwrap();
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/peft_check.py");
+    let (ok, out, err) = run_cmd(
+        Command::new(e2e::reference_python(&["peft", "transformers", "torch"]))
+            .arg(&script)
+            .arg(base)
+            .arg(trial)
+            .arg(req.path()),
+        Duration::from_secs(300),
+    );
+    assert!(ok, "peft_check.py:\n{out}\n{err}");
+    let line = out.trim().lines().last().unwrap_or("");
+    let v: Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {out}"));
+    let (a, m) = (
+        v["adapter_ppl"].as_f64().unwrap(),
+        v["merged_ppl"].as_f64().unwrap(),
+    );
+    assert!(
+        (a - m).abs() <= 1e-5 * m,
+        "PEFT adapter perplexity {a} vs merged {m}"
+    );
+    assert_eq!(
+        v["lora_modules"].as_u64(),
+        Some(8),
+        "4 layers × 2 blocks: {v}"
+    );
+    assert_eq!(v["trainable"].as_u64(), Some(LORA_PARAMS));
+}
+
+/// scripts/tensorboard_check.py on one trial's event folder: a train/loss point per step and the
+/// LoRA settings among the hyperparameters.
+fn check_tensorboard(dir: &Path) {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/tensorboard_check.py");
+    let (ok, out, err) = run_cmd(
+        Command::new(e2e::reference_python(&["tensorboard"]))
+            .arg(&script)
+            .arg(dir),
+        Duration::from_secs(120),
+    );
+    assert!(ok, "tensorboard_check.py:\n{out}\n{err}");
+    let line = out.trim().lines().last().unwrap_or("");
+    let v: Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {out}"));
+    let run = v
+        .as_object()
+        .and_then(|m| m.values().next())
+        .unwrap_or_else(|| panic!("one folder read: {v}"));
+    let loss = run["scalars"]["train/loss"].as_array().expect("train/loss");
+    assert_eq!(loss.len(), 30, "one train/loss point per step: {run}");
+    for tag in [
+        "valid/loss",
+        "valid/perplexity",
+        "train/lr",
+        "train/tokens_per_s",
+    ] {
+        assert!(
+            run["scalars"][tag]
+                .as_array()
+                .is_some_and(|s| !s.is_empty()),
+            "{tag}: {run}"
+        );
+    }
+    assert_eq!(run["hparams"]["method.kind"], "lora", "{run}");
+    assert_eq!(run["hparams"]["method.rank"].as_f64(), Some(4.0), "{run}");
 }

@@ -352,3 +352,89 @@ fn price_per_hour_is_read_checked_and_not_part_of_any_id() {
     assert!(e.starts_with("/tmp/sweep.toml:4:18:"), "{e}");
     assert!(e.contains("price_per_hour"), "{e}");
 }
+
+#[test]
+fn lora_adds_one_trial_per_rank_with_its_settings() {
+    use crate::trial::LoraTarget;
+    let text = GOOD.replace(
+        "lr_factors = [1.0, 2.6]",
+        "lora = { ranks = [4, 16, 4], alpha = 16, dropout = 0.0, targets = [\"mlp\", \"attn\"], lr = 1e-3 }\n\
+         seeds = [0, 1]",
+    );
+    let s = parse(&text).unwrap();
+    let lora: Vec<_> = s
+        .trials
+        .iter()
+        .filter(|t| matches!(t.method, Method::Lora { .. }))
+        .collect();
+    let names: Vec<_> = lora.iter().map(|t| t.name.as_str()).collect();
+    assert_eq!(
+        names,
+        [
+            "lora-4 seed=0",
+            "lora-4 seed=1",
+            "lora-16 seed=0",
+            "lora-16 seed=1"
+        ]
+    );
+    assert_eq!(
+        lora[2].method,
+        Method::Lora {
+            rank: 16,
+            alpha: 16.0,
+            targets: vec![LoraTarget::Attn, LoraTarget::Mlp],
+            groups: None
+        }
+    );
+    assert_eq!(lora[0].train.lr, 1e-3);
+    assert!(lora.iter().all(|t| t.depends_on().is_some()));
+    // The other arms keep the sweep's learning rate.
+    let freeze = s
+        .trials
+        .iter()
+        .find(|t| t.name == "freeze-1 seed=0")
+        .unwrap();
+    assert_ne!(freeze.train.lr, 1e-3);
+
+    // Defaults: PEFT's alpha 8, every linear layer; groups = k names the arm.
+    let s = parse(&GOOD.replace(
+        "lr_factors = [1.0, 2.6]",
+        "lora = { ranks = [8], groups = 1 }",
+    ))
+    .unwrap();
+    let t = s.trials.last().unwrap();
+    assert_eq!(t.name, "lora-8-top1");
+    assert_eq!(
+        t.method,
+        Method::Lora {
+            rank: 8,
+            alpha: 8.0,
+            targets: vec![LoraTarget::Attn, LoraTarget::Mlp],
+            groups: Some(1)
+        }
+    );
+}
+
+#[test]
+fn lora_errors_point_at_the_value() {
+    let with = |l: &str| {
+        parse(&GOOD.replace("lr_factors = [1.0, 2.6]", &format!("lora = {{ {l} }}")))
+            .unwrap_err()
+            .to_string()
+    };
+    let e = with("ranks = [4, 0]");
+    assert!(
+        e.starts_with("/tmp/sweep.toml:21:22:") && e.contains("at least 1"),
+        "{e}"
+    );
+    let e = with("ranks = [4], dropout = 0.1");
+    assert!(e.contains("dropout") && e.contains("0.0"), "{e}");
+    let e = with("ranks = [4], targets = [\"attn\", \"ffn\"]");
+    assert!(e.contains("not `ffn`"), "{e}");
+    let e = with("ranks = [4], groups = 3");
+    assert!(e.contains("lora groups = 3") && e.contains("1..=2"), "{e}");
+    let e = with("ranks = [4], alpha = -1");
+    assert!(e.contains("alpha"), "{e}");
+    let e = with("ranks = [4], rank = 2");
+    assert!(e.contains("rank"), "{e}");
+}
