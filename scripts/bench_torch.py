@@ -10,7 +10,9 @@ decay 0.01 on matrices). `--freeze-top K` trains only the top K of `--groups` la
 ablate's split (embeddings = group 0; blocks in groups-1 contiguous groups, the top ones taking
 the remainder; the final norm and the tied head in the top group). As in ablate, a frozen
 embedding lookup reads a detached table, so backward stops at the lowest trainable block and the
-table learns only through the tied head.
+table learns only through the tied head. `--lora-rank R` (with `--lora-groups K`) trains PEFT LoRA
+adapters (alpha 16, no dropout) on every linear layer of the blocks (of the top K block groups)
+with the base frozen, as ablate's `lora` method does.
 
 Prints one JSON object with the keys `ablate-worker bench --json` prints. Run it in the venv of
 scripts/pyenv.sh; scripts/bench.sh runs it interleaved with ablate.
@@ -68,6 +70,8 @@ def main():
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--freeze-top", type=int)
     ap.add_argument("--groups", type=int, default=4)
+    ap.add_argument("--lora-rank", type=int)
+    ap.add_argument("--lora-groups", type=int)
     ap.add_argument("--threads", type=int)
     ap.add_argument("--attn", default="sdpa", choices=["sdpa", "eager"],
                     help="transformers attention implementation (sdpa is its default)")
@@ -129,6 +133,23 @@ def main():
             embed.weight.requires_grad_(True)
             if pos is not None:
                 pos.weight.requires_grad_(True)
+    if args.lora_rank:
+        from peft import LoraConfig, get_peft_model
+
+        g = args.groups
+        k = args.lora_groups or g - 1
+        layers = [b for gi, blocks in enumerate(block_groups(nl, g)) if gi + 1 + k >= g
+                  for b in blocks]
+        if args.preset in LLAMA_PRESETS:
+            targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+        else:
+            targets = ["c_attn", "c_proj", "c_fc"]
+        lcfg = LoraConfig(r=args.lora_rank, lora_alpha=16, lora_dropout=0.0, target_modules=targets,
+                          fan_in_fan_out=args.preset not in LLAMA_PRESETS,
+                          layers_to_transform=layers if len(layers) < nl else None)
+        model = get_peft_model(model, lcfg)
+        model.train()
+        emb_on = True  # the base's embeddings are frozen by PEFT; the lookup is no leaf to cut
     params = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
@@ -175,6 +196,7 @@ def main():
         "batch": batch,
         "context": context,
         "freeze_top": args.freeze_top,
+        "lora_rank": args.lora_rank,
         "groups": args.groups,
         "threads": torch.get_num_threads(),
         "steps": args.steps,

@@ -506,6 +506,22 @@ fn terminate(child: &Child) {
     let _ = child;
 }
 
+/// The environment a worker process gets beyond ours: its thread count, and for a GPU worker the
+/// one GPU it may see. `CUDA_VISIBLE_DEVICES` indices are nvidia-smi's only under
+/// `CUDA_DEVICE_ORDER=PCI_BUS_ID` (CUDA's default order is fastest first), so both are set, as
+/// `ablate-worker --all-gpus` does.
+fn worker_env(spec: &WorkerSpec) -> Vec<(&'static str, String)> {
+    let mut env = Vec::new();
+    if let Some(t) = spec.threads {
+        env.push(("RAYON_NUM_THREADS", t.to_string()));
+    }
+    if let Some(v) = &spec.cuda_visible {
+        env.push(("CUDA_DEVICE_ORDER", "PCI_BUS_ID".to_string()));
+        env.push(("CUDA_VISIBLE_DEVICES", v.clone()));
+    }
+    env
+}
+
 fn spawn_worker(spec: &WorkerSpec, env: &WorkerEnv) -> anyhow::Result<Child> {
     std::fs::create_dir_all(&spec.work_dir)
         .with_context(|| format!("creating worker directory {}", spec.work_dir.display()))?;
@@ -535,12 +551,7 @@ fn spawn_worker(spec: &WorkerSpec, env: &WorkerEnv) -> anyhow::Result<Child> {
     if let Some(c) = &env.cache {
         cmd.arg("--cache").arg(c);
     }
-    if let Some(t) = spec.threads {
-        cmd.env("RAYON_NUM_THREADS", t.to_string());
-    }
-    if let Some(v) = &spec.cuda_visible {
-        cmd.env("CUDA_VISIBLE_DEVICES", v);
-    }
+    cmd.envs(worker_env(spec));
     // Own process group: a Ctrl-C in the terminal reaches `ablate run` only, which then stops the
     // workers in order (SIGTERM → checkpoint → exit) instead of racing them.
     #[cfg(unix)]
@@ -597,6 +608,23 @@ pub fn write_secret(path: &Path, secret: &str) -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn gpu_workers_see_their_gpu_in_nvidia_smi_order() {
+        let spec = |cuda_visible: Option<&str>| WorkerSpec {
+            index: 0,
+            name: "w".into(),
+            device: "cuda:0".into(),
+            cuda_visible: cuda_visible.map(str::to_string),
+            threads: None,
+            work_dir: "/nonexistent".into(),
+            log: "/nonexistent/log".into(),
+        };
+        let env = worker_env(&spec(Some("2")));
+        assert!(env.contains(&("CUDA_DEVICE_ORDER", "PCI_BUS_ID".to_string())));
+        assert!(env.contains(&("CUDA_VISIBLE_DEVICES", "2".to_string())));
+        assert!(worker_env(&spec(None)).is_empty());
+    }
 
     #[test]
     fn cpu_workers_share_the_cores() {

@@ -402,4 +402,42 @@ mod tests {
             "{e}"
         );
     }
+
+    #[test]
+    fn lora_adapts_the_top_block_groups_and_freezes_the_base() {
+        use crate::trial::LoraTarget;
+        let lora = |groups| Method::Lora {
+            rank: 4,
+            alpha: 8.0,
+            targets: vec![LoraTarget::Attn],
+            groups,
+        };
+        let lg = LayerGroups::new(6, 4).unwrap();
+        // No groups: every block group, never the embeddings group.
+        let on = active_groups(&lora(None), 4, 0).unwrap();
+        assert_eq!(on, vec![false, true, true, true]);
+        let m = lg.mask_for(&lora(None), &on);
+        assert!(!m.embeddings && !m.top && m.blocks.iter().all(|b| !b));
+        assert_eq!(m.adapters, vec![true; 6]);
+        let on = active_groups(&lora(Some(1)), 4, 99).unwrap();
+        assert_eq!(
+            lg.adapter_mask(&on).adapters,
+            [false, false, false, false, true, true]
+        );
+        let spec = lora_spec(&lora(Some(2)), 4, 6).unwrap().unwrap();
+        assert_eq!(spec.blocks, vec![2, 3, 4, 5]);
+        // An adapter trains at its block's group rate.
+        let lrs = [0.1, 0.2, 0.3, 0.4];
+        assert_eq!(lg.param_lr(Part::Adapter(5), &on, &lrs), Some(0.4));
+        assert_eq!(lg.param_lr(Part::Adapter(0), &on, &lrs), None);
+        assert!(adapters_only(&lora(None)) && !adapters_only(&Method::Freeze { top: 1 }));
+        let e = validate(&lora(Some(4)), 4, 6).unwrap_err().to_string();
+        assert!(
+            e.contains("lora groups = 4") && e.contains("3 block groups"),
+            "{e}"
+        );
+        assert!(lora_spec(&Method::Freeze { top: 1 }, 4, 6)
+            .unwrap()
+            .is_none());
+    }
 }

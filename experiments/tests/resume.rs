@@ -5,7 +5,7 @@ use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use candle_core::Device;
-use experiments::model::{Gpt2, Gpt2Config};
+use experiments::model::{CausalLm, Gpt2, Gpt2Config};
 use experiments::train::{self, TrainJob, TrainReport};
 use experiments::trial::{Method, Progress, Schedule, TrainSpec};
 use experiments::Error;
@@ -64,7 +64,19 @@ fn spec() -> TrainSpec {
 const METHOD: Method = Method::Gradual { stage_steps: 4 };
 
 fn run(
-    model: &Gpt2,
+    model: &dyn CausalLm,
+    toks: &[u32],
+    out: &Path,
+    stop: &AtomicBool,
+    key: &str,
+    on_progress: &mut dyn FnMut(&Progress),
+) -> Result<TrainReport, Error> {
+    run_method(model, &METHOD, toks, out, stop, key, on_progress)
+}
+
+fn run_method(
+    model: &dyn CausalLm,
+    method: &Method,
     toks: &[u32],
     out: &Path,
     stop: &AtomicBool,
@@ -74,7 +86,7 @@ fn run(
     let spec = spec();
     let job = TrainJob {
         model,
-        method: &METHOD,
+        method,
         spec: &spec,
         groups: 3,
         context: 16,
@@ -90,7 +102,7 @@ fn run(
     train::train(&job, on_progress)
 }
 
-fn weights(model: &Gpt2) -> Vec<(String, Vec<u32>)> {
+fn weights(model: &dyn CausalLm) -> Vec<(String, Vec<u32>)> {
     model
         .named_vars()
         .into_iter()
@@ -211,4 +223,81 @@ fn a_corrupt_checkpoint_is_an_input_error_naming_the_file() {
     let go = AtomicBool::new(false);
     let err = run(&model, &toks, dir.path(), &go, "k", &mut |_| {}).unwrap_err();
     assert!(err.to_string().contains("model.safetensors"), "{err}");
+}
+
+/// A LoRA trial stopped mid-way resumes its adapters from the checkpoint: the same losses and
+/// bit-identical adapters and (frozen) base as an uninterrupted run.
+#[test]
+fn a_stopped_lora_run_resumes_its_adapters_bit_identically() {
+    use experiments::methods;
+    use experiments::trial::LoraTarget;
+    let method = Method::Lora {
+        rank: 4,
+        alpha: 8.0,
+        targets: vec![LoraTarget::Attn, LoraTarget::Mlp],
+        groups: Some(1),
+    };
+    let toks = tokens();
+    let dev = Device::Cpu;
+    let lora_model = |seed: u64| {
+        let mut m: Box<dyn CausalLm> = Box::new(Gpt2::new_random(&cfg(), 42, &dev).unwrap());
+        let spec = methods::lora_spec(&method, 3, cfg().n_layer)
+            .unwrap()
+            .unwrap();
+        m.attach_lora(&spec, seed).unwrap();
+        m
+    };
+    let never = AtomicBool::new(false);
+    let full_dir = tempfile::tempdir().unwrap();
+    let full_model = lora_model(1);
+    let before = weights(&*full_model);
+    let full = run_method(
+        &*full_model,
+        &method,
+        &toks,
+        full_dir.path(),
+        &never,
+        "l",
+        &mut |_| {},
+    )
+    .unwrap();
+    assert_eq!(full.steps, 12);
+    let after = weights(&*full_model);
+    for ((name, a), (_, b)) in before.iter().zip(&after) {
+        // Only the adapters move (B from zero), every base weight stays as it was.
+        assert_eq!(name.contains("lora_"), a != b, "{name}");
+    }
+
+    let dir = tempfile::tempdir().unwrap();
+    let stop = AtomicBool::new(false);
+    let first = run_method(
+        &*lora_model(1),
+        &method,
+        &toks,
+        dir.path(),
+        &stop,
+        "l",
+        &mut |p| {
+            if let Progress::Step { step: 6, .. } = p {
+                stop.store(true, Ordering::SeqCst);
+            }
+        },
+    )
+    .unwrap();
+    assert!(first.stopped && first.steps == 6);
+    // Other adapter start values: what resumes is the checkpoint's.
+    let model2 = lora_model(9);
+    let second = run_method(
+        &*model2,
+        &method,
+        &toks,
+        dir.path(),
+        &never,
+        "l",
+        &mut |_| {},
+    )
+    .unwrap();
+    assert_eq!(second.resumed_from, 6);
+    assert_eq!(second.losses, full.losses);
+    assert_eq!(weights(&*model2), after);
 }

@@ -99,4 +99,7 @@ const QUICKSTART_IDS: &[(&str, &str)] = &[
     ("gradual", "7cac3abcfc19cda7"),
     ("inheritune-2", "0800195f83ba1e49"),
     ("inheritune-3", "82fe9cb09be9f417"),
+    // Added with the LoRA arms (2026-12-02); the trials above kept their ids.
+    ("lora-4", "fca34148ef2e4974"),
+    ("lora-16", "4a5b42fa320ac57e"),
 ];

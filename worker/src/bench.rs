@@ -156,6 +156,8 @@ pub struct BenchResult {
     pub batch: usize,
     pub context: usize,
     pub freeze_top: Option<usize>,
+    /// `--lora-rank`, when LoRA adapters train instead of the weights.
+    pub lora_rank: Option<usize>,
     pub groups: usize,
     pub threads: usize,
     pub steps: usize,
@@ -344,6 +346,7 @@ pub fn bench(args: &BenchArgs) -> Result<BenchResult> {
         batch,
         context,
         freeze_top: args.freeze_top,
+        lora_rank: args.lora_rank,
         groups,
         threads: candle_core::utils::get_num_threads(),
         steps: args.steps,

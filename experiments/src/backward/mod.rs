@@ -183,8 +183,8 @@ pub(crate) fn inputs_needing_grad(tr: &Trainable) -> Vec<bool> {
     let nl = tr.blocks.len();
     let mut need_in = vec![false; nl + 1];
     let mut below = tr.embeddings;
-    for j in 0..nl {
-        need_in[j] = below;
+    for (j, need) in need_in.iter_mut().take(nl).enumerate() {
+        *need = below;
         below |= tr.block_live(j);
     }
     need_in[nl] = below;

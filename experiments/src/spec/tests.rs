@@ -202,7 +202,9 @@ fn shipped_sweeps_parse() {
             "freeze-all",
             "gradual",
             "inheritune-2",
-            "inheritune-3"
+            "inheritune-3",
+            "lora-4",
+            "lora-16"
         ]
     );
     let f = load_sweep(&dir.join("seed-freeze-ablation.toml")).unwrap();
