@@ -8,10 +8,11 @@
 //! fresh count): a GPU that keeps failing is given up with an error in the log, and when every
 //! GPU has been given up the supervisor exits non-zero, so systemd, Slurm or the container
 //! runtime sees the failure instead of a restart loop. On SIGTERM/SIGINT it forwards SIGTERM to
-//! every child (each checkpoints and reports its attempt as preempted) and exits when they all
-//! have. A repeat within [`crate::signals::REPEAT_WINDOW`] is the same request (Slurm signals
-//! every process of the job, the supervisor included) and is not forwarded again; a later one
-//! is forwarded as SIGINT, which makes the children exit at once.
+//! every child (each checkpoints and reports its attempt as preempted within the stop grace the
+//! children were given) and exits when they all have. A repeated SIGTERM is the same request
+//! (Slurm signals every process of the job, the supervisor included) and is not forwarded again;
+//! a later Ctrl-C is forwarded as SIGINT, which makes the children exit at once
+//! ([`crate::signals`]).
 
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -32,6 +33,8 @@ pub struct FleetOpts {
     pub name: String,
     /// Restarts in a row after which a GPU's worker is given up.
     pub max_restarts: u32,
+    /// Each child's `--stop-grace`.
+    pub stop_grace: Duration,
 }
 
 /// What the supervisor does when a child exits on its own.
@@ -73,6 +76,7 @@ pub fn child_command(opts: &FleetOpts, gpu: &str) -> (Vec<String>, Vec<(String, 
         "cuda:0".into(),
         "--name".into(),
         format!("{}-gpu{tag}", opts.name),
+        format!("--stop-grace={}s", opts.stop_grace.as_secs()),
     ];
     let mut path_arg = |flag: &str, p: &Option<PathBuf>| {
         if let Some(p) = p {
@@ -148,25 +152,23 @@ pub async fn run_fleet(opts: FleetOpts, gpus: Vec<String>) -> anyhow::Result<()>
     let mut given_up = 0usize;
     loop {
         let got = tokio::select! {
-            _ = term.recv() => true,
-            _ = int.recv() => true,
-            _ = tick.tick() => false,
+            _ = term.recv() => Some(crate::signals::Signal::Term),
+            _ = int.recv() => Some(crate::signals::Signal::Int),
+            _ = tick.tick() => None,
         };
-        if got {
+        if let Some(sig) = got {
             use crate::signals::StopAction;
-            match stops.received(Instant::now()) {
+            match stops.received(sig, Instant::now()) {
                 StopAction::Stop => {
                     tracing::info!("stop signal: asking every worker to checkpoint and stop");
                     stopping = true;
                     forward(&members, libc::SIGTERM);
                 }
                 StopAction::Repeat => {
-                    tracing::info!(
-                        "the same stop request again (within the repeat window): already stopping"
-                    );
+                    tracing::info!(signal = ?sig, "the same stop request again: already stopping");
                 }
                 StopAction::ExitNow => {
-                    tracing::warn!("another stop signal: telling every worker to exit now");
+                    tracing::warn!("another Ctrl-C: telling every worker to exit now");
                     forward(&members, libc::SIGINT);
                 }
             }
@@ -243,11 +245,13 @@ mod tests {
             work_dir: Some("/var/lib/ablate-worker".into()),
             name: "box1".into(),
             max_restarts: 5,
+            stop_grace: Duration::from_secs(60),
         };
         let (args, env) = child_command(&opts, "2");
         let joined = args.join(" ");
         assert!(joined.contains("--device cuda:0"), "{joined}");
         assert!(joined.contains("--name box1-gpu2"), "{joined}");
+        assert!(joined.contains("--stop-grace=60s"), "{joined}");
         assert!(
             joined.contains("--token-file /etc/ablate/worker.token"),
             "{joined}"

@@ -2,8 +2,8 @@
 //!
 //! One process per GPU (or CPU); `--all-gpus` starts and supervises one per visible GPU
 //! ([`worker::fleet`]). The first SIGTERM/SIGINT asks the running trial to checkpoint and
-//! report itself preempted, then the process exits 0 (spot machines get a short notice); a second
-//! signal exits at once.
+//! report itself preempted, then the process exits 0 within its stop grace (`--stop-grace`); a
+//! repeated SIGTERM is the same request, a later Ctrl-C exits at once ([`worker::signals`]).
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -78,6 +78,12 @@ struct Cli {
     /// every GPU's worker gets it.
     #[arg(long, env = "ABLATE_PRICE_PER_HOUR", value_parser = parse_price)]
     price_per_hour: Option<f64>,
+    /// After the first SIGTERM/SIGINT, exit within this long (60s, 1m30s) even if the checkpoint
+    /// upload or the preempted report has not gone through: set it a little under the
+    /// supervisor's stop timeout (systemd TimeoutStopSec, compose stop_grace_period, Kubernetes
+    /// terminationGracePeriodSeconds, Slurm KillWait). With --all-gpus every child gets it.
+    #[arg(long, env = "ABLATE_STOP_GRACE", default_value_t = worker::signals::StopGrace::default())]
+    stop_grace: worker::signals::StopGrace,
 }
 
 fn parse_price(s: &str) -> Result<f64, String> {
@@ -181,6 +187,7 @@ fn fleet_opts(cli: Cli) -> anyhow::Result<worker::fleet::FleetOpts> {
         work_dir: cli.work_dir,
         name,
         max_restarts: cli.max_restarts,
+        stop_grace: cli.stop_grace.0,
     })
 }
 
@@ -231,6 +238,7 @@ fn remote_opts(cli: Cli) -> anyhow::Result<RemoteOpts> {
         work_dir,
         name,
         price_per_hour: cli.price_per_hour.unwrap_or(0.0),
+        stop_grace: cli.stop_grace.0,
     })
 }
 
@@ -250,6 +258,7 @@ fn read_token(path: &std::path::Path) -> anyhow::Result<String> {
 
 async fn watch_signals(stop: Arc<AtomicBool>) {
     use tokio::signal::unix::{signal, SignalKind};
+    use worker::signals::{Signal, StopAction};
     let (Ok(mut term), Ok(mut int)) = (
         signal(SignalKind::terminate()),
         signal(SignalKind::interrupt()),
@@ -257,29 +266,29 @@ async fn watch_signals(stop: Arc<AtomicBool>) {
         tracing::warn!("cannot install signal handlers");
         return;
     };
-    // Slurm signals every process of a job and a supervisor forwards its own copy: a repeat
-    // within the window is the same request (worker::signals), only a later one exits at once.
+    // Slurm signals every process of a job and a supervisor forwards its own copy: a repeated
+    // SIGTERM is the same request (worker::signals); only a later Ctrl-C exits at once.
     let mut stops = worker::signals::StopSignals::new();
     loop {
-        tokio::select! {
-            _ = term.recv() => {}
-            _ = int.recv() => {}
-        }
-        match stops.received(std::time::Instant::now()) {
-            worker::signals::StopAction::Stop => {
+        let sig = tokio::select! {
+            _ = term.recv() => Signal::Term,
+            _ = int.recv() => Signal::Int,
+        };
+        match stops.received(sig, std::time::Instant::now()) {
+            StopAction::Stop => {
                 tracing::info!(
-                    "signal received: checkpointing and stopping (send again after {:?} to exit at once)",
+                    signal = ?sig,
+                    "stop signal: checkpointing and stopping within the stop grace (Ctrl-C again \
+                     after {:?} exits at once)",
                     worker::signals::REPEAT_WINDOW
                 );
                 stop.store(true, Ordering::SeqCst);
             }
-            worker::signals::StopAction::Repeat => {
-                tracing::info!(
-                    "the same stop request again (within the repeat window): already stopping"
-                );
+            StopAction::Repeat => {
+                tracing::info!(signal = ?sig, "the same stop request again: already stopping");
             }
-            worker::signals::StopAction::ExitNow => {
-                tracing::warn!("another signal: exiting now");
+            StopAction::ExitNow => {
+                tracing::warn!("another Ctrl-C: exiting now, without a checkpoint");
                 std::process::exit(130);
             }
         }

@@ -24,7 +24,7 @@
 //! `Fail` with the error's reason and whether retrying can help. SIGTERM/SIGINT (see `main.rs`) set
 //! the global stop flag: the trial checkpoints, `ckpt/` is uploaded, the attempt is reported as
 //! preempted (no retry budget spent) and the worker exits; if the coordinator cannot be reached
-//! to say so, the process still exits [`STOP_GRACE`] after the signal. Every call to the
+//! to say so, the process still exits its stop grace ([`RemoteOpts::stop_grace`]) after the signal. Every call to the
 //! coordinator is retried with capped, jittered exponential backoff while it is unreachable, and
 //! each short call has its own time limit, so a silently dead connection is noticed.
 
@@ -61,9 +61,6 @@ const MAX_BACKOFF: Duration = Duration::from_secs(30);
 /// Time limit of one short call (report, heartbeat, complete, fail): a call on a connection that
 /// died silently (cable cut, NAT timeout) fails after this and is retried.
 const CALL_TIMEOUT: Duration = Duration::from_secs(10);
-/// After SIGTERM/SIGINT the worker exits within this long even if the coordinator is unreachable
-/// (spot machines give about 30 s of notice).
-pub const STOP_GRACE: Duration = Duration::from_secs(25);
 
 /// Everything remote mode needs, resolved from flags and environment by `main.rs`.
 /// (No `Debug`: it holds the worker token, which must never reach a log.)
@@ -83,6 +80,9 @@ pub struct RemoteOpts {
     pub name: String,
     /// Sent at registration for the report's cost table (0: not set).
     pub price_per_hour: f64,
+    /// After the first stop signal the worker exits within this long, even if the coordinator
+    /// is unreachable ([`crate::signals`]).
+    pub stop_grace: Duration,
 }
 
 /// Builds the runner's environment for one trial (base dir, out dir, cache dir, stop flag, the
@@ -141,12 +141,17 @@ pub async fn run_remote(opts: RemoteOpts, stop: Arc<AtomicBool>) -> anyhow::Resu
         worker_id: String::new(),
         ttl: Duration::from_secs(30),
     };
-    // Preemption is bounded: whatever the network does, exit STOP_GRACE after the first signal.
+    // Preemption is bounded: whatever the network does, exit the stop grace after the first
+    // signal.
     let watchdog_stop = w.stop.clone();
+    let grace = w.opts.stop_grace;
     tokio::spawn(async move {
         flag_set(&watchdog_stop).await;
-        tokio::time::sleep(STOP_GRACE).await;
-        tracing::warn!(grace = ?STOP_GRACE, "could not finish stopping in time: exiting now");
+        tokio::time::sleep(grace).await;
+        tracing::warn!(
+            ?grace,
+            "could not finish stopping within the stop grace: exiting now"
+        );
         std::process::exit(1);
     });
     w.register().await?;
@@ -1579,6 +1584,7 @@ mod tests {
             work_dir: work.clone(),
             name: "w".into(),
             price_per_hour: 0.0,
+            stop_grace: crate::signals::DEFAULT_STOP_GRACE,
         };
         let make_env: EnvFactory = Arc::new(|base_dir, out_dir, cache_dir, stop, sync| TrialEnv {
             device: candle_core::Device::Cpu,
