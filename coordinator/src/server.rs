@@ -552,6 +552,41 @@ async fn tick_loop(shared: Arc<Shared>) {
     }
 }
 
+/// Version skew between a worker and this coordinator, refused at registration: a worker that
+/// speaks another protocol would misread leases or send reports this coordinator misreads.
+/// Version 0 is a worker from before the field existed: accepted, with a warning to upgrade it.
+fn check_protocol_version(theirs: u32, name: &str, host: &str) -> Result<(), Status> {
+    let ours = ablate_proto::PROTOCOL_VERSION;
+    if theirs == ours {
+        return Ok(());
+    }
+    if theirs == 0 {
+        tracing::warn!(
+            worker = %name, host = %host, coordinator_protocol = ours,
+            "worker sends no protocol version (an ablate-worker older than this coordinator): \
+             accepted; upgrade it to ablate-worker {}",
+            env!("CARGO_PKG_VERSION")
+        );
+        return Ok(());
+    }
+    let upgrade = if theirs < ours {
+        format!(
+            "upgrade the worker to ablate-worker {} (or run a coordinator of its version)",
+            env!("CARGO_PKG_VERSION")
+        )
+    } else {
+        "upgrade the coordinator (ablate serve) to the workers' release, or run workers of this \
+         coordinator's release"
+            .to_string()
+    };
+    tracing::warn!(worker = %name, host = %host, worker_protocol = theirs, coordinator_protocol = ours, "refused a worker of another protocol version");
+    Err(Status::failed_precondition(format!(
+        "version skew: worker {name:?} speaks protocol version {theirs}, this coordinator \
+         (ablate {}) speaks protocol version {ours}: {upgrade}",
+        env!("CARGO_PKG_VERSION")
+    )))
+}
+
 fn store_status(e: StoreError) -> Status {
     match e {
         StoreError::Invalid(m) => Status::invalid_argument(m),
@@ -727,6 +762,7 @@ impl WorkerService for WorkerApi {
         req: Request<pb::RegisterRequest>,
     ) -> Result<Response<pb::RegisterResponse>, Status> {
         let r = req.into_inner();
+        check_protocol_version(r.protocol_version, &r.worker_name, &r.host)?;
         let kind = r.device_kind.trim().to_string();
         if kind != "cpu" && kind != "cuda" && kind != "metal" {
             return Err(Status::invalid_argument(format!(
@@ -756,6 +792,7 @@ impl WorkerService for WorkerApi {
         Ok(Response::new(pb::RegisterResponse {
             worker_id: id,
             lease_ttl_ms: self.0.ttl_ms as u64,
+            protocol_version: ablate_proto::PROTOCOL_VERSION,
         }))
     }
 

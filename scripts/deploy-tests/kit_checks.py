@@ -135,6 +135,9 @@ budgets = []
 unit = read("deploy/systemd/ablate-worker@.service")
 m = re.search(r"^TimeoutStopSec=(\S+)", unit, re.M)
 g = re.search(r"^Environment=ABLATE_STOP_GRACE=(\S+)", unit, re.M)
+if not re.search(r"^RestartPreventExitStatus=.*\b78\b", unit, re.M):
+    problem("systemd ablate-worker@.service: no RestartPreventExitStatus=78 (a worker refused for "
+            "version skew would be restarted forever)")
 budgets.append(("systemd ablate-worker@.service TimeoutStopSec", seconds(m.group(1)) if m else 0,
                 seconds(g.group(1)) if g else None))
 compose = json.load(open(COMPOSE_JSON))

@@ -7,7 +7,8 @@
 //! growing delay, at most `max_restarts` times in a row (a child that ran five minutes starts a
 //! fresh count): a GPU that keeps failing is given up with an error in the log, and when every
 //! GPU has been given up the supervisor exits non-zero, so systemd, Slurm or the container
-//! runtime sees the failure instead of a restart loop. On SIGTERM/SIGINT it forwards SIGTERM to
+//! runtime sees the failure instead of a restart loop. A child the coordinator refused (exit 78,
+//! version skew) is never restarted; when every child was, the supervisor exits 78 too. On SIGTERM/SIGINT it forwards SIGTERM to
 //! every child (each checkpoints and reports its attempt as preempted within the stop grace the
 //! children were given) and exits when they all have. A repeated SIGTERM is the same request
 //! (Slurm signals every process of the job, the supervisor included) and is not forwarded again;
@@ -150,6 +151,8 @@ pub async fn run_fleet(opts: FleetOpts, gpus: Vec<String>) -> anyhow::Result<()>
     let mut stops = crate::signals::StopSignals::new();
     let mut stopping = false;
     let mut given_up = 0usize;
+    // Of those, children the coordinator refused (exit 78): restarting cannot help.
+    let mut refused = 0usize;
     loop {
         let got = tokio::select! {
             _ = term.recv() => Some(crate::signals::Signal::Term),
@@ -178,7 +181,11 @@ pub async fn run_fleet(opts: FleetOpts, gpus: Vec<String>) -> anyhow::Result<()>
             if let Some(c) = &mut m.child {
                 if let Ok(Some(status)) = c.try_wait() {
                     m.child = None;
-                    if !stopping {
+                    if !stopping && status.code() == Some(i32::from(ablate_proto::EXIT_CONFIG)) {
+                        given_up += 1;
+                        refused += 1;
+                        tracing::error!(gpu = %m.gpu, %status, "the coordinator refused this GPU's worker (see its log above: version skew?); not restarting it");
+                    } else if !stopping {
                         match after_exit(m.restarts, m.started.elapsed(), opts.max_restarts) {
                             AfterExit::Restart { delay, in_a_row } => {
                                 m.restarts = in_a_row;
@@ -210,6 +217,11 @@ pub async fn run_fleet(opts: FleetOpts, gpus: Vec<String>) -> anyhow::Result<()>
         if stopping && members.iter().all(|m| m.child.is_none()) {
             tracing::info!("every worker stopped");
             return Ok(());
+        }
+        if given_up == members.len() && refused == members.len() {
+            return Err(anyhow::Error::new(crate::remote::Refused(
+                "the coordinator refused every GPU's worker (version skew: see above)".into(),
+            )));
         }
         if given_up == members.len() {
             bail!(

@@ -121,6 +121,10 @@ fn main() -> std::process::ExitCode {
         Ok(()) => std::process::exit(0),
         Err(e) => {
             eprintln!("error: {e:#}");
+            if e.downcast_ref::<worker::remote::Refused>().is_some() {
+                // Restarting cannot help (version skew): say so to the supervisor.
+                return std::process::ExitCode::from(ablate_proto::EXIT_CONFIG);
+            }
             std::process::ExitCode::FAILURE
         }
     }

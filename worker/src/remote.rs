@@ -85,6 +85,20 @@ pub struct RemoteOpts {
     pub stop_grace: Duration,
 }
 
+/// The coordinator refused this worker for a reason that restarting cannot fix (version skew):
+/// `ablate-worker` exits [`ablate_proto::EXIT_CONFIG`] (78) on it, which the systemd unit, the
+/// `--all-gpus` supervisor and the Slurm script do not restart.
+#[derive(Debug)]
+pub struct Refused(pub String);
+
+impl std::fmt::Display for Refused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Refused {}
+
 /// Builds the runner's environment for one trial (base dir, out dir, cache dir, stop flag, the
 /// gang's collective).
 type EnvFactory = Arc<
@@ -298,6 +312,7 @@ impl Worker {
             host: hostname(),
             worker_name: self.opts.name.clone(),
             price_per_hour: self.opts.price_per_hour,
+            protocol_version: ablate_proto::PROTOCOL_VERSION,
         };
         let stop = self.stop.clone();
         let client = self.client.clone();
@@ -307,7 +322,17 @@ impl Worker {
             async move { c.register(req).await }
         })
         .await
-        .map_err(|e| anyhow::anyhow!("register with {}: {}", self.opts.coordinator, e.message()))?
+        .map_err(|e| {
+            if e.code() == Code::FailedPrecondition {
+                anyhow::Error::new(Refused(format!(
+                    "the coordinator {} refused this worker: {}",
+                    self.opts.coordinator,
+                    e.message()
+                )))
+            } else {
+                anyhow::anyhow!("register with {}: {}", self.opts.coordinator, e.message())
+            }
+        })?
         .into_inner();
         self.worker_id = resp.worker_id;
         self.ttl = Duration::from_millis(resp.lease_ttl_ms.max(300));
