@@ -44,6 +44,9 @@ pub enum Command {
     List(ListArgs),
     /// Cancel a whole sweep or single trials.
     Cancel(CancelArgs),
+    /// Stop giving a worker trials: it finishes its trial (or, with --checkpoint, checkpoints
+    /// it and gives it back), then exits 0. For maintenance and rolling upgrades.
+    Drain(DrainArgs),
     /// Write the report of a sweep (report.html, summary.md/csv/json, curves.csv, samples.md,
     /// trials/).
     Report(ReportArgs),
@@ -159,6 +162,18 @@ pub struct CancelArgs {
     /// Sweep names/ids or trial ids.
     #[arg(required = true)]
     pub targets: Vec<String>,
+    #[command(flatten)]
+    pub conn: Conn,
+}
+
+#[derive(Args, Debug)]
+pub struct DrainArgs {
+    /// The worker's name (its --name; e.g. box1-gpu0).
+    pub worker: String,
+    /// Checkpoint the running trial now and give it back (another worker resumes it) instead of
+    /// letting it finish.
+    #[arg(long)]
+    pub checkpoint: bool,
     #[command(flatten)]
     pub conn: Conn,
 }
@@ -509,6 +524,24 @@ pub async fn cancel(args: CancelArgs) -> anyhow::Result<()> {
     let mut client = connect(&args.conn).await?;
     let n = client.cancel(&args.targets).await?;
     println!("cancelled {n} trial(s) (trials depending on them end too)");
+    Ok(())
+}
+
+/// `ablate drain`.
+pub async fn drain(args: DrainArgs) -> anyhow::Result<()> {
+    let mut client = connect(&args.conn).await?;
+    let r = client.drain(&args.worker, args.checkpoint).await?;
+    let what = if r.running.is_empty() {
+        "it runs no trial: it exits at its next request for work".to_string()
+    } else if args.checkpoint {
+        format!(
+            "it checkpoints {} and gives it back, then exits",
+            r.running.join(", ")
+        )
+    } else {
+        format!("it finishes {}, then exits", r.running.join(", "))
+    };
+    println!("drained worker {}: no new trials; {what}", args.worker);
     Ok(())
 }
 
@@ -880,6 +913,23 @@ impl Client {
                     .map(|p| (e.unix_ms, p))
             })
             .collect())
+    }
+
+    /// Drain the worker named `worker` (see `ablate drain`).
+    pub async fn drain(
+        &mut self,
+        worker: &str,
+        checkpoint: bool,
+    ) -> anyhow::Result<pb::DrainResponse> {
+        Ok(self
+            .inner
+            .drain(pb::DrainRequest {
+                worker_name: worker.to_string(),
+                checkpoint,
+            })
+            .await
+            .map_err(|s| status_error(&self.url, &format!("drain {worker}"), s))?
+            .into_inner())
     }
 
     /// Cancel sweeps (by id or name) and trials (by id); returns how many trials were cancelled.

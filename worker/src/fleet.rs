@@ -13,7 +13,8 @@
 //! children were given) and exits when they all have. A repeated SIGTERM is the same request
 //! (Slurm signals every process of the job, the supervisor included) and is not forwarded again;
 //! a later Ctrl-C is forwarded as SIGINT, which makes the children exit at once
-//! ([`crate::signals`]).
+//! ([`crate::signals`]). SIGUSR1 is forwarded to every child (each finishes its trial, takes no
+//! new one and exits 0), and the supervisor exits when they all have.
 
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -147,6 +148,7 @@ pub async fn run_fleet(opts: FleetOpts, gpus: Vec<String>) -> anyhow::Result<()>
     }
     let mut term = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
+    let mut usr1 = signal(SignalKind::user_defined1()).context("installing SIGUSR1 handler")?;
     let mut tick = tokio::time::interval(Duration::from_millis(500));
     let mut stops = crate::signals::StopSignals::new();
     let mut stopping = false;
@@ -157,6 +159,14 @@ pub async fn run_fleet(opts: FleetOpts, gpus: Vec<String>) -> anyhow::Result<()>
         let got = tokio::select! {
             _ = term.recv() => Some(crate::signals::Signal::Term),
             _ = int.recv() => Some(crate::signals::Signal::Int),
+            _ = usr1.recv() => {
+                if !stopping {
+                    tracing::info!("SIGUSR1: draining every worker (each finishes its trial, then exits)");
+                    stopping = true;
+                }
+                forward(&members, libc::SIGUSR1);
+                None
+            }
             _ = tick.tick() => None,
         };
         if let Some(sig) = got {

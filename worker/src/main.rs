@@ -4,6 +4,7 @@
 //! ([`worker::fleet`]). The first SIGTERM/SIGINT asks the running trial to checkpoint and
 //! report itself preempted, then the process exits 0 within its stop grace (`--stop-grace`); a
 //! repeated SIGTERM is the same request, a later Ctrl-C exits at once ([`worker::signals`]).
+//! SIGUSR1 drains: the running trial finishes, no new one is taken, the process exits 0.
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -151,8 +152,9 @@ fn real_main() -> anyhow::Result<()> {
     let rt = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     rt.block_on(async move {
         let stop = Arc::new(AtomicBool::new(false));
-        tokio::spawn(watch_signals(stop.clone()));
-        run_remote(opts, stop).await
+        let drain = Arc::new(AtomicBool::new(false));
+        tokio::spawn(watch_signals(stop.clone(), drain.clone()));
+        run_remote(opts, stop, drain).await
     })
 }
 
@@ -260,12 +262,13 @@ fn read_token(path: &std::path::Path) -> anyhow::Result<String> {
     Ok(t.to_string())
 }
 
-async fn watch_signals(stop: Arc<AtomicBool>) {
+async fn watch_signals(stop: Arc<AtomicBool>, drain: Arc<AtomicBool>) {
     use tokio::signal::unix::{signal, SignalKind};
     use worker::signals::{Signal, StopAction};
-    let (Ok(mut term), Ok(mut int)) = (
+    let (Ok(mut term), Ok(mut int), Ok(mut usr1)) = (
         signal(SignalKind::terminate()),
         signal(SignalKind::interrupt()),
+        signal(SignalKind::user_defined1()),
     ) else {
         tracing::warn!("cannot install signal handlers");
         return;
@@ -277,6 +280,12 @@ async fn watch_signals(stop: Arc<AtomicBool>) {
         let sig = tokio::select! {
             _ = term.recv() => Signal::Term,
             _ = int.recv() => Signal::Int,
+            _ = usr1.recv() => {
+                // Drain: finish the running trial, take no new one, exit 0.
+                tracing::info!("SIGUSR1: draining (finishing the running trial, taking no new one, then exiting)");
+                drain.store(true, Ordering::SeqCst);
+                continue;
+            }
         };
         match stops.received(sig, std::time::Instant::now()) {
             StopAction::Stop => {

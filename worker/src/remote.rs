@@ -127,8 +127,13 @@ impl Interceptor for Bearer {
     }
 }
 
-/// Run until the stop flag is set (between trials, or after the running trial checkpointed).
-pub async fn run_remote(opts: RemoteOpts, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
+/// Run until the stop flag is set (between trials, or after the running trial checkpointed), or
+/// until the drain flag is set (SIGUSR1, or `ablate drain` on the coordinator) and no trial runs.
+pub async fn run_remote(
+    opts: RemoteOpts,
+    stop: Arc<AtomicBool>,
+    drain: Arc<AtomicBool>,
+) -> anyhow::Result<()> {
     let device = experiments::runner::parse_device(&opts.device)
         .with_context(|| format!("--device {}", opts.device))?;
     // The worker crate does not name candle's types: a closure carries the device instead.
@@ -152,6 +157,7 @@ pub async fn run_remote(opts: RemoteOpts, stop: Arc<AtomicBool>) -> anyhow::Resu
         make_env,
         gang_device,
         stop,
+        drain,
         worker_id: String::new(),
         ttl: Duration::from_secs(30),
     };
@@ -169,7 +175,7 @@ pub async fn run_remote(opts: RemoteOpts, stop: Arc<AtomicBool>) -> anyhow::Resu
         std::process::exit(1);
     });
     w.register().await?;
-    while !w.stopping() {
+    while !w.stopping() && !w.draining() {
         let lease = match w.lease().await {
             Ok(Some(l)) => l,
             Ok(None) => continue,
@@ -184,7 +190,11 @@ pub async fn run_remote(opts: RemoteOpts, stop: Arc<AtomicBool>) -> anyhow::Resu
         let span = tracing::info_span!("trial", id = %lease.trial_id, attempt = lease.attempt);
         w.run_lease(lease).instrument(span).await?;
     }
-    tracing::info!("stopping: no trial running");
+    if w.draining() && !w.stopping() {
+        tracing::info!("drained: no trial running, taking no new one; exiting");
+    } else {
+        tracing::info!("stopping: no trial running");
+    }
     Ok(())
 }
 
@@ -294,6 +304,8 @@ struct Worker {
     #[cfg_attr(not(feature = "nccl"), allow(dead_code))]
     gang_device: candle_core::Device,
     stop: Arc<AtomicBool>,
+    /// Finish the running trial, take no new one, exit 0.
+    drain: Arc<AtomicBool>,
     worker_id: String,
     ttl: Duration,
 }
@@ -301,6 +313,10 @@ struct Worker {
 impl Worker {
     fn stopping(&self) -> bool {
         self.stop.load(Ordering::SeqCst)
+    }
+
+    fn draining(&self) -> bool {
+        self.drain.load(Ordering::SeqCst)
     }
 
     async fn register(&mut self) -> anyhow::Result<()> {
@@ -354,13 +370,21 @@ impl Worker {
             let req = req.clone();
             async move { c.lease(req).await }
         });
-        // A stop while idle must not wait for the long poll to run out.
+        // A stop or a drain while idle must not wait for the long poll to run out.
         let r = tokio::select! {
             r = call => r,
             _ = flag_set(&stop) => return Ok(None),
+            _ = flag_set(&self.drain) => return Ok(None),
         };
         match r {
-            Ok(resp) => Ok(resp.into_inner().lease),
+            Ok(resp) => {
+                let resp = resp.into_inner();
+                if resp.drain {
+                    tracing::info!("the coordinator drained this worker (ablate drain)");
+                    self.drain.store(true, Ordering::SeqCst);
+                }
+                Ok(resp.lease)
+            }
             Err(e) if self.stopping() && transient(&e) => Ok(None),
             Err(e) => Err(e),
         }
@@ -1073,6 +1097,10 @@ async fn heartbeat_loop(
                             lost.store(true, Ordering::SeqCst);
                             trial_stop.store(true, Ordering::SeqCst);
                         }
+                        if resp.drain_checkpoint && !global_stop.swap(true, Ordering::SeqCst) {
+                            // As on SIGTERM: checkpoint, give the trial back, exit 0.
+                            tracing::info!("drained with --checkpoint (ablate drain): checkpointing the trial and giving it back");
+                        }
                     }
                     Err(e) if e.code() == Code::NotFound => {
                         tracing::warn!("coordinator no longer knows this worker: stopping the trial");
@@ -1472,6 +1500,7 @@ mod tests {
         ) -> Result<tonic::Response<pb::LeaseResponse>, Status> {
             Ok(tonic::Response::new(pb::LeaseResponse {
                 lease: Some(self.0.lease.clone()),
+                drain: false,
             }))
         }
         async fn heartbeat(
@@ -1625,6 +1654,7 @@ mod tests {
             make_env,
             gang_device: candle_core::Device::Cpu,
             stop: Arc::new(AtomicBool::new(false)),
+            drain: Arc::new(AtomicBool::new(false)),
             worker_id: "w1".into(),
             ttl: Duration::from_secs(30),
         };
