@@ -44,6 +44,12 @@ pub enum Command {
     List(ListArgs),
     /// Cancel a whole sweep or single trials.
     Cancel(CancelArgs),
+    /// Copy a coordinator's state (SQLite online backup, artifacts, BACKUP.json with
+    /// SHA-256s) into a new folder, while it runs; on the coordinator's host.
+    Backup(BackupArgs),
+    /// Put a backup into a new, empty state folder (checked against BACKUP.json first); then
+    /// `ablate serve --state DIR`.
+    Restore(RestoreArgs),
     /// Stop giving a worker trials: it finishes its trial (or, with --checkpoint, checkpoints
     /// it and gives it back), then exits 0. For maintenance and rolling upgrades.
     Drain(DrainArgs),
@@ -164,6 +170,25 @@ pub struct CancelArgs {
     pub targets: Vec<String>,
     #[command(flatten)]
     pub conn: Conn,
+}
+
+#[derive(Args, Debug)]
+pub struct BackupArgs {
+    /// The coordinator's state folder (its `serve --state`).
+    #[arg(long)]
+    pub state: PathBuf,
+    /// The backup folder to create.
+    #[arg(long)]
+    pub out: PathBuf,
+}
+
+#[derive(Args, Debug)]
+pub struct RestoreArgs {
+    /// A folder written by `ablate backup`.
+    pub backup: PathBuf,
+    /// The new state folder (must not hold a store).
+    #[arg(long)]
+    pub state: PathBuf,
 }
 
 #[derive(Args, Debug)]
@@ -524,6 +549,44 @@ pub async fn cancel(args: CancelArgs) -> anyhow::Result<()> {
     let mut client = connect(&args.conn).await?;
     let n = client.cancel(&args.targets).await?;
     println!("cancelled {n} trial(s) (trials depending on them end too)");
+    Ok(())
+}
+
+/// `ablate backup`.
+pub fn backup(args: BackupArgs) -> anyhow::Result<()> {
+    let s = crate::backup::backup(&args.state, &args.out)?;
+    println!(
+        "backed up {} to {}: {} files, {} bytes{} (manifest {})",
+        args.state.display(),
+        args.out.display(),
+        s.files,
+        s.bytes,
+        if s.left_out > 0 {
+            format!(
+                "; {} artifact(s) deleted while copying left out (BACKUP.json left_out)",
+                s.left_out
+            )
+        } else {
+            String::new()
+        },
+        crate::backup::MANIFEST
+    );
+    Ok(())
+}
+
+/// `ablate restore`.
+pub fn restore(args: RestoreArgs) -> anyhow::Result<()> {
+    let m = crate::backup::restore(&args.backup, &args.state)?;
+    println!(
+        "restored {} files from {} (taken by ablate {} from {}) into {}; start the coordinator \
+         with: ablate serve --state {}",
+        m.files.len(),
+        args.backup.display(),
+        m.ablate_version,
+        m.source,
+        args.state.display(),
+        args.state.display()
+    );
     Ok(())
 }
 

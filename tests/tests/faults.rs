@@ -1223,3 +1223,110 @@ fn drain_by_the_coordinator_and_by_sigusr1_finishes_or_gives_back_and_exits() {
         "ablate drain --checkpoint, SIGUSR1, ablate drain: one gives back, two finish",
     );
 }
+
+/// `ablate backup` mid-sweep while the coordinator writes, then the host is lost (kill -9 of
+/// the coordinator and every worker); `ablate restore` into a fresh state folder, a new
+/// coordinator on it and new workers finish the sweep, resuming the trial that was running from
+/// the checkpoint the backup holds. A damaged backup and a non-empty target are refused.
+#[test]
+fn backup_mid_sweep_restores_into_a_new_coordinator_that_finishes_the_sweep() {
+    let mut c = Cluster::new("backup", 5, "127.0.0.1");
+    c.start_coordinator();
+    c.submit(&fault_sweep(&c.sweep.clone(), PRE_STEPS, FT_STEPS));
+    c.spawn_worker("a");
+    c.spawn_worker("b");
+    let (trial, attempt, _) = c.wait_mid_trial(FT_STEPS / 10 + 1);
+    let backup = c.root().join("backup");
+    let (ok, out) = c.ablate(&[
+        "backup",
+        "--state",
+        c.state.to_str().unwrap(),
+        "--out",
+        backup.to_str().unwrap(),
+    ]);
+    assert!(ok, "backup failed:\n{out}");
+    assert!(out.contains("backed up"), "{out}");
+    let manifest: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(backup.join("BACKUP.json")).unwrap())
+            .unwrap();
+    let files = manifest["files"].as_array().unwrap();
+    assert!(
+        files.iter().any(|f| f["path"]
+            .as_str()
+            .unwrap()
+            .starts_with(&format!("artifacts/{trial}/ckpt/"))),
+        "the running trial's checkpoint is in the backup: {manifest}"
+    );
+    assert!(files
+        .iter()
+        .all(|f| f["sha256"].as_str().is_some_and(|s| s.len() == 64)));
+
+    // The host is lost.
+    c.kill_coordinator();
+    for w in c.workers.iter_mut() {
+        w.signal(libc::SIGKILL);
+        w.wait_timeout(Duration::from_secs(10))
+            .expect("killed worker exits");
+    }
+
+    // A damaged copy is refused before anything is written.
+    let damaged = c.root().join("damaged");
+    assert!(Command::new("cp")
+        .arg("-r")
+        .arg(&backup)
+        .arg(&damaged)
+        .status()
+        .unwrap()
+        .success());
+    let db = damaged.join("ablate.sqlite");
+    let mut bytes = std::fs::read(&db).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0xff;
+    std::fs::write(&db, bytes).unwrap();
+    let elsewhere = c.root().join("state-damaged");
+    let (ok, out) = c.ablate(&[
+        "restore",
+        damaged.to_str().unwrap(),
+        "--state",
+        elsewhere.to_str().unwrap(),
+    ]);
+    assert!(!ok && out.contains("does not match the manifest"), "{out}");
+    assert!(!elsewhere.join("ablate.sqlite").exists());
+
+    let fresh = c.root().join("state-restored");
+    let (ok, out) = c.ablate(&[
+        "restore",
+        backup.to_str().unwrap(),
+        "--state",
+        fresh.to_str().unwrap(),
+    ]);
+    assert!(ok, "restore failed:\n{out}");
+    let (ok, out) = c.ablate(&[
+        "restore",
+        backup.to_str().unwrap(),
+        "--state",
+        fresh.to_str().unwrap(),
+    ]);
+    assert!(!ok && out.contains("holds a store already"), "{out}");
+
+    // A new coordinator (new port) on the restored state, new workers.
+    c.state = fresh;
+    c.listen = "127.0.0.1:0".into();
+    c.start_coordinator();
+    c.spawn_worker("c");
+    c.spawn_worker("d");
+    let next = c.wait_until("the restored trial to finish", |db| {
+        db.query_row(
+            "SELECT MAX(attempt) FROM attempts WHERE trial_id = ?1 AND outcome = 'finished'",
+            [&trial],
+            |r| r.get::<_, Option<u32>>(0),
+        )
+        .unwrap()
+    });
+    assert!(next > attempt, "a new attempt finished the trial");
+    assert_resumed(&c, &trial, next);
+    c.audit(
+        "backup and restore",
+        "ablate backup mid-sweep, kill -9 everything, ablate restore into a new coordinator",
+    );
+}
