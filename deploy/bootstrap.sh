@@ -256,8 +256,8 @@ if [ -f "$pidfile" ] && kill -0 "$(cat "$pidfile")" 2>/dev/null; then
   old=$(cat "$pidfile")
   echo "bootstrap: stopping the running workers (pid $old; they checkpoint first)"
   kill -TERM "$old"
-  # The stop budget (deploy/README.md, "Stopping"): a worker exits at most its stop grace (25 s)
-  # after SIGTERM; like every supervisor in this kit, wait 90 s before SIGKILL.
+  # The stop budget (deploy/README.md, "Stopping"): a worker exits at most its stop grace (60 s,
+  # --stop-grace below) after SIGTERM; wait 90 s before SIGKILL.
   for _ in $(seq 1 90); do
     kill -0 "$old" 2>/dev/null || break
     sleep 1
@@ -299,7 +299,7 @@ set +a
 # is the worker's own (setsid does not fork here, and nohup and setpriv exec).
 setsid nohup setpriv --reuid=ablate --regid=ablate --init-groups \
   /usr/local/bin/ablate-worker "${mode[@]}" --token-file /etc/ablate/worker.token \
-  --work-dir /var/lib/ablate-worker >>"$log" 2>&1 </dev/null &
+  --work-dir /var/lib/ablate-worker --stop-grace 60s >>"$log" 2>&1 </dev/null &
 echo $! >"$pidfile"
 echo "bootstrap: started ablate-worker ${mode[*]} as pid $! (log $log;"
 echo "           stop with: kill -TERM \$(cat $pidfile))"

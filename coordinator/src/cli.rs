@@ -44,6 +44,15 @@ pub enum Command {
     List(ListArgs),
     /// Cancel a whole sweep or single trials.
     Cancel(CancelArgs),
+    /// Copy a coordinator's state (SQLite online backup, artifacts, BACKUP.json with
+    /// SHA-256s) into a new folder, while it runs; on the coordinator's host.
+    Backup(BackupArgs),
+    /// Put a backup into a new, empty state folder (checked against BACKUP.json first); then
+    /// `ablate serve --state DIR`.
+    Restore(RestoreArgs),
+    /// Stop giving a worker trials: it finishes its trial (or, with --checkpoint, checkpoints
+    /// it and gives it back), then exits 0. For maintenance and rolling upgrades.
+    Drain(DrainArgs),
     /// Write the report of a sweep (report.html, summary.md/csv/json, curves.csv, samples.md,
     /// trials/).
     Report(ReportArgs),
@@ -159,6 +168,37 @@ pub struct CancelArgs {
     /// Sweep names/ids or trial ids.
     #[arg(required = true)]
     pub targets: Vec<String>,
+    #[command(flatten)]
+    pub conn: Conn,
+}
+
+#[derive(Args, Debug)]
+pub struct BackupArgs {
+    /// The coordinator's state folder (its `serve --state`).
+    #[arg(long)]
+    pub state: PathBuf,
+    /// The backup folder to create.
+    #[arg(long)]
+    pub out: PathBuf,
+}
+
+#[derive(Args, Debug)]
+pub struct RestoreArgs {
+    /// A folder written by `ablate backup`.
+    pub backup: PathBuf,
+    /// The new state folder (must not hold a store).
+    #[arg(long)]
+    pub state: PathBuf,
+}
+
+#[derive(Args, Debug)]
+pub struct DrainArgs {
+    /// The worker's name (its --name; e.g. box1-gpu0).
+    pub worker: String,
+    /// Checkpoint the running trial now and give it back (another worker resumes it) instead of
+    /// letting it finish.
+    #[arg(long)]
+    pub checkpoint: bool,
     #[command(flatten)]
     pub conn: Conn,
 }
@@ -509,6 +549,62 @@ pub async fn cancel(args: CancelArgs) -> anyhow::Result<()> {
     let mut client = connect(&args.conn).await?;
     let n = client.cancel(&args.targets).await?;
     println!("cancelled {n} trial(s) (trials depending on them end too)");
+    Ok(())
+}
+
+/// `ablate backup`.
+pub fn backup(args: BackupArgs) -> anyhow::Result<()> {
+    let s = crate::backup::backup(&args.state, &args.out)?;
+    println!(
+        "backed up {} to {}: {} files, {} bytes{} (manifest {})",
+        args.state.display(),
+        args.out.display(),
+        s.files,
+        s.bytes,
+        if s.left_out > 0 {
+            format!(
+                "; {} artifact(s) deleted while copying left out (BACKUP.json left_out)",
+                s.left_out
+            )
+        } else {
+            String::new()
+        },
+        crate::backup::MANIFEST
+    );
+    Ok(())
+}
+
+/// `ablate restore`.
+pub fn restore(args: RestoreArgs) -> anyhow::Result<()> {
+    let m = crate::backup::restore(&args.backup, &args.state)?;
+    println!(
+        "restored {} files from {} (taken by ablate {} from {}) into {}; start the coordinator \
+         with: ablate serve --state {}",
+        m.files.len(),
+        args.backup.display(),
+        m.ablate_version,
+        m.source,
+        args.state.display(),
+        args.state.display()
+    );
+    Ok(())
+}
+
+/// `ablate drain`.
+pub async fn drain(args: DrainArgs) -> anyhow::Result<()> {
+    let mut client = connect(&args.conn).await?;
+    let r = client.drain(&args.worker, args.checkpoint).await?;
+    let what = if r.running.is_empty() {
+        "it runs no trial: it exits at its next request for work".to_string()
+    } else if args.checkpoint {
+        format!(
+            "it checkpoints {} and gives it back, then exits",
+            r.running.join(", ")
+        )
+    } else {
+        format!("it finishes {}, then exits", r.running.join(", "))
+    };
+    println!("drained worker {}: no new trials; {what}", args.worker);
     Ok(())
 }
 
@@ -880,6 +976,23 @@ impl Client {
                     .map(|p| (e.unix_ms, p))
             })
             .collect())
+    }
+
+    /// Drain the worker named `worker` (see `ablate drain`).
+    pub async fn drain(
+        &mut self,
+        worker: &str,
+        checkpoint: bool,
+    ) -> anyhow::Result<pb::DrainResponse> {
+        Ok(self
+            .inner
+            .drain(pb::DrainRequest {
+                worker_name: worker.to_string(),
+                checkpoint,
+            })
+            .await
+            .map_err(|s| status_error(&self.url, &format!("drain {worker}"), s))?
+            .into_inner())
     }
 
     /// Cancel sweeps (by id or name) and trials (by id); returns how many trials were cancelled.

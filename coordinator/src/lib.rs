@@ -3,6 +3,7 @@
 //! `experiments` crate built without its `ml` feature.
 
 pub mod auth;
+pub mod backup;
 pub mod cli;
 pub mod cost;
 pub mod export;

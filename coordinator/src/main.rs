@@ -37,6 +37,9 @@ fn main() -> ExitCode {
             Command::Status(args) => coordinator::cli::status(args).await,
             Command::List(args) => coordinator::cli::list(args).await.map(|()| 0),
             Command::Cancel(args) => coordinator::cli::cancel(args).await.map(|()| 0),
+            Command::Backup(args) => coordinator::cli::backup(args).map(|()| 0),
+            Command::Restore(args) => coordinator::cli::restore(args).map(|()| 0),
+            Command::Drain(args) => coordinator::cli::drain(args).await.map(|()| 0),
             Command::Report(args) => coordinator::cli::report(args).await.map(|()| 0),
             Command::Export(args) => coordinator::export::export_command(args).await.map(|()| 0),
         }

@@ -219,7 +219,11 @@ pub async fn serve_with_metrics(
     let (bus, _) = broadcast::channel(1024);
     let (stop_tx, stop_rx) = watch::channel(false);
     let shared = Arc::new(Shared {
-        inner: Mutex::new(Inner { store, sched }),
+        inner: Mutex::new(Inner {
+            store,
+            sched,
+            drained: Default::default(),
+        }),
         notify: Notify::new(),
         bus,
         ttl_ms,
@@ -442,6 +446,11 @@ impl Health for StoppableHealth {
 struct Inner {
     store: Store,
     sched: Scheduler,
+    /// Registrations drained with `ablate drain` (worker id -> checkpoint now): they get no new
+    /// lease and are told to exit. In memory only: after a coordinator restart the worker
+    /// carries on (drain it again); a worker that registers again (restarted, upgraded) has a
+    /// new id and is not drained.
+    drained: std::collections::HashMap<String, bool>,
 }
 
 /// Messages for `Watch` streams.
@@ -550,6 +559,41 @@ async fn tick_loop(shared: Arc<Shared>) {
             }
         }
     }
+}
+
+/// Version skew between a worker and this coordinator, refused at registration: a worker that
+/// speaks another protocol would misread leases or send reports this coordinator misreads.
+/// Version 0 is a worker from before the field existed: accepted, with a warning to upgrade it.
+fn check_protocol_version(theirs: u32, name: &str, host: &str) -> Result<(), Status> {
+    let ours = ablate_proto::PROTOCOL_VERSION;
+    if theirs == ours {
+        return Ok(());
+    }
+    if theirs == 0 {
+        tracing::warn!(
+            worker = %name, host = %host, coordinator_protocol = ours,
+            "worker sends no protocol version (an ablate-worker older than this coordinator): \
+             accepted; upgrade it to ablate-worker {}",
+            env!("CARGO_PKG_VERSION")
+        );
+        return Ok(());
+    }
+    let upgrade = if theirs < ours {
+        format!(
+            "upgrade the worker to ablate-worker {} (or run a coordinator of its version)",
+            env!("CARGO_PKG_VERSION")
+        )
+    } else {
+        "upgrade the coordinator (ablate serve) to the workers' release, or run workers of this \
+         coordinator's release"
+            .to_string()
+    };
+    tracing::warn!(worker = %name, host = %host, worker_protocol = theirs, coordinator_protocol = ours, "refused a worker of another protocol version");
+    Err(Status::failed_precondition(format!(
+        "version skew: worker {name:?} speaks protocol version {theirs}, this coordinator \
+         (ablate {}) speaks protocol version {ours}: {upgrade}",
+        env!("CARGO_PKG_VERSION")
+    )))
 }
 
 fn store_status(e: StoreError) -> Status {
@@ -727,6 +771,7 @@ impl WorkerService for WorkerApi {
         req: Request<pb::RegisterRequest>,
     ) -> Result<Response<pb::RegisterResponse>, Status> {
         let r = req.into_inner();
+        check_protocol_version(r.protocol_version, &r.worker_name, &r.host)?;
         let kind = r.device_kind.trim().to_string();
         if kind != "cpu" && kind != "cuda" && kind != "metal" {
             return Err(Status::invalid_argument(format!(
@@ -756,6 +801,7 @@ impl WorkerService for WorkerApi {
         Ok(Response::new(pb::RegisterResponse {
             worker_id: id,
             lease_ttl_ms: self.0.ttl_ms as u64,
+            protocol_version: ablate_proto::PROTOCOL_VERSION,
         }))
     }
 
@@ -778,19 +824,27 @@ impl WorkerService for WorkerApi {
         };
         // Ask again at least every third of the ttl, so the scheduler sees the worker as waiting.
         let refresh = Duration::from_millis((self.0.ttl_ms / 3).clamp(10, 5_000) as u64);
+        let none = |drain| Ok(Response::new(pb::LeaseResponse { lease: None, drain }));
         loop {
             let notified = self.0.notify.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
+            if self.0.lock().drained.contains_key(&r.worker_id) {
+                tracing::info!(worker = %r.worker_id, "drained worker asked for work: telling it to exit");
+                return none(true);
+            }
             if let Some(lease) = self.try_lease(&r.worker_id)? {
                 waiting.leased = true;
-                return Ok(Response::new(pb::LeaseResponse { lease: Some(lease) }));
+                return Ok(Response::new(pb::LeaseResponse {
+                    lease: Some(lease),
+                    drain: false,
+                }));
             }
             if self.0.stopping() {
-                return Ok(Response::new(pb::LeaseResponse { lease: None }));
+                return none(false);
             }
             if tokio::time::Instant::now() >= until {
-                return Ok(Response::new(pb::LeaseResponse { lease: None }));
+                return none(false);
             }
             let next = until.min(tokio::time::Instant::now() + refresh);
             tokio::select! {
@@ -872,6 +926,7 @@ impl WorkerService for WorkerApi {
                 .into_iter()
                 .map(|(trial_id, attempt)| pb::HeldLease { trial_id, attempt })
                 .collect(),
+            drain_checkpoint: inner.drained.get(&r.worker_id) == Some(&true),
         }))
     }
 
@@ -1185,6 +1240,56 @@ impl SweepService for SweepApi {
         req: Request<pb::ListArtifactsRequest>,
     ) -> Result<Response<pb::ListArtifactsResponse>, Status> {
         list_artifacts(&self.0, req.into_inner())
+    }
+
+    async fn drain(
+        &self,
+        req: Request<pb::DrainRequest>,
+    ) -> Result<Response<pb::DrainResponse>, Status> {
+        let r = req.into_inner();
+        non_empty("worker_name", &r.worker_name)?;
+        let mut inner = self.0.lock();
+        let ids: Vec<String> = inner
+            .store
+            .workers()
+            .map_err(store_status)?
+            .into_iter()
+            .filter(|w| w.info.name == r.worker_name)
+            .map(|w| w.id)
+            .collect();
+        if ids.is_empty() {
+            return Err(Status::not_found(format!(
+                "worker_name: no worker named {:?} has registered with this coordinator \
+                 (ablate status lists the workers of running trials)",
+                r.worker_name
+            )));
+        }
+        for id in &ids {
+            *inner.drained.entry(id.clone()).or_insert(false) |= r.checkpoint;
+        }
+        let running: Vec<String> = inner
+            .store
+            .trials()
+            .map_err(store_status)?
+            .into_iter()
+            .filter(|t| inner.sched.state(&t.id) == Some(TrialState::Running))
+            .filter(|t| {
+                inner
+                    .sched
+                    .members(&t.id)
+                    .iter()
+                    .any(|m| ids.iter().any(|i| i == m))
+            })
+            .map(|t| t.id)
+            .collect();
+        drop(inner);
+        // Wake a drained worker's pending long-poll so that it hears at once.
+        self.0.notify.notify_waiters();
+        tracing::info!(worker = %r.worker_name, ids = ?ids, checkpoint = r.checkpoint, running = ?running, "worker drained");
+        Ok(Response::new(pb::DrainResponse {
+            worker_ids: ids,
+            running,
+        }))
     }
 
     async fn submit(

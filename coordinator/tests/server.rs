@@ -115,6 +115,7 @@ async fn register(w: &mut WorkerClient, name: &str) -> String {
         memory_bytes: 1 << 30,
         host: "localhost".into(),
         worker_name: name.into(),
+        protocol_version: ablate_proto::PROTOCOL_VERSION,
         ..Default::default()
     })
     .await
@@ -1150,4 +1151,63 @@ async fn the_health_port_serves_health_and_nothing_else() {
         .unwrap()
         .unwrap()
         .unwrap();
+}
+
+/// Version skew is refused at registration with a message naming both versions and what to
+/// upgrade; a worker from before the field (version 0) is still accepted.
+#[tokio::test]
+async fn another_protocol_version_is_refused_and_an_old_worker_accepted() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), Duration::from_secs(30)).await;
+    let mut w = server.worker().await;
+    let req = |v: u32| pb::RegisterRequest {
+        device_kind: "cpu".into(),
+        device_name: "cpu".into(),
+        memory_bytes: 1 << 30,
+        host: "box".into(),
+        worker_name: format!("w{v}"),
+        protocol_version: v,
+        ..Default::default()
+    };
+    let ours = ablate_proto::PROTOCOL_VERSION;
+    // A newer worker than this coordinator: upgrade the coordinator.
+    let err = w.register(req(ours + 1)).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err:?}");
+    let m = err.message();
+    assert!(m.contains(&format!("protocol version {}", ours + 1)), "{m}");
+    assert!(m.contains(&format!("protocol version {ours}")), "{m}");
+    assert!(m.contains("upgrade the coordinator"), "{m}");
+    assert!(m.contains(&format!("\"w{}\"", ours + 1)), "{m}");
+    // An older one (a release that already sent the field): upgrade the worker. Nothing was
+    // registered for either.
+    if ours > 1 {
+        let err = w.register(req(ours - 1)).await.unwrap_err();
+        assert_eq!(err.code(), tonic::Code::FailedPrecondition);
+        assert!(
+            err.message().contains("upgrade the worker"),
+            "{}",
+            err.message()
+        );
+    }
+    // The same version, and version 0 (a worker from before the field): both registered.
+    let resp = w.register(req(ours)).await.unwrap().into_inner();
+    assert_eq!(resp.protocol_version, ours);
+    assert!(!resp.worker_id.is_empty());
+    let old = w.register(req(0)).await.unwrap().into_inner();
+    assert!(!old.worker_id.is_empty());
+    server.shutdown().await;
+    let db = rusqlite::Connection::open(dir.path().join("ablate.sqlite")).unwrap();
+    let mut names: Vec<String> = db
+        .prepare("SELECT name FROM workers ORDER BY name")
+        .unwrap()
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    names.sort();
+    assert_eq!(
+        names,
+        vec!["w0".to_string(), format!("w{ours}")],
+        "refused workers were registered"
+    );
 }

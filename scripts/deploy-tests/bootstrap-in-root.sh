@@ -78,7 +78,7 @@ check_worker() {
   [ "$uid" = "$(chroot "$R" id -u ablate)" ] || fail "the worker runs as uid $uid, not ablate"
   cmd=$(tr '\0' ' ' <"/proc/$pid/cmdline")
   case "$cmd" in
-    "/usr/local/bin/ablate-worker --all-gpus --name rented-box --token-file /etc/ablate/worker.token --work-dir /var/lib/ablate-worker ") ;;
+    "/usr/local/bin/ablate-worker --all-gpus --name rented-box --token-file /etc/ablate/worker.token --work-dir /var/lib/ablate-worker --stop-grace 60s ") ;;
     *) fail "worker command line: $cmd" ;;
   esac
   envs=$(tr '\0' '\n' <"/proc/$pid/environ")

@@ -10,8 +10,9 @@ what would be applied, not the source).
    number of folders, `!` re-includes, the last match wins, a matched folder excludes all under
    it), every file git tracks is sent to the build and no build output or secret is;
  - the stop budget: each supervisor (systemd units, compose, Kubernetes, Slurm, bootstrap.sh)
-   waits at least the worker's stop grace + 10 s before it kills a worker, so a worker that
-   checkpoints is never killed mid-upload;
+   sets the worker's stop grace (--stop-grace / ABLATE_STOP_GRACE) explicitly and waits at
+   least that grace + 10 s before it kills a worker, so a worker that checkpoints is never
+   killed mid-upload;
  - multi-GPU trials: compose's worker container and the k8s-multi-gpu pods hold several GPUs and
    run `ablate-worker --all-gpus` (a gang forms among the workers of one host);
  - logs are bounded (compose log driver options); CUDA images are tagged with their architecture.
@@ -105,16 +106,6 @@ for p in ("secrets/ca.key", "secrets/worker.token", "deploy/compose/secrets/admi
         problem(f".gitignore does not ignore {p}")
 
 # --- the stop budget ----------------------------------------------------------------------------
-remote = read("worker/src/remote.rs")
-m = re.search(r"STOP_GRACE: Duration = Duration::from_secs\((\d+)\)", remote)
-if not m:
-    problem("worker/src/remote.rs: STOP_GRACE not found (the stop budget check reads it)")
-    grace = 25
-else:
-    grace = int(m.group(1))
-need = grace + 10
-
-
 def seconds(v):
     """90, "90s", "1m30s", "90" -> 90."""
     if isinstance(v, int):
@@ -129,29 +120,62 @@ def seconds(v):
     return total + int(num or 0)
 
 
-budgets = {}
-for unit in ("ablate-worker@.service",):
-    m = re.search(r"^TimeoutStopSec=(\S+)", read(f"deploy/systemd/{unit}"), re.M)
-    budgets[f"systemd {unit} TimeoutStopSec"] = seconds(m.group(1)) if m else 0
+def grace_in_args(args):
+    """--stop-grace=60s or --stop-grace 60s in an argv list -> seconds, else None."""
+    for i, a in enumerate(args):
+        if a.startswith("--stop-grace="):
+            return seconds(a.split("=", 1)[1])
+        if a == "--stop-grace" and i + 1 < len(args):
+            return seconds(args[i + 1])
+    return None
+
+
+# (what, the supervisor's budget in s, the worker's stop grace in s or None when not set)
+budgets = []
+unit = read("deploy/systemd/ablate-worker@.service")
+m = re.search(r"^TimeoutStopSec=(\S+)", unit, re.M)
+g = re.search(r"^Environment=ABLATE_STOP_GRACE=(\S+)", unit, re.M)
+if not re.search(r"^RestartPreventExitStatus=.*\b78\b", unit, re.M):
+    problem("systemd ablate-worker@.service: no RestartPreventExitStatus=78 (a worker refused for "
+            "version skew would be restarted forever)")
+budgets.append(("systemd ablate-worker@.service TimeoutStopSec", seconds(m.group(1)) if m else 0,
+                seconds(g.group(1)) if g else None))
 compose = json.load(open(COMPOSE_JSON))
 for name, svc in compose["services"].items():
-    if "ablate-worker" in " ".join(svc.get("command") or []):
-        budgets[f"compose {name} stop_grace_period"] = seconds(svc.get("stop_grace_period", "10s"))
+    cmd = svc.get("command") or []
+    if "ablate-worker" in " ".join(cmd):
+        env = svc.get("environment") or {}
+        g = grace_in_args(cmd)
+        if g is None and env.get("ABLATE_STOP_GRACE"):
+            g = seconds(env["ABLATE_STOP_GRACE"])
+        budgets.append((f"compose {name} stop_grace_period",
+                        seconds(svc.get("stop_grace_period", "10s")), g))
 for path in (K8S_BASE, K8S_GANG):
     for doc in yaml.safe_load_all(open(path)):
         if doc and doc.get("kind") in ("Deployment", "StatefulSet"):
             spec = doc["spec"]["template"]["spec"]
-            if any("ablate-worker" in (c.get("args") or []) for c in spec["containers"]):
-                budgets[f"k8s {os.path.basename(path)} {doc['metadata']['name']} terminationGracePeriodSeconds"] = \
-                    spec.get("terminationGracePeriodSeconds", 30)
-m = re.search(r"^#SBATCH --signal=B:\w+@(\d+)", read("deploy/slurm/ablate-worker.sbatch"), re.M)
-budgets["slurm --signal warning"] = int(m.group(1)) if m else 0
-m = re.search(r"for _ in \$\(seq 1 (\d+)\); do\n\s+kill -0 \"\$old\"", read("deploy/bootstrap.sh"))
-budgets["bootstrap.sh stop wait"] = int(m.group(1)) if m else 0
-for what, secs in budgets.items():
-    if secs < need:
+            for c in spec["containers"]:
+                if "ablate-worker" in (c.get("args") or []):
+                    budgets.append((
+                        f"k8s {os.path.basename(path)} {doc['metadata']['name']} terminationGracePeriodSeconds",
+                        spec.get("terminationGracePeriodSeconds", 30), grace_in_args(c["args"])))
+sbatch = read("deploy/slurm/ablate-worker.sbatch")
+g = re.search(r'^export ABLATE_STOP_GRACE="\$\{ABLATE_STOP_GRACE:-(\w+)\}"', sbatch, re.M)
+g = seconds(g.group(1)) if g else None
+m = re.search(r"^#SBATCH --signal=B:\w+@(\d+)", sbatch, re.M)
+budgets.append(("slurm --signal warning", int(m.group(1)) if m else 0, g))
+# scancel / preemption: Slurm's default KillWait.
+budgets.append(("slurm KillWait (default)", 30, g))
+boot = read("deploy/bootstrap.sh")
+m = re.search(r"for _ in \$\(seq 1 (\d+)\); do\n\s+kill -0 \"\$old\"", boot)
+g = re.search(r"--stop-grace (\d+[hms]?)\b", boot)
+budgets.append(("bootstrap.sh stop wait", int(m.group(1)) if m else 0, seconds(g.group(1)) if g else None))
+for what, secs, grace in budgets:
+    if grace is None:
+        problem(f"{what}: the worker's stop grace is not set there (--stop-grace / ABLATE_STOP_GRACE)")
+    elif secs < grace + 10:
         problem(f"{what} = {secs} s: less than the worker's stop grace ({grace} s) + 10 s")
-print(f"kit_checks: stop grace {grace} s; budgets: " + ", ".join(f"{k} {v} s" for k, v in budgets.items()))
+print("kit_checks: stop budgets: " + ", ".join(f"{w} {s} s (grace {g} s)" for w, s, g in budgets))
 
 # --- multi-GPU forms ----------------------------------------------------------------------------
 w = compose["services"].get("workers")

@@ -1113,3 +1113,220 @@ fn network_cut_worker_keeps_training_replays_reports_and_the_lease_decides() {
     );
     drop(ns);
 }
+
+/// Drain, three ways, in one sweep: `ablate drain W --checkpoint` (the worker checkpoints, gives
+/// its trial back as a preemption and exits 0), SIGUSR1 on a worker (it finishes its trial, takes
+/// no new one, exits 0) and `ablate drain W` (the same, ordered by the coordinator). Another
+/// worker resumes the given-back trial from its checkpoint; the audit sees every trial finished
+/// once.
+#[test]
+fn drain_by_the_coordinator_and_by_sigusr1_finishes_or_gives_back_and_exits() {
+    let mut c = Cluster::new("drain", 5, "127.0.0.1");
+    c.start_coordinator();
+    c.submit(&fault_sweep(&c.sweep.clone(), PRE_STEPS, FT_STEPS));
+    c.spawn_worker("a");
+    c.spawn_worker("b");
+    let token = c.admin_token.display().to_string();
+    let url = c.url.clone();
+    let drain = |c: &Cluster, args: &[&str]| {
+        let mut a = vec!["drain"];
+        a.extend_from_slice(args);
+        a.extend_from_slice(&["--coordinator", &url, "--token-file", &token]);
+        c.ablate(&a)
+    };
+    let (ok, out) = drain(&c, &["nobody"]);
+    assert!(!ok && out.contains("no worker named \"nobody\""), "{out}");
+
+    // 1. --checkpoint: the trial is given back at once.
+    let (trial, attempt, victim) = c.wait_mid_trial(FT_STEPS / 10 + 1);
+    let (ok, out) = drain(&c, &[&victim, "--checkpoint"]);
+    assert!(ok, "{out}");
+    assert!(out.contains(&format!("drained worker {victim}")), "{out}");
+    assert!(
+        out.contains(&trial),
+        "the drain names the running trial: {out}"
+    );
+    let i = c.worker_index(&victim);
+    let status = c.workers[i]
+        .wait_timeout(Duration::from_secs(60))
+        .unwrap_or_else(|| panic!("drained worker did not exit\n{}", c.logs()));
+    assert!(status.success(), "drained worker: {status}\n{}", c.logs());
+    let attempts = c.attempts(&trial);
+    assert_eq!(
+        attempts[(attempt - 1) as usize].1.as_deref(),
+        Some("preempted"),
+        "the drained attempt was checkpointed and given back\n{}",
+        c.logs()
+    );
+
+    // 2. SIGUSR1 on the other worker: it finishes what it runs, takes nothing new.
+    let (trial2, attempt2, other) = c.wait_mid_trial(1);
+    assert_ne!(other, victim);
+    let j = c.worker_index(&other);
+    c.workers[j].signal(libc::SIGUSR1);
+    let status = c.workers[j]
+        .wait_timeout(WAIT)
+        .unwrap_or_else(|| panic!("SIGUSR1-drained worker did not exit\n{}", c.logs()));
+    assert!(status.success(), "SIGUSR1 drain: {status}\n{}", c.logs());
+    let attempts2 = c.attempts(&trial2);
+    assert_eq!(
+        attempts2[(attempt2 - 1) as usize].1.as_deref(),
+        Some("finished"),
+        "SIGUSR1 lets the running trial finish\n{}",
+        c.logs()
+    );
+    let other_id: String = c
+        .db()
+        .query_row("SELECT id FROM workers WHERE name = ?1", [&other], |r| {
+            r.get(0)
+        })
+        .unwrap();
+    let after: i64 = c
+        .db()
+        .query_row(
+            "SELECT COUNT(*) FROM attempts WHERE worker_id = ?1 AND NOT (trial_id = ?2 AND attempt = ?3)
+             AND started_ms >= (SELECT started_ms FROM attempts WHERE trial_id = ?2 AND attempt = ?3)",
+            rusqlite::params![other_id, trial2, attempt2],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(
+        after,
+        0,
+        "the drained worker took another trial\n{}",
+        c.logs()
+    );
+
+    // 3. `ablate drain W` without --checkpoint: a fresh worker resumes the given-back trial,
+    // is drained mid-way, finishes it and exits.
+    c.spawn_worker("c");
+    let (trial3, attempt3, w3) = c.wait_mid_trial(1);
+    assert_eq!(w3, "c");
+    let (ok, out) = drain(&c, &["c"]);
+    assert!(ok && out.contains("it finishes"), "{out}");
+    let k = c.worker_index("c");
+    let status = c.workers[k]
+        .wait_timeout(WAIT)
+        .unwrap_or_else(|| panic!("drained worker c did not exit\n{}", c.logs()));
+    assert!(status.success(), "drain c: {status}\n{}", c.logs());
+    assert_eq!(
+        c.attempts(&trial3)[(attempt3 - 1) as usize].1.as_deref(),
+        Some("finished"),
+        "{}",
+        c.logs()
+    );
+    if trial3 == trial {
+        assert_resumed(&c, &trial, attempt3);
+    }
+    c.audit(
+        "drain",
+        "ablate drain --checkpoint, SIGUSR1, ablate drain: one gives back, two finish",
+    );
+}
+
+/// `ablate backup` mid-sweep while the coordinator writes, then the host is lost (kill -9 of
+/// the coordinator and every worker); `ablate restore` into a fresh state folder, a new
+/// coordinator on it and new workers finish the sweep, resuming the trial that was running from
+/// the checkpoint the backup holds. A damaged backup and a non-empty target are refused.
+#[test]
+fn backup_mid_sweep_restores_into_a_new_coordinator_that_finishes_the_sweep() {
+    let mut c = Cluster::new("backup", 5, "127.0.0.1");
+    c.start_coordinator();
+    c.submit(&fault_sweep(&c.sweep.clone(), PRE_STEPS, FT_STEPS));
+    c.spawn_worker("a");
+    c.spawn_worker("b");
+    let (trial, attempt, _) = c.wait_mid_trial(FT_STEPS / 10 + 1);
+    let backup = c.root().join("backup");
+    let (ok, out) = c.ablate(&[
+        "backup",
+        "--state",
+        c.state.to_str().unwrap(),
+        "--out",
+        backup.to_str().unwrap(),
+    ]);
+    assert!(ok, "backup failed:\n{out}");
+    assert!(out.contains("backed up"), "{out}");
+    let manifest: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(backup.join("BACKUP.json")).unwrap())
+            .unwrap();
+    let files = manifest["files"].as_array().unwrap();
+    assert!(
+        files.iter().any(|f| f["path"]
+            .as_str()
+            .unwrap()
+            .starts_with(&format!("artifacts/{trial}/ckpt/"))),
+        "the running trial's checkpoint is in the backup: {manifest}"
+    );
+    assert!(files
+        .iter()
+        .all(|f| f["sha256"].as_str().is_some_and(|s| s.len() == 64)));
+
+    // The host is lost.
+    c.kill_coordinator();
+    for w in c.workers.iter_mut() {
+        w.signal(libc::SIGKILL);
+        w.wait_timeout(Duration::from_secs(10))
+            .expect("killed worker exits");
+    }
+
+    // A damaged copy is refused before anything is written.
+    let damaged = c.root().join("damaged");
+    assert!(Command::new("cp")
+        .arg("-r")
+        .arg(&backup)
+        .arg(&damaged)
+        .status()
+        .unwrap()
+        .success());
+    let db = damaged.join("ablate.sqlite");
+    let mut bytes = std::fs::read(&db).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0xff;
+    std::fs::write(&db, bytes).unwrap();
+    let elsewhere = c.root().join("state-damaged");
+    let (ok, out) = c.ablate(&[
+        "restore",
+        damaged.to_str().unwrap(),
+        "--state",
+        elsewhere.to_str().unwrap(),
+    ]);
+    assert!(!ok && out.contains("does not match the manifest"), "{out}");
+    assert!(!elsewhere.join("ablate.sqlite").exists());
+
+    let fresh = c.root().join("state-restored");
+    let (ok, out) = c.ablate(&[
+        "restore",
+        backup.to_str().unwrap(),
+        "--state",
+        fresh.to_str().unwrap(),
+    ]);
+    assert!(ok, "restore failed:\n{out}");
+    let (ok, out) = c.ablate(&[
+        "restore",
+        backup.to_str().unwrap(),
+        "--state",
+        fresh.to_str().unwrap(),
+    ]);
+    assert!(!ok && out.contains("holds a store already"), "{out}");
+
+    // A new coordinator (new port) on the restored state, new workers.
+    c.state = fresh;
+    c.listen = "127.0.0.1:0".into();
+    c.start_coordinator();
+    c.spawn_worker("c");
+    c.spawn_worker("d");
+    let next = c.wait_until("the restored trial to finish", |db| {
+        db.query_row(
+            "SELECT MAX(attempt) FROM attempts WHERE trial_id = ?1 AND outcome = 'finished'",
+            [&trial],
+            |r| r.get::<_, Option<u32>>(0),
+        )
+        .unwrap()
+    });
+    assert!(next > attempt, "a new attempt finished the trial");
+    assert_resumed(&c, &trial, next);
+    c.audit(
+        "backup and restore",
+        "ablate backup mid-sweep, kill -9 everything, ablate restore into a new coordinator",
+    );
+}

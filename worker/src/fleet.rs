@@ -7,11 +7,14 @@
 //! growing delay, at most `max_restarts` times in a row (a child that ran five minutes starts a
 //! fresh count): a GPU that keeps failing is given up with an error in the log, and when every
 //! GPU has been given up the supervisor exits non-zero, so systemd, Slurm or the container
-//! runtime sees the failure instead of a restart loop. On SIGTERM/SIGINT it forwards SIGTERM to
-//! every child (each checkpoints and reports its attempt as preempted) and exits when they all
-//! have. A repeat within [`crate::signals::REPEAT_WINDOW`] is the same request (Slurm signals
-//! every process of the job, the supervisor included) and is not forwarded again; a later one
-//! is forwarded as SIGINT, which makes the children exit at once.
+//! runtime sees the failure instead of a restart loop. A child the coordinator refused (exit 78,
+//! version skew) is never restarted; when every child was, the supervisor exits 78 too. On SIGTERM/SIGINT it forwards SIGTERM to
+//! every child (each checkpoints and reports its attempt as preempted within the stop grace the
+//! children were given) and exits when they all have. A repeated SIGTERM is the same request
+//! (Slurm signals every process of the job, the supervisor included) and is not forwarded again;
+//! a later Ctrl-C is forwarded as SIGINT, which makes the children exit at once
+//! ([`crate::signals`]). SIGUSR1 is forwarded to every child (each finishes its trial, takes no
+//! new one and exits 0), and the supervisor exits when they all have.
 
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -32,6 +35,8 @@ pub struct FleetOpts {
     pub name: String,
     /// Restarts in a row after which a GPU's worker is given up.
     pub max_restarts: u32,
+    /// Each child's `--stop-grace`.
+    pub stop_grace: Duration,
 }
 
 /// What the supervisor does when a child exits on its own.
@@ -73,6 +78,7 @@ pub fn child_command(opts: &FleetOpts, gpu: &str) -> (Vec<String>, Vec<(String, 
         "cuda:0".into(),
         "--name".into(),
         format!("{}-gpu{tag}", opts.name),
+        format!("--stop-grace={}s", opts.stop_grace.as_secs()),
     ];
     let mut path_arg = |flag: &str, p: &Option<PathBuf>| {
         if let Some(p) = p {
@@ -142,31 +148,40 @@ pub async fn run_fleet(opts: FleetOpts, gpus: Vec<String>) -> anyhow::Result<()>
     }
     let mut term = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
+    let mut usr1 = signal(SignalKind::user_defined1()).context("installing SIGUSR1 handler")?;
     let mut tick = tokio::time::interval(Duration::from_millis(500));
     let mut stops = crate::signals::StopSignals::new();
     let mut stopping = false;
     let mut given_up = 0usize;
+    // Of those, children the coordinator refused (exit 78): restarting cannot help.
+    let mut refused = 0usize;
     loop {
         let got = tokio::select! {
-            _ = term.recv() => true,
-            _ = int.recv() => true,
-            _ = tick.tick() => false,
+            _ = term.recv() => Some(crate::signals::Signal::Term),
+            _ = int.recv() => Some(crate::signals::Signal::Int),
+            _ = usr1.recv() => {
+                if !stopping {
+                    tracing::info!("SIGUSR1: draining every worker (each finishes its trial, then exits)");
+                    stopping = true;
+                }
+                forward(&members, libc::SIGUSR1);
+                None
+            }
+            _ = tick.tick() => None,
         };
-        if got {
+        if let Some(sig) = got {
             use crate::signals::StopAction;
-            match stops.received(Instant::now()) {
+            match stops.received(sig, Instant::now()) {
                 StopAction::Stop => {
                     tracing::info!("stop signal: asking every worker to checkpoint and stop");
                     stopping = true;
                     forward(&members, libc::SIGTERM);
                 }
                 StopAction::Repeat => {
-                    tracing::info!(
-                        "the same stop request again (within the repeat window): already stopping"
-                    );
+                    tracing::info!(signal = ?sig, "the same stop request again: already stopping");
                 }
                 StopAction::ExitNow => {
-                    tracing::warn!("another stop signal: telling every worker to exit now");
+                    tracing::warn!("another Ctrl-C: telling every worker to exit now");
                     forward(&members, libc::SIGINT);
                 }
             }
@@ -176,7 +191,11 @@ pub async fn run_fleet(opts: FleetOpts, gpus: Vec<String>) -> anyhow::Result<()>
             if let Some(c) = &mut m.child {
                 if let Ok(Some(status)) = c.try_wait() {
                     m.child = None;
-                    if !stopping {
+                    if !stopping && status.code() == Some(i32::from(ablate_proto::EXIT_CONFIG)) {
+                        given_up += 1;
+                        refused += 1;
+                        tracing::error!(gpu = %m.gpu, %status, "the coordinator refused this GPU's worker (see its log above: version skew?); not restarting it");
+                    } else if !stopping {
                         match after_exit(m.restarts, m.started.elapsed(), opts.max_restarts) {
                             AfterExit::Restart { delay, in_a_row } => {
                                 m.restarts = in_a_row;
@@ -208,6 +227,11 @@ pub async fn run_fleet(opts: FleetOpts, gpus: Vec<String>) -> anyhow::Result<()>
         if stopping && members.iter().all(|m| m.child.is_none()) {
             tracing::info!("every worker stopped");
             return Ok(());
+        }
+        if given_up == members.len() && refused == members.len() {
+            return Err(anyhow::Error::new(crate::remote::Refused(
+                "the coordinator refused every GPU's worker (version skew: see above)".into(),
+            )));
         }
         if given_up == members.len() {
             bail!(
@@ -243,11 +267,13 @@ mod tests {
             work_dir: Some("/var/lib/ablate-worker".into()),
             name: "box1".into(),
             max_restarts: 5,
+            stop_grace: Duration::from_secs(60),
         };
         let (args, env) = child_command(&opts, "2");
         let joined = args.join(" ");
         assert!(joined.contains("--device cuda:0"), "{joined}");
         assert!(joined.contains("--name box1-gpu2"), "{joined}");
+        assert!(joined.contains("--stop-grace=60s"), "{joined}");
         assert!(
             joined.contains("--token-file /etc/ablate/worker.token"),
             "{joined}"

@@ -2,8 +2,9 @@
 //!
 //! One process per GPU (or CPU); `--all-gpus` starts and supervises one per visible GPU
 //! ([`worker::fleet`]). The first SIGTERM/SIGINT asks the running trial to checkpoint and
-//! report itself preempted, then the process exits 0 (spot machines get a short notice); a second
-//! signal exits at once.
+//! report itself preempted, then the process exits 0 within its stop grace (`--stop-grace`); a
+//! repeated SIGTERM is the same request, a later Ctrl-C exits at once ([`worker::signals`]).
+//! SIGUSR1 drains: the running trial finishes, no new one is taken, the process exits 0.
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -78,6 +79,12 @@ struct Cli {
     /// every GPU's worker gets it.
     #[arg(long, env = "ABLATE_PRICE_PER_HOUR", value_parser = parse_price)]
     price_per_hour: Option<f64>,
+    /// After the first SIGTERM/SIGINT, exit within this long (60s, 1m30s) even if the checkpoint
+    /// upload or the preempted report has not gone through: set it a little under the
+    /// supervisor's stop timeout (systemd TimeoutStopSec, compose stop_grace_period, Kubernetes
+    /// terminationGracePeriodSeconds, Slurm KillWait). With --all-gpus every child gets it.
+    #[arg(long, env = "ABLATE_STOP_GRACE", default_value_t = worker::signals::StopGrace::default())]
+    stop_grace: worker::signals::StopGrace,
 }
 
 fn parse_price(s: &str) -> Result<f64, String> {
@@ -115,6 +122,10 @@ fn main() -> std::process::ExitCode {
         Ok(()) => std::process::exit(0),
         Err(e) => {
             eprintln!("error: {e:#}");
+            if e.downcast_ref::<worker::remote::Refused>().is_some() {
+                // Restarting cannot help (version skew): say so to the supervisor.
+                return std::process::ExitCode::from(ablate_proto::EXIT_CONFIG);
+            }
             std::process::ExitCode::FAILURE
         }
     }
@@ -141,8 +152,9 @@ fn real_main() -> anyhow::Result<()> {
     let rt = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     rt.block_on(async move {
         let stop = Arc::new(AtomicBool::new(false));
-        tokio::spawn(watch_signals(stop.clone()));
-        run_remote(opts, stop).await
+        let drain = Arc::new(AtomicBool::new(false));
+        tokio::spawn(watch_signals(stop.clone(), drain.clone()));
+        run_remote(opts, stop, drain).await
     })
 }
 
@@ -181,6 +193,7 @@ fn fleet_opts(cli: Cli) -> anyhow::Result<worker::fleet::FleetOpts> {
         work_dir: cli.work_dir,
         name,
         max_restarts: cli.max_restarts,
+        stop_grace: cli.stop_grace.0,
     })
 }
 
@@ -231,6 +244,7 @@ fn remote_opts(cli: Cli) -> anyhow::Result<RemoteOpts> {
         work_dir,
         name,
         price_per_hour: cli.price_per_hour.unwrap_or(0.0),
+        stop_grace: cli.stop_grace.0,
     })
 }
 
@@ -248,38 +262,46 @@ fn read_token(path: &std::path::Path) -> anyhow::Result<String> {
     Ok(t.to_string())
 }
 
-async fn watch_signals(stop: Arc<AtomicBool>) {
+async fn watch_signals(stop: Arc<AtomicBool>, drain: Arc<AtomicBool>) {
     use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (
+    use worker::signals::{Signal, StopAction};
+    let (Ok(mut term), Ok(mut int), Ok(mut usr1)) = (
         signal(SignalKind::terminate()),
         signal(SignalKind::interrupt()),
+        signal(SignalKind::user_defined1()),
     ) else {
         tracing::warn!("cannot install signal handlers");
         return;
     };
-    // Slurm signals every process of a job and a supervisor forwards its own copy: a repeat
-    // within the window is the same request (worker::signals), only a later one exits at once.
+    // Slurm signals every process of a job and a supervisor forwards its own copy: a repeated
+    // SIGTERM is the same request (worker::signals); only a later Ctrl-C exits at once.
     let mut stops = worker::signals::StopSignals::new();
     loop {
-        tokio::select! {
-            _ = term.recv() => {}
-            _ = int.recv() => {}
-        }
-        match stops.received(std::time::Instant::now()) {
-            worker::signals::StopAction::Stop => {
+        let sig = tokio::select! {
+            _ = term.recv() => Signal::Term,
+            _ = int.recv() => Signal::Int,
+            _ = usr1.recv() => {
+                // Drain: finish the running trial, take no new one, exit 0.
+                tracing::info!("SIGUSR1: draining (finishing the running trial, taking no new one, then exiting)");
+                drain.store(true, Ordering::SeqCst);
+                continue;
+            }
+        };
+        match stops.received(sig, std::time::Instant::now()) {
+            StopAction::Stop => {
                 tracing::info!(
-                    "signal received: checkpointing and stopping (send again after {:?} to exit at once)",
+                    signal = ?sig,
+                    "stop signal: checkpointing and stopping within the stop grace (Ctrl-C again \
+                     after {:?} exits at once)",
                     worker::signals::REPEAT_WINDOW
                 );
                 stop.store(true, Ordering::SeqCst);
             }
-            worker::signals::StopAction::Repeat => {
-                tracing::info!(
-                    "the same stop request again (within the repeat window): already stopping"
-                );
+            StopAction::Repeat => {
+                tracing::info!(signal = ?sig, "the same stop request again: already stopping");
             }
-            worker::signals::StopAction::ExitNow => {
-                tracing::warn!("another signal: exiting now");
+            StopAction::ExitNow => {
+                tracing::warn!("another Ctrl-C: exiting now, without a checkpoint");
                 std::process::exit(130);
             }
         }

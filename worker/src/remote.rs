@@ -24,7 +24,7 @@
 //! `Fail` with the error's reason and whether retrying can help. SIGTERM/SIGINT (see `main.rs`) set
 //! the global stop flag: the trial checkpoints, `ckpt/` is uploaded, the attempt is reported as
 //! preempted (no retry budget spent) and the worker exits; if the coordinator cannot be reached
-//! to say so, the process still exits [`STOP_GRACE`] after the signal. Every call to the
+//! to say so, the process still exits its stop grace ([`RemoteOpts::stop_grace`]) after the signal. Every call to the
 //! coordinator is retried with capped, jittered exponential backoff while it is unreachable, and
 //! each short call has its own time limit, so a silently dead connection is noticed.
 
@@ -61,9 +61,6 @@ const MAX_BACKOFF: Duration = Duration::from_secs(30);
 /// Time limit of one short call (report, heartbeat, complete, fail): a call on a connection that
 /// died silently (cable cut, NAT timeout) fails after this and is retried.
 const CALL_TIMEOUT: Duration = Duration::from_secs(10);
-/// After SIGTERM/SIGINT the worker exits within this long even if the coordinator is unreachable
-/// (spot machines give about 30 s of notice).
-pub const STOP_GRACE: Duration = Duration::from_secs(25);
 
 /// Everything remote mode needs, resolved from flags and environment by `main.rs`.
 /// (No `Debug`: it holds the worker token, which must never reach a log.)
@@ -83,7 +80,24 @@ pub struct RemoteOpts {
     pub name: String,
     /// Sent at registration for the report's cost table (0: not set).
     pub price_per_hour: f64,
+    /// After the first stop signal the worker exits within this long, even if the coordinator
+    /// is unreachable ([`crate::signals`]).
+    pub stop_grace: Duration,
 }
+
+/// The coordinator refused this worker for a reason that restarting cannot fix (version skew):
+/// `ablate-worker` exits [`ablate_proto::EXIT_CONFIG`] (78) on it, which the systemd unit, the
+/// `--all-gpus` supervisor and the Slurm script do not restart.
+#[derive(Debug)]
+pub struct Refused(pub String);
+
+impl std::fmt::Display for Refused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Refused {}
 
 /// Builds the runner's environment for one trial (base dir, out dir, cache dir, stop flag, the
 /// gang's collective).
@@ -113,8 +127,13 @@ impl Interceptor for Bearer {
     }
 }
 
-/// Run until the stop flag is set (between trials, or after the running trial checkpointed).
-pub async fn run_remote(opts: RemoteOpts, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
+/// Run until the stop flag is set (between trials, or after the running trial checkpointed), or
+/// until the drain flag is set (SIGUSR1, or `ablate drain` on the coordinator) and no trial runs.
+pub async fn run_remote(
+    opts: RemoteOpts,
+    stop: Arc<AtomicBool>,
+    drain: Arc<AtomicBool>,
+) -> anyhow::Result<()> {
     let device = experiments::runner::parse_device(&opts.device)
         .with_context(|| format!("--device {}", opts.device))?;
     // The worker crate does not name candle's types: a closure carries the device instead.
@@ -138,19 +157,25 @@ pub async fn run_remote(opts: RemoteOpts, stop: Arc<AtomicBool>) -> anyhow::Resu
         make_env,
         gang_device,
         stop,
+        drain,
         worker_id: String::new(),
         ttl: Duration::from_secs(30),
     };
-    // Preemption is bounded: whatever the network does, exit STOP_GRACE after the first signal.
+    // Preemption is bounded: whatever the network does, exit the stop grace after the first
+    // signal.
     let watchdog_stop = w.stop.clone();
+    let grace = w.opts.stop_grace;
     tokio::spawn(async move {
         flag_set(&watchdog_stop).await;
-        tokio::time::sleep(STOP_GRACE).await;
-        tracing::warn!(grace = ?STOP_GRACE, "could not finish stopping in time: exiting now");
+        tokio::time::sleep(grace).await;
+        tracing::warn!(
+            ?grace,
+            "could not finish stopping within the stop grace: exiting now"
+        );
         std::process::exit(1);
     });
     w.register().await?;
-    while !w.stopping() {
+    while !w.stopping() && !w.draining() {
         let lease = match w.lease().await {
             Ok(Some(l)) => l,
             Ok(None) => continue,
@@ -165,7 +190,11 @@ pub async fn run_remote(opts: RemoteOpts, stop: Arc<AtomicBool>) -> anyhow::Resu
         let span = tracing::info_span!("trial", id = %lease.trial_id, attempt = lease.attempt);
         w.run_lease(lease).instrument(span).await?;
     }
-    tracing::info!("stopping: no trial running");
+    if w.draining() && !w.stopping() {
+        tracing::info!("drained: no trial running, taking no new one; exiting");
+    } else {
+        tracing::info!("stopping: no trial running");
+    }
     Ok(())
 }
 
@@ -275,6 +304,8 @@ struct Worker {
     #[cfg_attr(not(feature = "nccl"), allow(dead_code))]
     gang_device: candle_core::Device,
     stop: Arc<AtomicBool>,
+    /// Finish the running trial, take no new one, exit 0.
+    drain: Arc<AtomicBool>,
     worker_id: String,
     ttl: Duration,
 }
@@ -282,6 +313,10 @@ struct Worker {
 impl Worker {
     fn stopping(&self) -> bool {
         self.stop.load(Ordering::SeqCst)
+    }
+
+    fn draining(&self) -> bool {
+        self.drain.load(Ordering::SeqCst)
     }
 
     async fn register(&mut self) -> anyhow::Result<()> {
@@ -293,6 +328,7 @@ impl Worker {
             host: hostname(),
             worker_name: self.opts.name.clone(),
             price_per_hour: self.opts.price_per_hour,
+            protocol_version: ablate_proto::PROTOCOL_VERSION,
         };
         let stop = self.stop.clone();
         let client = self.client.clone();
@@ -302,7 +338,17 @@ impl Worker {
             async move { c.register(req).await }
         })
         .await
-        .map_err(|e| anyhow::anyhow!("register with {}: {}", self.opts.coordinator, e.message()))?
+        .map_err(|e| {
+            if e.code() == Code::FailedPrecondition {
+                anyhow::Error::new(Refused(format!(
+                    "the coordinator {} refused this worker: {}",
+                    self.opts.coordinator,
+                    e.message()
+                )))
+            } else {
+                anyhow::anyhow!("register with {}: {}", self.opts.coordinator, e.message())
+            }
+        })?
         .into_inner();
         self.worker_id = resp.worker_id;
         self.ttl = Duration::from_millis(resp.lease_ttl_ms.max(300));
@@ -324,13 +370,21 @@ impl Worker {
             let req = req.clone();
             async move { c.lease(req).await }
         });
-        // A stop while idle must not wait for the long poll to run out.
+        // A stop or a drain while idle must not wait for the long poll to run out.
         let r = tokio::select! {
             r = call => r,
             _ = flag_set(&stop) => return Ok(None),
+            _ = flag_set(&self.drain) => return Ok(None),
         };
         match r {
-            Ok(resp) => Ok(resp.into_inner().lease),
+            Ok(resp) => {
+                let resp = resp.into_inner();
+                if resp.drain {
+                    tracing::info!("the coordinator drained this worker (ablate drain)");
+                    self.drain.store(true, Ordering::SeqCst);
+                }
+                Ok(resp.lease)
+            }
             Err(e) if self.stopping() && transient(&e) => Ok(None),
             Err(e) => Err(e),
         }
@@ -1043,6 +1097,10 @@ async fn heartbeat_loop(
                             lost.store(true, Ordering::SeqCst);
                             trial_stop.store(true, Ordering::SeqCst);
                         }
+                        if resp.drain_checkpoint && !global_stop.swap(true, Ordering::SeqCst) {
+                            // As on SIGTERM: checkpoint, give the trial back, exit 0.
+                            tracing::info!("drained with --checkpoint (ablate drain): checkpointing the trial and giving it back");
+                        }
                     }
                     Err(e) if e.code() == Code::NotFound => {
                         tracing::warn!("coordinator no longer knows this worker: stopping the trial");
@@ -1442,6 +1500,7 @@ mod tests {
         ) -> Result<tonic::Response<pb::LeaseResponse>, Status> {
             Ok(tonic::Response::new(pb::LeaseResponse {
                 lease: Some(self.0.lease.clone()),
+                drain: false,
             }))
         }
         async fn heartbeat(
@@ -1579,6 +1638,7 @@ mod tests {
             work_dir: work.clone(),
             name: "w".into(),
             price_per_hour: 0.0,
+            stop_grace: crate::signals::DEFAULT_STOP_GRACE,
         };
         let make_env: EnvFactory = Arc::new(|base_dir, out_dir, cache_dir, stop, sync| TrialEnv {
             device: candle_core::Device::Cpu,
@@ -1594,6 +1654,7 @@ mod tests {
             make_env,
             gang_device: candle_core::Device::Cpu,
             stop: Arc::new(AtomicBool::new(false)),
+            drain: Arc::new(AtomicBool::new(false)),
             worker_id: "w1".into(),
             ttl: Duration::from_secs(30),
         };
