@@ -36,6 +36,9 @@ pub enum Command {
     Run(RunArgs),
     /// Run a long-lived coordinator that remote workers and clients connect to.
     Serve(ServeArgs),
+    /// Print the trials a sweep file expands to and check what running it needs (corpora, base
+    /// models, ranks against workers) without training anything; exit status 1 when a check fails.
+    Plan(crate::plan::PlanArgs),
     /// Submit a sweep file to a coordinator (trials already present are not added again).
     Submit(SubmitArgs),
     /// Show the trials of a sweep (with --watch: until every trial has finished).

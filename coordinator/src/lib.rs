@@ -9,6 +9,7 @@ pub mod cost;
 pub mod export;
 pub mod html;
 pub mod metrics;
+pub mod plan;
 pub mod plots;
 pub mod progress;
 pub mod report;

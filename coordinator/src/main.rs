@@ -33,6 +33,7 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Run(args) => coordinator::run::run(args).await,
             Command::Serve(args) => coordinator::cli::serve(args).await.map(|()| 0),
+            Command::Plan(args) => coordinator::plan::plan_command(args),
             Command::Submit(args) => coordinator::cli::submit(args).await.map(|()| 0),
             Command::Status(args) => coordinator::cli::status(args).await,
             Command::List(args) => coordinator::cli::list(args).await.map(|()| 0),

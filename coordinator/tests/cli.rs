@@ -414,3 +414,92 @@ fn python_grpc_client_uses_reflection_health_and_the_admin_api() {
     assert_eq!(got["anonymous_list"], "UNAUTHENTICATED", "{got}");
     assert!(server.terminate().success());
 }
+
+/// `ablate plan`: the trial table with the ids a submit would store, every check passing for a
+/// sweep whose base and corpus are on disk; each problem named, exit status 1, when they are not.
+#[test]
+fn plan_prints_the_trials_and_checks_what_a_run_needs() {
+    let dir = tempfile::tempdir().unwrap();
+    let fixture =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../experiments/tests/fixtures/tiny-gpt2");
+    let corpus = dir.path().join("milton.txt");
+    std::fs::write(
+        &corpus,
+        "Of man's first disobedience, and the fruit\n".repeat(50),
+    )
+    .unwrap();
+    let sweep = |base: &str, paths: &str, ranks: u32| {
+        format!(
+            "name = \"p\"\ngroups = 3\n[base]\npath = \"{base}\"\n[data]\npaths = [{paths}]\n\
+             context = 32\n[train]\nsteps = 5\nbatch_size = 2\nranks = {ranks}\n[methods]\n\
+             freeze = [1]\nlora = {{ ranks = [4] }}\n"
+        )
+    };
+    let good = dir.path().join("good.toml");
+    std::fs::write(
+        &good,
+        sweep(&fixture.to_string_lossy(), "\"milton.txt\"", 1),
+    )
+    .unwrap();
+    let out = ablate(&[
+        "plan",
+        good.to_str().unwrap(),
+        "--workers",
+        "2",
+        "--no-fetch",
+    ]);
+    let stdout = text(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", text(&out.stderr));
+    let trials = experiments::spec::load_sweep(&good).unwrap().trials;
+    assert_eq!(trials.len(), 3);
+    for t in &trials {
+        let line = stdout
+            .lines()
+            .find(|l| l.starts_with(&format!("{} ", t.name)))
+            .unwrap_or_else(|| panic!("{} in\n{stdout}", t.name));
+        assert!(line.contains(&t.id()), "{line}");
+    }
+    // 5 steps × 2 windows × 32 tokens.
+    assert!(
+        stdout
+            .lines()
+            .any(|l| l.starts_with("lora-4 ") && l.contains("lora r4") && l.contains("320")),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("ok    corpus") && stdout.contains("1 file"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("ok    base") && stdout.contains("every check passed"),
+        "{stdout}"
+    );
+
+    // A base that is not there, a corpus pattern that matches nothing, 4 ranks for 2 workers.
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(&bad, sweep("/nonexistent/model", "\"poems/*.txt\"", 4)).unwrap();
+    let out = ablate(&[
+        "plan",
+        bad.to_str().unwrap(),
+        "--workers",
+        "2",
+        "--no-fetch",
+    ]);
+    let stdout = text(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{stdout}");
+    let fails: Vec<&str> = stdout.lines().filter(|l| l.starts_with("FAIL")).collect();
+    assert_eq!(fails.len(), 3, "{stdout}");
+    assert!(fails[0].contains("poems/*.txt"), "{stdout}");
+    assert!(fails[1].contains("/nonexistent/model") && fails[1].contains("no such directory"));
+    assert!(fails[2].contains("ranks = 4"), "{stdout}");
+    assert!(stdout.contains("3 checks failed"), "{stdout}");
+    // A broken sweep file is the parser's error, with its line.
+    std::fs::write(&bad, "name = \"p\"\n[base\n").unwrap();
+    let out = ablate(&["plan", bad.to_str().unwrap()]);
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("bad.toml:2:"),
+        "{}",
+        text(&out.stderr)
+    );
+}

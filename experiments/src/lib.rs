@@ -14,7 +14,8 @@ pub mod trial;
 pub mod backward;
 #[cfg(feature = "ml")]
 pub mod checkpoint;
-#[cfg(feature = "ml")]
+/// Corpus files and packages are candle-free (`ablate plan` checks them in the coordinator);
+/// tokenising and batching need `ml`.
 pub mod data;
 #[cfg(feature = "ml")]
 pub mod eval;

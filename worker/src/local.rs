@@ -223,18 +223,10 @@ fn eval_cmd(
     Ok(())
 }
 
-/// Default cache: `$ABLATE_CACHE`, else `$XDG_CACHE_HOME/ablate`, else `~/.cache/ablate`.
+/// Default cache: `$ABLATE_CACHE`, else `$XDG_CACHE_HOME/ablate`, else `~/.cache/ablate`
+/// (experiments::data::default_cache_dir, which `ablate plan` uses too).
 pub fn default_cache_dir() -> PathBuf {
-    if let Some(p) = std::env::var_os("ABLATE_CACHE") {
-        return PathBuf::from(p);
-    }
-    if let Some(p) = std::env::var_os("XDG_CACHE_HOME") {
-        return PathBuf::from(p).join("ablate");
-    }
-    match std::env::var_os("HOME") {
-        Some(h) => PathBuf::from(h).join(".cache").join("ablate"),
-        None => PathBuf::from(".ablate-cache"),
-    }
+    experiments::data::default_cache_dir()
 }
 
 static SIGNALLED: AtomicBool = AtomicBool::new(false);

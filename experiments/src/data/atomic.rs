@@ -52,6 +52,7 @@ pub(crate) fn unique_suffix() -> String {
     )
 }
 
+#[cfg(feature = "ml")]
 pub(crate) fn write_tokens_atomic(path: &Path, tokens: &[u32]) -> Result<()> {
     let mut bytes = Vec::with_capacity(tokens.len() * 4);
     for t in tokens {
@@ -62,6 +63,7 @@ pub(crate) fn write_tokens_atomic(path: &Path, tokens: &[u32]) -> Result<()> {
 
 /// Write to a private temp file in the same folder, then rename over `path`: readers see either
 /// no file or a complete one, and concurrent writers of the same (identical) content are harmless.
+#[cfg_attr(not(feature = "ml"), allow(dead_code))]
 pub(crate) fn write_bytes_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let name = path
         .file_name()

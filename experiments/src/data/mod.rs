@@ -18,14 +18,36 @@
 //! write-then-rename every shared cache entry uses).
 
 pub(crate) mod atomic;
+#[cfg(feature = "ml")]
 pub mod batcher;
+#[cfg(feature = "ml")]
 pub mod cache;
 pub mod corpus;
+#[cfg(feature = "ml")]
 pub mod documents;
 pub mod package;
 
+#[cfg(feature = "ml")]
 pub use batcher::{Batcher, BatcherState};
+#[cfg(feature = "ml")]
 pub use cache::{prepare, TokenData, Tokens};
 pub use corpus::resolve_corpus;
+#[cfg(feature = "ml")]
 pub use documents::{load_documents, split_documents, train_documents};
 pub use package::{ensure_package, inside_package};
+
+/// ablate's cache (packages, prepared token data, imported models, worker folders):
+/// `$ABLATE_CACHE`, else `$XDG_CACHE_HOME/ablate`, else `~/.cache/ablate`.
+pub fn default_cache_dir() -> std::path::PathBuf {
+    use std::path::PathBuf;
+    if let Some(p) = std::env::var_os("ABLATE_CACHE") {
+        return PathBuf::from(p);
+    }
+    if let Some(p) = std::env::var_os("XDG_CACHE_HOME") {
+        return PathBuf::from(p).join("ablate");
+    }
+    match std::env::var_os("HOME") {
+        Some(h) => PathBuf::from(h).join(".cache").join("ablate"),
+        None => PathBuf::from(".ablate-cache"),
+    }
+}
