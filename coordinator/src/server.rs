@@ -63,6 +63,11 @@ pub struct ServeOpts {
     /// A second, plain-HTTP/2 port serving only `grpc.health.v1.Health`: Kubernetes' gRPC
     /// probes cannot speak TLS, so with `tls` set the main port is out of their reach.
     pub health_listener: Option<Arc<std::net::TcpListener>>,
+    /// Files the tokens came from: re-read every second and on SIGHUP; a changed token takes
+    /// effect at once and the one it replaces is accepted for `token_overlap` more.
+    pub worker_token_file: Option<PathBuf>,
+    pub admin_token_file: Option<PathBuf>,
+    pub token_overlap: Duration,
 }
 
 /// The coordinator's two clocks. Lease deadlines count in monotonic milliseconds, which never
@@ -142,6 +147,9 @@ impl ServeOpts {
             tls: None,
             clock: Clock::default(),
             health_listener: None,
+            worker_token_file: None,
+            admin_token_file: None,
+            token_overlap: Duration::from_secs(600),
         }
     }
 }
@@ -261,6 +269,20 @@ pub async fn serve_with_metrics(
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
     let worker_auth = RequireToken::new(opts.worker_token.as_deref(), "worker");
     let admin_auth = RequireToken::new(opts.admin_token.as_deref(), "admin");
+    let mut watched = Vec::new();
+    if let (Some(f), Some(_)) = (&opts.worker_token_file, &opts.worker_token) {
+        watched.push((f.clone(), worker_auth.clone(), "worker"));
+    }
+    if let (Some(f), Some(_)) = (&opts.admin_token_file, &opts.admin_token) {
+        watched.push((f.clone(), admin_auth.clone(), "admin"));
+    }
+    let token_task = (!watched.is_empty()).then(|| {
+        tokio::spawn(token_reload_loop(
+            watched,
+            opts.token_overlap,
+            stop_rx.clone(),
+        ))
+    });
 
     // grpc.health.v1.Health and reflection: no token (probes and grpcurl carry none, and they
     // reveal only whether the server works and the schema that is in the repository).
@@ -338,6 +360,9 @@ pub async fn serve_with_metrics(
         .await;
     ticker.abort();
     health_task.abort();
+    if let Some(t) = token_task {
+        t.abort();
+    }
     if let Some(t) = health_port {
         t.abort();
     }
@@ -556,6 +581,54 @@ async fn tick_loop(shared: Arc<Shared>) {
             }
             if let Err(e) = shared.apply(&mut inner, &decisions, shared.clock.wall_ms()) {
                 tracing::error!(cause = %e.message(), "could not persist expired leases");
+            }
+        }
+    }
+}
+
+/// Token rotation: re-read each token file every second and on SIGHUP; a token that changed
+/// becomes current and the one it replaces stays valid for `overlap` (so the workers can be
+/// given the new one while they train). A file that cannot be read or holds no valid token
+/// (half written) changes nothing and is reported once until it is good again.
+async fn token_reload_loop(
+    files: Vec<(PathBuf, RequireToken, &'static str)>,
+    overlap: Duration,
+    mut stop: watch::Receiver<bool>,
+) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut hup = signal(SignalKind::hangup()).ok();
+    let mut bad = vec![false; files.len()];
+    loop {
+        let by_signal = tokio::select! {
+            _ = async {
+                match hup.as_mut() {
+                    Some(h) => { h.recv().await; }
+                    None => std::future::pending::<()>().await,
+                }
+            } => true,
+            _ = tokio::time::sleep(Duration::from_secs(1)) => false,
+            _ = stop.changed() => return,
+        };
+        if by_signal {
+            tracing::info!("SIGHUP: re-reading the token files");
+        }
+        for (i, (path, auth, role)) in files.iter().enumerate() {
+            match crate::cli::read_token_file(path) {
+                Ok(t) => {
+                    bad[i] = false;
+                    if auth.rotate(&t, overlap) {
+                        tracing::info!(
+                            file = %path.display(), ?overlap,
+                            "{role} token changed: the new one is in effect, the previous one is \
+                             accepted for the overlap"
+                        );
+                    }
+                }
+                Err(e) if !bad[i] => {
+                    bad[i] = true;
+                    tracing::warn!(cause = %format!("{e:#}"), "{role} token file unreadable: keeping the current token");
+                }
+                Err(_) => {}
             }
         }
     }
