@@ -678,6 +678,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         worker_token_file: args.worker_token_file.clone(),
         admin_token_file: args.admin_token_file.clone(),
         token_overlap: Duration::from_secs(args.token_overlap),
+        tls_files: args.tls_cert.clone().zip(args.tls_key.clone()),
         ..crate::server::ServeOpts::new(args.state)
     };
     let health_listener = match &args.health_listen {
