@@ -50,8 +50,16 @@ pub enum AfterExit {
 
 /// A child that exited after running `ran_for`, having been restarted `in_a_row` times in a row
 /// before: restart it (a run of five minutes or more resets the count) unless that would exceed
-/// `max` restarts in a row.
-pub fn after_exit(in_a_row: u32, ran_for: Duration, max: u32) -> AfterExit {
+/// `max` restarts in a row. A clean exit (status 0 while the supervisor is not stopping: the
+/// coordinator drained that worker, as in a rolling upgrade) is no crash: it starts again after
+/// a second, with a fresh count, running the binary now at the supervisor's path.
+pub fn after_exit(in_a_row: u32, ran_for: Duration, max: u32, clean: bool) -> AfterExit {
+    if clean {
+        return AfterExit::Restart {
+            delay: Duration::from_secs(1),
+            in_a_row: 0,
+        };
+    }
     let prior = if ran_for >= Duration::from_secs(300) {
         0
     } else {
@@ -196,10 +204,19 @@ pub async fn run_fleet(opts: FleetOpts, gpus: Vec<String>) -> anyhow::Result<()>
                         refused += 1;
                         tracing::error!(gpu = %m.gpu, %status, "the coordinator refused this GPU's worker (see its log above: version skew?); not restarting it");
                     } else if !stopping {
-                        match after_exit(m.restarts, m.started.elapsed(), opts.max_restarts) {
+                        match after_exit(
+                            m.restarts,
+                            m.started.elapsed(),
+                            opts.max_restarts,
+                            status.success(),
+                        ) {
                             AfterExit::Restart { delay, in_a_row } => {
                                 m.restarts = in_a_row;
-                                tracing::warn!(gpu = %m.gpu, %status, ?delay, restart = in_a_row, max = opts.max_restarts, "worker exited; restarting");
+                                if status.success() {
+                                    tracing::info!(gpu = %m.gpu, "worker exited 0 (drained): starting it again");
+                                } else {
+                                    tracing::warn!(gpu = %m.gpu, %status, ?delay, restart = in_a_row, max = opts.max_restarts, "worker exited; restarting");
+                                }
                                 m.due = Some(now + delay);
                             }
                             AfterExit::GiveUp { in_a_row } => {
@@ -296,7 +313,7 @@ mod tests {
         let short = Duration::from_secs(2);
         let mut n = 0;
         for i in 1..=3 {
-            match after_exit(n, short, 3) {
+            match after_exit(n, short, 3, false) {
                 AfterExit::Restart { delay, in_a_row } => {
                     assert_eq!(in_a_row, i);
                     assert_eq!(delay, restart_delay(i));
@@ -305,13 +322,27 @@ mod tests {
                 other => panic!("restart {i}: {other:?}"),
             }
         }
-        assert_eq!(after_exit(n, short, 3), AfterExit::GiveUp { in_a_row: 3 });
+        assert_eq!(
+            after_exit(n, short, 3, false),
+            AfterExit::GiveUp { in_a_row: 3 }
+        );
+        // A drained child exits 0: started again at once, not counted as a crash.
+        assert_eq!(
+            after_exit(n, short, 3, true),
+            AfterExit::Restart {
+                delay: Duration::from_secs(1),
+                in_a_row: 0
+            }
+        );
         // Five minutes of work since the last start: a new crash is the first in a row.
         assert!(matches!(
-            after_exit(3, Duration::from_secs(301), 3),
+            after_exit(3, Duration::from_secs(301), 3, false),
             AfterExit::Restart { in_a_row: 1, .. }
         ));
-        assert_eq!(after_exit(0, short, 0), AfterExit::GiveUp { in_a_row: 0 });
+        assert_eq!(
+            after_exit(0, short, 0, false),
+            AfterExit::GiveUp { in_a_row: 0 }
+        );
     }
 
     #[test]
