@@ -478,13 +478,31 @@ impl Health for StoppableHealth {
         let mut stop = self.stop.clone();
         let (tx, rx) = mpsc::channel(4);
         tokio::spawn(async move {
+            // The last status this watcher was sent: a watch that ends because the server
+            // drains says NOT_SERVING first (the reporter's own update may not have reached this
+            // stream yet), so a watching load balancer takes the server out before the stream
+            // closes rather than seeing a SERVING stream vanish.
+            let not_serving =
+                tonic_health::pb::health_check_response::ServingStatus::NotServing as i32;
+            let mut last = None;
             loop {
                 let item = tokio::select! {
-                    item = inner.next() => item,
-                    _ = stop.wait_for(|s| *s) => return,
+                    biased;
+                    item = inner.next() => Some(item),
+                    _ = stop.wait_for(|s| *s) => None,
                     _ = tx.closed() => return,
                 };
+                let Some(item) = item else {
+                    if last != Some(not_serving) {
+                        let bye = tonic_health::pb::HealthCheckResponse {
+                            status: not_serving,
+                        };
+                        let _ = tx.send(Ok(bye)).await;
+                    }
+                    return;
+                };
                 let Some(item) = item else { return };
+                last = item.as_ref().ok().map(|r| r.status);
                 if tx.send(item).await.is_err() {
                     return;
                 }

@@ -1100,15 +1100,30 @@ async fn health_answers_without_a_token_and_follows_the_store() {
     release_tx.send(()).unwrap();
     holder.join().unwrap();
     wait_for(ServingStatus::Serving).await;
-    // An open health watch does not hold up shutdown.
-    let _watch = health
+    // An open health watch does not hold up shutdown, and sees the server go NOT_SERVING while it
+    // drains, before the stream ends.
+    let mut watch = health
         .watch(HealthCheckRequest {
             service: String::new(),
         })
         .await
         .unwrap()
         .into_inner();
+    let first = watch.message().await.unwrap().unwrap().status();
+    assert_eq!(first, ServingStatus::Serving);
+    let reader = tokio::spawn(async move {
+        let mut seen = Vec::new();
+        while let Ok(Some(m)) = watch.message().await {
+            seen.push(m.status());
+        }
+        seen
+    });
     server.shutdown().await;
+    let seen = tokio::time::timeout(Duration::from_secs(10), reader)
+        .await
+        .expect("the watch ends with the server")
+        .unwrap();
+    assert_eq!(seen, [ServingStatus::NotServing], "while draining");
 }
 
 /// `health_listener`: a plain port with only the health service (for probes that cannot do TLS).
