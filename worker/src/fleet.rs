@@ -98,13 +98,16 @@ pub fn after_exit(in_a_row: u32, ran_for: Duration, max: u32, clean: bool) -> Af
     }
 }
 
+/// Environment variables a child gets on top of the supervisor's.
+pub type ChildEnv = Vec<(String, String)>;
+
 /// How the `i`-th child (GPU `gpu`) is started: argv after the binary, and its environment
 /// additions.
 pub fn child_command(
     opts: &FleetOpts,
     i: usize,
     gpu: &str,
-) -> anyhow::Result<(Vec<String>, Vec<(String, String)>)> {
+) -> anyhow::Result<(Vec<String>, ChildEnv)> {
     let tag = gpu.replace(|c: char| !c.is_ascii_alphanumeric() && c != '-', "_");
     let mut args = vec![
         "--coordinator".to_string(),
