@@ -15,7 +15,10 @@ what would be applied, not the source).
    killed mid-upload;
  - multi-GPU trials: compose's worker container and the k8s-multi-gpu pods hold several GPUs and
    run `ablate-worker --all-gpus` (a gang forms among the workers of one host);
- - logs are bounded (compose log driver options); CUDA images are tagged with their architecture.
+ - logs are bounded (compose log driver options); CUDA images are tagged with their architecture;
+ - health and metrics: --metrics-listen in compose (with healthchecks on /ready and /metrics that
+   the image can run), the systemd units and env example, and k8s (a metrics containerPort,
+   prometheus.io scrape annotations, the workers' readinessProbe /ready and livenessProbe /healthz).
 Prints one line per problem and exits 1 if any.
 """
 
@@ -209,6 +212,64 @@ for path, want_many in ((K8S_BASE, False), (K8S_GANG, True)):
             problem(f"k8s: want one GPU per pod with --device=cuda:0, got {gpus}, {args}")
         if not re.search(r"-cuda\d+\.\d+-sm\d+$", c["image"]):
             problem(f"k8s {os.path.basename(path)}: image {c['image']} does not name its CUDA release and architecture")
+
+# --- health and metrics ---------------------------------------------------------------------------
+def listen_port(args, env=None):
+    """The port of --metrics-listen=HOST:PORT (or ABLATE_METRICS_LISTEN in env), else None."""
+    v = None
+    for i, a in enumerate(args):
+        if a.startswith("--metrics-listen="):
+            v = a.split("=", 1)[1]
+        elif a == "--metrics-listen" and i + 1 < len(args):
+            v = args[i + 1]
+    if v is None and env:
+        v = env.get("ABLATE_METRICS_LISTEN")
+    return int(v.rsplit(":", 1)[1]) if v and v.rsplit(":", 1)[-1].isdigit() else None
+
+
+for name, path in (("workers", "/ready"), ("coordinator", "/metrics")):
+    svc = compose["services"].get(name) or {}
+    port = listen_port(svc.get("command") or [], svc.get("environment") or {})
+    test = " ".join((svc.get("healthcheck") or {}).get("test") or [])
+    if port is None:
+        problem(f"compose {name}: no --metrics-listen / ABLATE_METRICS_LISTEN")
+    elif f":{port}{path}" not in test:
+        problem(f"compose {name}: want a healthcheck on :{port}{path}, got {test!r}")
+    elif "python3" in test and "python3" not in read(
+            "deploy/docker/Dockerfile.cpu" if name == "coordinator" else "deploy/docker/Dockerfile.cuda"):
+        problem(f"compose {name}: the healthcheck runs python3, which the image lacks")
+
+env_example = read("deploy/systemd/worker.env.example")
+if not re.search(r"^ABLATE_METRICS_LISTEN=\S+:\d+$", env_example, re.M):
+    problem("systemd worker.env.example: no ABLATE_METRICS_LISTEN=HOST:PORT")
+if "ABLATE_METRICS_LISTEN" not in unit:
+    problem("systemd ablate-worker@.service: ABLATE_METRICS_LISTEN is not used (each instance needs its own port)")
+if "--metrics-listen" not in read("deploy/systemd/ablate-coordinator.service"):
+    problem("systemd ablate-coordinator.service: no --metrics-listen")
+
+for path in (K8S_BASE, K8S_GANG):
+    where = os.path.basename(path)
+    for doc in yaml.safe_load_all(open(path)):
+        if not doc or doc.get("kind") not in ("Deployment", "StatefulSet"):
+            continue
+        tmpl = doc["spec"]["template"]
+        c = tmpl["spec"]["containers"][0]
+        what = f"k8s {where} {doc['metadata']['name']}"
+        port = listen_port(c.get("args") or [])
+        if port is None:
+            problem(f"{what}: no --metrics-listen")
+            continue
+        ann = tmpl.get("metadata", {}).get("annotations") or {}
+        if ann.get("prometheus.io/scrape") != "true" or ann.get("prometheus.io/port") != str(port):
+            problem(f"{what}: pods lack prometheus.io/scrape \"true\" and prometheus.io/port \"{port}\": {ann}")
+        ports = {p.get("name"): p["containerPort"] for p in c.get("ports") or []}
+        if ports.get("metrics") != port:
+            problem(f"{what}: no containerPort {port} named metrics: {ports}")
+        if "ablate-worker" in (c.get("args") or []):
+            for probe, want in (("readinessProbe", "/ready"), ("livenessProbe", "/healthz")):
+                get = (c.get(probe) or {}).get("httpGet") or {}
+                if get.get("path") != want or get.get("port") not in ("metrics", port):
+                    problem(f"{what}: want {probe} httpGet {want} on the metrics port, got {c.get(probe)}")
 
 print(f"kit_checks: {len(problems)} problem(s)")
 sys.exit(1 if problems else 0)

@@ -134,6 +134,18 @@ for inst, cred, want_tok in (("0", "/run/credentials/ablate-worker@0.service", N
     if r.returncode != 0 or got != [want]:
         fail(f"ablate-worker@{inst} (credentials {cred}): exit {r.returncode} {r.stderr.strip()}; ran {got}, want {want}")
 
+# --- ABLATE_METRICS_LISTEN (worker.env): ablate-worker@N serves on PORT+N, @cpu on PORT, 0 stays 0.
+for inst, listen, want_listen in (("3", "0.0.0.0:9465", "0.0.0.0:9468"),
+                                  ("cpu", "[::]:9465", "[::]:9465"),
+                                  ("2", "127.0.0.1:0", "127.0.0.1:0")):
+    (argv,), env = commands(worker_unit, "ExecStart", inst)
+    env["ABLATE_METRICS_LISTEN"] = listen
+    r = run(argv, env, replace)
+    got = records(log)
+    if r.returncode != 0 or len(got) != 1 or got[0][-3:-1] != ["--metrics-listen", want_listen]:
+        fail(f"ablate-worker@{inst} with ABLATE_METRICS_LISTEN={listen}: exit {r.returncode} "
+             f"{r.stderr.strip()}; ran {got}, want --metrics-listen {want_listen} last")
+
 (argv,), env = commands(worker_unit, "ExecStart", "cpu")
 r = run(argv, env, replace)
 got = records(log)
@@ -184,6 +196,13 @@ for cred in ("/run/credentials/ablate-coordinator.service", None):
             "--tls-key", files[3], "CUDA_VISIBLE_DEVICES=<unset>"]
     if r.returncode != 0 or got != [want]:
         fail(f"ablate-coordinator (credentials {cred}): exit {r.returncode} {r.stderr!r}; ran {got}, want {want}")
+
+(argv,), env = commands(coord_unit, "ExecStart", "")
+env["ABLATE_METRICS_LISTEN"] = "0.0.0.0:9464"
+r = run(argv, env, replace)
+got = records(log)
+if r.returncode != 0 or len(got) != 1 or got[0][-3:-1] != ["--metrics-listen", "0.0.0.0:9464"]:
+    fail(f"ablate-coordinator with ABLATE_METRICS_LISTEN: exit {r.returncode} {r.stderr!r}; ran {got}")
 
 # Credentials the units load must be the files the fallback reads.
 for unit, key_files in ((worker_unit, {"worker.token": "/etc/ablate/worker.token"}),

@@ -37,6 +37,28 @@ pub struct FleetOpts {
     pub max_restarts: u32,
     /// Each child's `--stop-grace`.
     pub stop_grace: Duration,
+    /// `--metrics-listen` of the first GPU's worker; the i-th listens on port+i.
+    pub metrics_listen: Option<String>,
+    /// Pass `--skip-preflight` to the children.
+    pub skip_preflight: bool,
+}
+
+/// The `--metrics-listen` of the `i`-th child: `base`'s port plus `i` (port 0 stays 0: each
+/// picks a free one).
+pub fn metrics_listen_for(base: &str, i: usize) -> anyhow::Result<String> {
+    let (host, port) = base
+        .rsplit_once(':')
+        .with_context(|| format!("--metrics-listen {base:?}: not HOST:PORT"))?;
+    let port: u16 = port
+        .parse()
+        .with_context(|| format!("--metrics-listen {base:?}: port {port:?} is not a number"))?;
+    if port == 0 {
+        return Ok(base.to_string());
+    }
+    let p = u16::try_from(port as usize + i)
+        .ok()
+        .with_context(|| format!("--metrics-listen {base:?}: port {port}+{i} is over 65535"))?;
+    Ok(format!("{host}:{p}"))
 }
 
 /// What the supervisor does when a child exits on its own.
@@ -76,8 +98,16 @@ pub fn after_exit(in_a_row: u32, ran_for: Duration, max: u32, clean: bool) -> Af
     }
 }
 
-/// How one child is started: argv after the binary, and its environment additions.
-pub fn child_command(opts: &FleetOpts, gpu: &str) -> (Vec<String>, Vec<(String, String)>) {
+/// Environment variables a child gets on top of the supervisor's.
+pub type ChildEnv = Vec<(String, String)>;
+
+/// How the `i`-th child (GPU `gpu`) is started: argv after the binary, and its environment
+/// additions.
+pub fn child_command(
+    opts: &FleetOpts,
+    i: usize,
+    gpu: &str,
+) -> anyhow::Result<(Vec<String>, ChildEnv)> {
     let tag = gpu.replace(|c: char| !c.is_ascii_alphanumeric() && c != '-', "_");
     let mut args = vec![
         "--coordinator".to_string(),
@@ -88,6 +118,12 @@ pub fn child_command(opts: &FleetOpts, gpu: &str) -> (Vec<String>, Vec<(String, 
         format!("{}-gpu{tag}", opts.name),
         format!("--stop-grace={}s", opts.stop_grace.as_secs()),
     ];
+    if let Some(base) = &opts.metrics_listen {
+        args.push(format!("--metrics-listen={}", metrics_listen_for(base, i)?));
+    }
+    if opts.skip_preflight {
+        args.push("--skip-preflight".into());
+    }
     let mut path_arg = |flag: &str, p: &Option<PathBuf>| {
         if let Some(p) = p {
             args.push(flag.to_string());
@@ -105,7 +141,7 @@ pub fn child_command(opts: &FleetOpts, gpu: &str) -> (Vec<String>, Vec<(String, 
         ("CUDA_VISIBLE_DEVICES".to_string(), gpu.to_string()),
         ("CUDA_DEVICE_ORDER".to_string(), "PCI_BUS_ID".to_string()),
     ];
-    (args, env)
+    Ok((args, env))
 }
 
 struct Member {
@@ -133,8 +169,12 @@ pub async fn run_fleet(opts: FleetOpts, gpus: Vec<String>) -> anyhow::Result<()>
     }
     let exe = std::env::current_exe().context("locating the ablate-worker binary")?;
     tracing::info!(gpus = %gpus.join(","), "starting one worker per GPU");
-    let spawn = |gpu: &str| -> anyhow::Result<Child> {
-        let (args, env) = child_command(&opts, gpu);
+    // A --metrics-listen port that would run past 65535 is refused before any child starts.
+    for (i, g) in gpus.iter().enumerate() {
+        child_command(&opts, i, g)?;
+    }
+    let spawn = |i: usize, gpu: &str| -> anyhow::Result<Child> {
+        let (args, env) = child_command(&opts, i, gpu)?;
         let mut cmd = Command::new(&exe);
         cmd.args(&args).envs(env).stdin(Stdio::null());
         // Own process group: a terminal's Ctrl-C reaches the supervisor, which stops the children
@@ -145,10 +185,10 @@ pub async fn run_fleet(opts: FleetOpts, gpus: Vec<String>) -> anyhow::Result<()>
             .with_context(|| format!("starting the worker for GPU {gpu}"))
     };
     let mut members = Vec::new();
-    for g in &gpus {
+    for (i, g) in gpus.iter().enumerate() {
         members.push(Member {
             gpu: g.clone(),
-            child: Some(spawn(g)?),
+            child: Some(spawn(i, g)?),
             started: Instant::now(),
             restarts: 0,
             due: None,
@@ -195,7 +235,7 @@ pub async fn run_fleet(opts: FleetOpts, gpus: Vec<String>) -> anyhow::Result<()>
             }
         }
         let now = Instant::now();
-        for m in members.iter_mut() {
+        for (i, m) in members.iter_mut().enumerate() {
             if let Some(c) = &mut m.child {
                 if let Ok(Some(status)) = c.try_wait() {
                     m.child = None;
@@ -229,7 +269,7 @@ pub async fn run_fleet(opts: FleetOpts, gpus: Vec<String>) -> anyhow::Result<()>
             }
             if !stopping && m.child.is_none() && m.due.is_some_and(|d| d <= now) {
                 m.due = None;
-                match spawn(&m.gpu) {
+                match spawn(i, &m.gpu) {
                     Ok(c) => {
                         m.child = Some(c);
                         m.started = Instant::now();
@@ -285,8 +325,10 @@ mod tests {
             name: "box1".into(),
             max_restarts: 5,
             stop_grace: Duration::from_secs(60),
+            metrics_listen: Some("0.0.0.0:9465".into()),
+            skip_preflight: false,
         };
-        let (args, env) = child_command(&opts, "2");
+        let (args, env) = child_command(&opts, 2, "2").unwrap();
         let joined = args.join(" ");
         assert!(joined.contains("--device cuda:0"), "{joined}");
         assert!(joined.contains("--name box1-gpu2"), "{joined}");
@@ -304,8 +346,22 @@ mod tests {
         assert!(env.contains(&("CUDA_VISIBLE_DEVICES".into(), "2".into())));
         assert!(env.contains(&("CUDA_DEVICE_ORDER".into(), "PCI_BUS_ID".into())));
         // UUIDs are fine as CUDA_VISIBLE_DEVICES but make names without odd characters.
-        let (args, _) = child_command(&opts, "GPU-8f2c:1");
+        let (args, _) = child_command(&opts, 0, "GPU-8f2c:1").unwrap();
         assert!(args.contains(&"box1-gpuGPU-8f2c_1".to_string()), "{args:?}");
+        // The i-th child listens on port+i; port 0 lets each pick its own.
+        assert!(joined.contains("--metrics-listen=0.0.0.0:9467"), "{joined}");
+        assert!(
+            args.contains(&"--metrics-listen=0.0.0.0:9465".to_string()),
+            "{args:?}"
+        );
+        assert!(!joined.contains("--skip-preflight"), "{joined}");
+        assert_eq!(metrics_listen_for("[::1]:0", 3).unwrap(), "[::1]:0");
+        assert_eq!(metrics_listen_for("[::1]:9000", 3).unwrap(), "[::1]:9003");
+        let e = metrics_listen_for("0.0.0.0:65535", 1)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("over 65535"), "{e}");
+        assert!(metrics_listen_for("9465", 0).is_err());
     }
 
     #[test]

@@ -85,6 +85,16 @@ struct Cli {
     /// terminationGracePeriodSeconds, Slurm KillWait). With --all-gpus every child gets it.
     #[arg(long, env = "ABLATE_STOP_GRACE", default_value_t = worker::signals::StopGrace::default())]
     stop_grace: worker::signals::StopGrace,
+    /// Serve `/ready`, `/healthz` and Prometheus `/metrics` (plain HTTP) on this address, e.g.
+    /// 0.0.0.0:9465 (port 0: a free port, named in the log). `/ready` answers 200 once registered
+    /// and until a drain or stop. With --all-gpus the worker of the i-th GPU listens on port+i.
+    #[arg(long, env = "ABLATE_METRICS_LISTEN")]
+    metrics_listen: Option<String>,
+    /// Start even when the preflight finds this machine's NVIDIA driver, GPUs or glibc wrong for
+    /// this build (the worker would fail later, inside CUDA).
+    /// (The variable takes 1/0, true/false, yes/no, on/off.)
+    #[arg(long, env = "ABLATE_SKIP_PREFLIGHT", value_parser = clap::builder::BoolishValueParser::new())]
+    skip_preflight: bool,
 }
 
 fn parse_price(s: &str) -> Result<f64, String> {
@@ -122,8 +132,11 @@ fn main() -> std::process::ExitCode {
         Ok(()) => std::process::exit(0),
         Err(e) => {
             eprintln!("error: {e:#}");
-            if e.downcast_ref::<worker::remote::Refused>().is_some() {
-                // Restarting cannot help (version skew): say so to the supervisor.
+            if e.downcast_ref::<worker::remote::Refused>().is_some()
+                || e.downcast_ref::<worker::preflight::Mismatch>().is_some()
+            {
+                // Restarting cannot help (version skew, the wrong machine or image): say so to
+                // the supervisor.
                 return std::process::ExitCode::from(ablate_proto::EXIT_CONFIG);
             }
             std::process::ExitCode::FAILURE
@@ -135,6 +148,11 @@ fn real_main() -> anyhow::Result<()> {
     let mut cli = Cli::parse();
     if let Some(cmd) = cli.local.take() {
         return run_local(cmd);
+    }
+    // Before registering: a machine that cannot run this build should say why now, not fail
+    // inside CUDA minutes into a trial.
+    if !cli.skip_preflight {
+        worker::preflight::run(if cli.all_gpus { "all" } else { &cli.device })?;
     }
     if cli.all_gpus {
         if let Some(p) = cli.price_per_hour {
@@ -148,9 +166,22 @@ fn real_main() -> anyhow::Result<()> {
             experiments::gpus::visible_gpus(),
         ));
     }
+    let metrics_listen = cli.metrics_listen.clone();
     let opts = remote_opts(cli)?;
     let rt = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     rt.block_on(async move {
+        if let Some(addr) = &metrics_listen {
+            let l = tokio::net::TcpListener::bind(addr.as_str())
+                .await
+                .with_context(|| format!("--metrics-listen {addr}: binding"))?;
+            let bound = l.local_addr().context("reading the metrics address")?;
+            tracing::info!("metrics on http://{bound}/metrics (and /ready, /healthz)");
+            tokio::spawn(worker::metrics::serve(
+                l,
+                opts.metrics.clone(),
+                std::future::pending::<()>(),
+            ));
+        }
         let stop = Arc::new(AtomicBool::new(false));
         let drain = Arc::new(AtomicBool::new(false));
         tokio::spawn(watch_signals(stop.clone(), drain.clone()));
@@ -194,6 +225,8 @@ fn fleet_opts(cli: Cli) -> anyhow::Result<worker::fleet::FleetOpts> {
         name,
         max_restarts: cli.max_restarts,
         stop_grace: cli.stop_grace.0,
+        metrics_listen: cli.metrics_listen,
+        skip_preflight: cli.skip_preflight,
     })
 }
 
@@ -236,6 +269,8 @@ fn remote_opts(cli: Cli) -> anyhow::Result<RemoteOpts> {
         .work_dir
         .unwrap_or_else(|| cache_dir.join("work").join(&name));
     Ok(RemoteOpts {
+        metrics: worker::metrics::WorkerMetrics::new(&name, &cli.device),
+        name,
         coordinator,
         ca_pem,
         device: cli.device,
@@ -243,7 +278,6 @@ fn remote_opts(cli: Cli) -> anyhow::Result<RemoteOpts> {
         token_file: cli.token_file.clone(),
         cache_dir,
         work_dir,
-        name,
         price_per_hour: cli.price_per_hour.unwrap_or(0.0),
         stop_grace: cli.stop_grace.0,
     })

@@ -248,6 +248,83 @@ pub fn check(build: &Build, host: &Host, gpus: &[&Gpu], image_version: &str) -> 
     out
 }
 
+/// The preflight found mismatches: `ablate-worker` exits [`ablate_proto::EXIT_CONFIG`] (78) on
+/// it, like version skew, since restarting on the same machine cannot help.
+#[derive(Debug)]
+pub struct Mismatch(pub Vec<String>);
+
+impl std::fmt::Display for Mismatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(f, "preflight: this machine cannot run this worker build:")?;
+        for l in &self.0 {
+            writeln!(f, "  - {l}")?;
+        }
+        write!(
+            f,
+            "(--skip-preflight, or ABLATE_SKIP_PREFLIGHT=1, starts it anyway)"
+        )
+    }
+}
+
+impl std::error::Error for Mismatch {}
+
+/// The GPUs a worker on `device` trains on: none for `cpu`; `cuda:N` is the N-th GPU CUDA shows
+/// (after `CUDA_VISIBLE_DEVICES`); `all` (the `--all-gpus` supervisor) is every visible one.
+pub fn gpus_for<'a>(
+    gpus: &'a [Gpu],
+    device: &str,
+    cuda_visible_devices: Option<&str>,
+) -> Vec<&'a Gpu> {
+    let shown = visible(gpus, cuda_visible_devices);
+    if device == "all" {
+        return shown;
+    }
+    match device
+        .strip_prefix("cuda:")
+        .and_then(|n| n.parse::<usize>().ok())
+    {
+        Some(n) => shown.get(n).copied().into_iter().collect(),
+        None if device == "cuda" => shown.into_iter().take(1).collect(),
+        None => Vec::new(),
+    }
+}
+
+/// Check `host` for a worker on `device` (`cpu`, `cuda:N`, or `all`): a CPU worker needs none of
+/// the CUDA checks, even from a CUDA build.
+pub fn gate(
+    build: &Build,
+    host: &Host,
+    device: &str,
+    cuda_visible_devices: Option<&str>,
+) -> Result<(), Mismatch> {
+    let build = if device == "cpu" {
+        Build {
+            cuda: false,
+            compute_cap: None,
+        }
+    } else {
+        build.clone()
+    };
+    let gpus = gpus_for(&host.gpus, device, cuda_visible_devices);
+    let lines = check(&build, host, &gpus, env!("CARGO_PKG_VERSION"));
+    if lines.is_empty() {
+        Ok(())
+    } else {
+        Err(Mismatch(lines))
+    }
+}
+
+/// [`gate`] on this binary and this machine.
+pub fn run(device: &str) -> Result<(), Mismatch> {
+    let build = Build::this();
+    if !build.cuda || device == "cpu" {
+        // Nothing to probe: do not run nvidia-smi for nothing.
+        return Ok(());
+    }
+    let cvd = std::env::var("CUDA_VISIBLE_DEVICES").ok();
+    gate(&build, &Host::probe(), device, cvd.as_deref())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -342,6 +419,34 @@ mod tests {
         assert_eq!(lines.len(), 1);
         assert!(lines[0].contains("no NVIDIA driver here"), "{}", lines[0]);
         assert!(lines[0].contains("--gpus all"), "{}", lines[0]);
+    }
+
+    #[test]
+    fn the_gate_checks_the_gpus_the_worker_uses_and_names_the_way_out() {
+        let host = Host {
+            driver: parse_driver_version(PROC_580),
+            gpus: parse_gpus(SMI),
+            smi: true,
+            glibc: Some("2.31".into()),
+        };
+        // cuda:0 under CUDA_VISIBLE_DEVICES=1 is the T4: too old for sm90 kernels.
+        let e = gate(&cuda90(), &host, "cuda:0", Some("1")).unwrap_err();
+        assert_eq!(e.0.len(), 1, "{e}");
+        assert!(e.0[0].starts_with("GPU 1 (Tesla T4)"), "{e}");
+        let text = e.to_string();
+        assert!(text.starts_with("preflight: "), "{text}");
+        assert!(text.contains("--skip-preflight"), "{text}");
+        assert!(gate(&cuda90(), &host, "cuda:0", None).is_ok());
+        assert!(gate(&cuda90(), &host, "cuda:1", None).is_err());
+        assert_eq!(gate(&cuda90(), &host, "all", None).unwrap_err().0.len(), 1);
+        // A CPU worker of a CUDA build needs no driver.
+        assert!(gate(&cuda90(), &Host::default(), "cpu", None).is_ok());
+        assert!(gate(&cuda90(), &Host::default(), "cuda:0", None).is_err());
+    }
+
+    #[test]
+    fn this_build_passes_on_a_cpu_worker() {
+        assert!(run("cpu").is_ok());
     }
 
     #[test]

@@ -86,6 +86,8 @@ pub struct RemoteOpts {
     /// After the first stop signal the worker exits within this long, even if the coordinator
     /// is unreachable ([`crate::signals`]).
     pub stop_grace: Duration,
+    /// What `--metrics-listen` shows (`/ready`, `/metrics`): updated whether or not it is served.
+    pub metrics: Arc<crate::metrics::WorkerMetrics>,
 }
 
 /// The coordinator refused this worker for a reason that restarting cannot fix (version skew):
@@ -233,6 +235,12 @@ pub async fn run_remote(
         );
         std::process::exit(1);
     });
+    tokio::spawn(watch_state(
+        w.opts.metrics.clone(),
+        w.opts.device.clone(),
+        w.stop.clone(),
+        w.drain.clone(),
+    ));
     w.register().await?;
     while !w.stopping() && !w.draining() {
         let lease = match w.lease().await {
@@ -247,7 +255,8 @@ pub async fn run_remote(
             Err(e) => return Err(anyhow::anyhow!("lease: {}", e.message())),
         };
         let span = tracing::info_span!("trial", id = %lease.trial_id, attempt = lease.attempt);
-        w.run_lease(lease).instrument(span).await?;
+        let completed = w.run_lease(lease).instrument(span).await?;
+        w.opts.metrics.trial_ended(completed);
     }
     if w.draining() && !w.stopping() {
         tracing::info!("drained: no trial running, taking no new one; exiting");
@@ -255,6 +264,38 @@ pub async fn run_remote(
         tracing::info!("stopping: no trial running");
     }
     Ok(())
+}
+
+/// Keeps the metrics' state and device memory current: draining and stopping make `/ready`
+/// answer 503 at once (a rolling upgrade waits on it), memory is sampled every 10 s (nvidia-smi
+/// is too slow to run per step).
+async fn watch_state(
+    metrics: Arc<crate::metrics::WorkerMetrics>,
+    device: String,
+    stop: Arc<AtomicBool>,
+    drain: Arc<AtomicBool>,
+) {
+    let mut memory = tokio::time::interval(Duration::from_secs(10));
+    let mut poll = tokio::time::interval(Duration::from_millis(100));
+    loop {
+        tokio::select! {
+            _ = memory.tick() => {
+                let d = device.clone();
+                if let Ok(Some(b)) =
+                    tokio::task::spawn_blocking(move || crate::metrics::device_memory_bytes(&d)).await
+                {
+                    metrics.set_device_memory(b);
+                }
+            }
+            _ = poll.tick() => {
+                if stop.load(Ordering::SeqCst) {
+                    metrics.set_state(crate::metrics::State::Stopping);
+                } else if drain.load(Ordering::SeqCst) {
+                    metrics.set_state(crate::metrics::State::Draining);
+                }
+            }
+        }
+    }
 }
 
 fn client(opts: &RemoteOpts) -> anyhow::Result<Client> {
@@ -416,6 +457,7 @@ impl Worker {
         .into_inner();
         self.worker_id = resp.worker_id;
         self.ttl = Duration::from_millis(resp.lease_ttl_ms.max(300));
+        self.opts.metrics.registered();
         tracing::info!(worker_id = %self.worker_id, coordinator = %self.opts.coordinator, "registered");
         Ok(())
     }
@@ -454,8 +496,9 @@ impl Worker {
         }
     }
 
-    /// Run one leased attempt to its end (finished, failed, stopped or taken away).
-    async fn run_lease(&mut self, lease: pb::Lease) -> anyhow::Result<()> {
+    /// Run one leased attempt to its end (finished, failed, stopped or taken away); true when
+    /// the coordinator accepted it as completed.
+    async fn run_lease(&mut self, lease: pb::Lease) -> anyhow::Result<bool> {
         let trial_id = lease.trial_id.clone();
         let attempt = lease.attempt;
         tracing::info!("leased");
@@ -473,7 +516,7 @@ impl Worker {
             tracing::error!(cause = %msg, "refusing the lease");
             self.fail(&trial_id, attempt, "bad_lease", &msg, true, false)
                 .await;
-            return Ok(());
+            return Ok(false);
         }
         let out_dir = self.opts.work_dir.join("trials").join(&trial_id);
         let cfg: TrialConfig = match serde_json::from_str(&lease.config_json) {
@@ -488,7 +531,7 @@ impl Worker {
                     false,
                 )
                 .await;
-                return Ok(());
+                return Ok(false);
             }
         };
         // Fetch what the run starts from.
@@ -496,7 +539,7 @@ impl Worker {
             tracing::warn!(cause = %e, "fetching inputs failed");
             self.fail(&trial_id, attempt, "fetch", &format!("{e:#}"), false, false)
                 .await;
-            return Ok(());
+            return Ok(false);
         }
         let base_dir = (!lease.base_trial_id.is_empty()).then(|| {
             self.opts
@@ -533,7 +576,7 @@ impl Worker {
                 let msg = format!("creating the report spool {}: {e}", spool_path.display());
                 self.fail(&trial_id, attempt, "io", &msg, false, false)
                     .await;
-                return Ok(());
+                return Ok(false);
             }
         };
         let reader = match reader {
@@ -543,7 +586,7 @@ impl Worker {
                 let msg = format!("opening the report spool {}: {e}", spool_path.display());
                 self.fail(&trial_id, attempt, "io", &msg, false, false)
                     .await;
-                return Ok(());
+                return Ok(false);
             }
         };
         let latest_snapshot = Arc::new(AtomicU64::new(0));
@@ -571,7 +614,7 @@ impl Worker {
                         self.fail(&trial_id, attempt, "gang", &format!("{e:#}"), false, false)
                             .await;
                     }
-                    return Ok(());
+                    return Ok(false);
                 }
             }
         } else {
@@ -585,6 +628,8 @@ impl Worker {
             None,
         );
         let snapshot_root = out_dir.with_extension("ckpt-upload");
+        let metrics = self.opts.metrics.clone();
+        metrics.trial_started(&trial_id, &cfg.name, cfg.train.steps);
         let result = tokio::task::spawn_blocking(move || {
             let mut env = env;
             if let Some(gang) = gang {
@@ -593,6 +638,14 @@ impl Worker {
             }
             let mut snap_n = 0u64;
             let mut on_progress = |p: &Progress| {
+                if let Progress::Step {
+                    step,
+                    tokens_per_sec,
+                    ..
+                } = p
+                {
+                    metrics.progress(*step, *tokens_per_sec);
+                }
                 // Rank 0 speaks for the gang; the others' progress is the same steps.
                 if rank != 0 {
                     return;
@@ -626,6 +679,7 @@ impl Worker {
         let _ = std::fs::remove_file(&spool_path);
         let _ = std::fs::remove_dir_all(out_dir.with_extension("ckpt-upload"));
         let lost_lease = lost.load(Ordering::SeqCst);
+        let mut completed = false;
         match result {
             Ok(Outcome::Finished(metrics)) if !lost_lease => {
                 tracing::info!(
@@ -671,6 +725,7 @@ impl Worker {
                     {
                         Ok(r) if r.get_ref().accepted => {
                             tracing::info!("completed");
+                            completed = true;
                             // Everything worth keeping is on the coordinator now.
                             let _ = std::fs::remove_dir_all(&out_dir);
                         }
@@ -738,7 +793,7 @@ impl Worker {
             }
         }
         hb.abort();
-        Ok(())
+        Ok(completed)
     }
 
     /// Meet the other ranks of a gang lease through the coordinator: rank 0 opens the collective
@@ -1704,6 +1759,7 @@ mod tests {
             name: "w".into(),
             price_per_hour: 0.0,
             stop_grace: crate::signals::DEFAULT_STOP_GRACE,
+            metrics: crate::metrics::WorkerMetrics::new("w", "cpu"),
         };
         let make_env: EnvFactory = Arc::new(|base_dir, out_dir, cache_dir, stop, sync| TrialEnv {
             device: candle_core::Device::Cpu,

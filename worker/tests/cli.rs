@@ -529,3 +529,17 @@ fn all_gpus_supervisor_caps_restarts_and_fails() {
     assert_eq!(err.matches("worker exited; restarting").count(), 4, "{err}");
     assert!(t0.elapsed() < std::time::Duration::from_secs(30));
 }
+
+/// `--metrics-listen` that cannot be bound fails before the worker dials anyone, naming the flag;
+/// `ABLATE_SKIP_PREFLIGHT=1` is a valid way to say `--skip-preflight`.
+#[test]
+fn a_bad_metrics_address_is_a_clear_error() {
+    let o = Command::new(BIN)
+        .args(["--coordinator", "http://127.0.0.1:9"])
+        .args(["--metrics-listen", "no-such-host.invalid:x9465"])
+        .env("ABLATE_SKIP_PREFLIGHT", "1")
+        .output()
+        .expect("run ablate-worker");
+    assert_clean_failure(&o, "--metrics-listen no-such-host.invalid:x9465");
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+}
