@@ -20,3 +20,4 @@ pub mod server;
 pub mod store;
 pub mod tensorboard;
 pub mod tls;
+pub mod tune;

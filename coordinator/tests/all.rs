@@ -10,3 +10,4 @@ mod scheduler;
 mod server;
 mod store;
 mod tensorboard;
+mod tune;

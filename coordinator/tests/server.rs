@@ -98,6 +98,7 @@ fn config(name: &str, base: Base, steps: u64) -> TrialConfig {
         },
         groups: 2,
         seed: 0,
+        tune: None,
     }
 }
 

@@ -42,6 +42,7 @@ fn config(name: &str, base: Base) -> TrialConfig {
         },
         groups: 2,
         seed: 0,
+        tune: None,
     }
 }
 

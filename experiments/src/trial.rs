@@ -21,6 +21,73 @@ pub struct TrialConfig {
     /// Number of layer groups G: G-1 contiguous block groups plus one group with wte/wpe.
     pub groups: usize,
     pub seed: u64,
+    /// Set on the trials of a sweep with `[tune]`: the arm the trial belongs to, its role and the
+    /// arm's tuning plan. Left out of the JSON when absent, so the ids of untuned trials do not
+    /// depend on this field existing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tune: Option<TuneTag>,
+}
+
+/// A trial's place in a tuned sweep (`[tune]`): which arm it belongs to, whether it searches
+/// the arm's grid or confirms the setting the search chose, and the plan every trial of the arm
+/// shares (the coordinator's tuner reads the plan from the trials, so nothing else travels).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TuneTag {
+    /// The arm: a method with its own settings (`freeze-2`, `gradual`, `lora-16`), the name its
+    /// untuned trial would have.
+    pub arm: String,
+    pub role: TuneRole,
+    pub strategy: TuneStrategy,
+    /// Steps at which the tuner compares the arm's trials by their validation loss (evaluation
+    /// steps before the end), in increasing order.
+    pub rungs: Vec<u64>,
+    /// The grid: learning rates, and weight decays (empty when weight decay is not tuned).
+    pub lr: Vec<f64>,
+    pub weight_decay: Vec<f64>,
+    /// Seeds the chosen setting runs with to the end. The grid runs with the first of them, and
+    /// the grid trial that wins counts as that seed's confirmation run.
+    pub confirm_seeds: Vec<u64>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum TuneRole {
+    /// One point of the arm's grid, run until the tuner stops it or to the end.
+    Tune,
+    /// The arm's chosen setting at another confirm seed (added by the coordinator).
+    Confirm,
+}
+
+impl TuneRole {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TuneRole::Tune => "tune",
+            TuneRole::Confirm => "confirm",
+        }
+    }
+}
+
+/// How the tuner decides at a rung.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum TuneStrategy {
+    /// Asynchronous successive halving (ASHA, Li et al. 2020): a trial reaching a rung goes on
+    /// only while its loss ranks in the top 1/`reduction_factor` of the losses seen at that rung
+    /// (the first to arrive always goes on); rungs at `min_steps · reduction_factor^k`.
+    Asha { reduction_factor: u32 },
+    /// Median stopping (Golovin et al. 2017): a trial stops at a rung when its loss is worse than
+    /// the median of the other trials' losses at that rung; rungs at every evaluation.
+    Median,
+}
+
+impl TuneStrategy {
+    pub fn name(&self) -> &'static str {
+        match self {
+            TuneStrategy::Asha { .. } => "asha",
+            TuneStrategy::Median => "median",
+        }
+    }
 }
 
 impl TrialConfig {
@@ -30,6 +97,24 @@ impl TrialConfig {
         let json = serde_json::to_vec(self).expect("TrialConfig serialises");
         let digest = Sha256::digest(&json);
         hex::encode(&digest[..8])
+    }
+
+    /// The arm of a tuned trial: the id of this config with what the tuner varies (learning
+    /// rate, weight decay when tuned, seed, name and role) set to fixed values, so every grid
+    /// point and confirm run of one arm shares it and nothing else does.
+    pub fn arm_key(&self) -> Option<String> {
+        let tag = self.tune.as_ref()?;
+        let mut c = self.clone();
+        c.name = tag.arm.clone();
+        c.seed = 0;
+        c.train.lr = 0.0;
+        if !tag.weight_decay.is_empty() {
+            c.train.weight_decay = 0.0;
+        }
+        if let Some(t) = c.tune.as_mut() {
+            t.role = TuneRole::Tune;
+        }
+        Some(c.id())
     }
 
     /// Id of the trial whose checkpoint this trial starts from, if any.

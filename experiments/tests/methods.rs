@@ -124,6 +124,7 @@ fn pretrain_cfg(s: &Setup) -> TrialConfig {
         train: train_spec(30),
         groups: 4,
         seed: 0,
+        tune: None,
     }
 }
 
@@ -145,6 +146,7 @@ fn finetune_cfg(s: &Setup, name: &str, method: Method) -> TrialConfig {
         train: train_spec(10),
         groups: 4,
         seed: 0,
+        tune: None,
     }
 }
 

@@ -56,6 +56,7 @@ fn gpt2_freeze_trial() -> TrialConfig {
         },
         groups: 4,
         seed: 7,
+        tune: None,
     }
 }
 

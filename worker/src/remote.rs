@@ -1712,6 +1712,7 @@ mod tests {
             },
             groups: 2,
             seed: 0,
+            tune: None,
         }
     }
 

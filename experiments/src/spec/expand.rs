@@ -165,6 +165,7 @@ pub(super) fn expand(ctx: &Ctx, raw: RawSweep) -> Result<Sweep> {
                 train: ptrain,
                 groups,
                 seed: p.seed,
+                tune: None,
             };
             let id = pre.id();
             trials.push(pre);
@@ -234,6 +235,7 @@ pub(super) fn expand(ctx: &Ctx, raw: RawSweep) -> Result<Sweep> {
             train,
             groups,
             seed,
+            tune: None,
         }
     };
     let suffix = |lr_factor: Option<f64>, seed: u64| {
@@ -466,6 +468,10 @@ pub(super) fn expand(ctx: &Ctx, raw: RawSweep) -> Result<Sweep> {
     if !any {
         return Err(ctx.err(methods_span, "[methods] selects no trial"));
     }
+    let trials = match &raw.tune {
+        Some(t) => super::tune::apply(ctx, t, trials, m.seeds.as_ref().map(|s| s.span()))?,
+        None => trials,
+    };
     Ok(Sweep {
         name,
         trials,

@@ -44,10 +44,12 @@ mod expand;
 mod location;
 mod raw;
 mod resolve;
+mod tune;
 #[cfg(test)]
 mod tests;
 
 pub use location::line_col;
+pub use tune::{point_name, rungs};
 use location::{sweep_dir, toml_message, Ctx};
 use raw::RawSweep;
 

@@ -19,6 +19,28 @@ pub(super) struct RawSweep {
     /// `--price-per-hour` takes precedence).
     #[serde(default)]
     pub(super) price_per_hour: Option<Spanned<f64>>,
+    /// `[tune]`: each arm searched over a learning-rate grid, then confirmed over seeds.
+    #[serde(default)]
+    pub(super) tune: Option<Spanned<RawTune>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawTune {
+    pub(super) lr: Spanned<Vec<Spanned<f64>>>,
+    #[serde(default)]
+    pub(super) weight_decay: Option<Spanned<Vec<Spanned<f64>>>>,
+    /// `"asha"` (default) or `"median"`.
+    #[serde(default)]
+    pub(super) strategy: Option<Spanned<String>>,
+    /// ASHA's η: the share of trials that go on at each rung is 1/η (default 3).
+    #[serde(default)]
+    pub(super) reduction_factor: Option<Spanned<u32>>,
+    /// The first rung (default: the first evaluation step).
+    #[serde(default)]
+    pub(super) min_steps: Option<Spanned<u64>>,
+    #[serde(default)]
+    pub(super) confirm_seeds: Option<Spanned<Vec<u64>>>,
 }
 
 #[derive(Deserialize)]
