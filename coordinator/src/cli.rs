@@ -320,6 +320,8 @@ pub struct TrialView {
     pub attempt_spans: Vec<crate::cost::AttemptSpan>,
     /// Why a queued or waiting trial does not run yet (the coordinator's words).
     pub wait_reason: Option<String>,
+    /// The tuner's rung decisions (`[tune]` sweeps).
+    pub tune_rungs: Vec<crate::report_tune::TuneRung>,
 }
 
 impl TrialView {
@@ -338,6 +340,8 @@ impl TrialView {
             finished_ms: self.finished_ms,
             attempt_spans: self.attempt_spans.clone(),
             price_per_hour: None,
+            tune_rungs: self.tune_rungs.clone(),
+            latest_step: self.step,
         }
     }
 
@@ -622,6 +626,9 @@ pub async fn report(args: ReportArgs) -> anyhow::Result<()> {
     let sweep = client.get(&args.sweep).await?;
     let rows = write_sweep_report(&mut client, &sweep, None, &args.out).await?;
     print!("{}", crate::report::to_terminal_table(&rows));
+    if let Some(t) = crate::report_tune::tuning(&sweep.records(None)) {
+        println!("{}", crate::report_tune::tokens_line(&t));
+    }
     eprintln!(
         "report written to {} (open {} in a browser)",
         args.out.display(),
@@ -836,6 +843,7 @@ fn trial_view(t: pb::TrialStatus) -> anyhow::Result<TrialView> {
         started_ms: (t.started_unix_ms > 0).then_some(t.started_unix_ms),
         finished_ms: (t.finished_unix_ms > 0).then_some(t.finished_unix_ms),
         wait_reason: opt(t.wait_reason),
+        tune_rungs: crate::report_tune::parse_tune_json(&t.tune_json),
         attempt_spans: t
             .attempt_costs
             .into_iter()
@@ -948,8 +956,18 @@ impl Client {
             .into_iter()
             .map(|s| SweepListing {
                 summary: format!(
-                    "{} trials: {} finished, {} failed, {} running, {} queued, {} cancelled",
-                    s.trials, s.finished, s.failed, s.running, s.queued, s.cancelled
+                    "{} trials: {} finished, {} failed, {} running, {} queued, {} cancelled{}",
+                    s.trials,
+                    s.finished,
+                    s.failed,
+                    s.running,
+                    s.queued,
+                    s.cancelled,
+                    if s.stopped > 0 {
+                        format!(", {} stopped by the tuner", s.stopped)
+                    } else {
+                        String::new()
+                    }
                 ),
                 id: s.sweep_id,
                 name: s.name,

@@ -14,6 +14,7 @@ pub mod plots;
 pub mod progress;
 pub mod report;
 pub mod report_stats;
+pub mod report_tune;
 pub mod run;
 pub mod scheduler;
 pub mod server;

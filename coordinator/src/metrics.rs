@@ -175,6 +175,7 @@ impl Metrics {
             "finished",
             "failed",
             "cancelled",
+            "stopped",
         ]
         .into_iter()
         .map(|s| (s.to_string(), 0))

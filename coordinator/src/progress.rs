@@ -41,6 +41,8 @@ pub struct TrialStatus {
 pub struct Counts {
     pub done: usize,
     pub failed: usize,
+    /// Stopped early by the tuner (`[tune]`): ended, not failed.
+    pub stopped: usize,
     pub running: usize,
     pub queued: usize,
     pub total: usize,
@@ -55,6 +57,8 @@ impl Counts {
         for t in trials {
             if is_done(&t.state) {
                 c.done += 1;
+            } else if t.state == "stopped" {
+                c.stopped += 1;
             } else if is_terminal(&t.state) {
                 c.failed += 1;
             } else if t.state == "running" {
@@ -67,12 +71,17 @@ impl Counts {
     }
 
     pub fn finished(&self) -> usize {
-        self.done + self.failed
+        self.done + self.failed + self.stopped
     }
 
     pub fn summary(&self) -> String {
+        let stopped = if self.stopped > 0 {
+            format!(" · {} stopped by the tuner", self.stopped)
+        } else {
+            String::new()
+        };
         format!(
-            "{}/{} finished · {} done · {} failed · {} running · {} queued",
+            "{}/{} finished · {} done · {} failed{stopped} · {} running · {} queued",
             self.finished(),
             self.total,
             self.done,
@@ -110,6 +119,13 @@ pub fn final_line(t: &TrialStatus) -> String {
             .wall_seconds
             .map_or_else(String::new, |w| format!(" in {}", human_duration(w)));
         format!("✓ {} done{ppl}{wall}", t.name)
+    } else if t.state == "stopped" {
+        // The message says where and why ("stopped by the tuner at step 10 ...").
+        format!(
+            "■ {} {}",
+            t.name,
+            t.message.as_deref().unwrap_or("stopped by the tuner")
+        )
     } else {
         let why = match (&t.reason, &t.message) {
             (Some(r), Some(m)) => format!(": {r}: {m}"),

@@ -46,6 +46,10 @@ pub struct TrialRecord {
     pub attempt_spans: Vec<crate::cost::AttemptSpan>,
     /// The sweep file's `price_per_hour` (per device), for attempts whose workers set none.
     pub price_per_hour: Option<f64>,
+    /// The tuner's decisions about this trial at its rungs (`[tune]` sweeps), in order.
+    pub tune_rungs: Vec<crate::report_tune::TuneRung>,
+    /// The last training step reported (what a stopped trial trained).
+    pub latest_step: u64,
 }
 
 /// One row of the summary table. Serialised as-is into `summary.json`.
@@ -95,6 +99,17 @@ pub struct SummaryRow {
     pub interval_note: Option<String>,
     /// Device time, GPU-hours, money, throughput and peak memory over every attempt.
     pub cost: crate::cost::TrialCost,
+    /// Tuned sweeps (`[tune]`): the arm (the method with its own settings), and the role:
+    /// `tune` for a grid point, `confirm` for a run of the arm's chosen setting (the winning grid
+    /// point counts as the first confirm seed, so its role is `confirm`). None when untuned.
+    pub arm: Option<String>,
+    pub role: Option<String>,
+    /// The learning rate of the top group, and the weight decay.
+    pub lr: Option<f64>,
+    pub weight_decay: Option<f64>,
+    /// Where the tuner stopped the trial: the rung step and the validation loss it had there.
+    pub stopped_step: Option<u64>,
+    pub stopped_loss: Option<f64>,
 }
 
 /// Sort key: pretrain, baseline, then family, then the family's parameter (freeze 1,2,3,all;
@@ -139,9 +154,12 @@ pub fn summary_rows(records: &[TrialRecord]) -> Vec<SummaryRow> {
         })
         .collect();
     let best = best_trials(records);
+    let chosen = crate::report_tune::chosen_trials(records);
     sorted
         .into_iter()
         .map(|r| {
+            let tune = r.config.as_ref().and_then(|c| c.tune.as_ref());
+            let stop = r.tune_rungs.iter().find(|d| d.verdict == "stop");
             let done = is_done(&r.state);
             let metrics = if done { r.metrics.as_ref() } else { None };
             let perplexity = metrics.map(|m| m.perplexity);
@@ -221,6 +239,18 @@ pub fn summary_rows(records: &[TrialRecord]) -> Vec<SummaryRow> {
                     r.price_per_hour,
                     now_ms(),
                 ),
+                arm: tune.map(|t| t.arm.clone()),
+                role: tune.map(|t| {
+                    if chosen.contains(r.id.as_str()) {
+                        "confirm".to_string()
+                    } else {
+                        t.role.as_str().to_string()
+                    }
+                }),
+                lr: r.config.as_ref().map(|c| c.train.lr),
+                weight_decay: r.config.as_ref().map(|c| c.train.weight_decay),
+                stopped_step: stop.map(|d| d.step),
+                stopped_loss: stop.and_then(|d| d.loss),
             }
         })
         .collect()
@@ -326,7 +356,7 @@ pub fn is_done(state: &str) -> bool {
 
 /// True for states from which a trial never moves again.
 pub fn is_terminal(state: &str) -> bool {
-    is_done(state) || matches!(state, "failed" | "cancelled" | "canceled")
+    is_done(state) || matches!(state, "failed" | "cancelled" | "canceled" | "stopped")
 }
 
 fn fmt_ppl(p: Option<f64>) -> String {
@@ -403,6 +433,9 @@ pub fn human_duration(secs: f64) -> String {
 
 /// Status cell: a failed row carries its reason so the table alone says what went wrong.
 fn status_cell(r: &SummaryRow) -> String {
+    if let (Some(step), "stopped") = (r.stopped_step, r.status.as_str()) {
+        return format!("stopped@{step}");
+    }
     match &r.reason {
         Some(reason) if !is_done(&r.status) => format!("{} ({reason})", r.status),
         _ => r.status.clone(),
@@ -608,7 +641,7 @@ fn csv_opt<T: ToString>(v: Option<T>) -> String {
 }
 
 /// Header of `summary.csv`, in column order.
-pub const CSV_COLUMNS: [&str; 40] = [
+pub const CSV_COLUMNS: [&str; 46] = [
     "trial",
     "name",
     "method",
@@ -649,6 +682,12 @@ pub const CSV_COLUMNS: [&str; 40] = [
     "lost_cost",
     "tokens_per_s",
     "peak_memory_bytes",
+    "arm",
+    "role",
+    "lr",
+    "weight_decay",
+    "stopped_step",
+    "stopped_loss",
 ];
 
 /// `summary.csv`: full-precision numbers (Rust's shortest round-trip form); empty cells for
@@ -698,6 +737,12 @@ pub fn to_csv(rows: &[SummaryRow]) -> String {
             csv_opt(r.cost.lost_cost),
             csv_opt(r.cost.tokens_per_s),
             csv_opt(r.cost.peak_memory_bytes),
+            csv_field(r.arm.as_deref().unwrap_or("")),
+            csv_field(r.role.as_deref().unwrap_or("")),
+            csv_opt(r.lr),
+            csv_opt(r.weight_decay),
+            csv_opt(r.stopped_step),
+            csv_opt(r.stopped_loss),
         ];
         out.push_str(&cells.join(","));
         out.push('\n');
@@ -918,6 +963,10 @@ fn seed_group_key(r: &TrialRecord) -> String {
         Some(c) => {
             let mut c = c.clone();
             c.seed = 0;
+            // A tuned arm's winning grid trial and its confirm runs are one configuration.
+            if let Some(t) = c.tune.as_mut() {
+                t.role = experiments::trial::TuneRole::Tune;
+            }
             c.name = strip_seed(&c.name).to_string();
             serde_json::to_string(&c).unwrap_or_default()
         }
@@ -1173,7 +1222,21 @@ pub fn write_full_report(
     events: &[TrialEvents],
 ) -> anyhow::Result<Vec<SummaryRow>> {
     let rows = summary_rows(records);
-    let aggregate = aggregate_rows(records);
+    let tuning = crate::report_tune::tuning(records);
+    // A tuned sweep is ranked by its confirmed results only: each arm's chosen setting over
+    // its confirm seeds (the other grid points are the search, shown in the tuning section).
+    let aggregate = match &tuning {
+        Some(_) => {
+            let mut rows = aggregate_rows(&crate::report_tune::confirmed_records(records));
+            // Ranked: lowest mean perplexity first (arms without a result last).
+            rows.sort_by(|a, b| {
+                let p = |r: &AggregateRow| r.perplexity_mean.unwrap_or(f64::INFINITY);
+                p(a).total_cmp(&p(b))
+            });
+            rows
+        }
+        None => aggregate_rows(records),
+    };
     let trials_dir = dir.join("trials");
     std::fs::create_dir_all(&trials_dir)
         .with_context(|| format!("creating report directory {}", trials_dir.display()))?;
@@ -1182,8 +1245,19 @@ pub fn write_full_report(
         std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))
     };
     let mut md = to_markdown(&rows);
+    if let Some(t) = &tuning {
+        md.push_str(&crate::report_tune::tuning_markdown(t));
+        write(
+            "tuning.json",
+            serde_json::to_string_pretty(t).expect("tuning serialises") + "\n",
+        )?;
+    }
     if !aggregate.is_empty() {
-        md.push_str("\n## Across seeds\n\n");
+        md.push_str(if tuning.is_some() {
+            "\n## Tuned arms, ranked by their confirm runs\n\n"
+        } else {
+            "\n## Across seeds\n\n"
+        });
         md.push_str(&aggregate_markdown(&aggregate));
         write("aggregate.csv", aggregate_csv(&aggregate))?;
         write(

@@ -54,6 +54,8 @@ pub enum TrialState {
     /// Failed for good (deterministic, budget spent, or dependency failed).
     Failed,
     Cancelled,
+    /// Stopped early by the tuner at a rung (`[tune]`): not a failure, never retried.
+    Stopped,
 }
 
 impl TrialState {
@@ -65,6 +67,7 @@ impl TrialState {
             TrialState::Finished => "finished",
             TrialState::Failed => "failed",
             TrialState::Cancelled => "cancelled",
+            TrialState::Stopped => "stopped",
         }
     }
 
@@ -76,6 +79,7 @@ impl TrialState {
             "finished" => TrialState::Finished,
             "failed" => TrialState::Failed,
             "cancelled" => TrialState::Cancelled,
+            "stopped" => TrialState::Stopped,
             _ => return None,
         })
     }
@@ -84,7 +88,7 @@ impl TrialState {
     pub fn is_terminal(self) -> bool {
         matches!(
             self,
-            TrialState::Finished | TrialState::Failed | TrialState::Cancelled
+            TrialState::Finished | TrialState::Failed | TrialState::Cancelled | TrialState::Stopped
         )
     }
 }
@@ -108,6 +112,8 @@ pub enum AttemptOutcome {
     /// The coordinator restarted while the attempt ran.
     Lost,
     Cancelled,
+    /// The tuner stopped the trial at a rung.
+    Stopped,
 }
 
 impl AttemptOutcome {
@@ -119,6 +125,7 @@ impl AttemptOutcome {
             AttemptOutcome::Expired => "expired",
             AttemptOutcome::Lost => "lost",
             AttemptOutcome::Cancelled => "cancelled",
+            AttemptOutcome::Stopped => "stopped",
         }
     }
 }
@@ -855,6 +862,36 @@ impl Scheduler {
         Ok(out)
     }
 
+    /// The tuner stopped the trial at a rung: its running attempt ends (the worker is told at its
+    /// next report or heartbeat) and the trial ends `stopped`, with `message` saying where and why.
+    /// Trials that start from it are cancelled. A trial already ended is left as it is.
+    pub fn stop(&mut self, trial_id: &str, message: &str) -> Result<Vec<Decision>, SchedError> {
+        let t = self
+            .trials
+            .get(trial_id)
+            .ok_or_else(|| SchedError::UnknownTrial(trial_id.to_string()))?;
+        let mut out = Vec::new();
+        if t.state.is_terminal() {
+            return Ok(out);
+        }
+        let held = !t.lease.is_empty();
+        let attempt = t.attempts;
+        if held {
+            self.end_lease(trial_id);
+            out.push(Decision::Ended {
+                trial_id: trial_id.to_string(),
+                attempt,
+                outcome: AttemptOutcome::Stopped,
+                reason: "stopped".into(),
+                message: message.to_string(),
+                metrics_json: None,
+            });
+        }
+        self.set_state(trial_id, TrialState::Stopped, "stopped", message, &mut out);
+        self.cancel_dependants(trial_id, &mut out);
+        Ok(out)
+    }
+
     /// Advance the clock: leases past their deadline are lost and their trials queued again.
     pub fn tick(&mut self, now_ms: i64) -> Vec<Decision> {
         let expired: Vec<(String, u32)> = self
@@ -974,7 +1011,9 @@ impl Scheduler {
         };
         match self.trials.get(dep).map(|d| d.state) {
             Some(TrialState::Finished) => Dep::Ready,
-            Some(TrialState::Failed) | Some(TrialState::Cancelled) => Dep::Failed(dep.clone()),
+            Some(TrialState::Failed | TrialState::Cancelled | TrialState::Stopped) => {
+                Dep::Failed(dep.clone())
+            }
             _ => Dep::Pending,
         }
     }
@@ -993,7 +1032,7 @@ impl Scheduler {
 
     fn fail_dependency(&mut self, id: &str, dep: &str, out: &mut Vec<Decision>) {
         let dep_state = self.trials.get(dep).map(|d| d.state);
-        if dep_state == Some(TrialState::Cancelled) {
+        if matches!(dep_state, Some(TrialState::Cancelled | TrialState::Stopped)) {
             let msg = format!("base trial {dep} was cancelled");
             self.set_state(id, TrialState::Cancelled, "dependency_cancelled", &msg, out);
             self.cancel_dependants(id, out);

@@ -235,6 +235,7 @@ pub async fn serve_with_metrics(
             store,
             sched,
             drained: Default::default(),
+            tuner: Default::default(),
         }),
         notify: Notify::new(),
         bus,
@@ -259,6 +260,7 @@ pub async fn serve_with_metrics(
         shared
             .apply(&mut inner, &decisions, shared.clock.wall_ms())
             .map_err(status_to_anyhow)?;
+        shared.restore_tuner(&mut inner).map_err(status_to_anyhow)?;
     }
     let addr = listener.local_addr().ok();
     tracing::info!(?addr, state_dir = %opts.state_dir.display(), "coordinator listening");
@@ -520,6 +522,8 @@ struct Inner {
     /// carries on (drain it again); a worker that registers again (restarted, upgraded) has a
     /// new id and is not drained.
     drained: std::collections::HashMap<String, bool>,
+    /// The tuner of `[tune]` sweeps, rebuilt from the store's decisions on start.
+    tuner: crate::tune::Tuner,
 }
 
 /// Messages for `Watch` streams.
@@ -568,12 +572,24 @@ impl Shared {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Persist decisions, then announce state changes and wake lease waiters.
+    /// Persist decisions, then announce state changes and wake lease waiters. A grid trial of a
+    /// tuned arm that ended is passed to the tuner, whose arm decision (and confirm trials) is
+    /// persisted in turn.
     fn apply(&self, inner: &mut Inner, decisions: &[Decision], now: i64) -> Result<(), Status> {
         if decisions.is_empty() {
             return Ok(());
         }
         inner.store.apply(decisions, now).map_err(store_status)?;
+        for d in decisions {
+            if let Decision::State {
+                trial_id, state, ..
+            } = d
+            {
+                if state.is_terminal() && inner.tuner.knows(trial_id) {
+                    self.tune_ended(inner, trial_id, *state, now)?;
+                }
+            }
+        }
         let mut seen = HashSet::new();
         let mut wake = false;
         for d in decisions {
@@ -596,6 +612,141 @@ impl Shared {
         }
         if wake {
             self.notify.notify_waiters();
+        }
+        Ok(())
+    }
+
+    /// A grid trial ended: tell the tuner, and when that decides its arm, add the confirm trials
+    /// to every sweep the winner belongs to, then record the decision. Crash-safe in that order:
+    /// a restart between the two decides the arm again and finds the confirm trials stored.
+    fn tune_ended(
+        &self,
+        inner: &mut Inner,
+        trial_id: &str,
+        state: TrialState,
+        now: i64,
+    ) -> Result<(), Status> {
+        let how = match state {
+            TrialState::Finished => {
+                let loss = inner
+                    .store
+                    .trial(trial_id)
+                    .map_err(store_status)?
+                    .and_then(|r| r.metrics_json)
+                    .and_then(|j| serde_json::from_str::<TrialMetrics>(&j).ok())
+                    .map_or(f64::NAN, |m| m.valid_loss);
+                crate::tune::Ended::Finished { valid_loss: loss }
+            }
+            TrialState::Cancelled => crate::tune::Ended::Cancelled,
+            _ => crate::tune::Ended::Out,
+        };
+        let Some(arm) = inner.tuner.ended(trial_id, how) else {
+            return Ok(());
+        };
+        tracing::info!(arm = %arm.arm, detail = %arm.detail, "tuned arm decided");
+        let mut decisions = Vec::new();
+        if let Some(best) = &arm.best {
+            let trials: Vec<NewTrial> = arm
+                .confirm
+                .iter()
+                .map(|c| NewTrial {
+                    id: c.id(),
+                    config: c.clone(),
+                })
+                .collect();
+            for sweep in inner.store.sweeps_of(best).map_err(store_status)? {
+                inner
+                    .store
+                    .add_to_sweep(&sweep, &trials)
+                    .map_err(store_status)?;
+            }
+            for t in &trials {
+                decisions.extend(inner.sched.submit(TrialSpec {
+                    id: t.id.clone(),
+                    depends_on: t.config.depends_on().map(str::to_string),
+                    cost: t.config.expected_cost(),
+                    ranks: t.config.train.ranks,
+                }));
+            }
+        }
+        inner.store.record_arm(&arm, now).map_err(store_status)?;
+        self.apply(inner, &decisions, now)
+    }
+
+    /// A validation loss at a rung of a grid trial: the tuner's decision is stored, then acted
+    /// on. Returns false when the trial was stopped (the worker is told to stop it).
+    fn tune_rung(
+        &self,
+        inner: &mut Inner,
+        trial_id: &str,
+        step: u64,
+        loss: f64,
+        now: i64,
+    ) -> Result<bool, Status> {
+        let Some(d) = inner.tuner.rung_report(trial_id, step, loss) else {
+            return Ok(true);
+        };
+        inner.store.record_rung(&d, now).map_err(store_status)?;
+        tracing::info!(trial = %trial_id, rung = d.rung, step, loss, verdict = d.verdict.as_str(), detail = %d.detail, "tuner decided");
+        if d.verdict == crate::tune::Verdict::Continue {
+            return Ok(true);
+        }
+        self.stop_trial(inner, &d, now)?;
+        Ok(false)
+    }
+
+    fn stop_trial(
+        &self,
+        inner: &mut Inner,
+        d: &crate::tune::RungDecision,
+        now: i64,
+    ) -> Result<(), Status> {
+        let message = format!(
+            "stopped by the tuner at step {} (rung {}) with validation loss {:.4}: {}",
+            d.step, d.rung, d.loss, d.detail
+        );
+        let decisions = inner
+            .sched
+            .stop(&d.trial_id, &message)
+            .map_err(sched_status)?;
+        self.apply(inner, &decisions, now)
+    }
+
+    /// Rebuild the tuner from the store after a start: the grid trials, the rung decisions taken
+    /// (a stop that was stored but not yet applied is applied now), the arms decided, and the
+    /// trials that ended (an arm whose last trial ended but whose decision was not stored is
+    /// decided now).
+    fn restore_tuner(&self, inner: &mut Inner) -> Result<(), Status> {
+        let rows = inner.store.trials().map_err(store_status)?;
+        for row in &rows {
+            if let Ok(c) = serde_json::from_str::<TrialConfig>(&row.config_json) {
+                inner.tuner.add(&row.id, &c);
+            }
+        }
+        let rungs = inner.store.rung_decisions(None).map_err(store_status)?;
+        for d in &rungs {
+            inner.tuner.restore_rung(d);
+        }
+        for arm in inner.store.arm_decisions().map_err(store_status)? {
+            inner.tuner.restore_arm(&arm.arm_key);
+        }
+        let now = self.clock.wall_ms();
+        for d in rungs
+            .iter()
+            .filter(|d| d.verdict == crate::tune::Verdict::Stop)
+        {
+            if inner
+                .sched
+                .state(&d.trial_id)
+                .is_some_and(|s| !s.is_terminal())
+            {
+                self.stop_trial(inner, d, now)?;
+            }
+        }
+        for row in &rows {
+            if row.state.is_terminal() && inner.tuner.knows(&row.id) {
+                self.tune_ended(inner, &row.id, row.state, now)?;
+            }
         }
         Ok(())
     }
@@ -901,7 +1052,31 @@ fn trial_status(store: &Store, row: &TrialRow) -> pb::TrialStatus {
         config_json: row.config_json.clone(),
         attempt_costs: attempt_costs(store, &row.id),
         wait_reason: String::new(),
+        tune_json: tune_json(store, &row.id),
     }
+}
+
+/// The tuner's rung decisions about a trial as JSON (empty when it has none).
+fn tune_json(store: &Store, trial_id: &str) -> String {
+    let Ok(rungs) = store.rung_decisions(Some(trial_id)) else {
+        return String::new();
+    };
+    if rungs.is_empty() {
+        return String::new();
+    }
+    let list: Vec<serde_json::Value> = rungs
+        .iter()
+        .map(|d| {
+            serde_json::json!({
+                "rung": d.rung,
+                "step": d.step,
+                "loss": d.loss.is_finite().then_some(d.loss),
+                "verdict": d.verdict.as_str(),
+                "detail": d.detail,
+            })
+        })
+        .collect();
+    serde_json::json!({ "rungs": list }).to_string()
 }
 
 /// Each attempt's span, devices and price, for the report's cost table.
@@ -1158,10 +1333,19 @@ impl WorkerService for WorkerApi {
         if fresh {
             self.0.metrics.event_recorded();
             let _ = self.0.bus.send(Bus::Progress(pb::TrialProgress {
-                trial_id: r.trial_id,
+                trial_id: r.trial_id.clone(),
                 attempt: r.attempt,
                 progress_json: json,
             }));
+        }
+        if let Progress::Eval { step, valid_loss } = progress {
+            if inner.tuner.knows(&r.trial_id) {
+                let now = self.0.clock.wall_ms();
+                let go_on = self
+                    .0
+                    .tune_rung(&mut inner, &r.trial_id, step, valid_loss, now)?;
+                return Ok(Response::new(pb::ReportResponse { accepted: go_on }));
+            }
         }
         Ok(Response::new(pb::ReportResponse { accepted: true }))
     }
@@ -1526,6 +1710,7 @@ impl SweepService for SweepApi {
             .map_err(store_status)?;
         let mut decisions = Vec::new();
         for t in &trials {
+            inner.tuner.add(&t.id, &t.config);
             decisions.extend(inner.sched.submit(TrialSpec {
                 id: t.id.clone(),
                 depends_on: t.config.depends_on().map(str::to_string),
@@ -1561,6 +1746,7 @@ impl SweepService for SweepApi {
                 finished: count(TrialState::Finished),
                 failed: count(TrialState::Failed),
                 cancelled: count(TrialState::Cancelled),
+                stopped: count(TrialState::Stopped),
             });
         }
         Ok(Response::new(pb::ListResponse { sweeps }))

@@ -86,6 +86,16 @@ pub struct TrialRow {
     pub cost: f64,
 }
 
+/// A tuned arm the tuner decided (`tune_arms`).
+#[derive(Clone, Debug, PartialEq)]
+pub struct ArmRow {
+    pub arm_key: String,
+    pub arm: String,
+    /// The winning grid trial; None when none finished or a grid trial was cancelled.
+    pub best_trial: Option<String>,
+    pub detail: String,
+}
+
 #[derive(Clone, Debug, PartialEq)]
 pub struct AttemptRow {
     pub trial_id: String,
@@ -197,6 +207,23 @@ CREATE TABLE IF NOT EXISTS workers (
     device_name TEXT NOT NULL,
     memory_bytes INTEGER NOT NULL,
     registered_ms INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS tune_rungs (
+    trial_id TEXT NOT NULL,
+    rung INTEGER NOT NULL,
+    step INTEGER NOT NULL,
+    loss REAL,
+    verdict TEXT NOT NULL,
+    detail TEXT NOT NULL,
+    decided_ms INTEGER NOT NULL,
+    PRIMARY KEY (trial_id, rung)
+);
+CREATE TABLE IF NOT EXISTS tune_arms (
+    arm_key TEXT PRIMARY KEY,
+    arm TEXT NOT NULL,
+    best_trial TEXT,
+    detail TEXT NOT NULL,
+    decided_ms INTEGER NOT NULL
 );
 CREATE TABLE IF NOT EXISTS artifacts (
     trial_id TEXT NOT NULL,
@@ -630,6 +657,147 @@ impl Store {
             .map_err(|e| self.db(e))?;
         rows.collect::<rusqlite::Result<Vec<_>>>()
             .map_err(|e| self.db(e))
+    }
+
+    /// Record the tuner's decision about a trial at a rung, before it is acted on. A decision
+    /// already stored for that (trial, rung) is kept: decisions are final.
+    pub fn record_rung(&mut self, d: &crate::tune::RungDecision, now_ms: i64) -> Result<()> {
+        self.conn
+            .execute(
+                "INSERT OR IGNORE INTO tune_rungs (trial_id, rung, step, loss, verdict, detail, decided_ms)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                params![
+                    d.trial_id,
+                    d.rung as i64,
+                    d.step as i64,
+                    // SQLite keeps no NaN (it would read back as NULL): NULL is "not finite".
+                    d.loss.is_finite().then_some(d.loss),
+                    d.verdict.as_str(),
+                    d.detail,
+                    now_ms
+                ],
+            )
+            .map_err(|e| self.db(e))?;
+        Ok(())
+    }
+
+    /// The tuner's rung decisions, in the order they were taken (of one trial, or all).
+    pub fn rung_decisions(&self, trial_id: Option<&str>) -> Result<Vec<crate::tune::RungDecision>> {
+        let mut st = self
+            .conn
+            .prepare(
+                "SELECT trial_id, rung, step, loss, verdict, detail FROM tune_rungs
+                 WHERE ?1 IS NULL OR trial_id = ?1 ORDER BY rowid",
+            )
+            .map_err(|e| self.db(e))?;
+        let rows = st
+            .query_map(params![trial_id], |r| {
+                let verdict: String = r.get(4)?;
+                Ok(crate::tune::RungDecision {
+                    trial_id: r.get(0)?,
+                    rung: r.get::<_, i64>(1)? as usize,
+                    step: r.get::<_, i64>(2)? as u64,
+                    loss: r.get::<_, Option<f64>>(3)?.unwrap_or(f64::NAN),
+                    verdict: crate::tune::Verdict::parse(&verdict)
+                        .unwrap_or(crate::tune::Verdict::Continue),
+                    detail: r.get(5)?,
+                })
+            })
+            .map_err(|e| self.db(e))?;
+        rows.collect::<rusqlite::Result<Vec<_>>>()
+            .map_err(|e| self.db(e))
+    }
+
+    /// Record that an arm was decided (after its confirm trials were added).
+    pub fn record_arm(&mut self, d: &crate::tune::ArmDecision, now_ms: i64) -> Result<()> {
+        self.conn
+            .execute(
+                "INSERT OR IGNORE INTO tune_arms (arm_key, arm, best_trial, detail, decided_ms)
+                 VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![d.arm_key, d.arm, d.best, d.detail, now_ms],
+            )
+            .map_err(|e| self.db(e))?;
+        Ok(())
+    }
+
+    /// Decided arms, in the order they were decided.
+    pub fn arm_decisions(&self) -> Result<Vec<ArmRow>> {
+        let mut st = self
+            .conn
+            .prepare("SELECT arm_key, arm, best_trial, detail FROM tune_arms ORDER BY rowid")
+            .map_err(|e| self.db(e))?;
+        let rows = st
+            .query_map([], |r| {
+                Ok(ArmRow {
+                    arm_key: r.get(0)?,
+                    arm: r.get(1)?,
+                    best_trial: r.get(2)?,
+                    detail: r.get(3)?,
+                })
+            })
+            .map_err(|e| self.db(e))?;
+        rows.collect::<rusqlite::Result<Vec<_>>>()
+            .map_err(|e| self.db(e))
+    }
+
+    /// Add trials to an existing sweep (the confirm runs of a tuned arm), after its other
+    /// trials. Trials already stored are linked, not added again. Returns the ids added.
+    pub fn add_to_sweep(&mut self, sweep_id: &str, trials: &[NewTrial]) -> Result<Vec<String>> {
+        let db_path = self.db_path.clone();
+        let db = |e| StoreError::Db {
+            path: db_path.clone(),
+            source: e,
+        };
+        let tx = self.conn.transaction().map_err(db)?;
+        let mut next_seq: i64 = tx
+            .query_row("SELECT COALESCE(MAX(seq), 0) + 1 FROM trials", [], |r| {
+                r.get(0)
+            })
+            .map_err(db)?;
+        let mut pos: i64 = tx
+            .query_row(
+                "SELECT COALESCE(MAX(position), -1) + 1 FROM sweep_trials WHERE sweep_id = ?1",
+                [sweep_id],
+                |r| r.get(0),
+            )
+            .map_err(db)?;
+        let mut added = Vec::new();
+        for t in trials {
+            let exists = tx
+                .query_row("SELECT 1 FROM trials WHERE id = ?1", [&t.id], |_| Ok(()))
+                .optional()
+                .map_err(db)?
+                .is_some();
+            if !exists {
+                let json = serde_json::to_string(&t.config)
+                    .map_err(|e| StoreError::Invalid(format!("trial {}: {e}", t.id)))?;
+                tx.execute(
+                    "INSERT INTO trials (id, seq, name, method, config_json, depends_on, cost, state)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, 'waiting')",
+                    params![
+                        t.id,
+                        next_seq,
+                        t.config.name,
+                        t.config.method.family(),
+                        json,
+                        t.config.depends_on(),
+                        t.config.expected_cost()
+                    ],
+                )
+                .map_err(db)?;
+                next_seq += 1;
+                added.push(t.id.clone());
+            }
+            let n = tx
+                .execute(
+                    "INSERT OR IGNORE INTO sweep_trials (sweep_id, trial_id, position) VALUES (?1, ?2, ?3)",
+                    params![sweep_id, t.id, pos],
+                )
+                .map_err(db)?;
+            pos += n as i64;
+        }
+        tx.commit().map_err(db)?;
+        Ok(added)
     }
 
     /// Record one progress event. Returns false when (trial, attempt, seq) was already recorded.

@@ -19,7 +19,8 @@
 //! - an arm is decided when each of its grid points has finished, stopped, failed or been
 //!   cancelled: the finished grid trial with the lowest final validation loss wins (ties: the
 //!   earlier grid point), and the arm gets one confirm trial per confirm seed after the first (the
-//!   winning grid trial, which ran with the first seed, is that seed's confirmation).
+//!   winning grid trial, which ran with the first seed, is that seed's confirmation). An arm with
+//!   a cancelled grid trial gets none: the user stopped it.
 
 use std::collections::BTreeMap;
 
@@ -77,9 +78,13 @@ pub struct ArmDecision {
 /// How a grid trial ended.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum Ended {
-    Finished { valid_loss: f64 },
-    /// Stopped by the tuner, failed for good or cancelled: not a candidate.
+    Finished {
+        valid_loss: f64,
+    },
+    /// Stopped by the tuner or failed for good: not a candidate.
     Out,
+    /// Cancelled by the user: the arm gets no confirm runs.
+    Cancelled,
 }
 
 #[derive(Clone, Debug)]
@@ -110,7 +115,10 @@ impl Arm {
     }
 
     fn index(&self, id: &str) -> usize {
-        self.order.iter().position(|x| x == id).unwrap_or(usize::MAX)
+        self.order
+            .iter()
+            .position(|x| x == id)
+            .unwrap_or(usize::MAX)
     }
 }
 
@@ -205,10 +213,7 @@ impl Tuner {
                 }
                 TuneStrategy::Median => {
                     if seen.is_empty() {
-                        (
-                            Verdict::Continue,
-                            "the first loss at this rung".to_string(),
-                        )
+                        (Verdict::Continue, "the first loss at this rung".to_string())
                     } else {
                         let mut others: Vec<f64> = seen.iter().map(|(_, l)| *l).collect();
                         others.sort_by(f64::total_cmp);
@@ -249,7 +254,11 @@ impl Tuner {
     /// Put back a decision taken before (read from the store after a restart), or record one
     /// just taken.
     pub fn restore_rung(&mut self, d: &RungDecision) {
-        let Some(arm) = self.arm_of.get(&d.trial_id).and_then(|k| self.arms.get_mut(k)) else {
+        let Some(arm) = self
+            .arm_of
+            .get(&d.trial_id)
+            .and_then(|k| self.arms.get_mut(k))
+        else {
             return;
         };
         if d.rung >= arm.rungs.len() || arm.decided.contains_key(&(d.trial_id.clone(), d.rung)) {
@@ -286,6 +295,19 @@ impl Tuner {
             return None;
         }
         arm.done = true;
+        if arm
+            .points
+            .values()
+            .any(|p| p.ended == Some(Ended::Cancelled))
+        {
+            return Some(ArmDecision {
+                arm_key: key,
+                arm: arm.name.clone(),
+                best: None,
+                confirm: Vec::new(),
+                detail: "a grid trial was cancelled: nothing to confirm".to_string(),
+            });
+        }
         let best = arm
             .order
             .iter()
@@ -295,7 +317,10 @@ impl Tuner {
                 }
                 _ => None,
             })
-            .min_by(|a, b| a.1.total_cmp(&b.1).then_with(|| arm.index(a.0).cmp(&arm.index(b.0))));
+            .min_by(|a, b| {
+                a.1.total_cmp(&b.1)
+                    .then_with(|| arm.index(a.0).cmp(&arm.index(b.0)))
+            });
         let Some((best_id, best_loss)) = best else {
             return Some(ArmDecision {
                 arm_key: key,
@@ -321,7 +346,11 @@ impl Tuner {
                 c
             })
             .collect();
-        let stopped = arm.points.values().filter(|p| p.stopped_at.is_some()).count();
+        let stopped = arm
+            .points
+            .values()
+            .filter(|p| p.stopped_at.is_some())
+            .count();
         Some(ArmDecision {
             arm_key: key,
             arm: arm.name.clone(),

@@ -1227,3 +1227,165 @@ async fn another_protocol_version_is_refused_and_an_old_worker_accepted() {
         "refused workers were registered"
     );
 }
+
+fn eval_json(step: u64, valid_loss: f64) -> String {
+    serde_json::to_string(&Progress::Eval { step, valid_loss }).unwrap()
+}
+
+/// Grid trials of one tuned arm (rungs at step 10 of 20), middle learning rate first.
+fn tuned_arm(lrs: &[f64]) -> Vec<TrialConfig> {
+    let mut grid = lrs.to_vec();
+    grid.sort_by(f64::total_cmp);
+    lrs.iter()
+        .map(|&lr| {
+            let mut c = config(
+                &format!("freeze-1 lr={lr:e}"),
+                Base::HfDir { path: "/m".into() },
+                20,
+            );
+            c.train.lr = lr;
+            c.train.eval_every = 10;
+            c.tune = Some(TuneTag {
+                arm: "freeze-1".into(),
+                role: TuneRole::Tune,
+                strategy: TuneStrategy::Asha {
+                    reduction_factor: 3,
+                },
+                rungs: vec![10],
+                lr: grid.clone(),
+                weight_decay: vec![],
+                confirm_seeds: vec![0, 1],
+            });
+            c
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn the_tuner_stops_at_rungs_confirms_the_winner_and_its_decisions_survive_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let grid = tuned_arm(&[1e-3, 3e-4, 3e-3]);
+    let ids: Vec<String> = grid.iter().map(|c| c.id()).collect();
+    let report = |w: &mut WorkerClient, id: &str, seq: u64, json: String| {
+        let mut w = w.clone();
+        let id = id.to_string();
+        async move {
+            w.report(pb::ReportRequest {
+                trial_id: id,
+                attempt: 1,
+                seq,
+                progress_json: json,
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .accepted
+        }
+    };
+    let get = |admin: &mut AdminClient| {
+        let mut admin = admin.clone();
+        async move {
+            admin
+                .get(pb::GetRequest { sweep: "s".into() })
+                .await
+                .unwrap()
+                .into_inner()
+        }
+    };
+    {
+        let server = Server::start(dir.path(), Duration::from_secs(30)).await;
+        let mut admin = server.admin().await;
+        let mut w = server.worker().await;
+        admin
+            .submit(pb::SubmitRequest {
+                sweep_name: "s".into(),
+                sweep_text: "t".into(),
+                trials: grid.iter().map(submitted).collect(),
+            })
+            .await
+            .unwrap();
+        let wid = register(&mut w, "one").await;
+        for id in &ids {
+            assert_eq!(&lease(&mut w, &wid, 1000).await.unwrap().trial_id, id);
+        }
+        // The first loss at the rung goes on; a worse one is stopped (the worker is told so).
+        assert!(report(&mut w, &ids[0], 0, eval_json(10, 4.0)).await);
+        assert!(!report(&mut w, &ids[1], 0, eval_json(10, 4.5)).await);
+        let got = get(&mut admin).await;
+        let low = got.trials.iter().find(|t| t.id == ids[1]).unwrap();
+        assert_eq!(low.state, "stopped");
+        assert!(
+            low.failure_message.contains("step 10"),
+            "{}",
+            low.failure_message
+        );
+        assert!(
+            low.tune_json.contains("\"verdict\":\"stop\""),
+            "{}",
+            low.tune_json
+        );
+        server.shutdown().await;
+    }
+    // After a restart the rung still holds 4.0 and 4.5: 4.2 ranks 2 of 3 and stops.
+    let server = Server::start(dir.path(), Duration::from_secs(30)).await;
+    let mut admin = server.admin().await;
+    let mut w = server.worker().await;
+    assert!(!report(&mut w, &ids[2], 0, eval_json(10, 4.2)).await);
+    // The winner's attempt reports the rung again (its worker restarted it): nothing changes.
+    assert!(report(&mut w, &ids[0], 1, eval_json(10, 9.0)).await);
+    // A late report from a stopped trial is refused.
+    assert!(!report(&mut w, &ids[1], 1, eval_json(10, 1.0)).await);
+    let accepted = w
+        .complete(pb::CompleteRequest {
+            trial_id: ids[0].clone(),
+            attempt: 1,
+            metrics_json: serde_json::to_string(&TrialMetrics {
+                perplexity: 50.0,
+                valid_loss: 3.9,
+                ..Default::default()
+            })
+            .unwrap(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .accepted;
+    assert!(accepted);
+    // The arm is decided: the winner's setting runs at the second confirm seed.
+    let got = get(&mut admin).await;
+    assert_eq!(
+        got.trials.len(),
+        4,
+        "{:?}",
+        got.trials.iter().map(|t| &t.name).collect::<Vec<_>>()
+    );
+    let confirm = got
+        .trials
+        .iter()
+        .find(|t| !ids.contains(&t.id))
+        .unwrap()
+        .clone();
+    let c: TrialConfig = serde_json::from_str(&confirm.config_json).unwrap();
+    assert_eq!(confirm.name, "freeze-1 lr=1e-3 seed=1");
+    assert_eq!((c.seed, c.train.lr), (1, 1e-3));
+    assert_eq!(c.tune.as_ref().unwrap().role, TuneRole::Confirm);
+    assert_eq!(confirm.state, "queued");
+    let states: Vec<&str> = ids
+        .iter()
+        .map(|id| {
+            got.trials
+                .iter()
+                .find(|t| &t.id == id)
+                .unwrap()
+                .state
+                .as_str()
+        })
+        .collect();
+    assert_eq!(states, ["finished", "stopped", "stopped"]);
+    server.shutdown().await;
+    // Another restart decides nothing again: no second confirm run.
+    let server = Server::start(dir.path(), Duration::from_secs(30)).await;
+    let mut admin = server.admin().await;
+    assert_eq!(get(&mut admin).await.trials.len(), 4);
+    server.shutdown().await;
+}

@@ -8,7 +8,7 @@
 //!   grid trials, added in the order given (the sweep's order is middle point first);
 //! - `report NAME LR STEP LOSS`: the grid trial of arm NAME at learning rate LR reported LOSS
 //!   at STEP; a stop verdict ends the trial as the server does;
-//! - `finish NAME LR LOSS`, `fail NAME LR`: the grid trial ended;
+//! - `finish NAME LR LOSS`, `fail NAME LR`, `cancel NAME LR`: the grid trial ended;
 //! - `restart`: a new tuner rebuilt from the decisions taken so far and the trials' ends, as a
 //!   coordinator restart rebuilds it from the store.
 
@@ -96,7 +96,10 @@ impl World {
             .map_or("none".to_string(), |b| self.names[b].clone());
         out.push(format!("arm {} decided: best {best}; {}", d.arm, d.detail));
         for c in &d.confirm {
-            out.push(format!("  confirm {} (lr {:e}, seed {})", c.name, c.train.lr, c.seed));
+            out.push(format!(
+                "  confirm {} (lr {:e}, seed {})",
+                c.name, c.train.lr, c.seed
+            ));
         }
     }
 
@@ -117,7 +120,10 @@ impl World {
                 };
                 let strategy = match *strategy {
                     "asha" => TuneStrategy::Asha {
-                        reduction_factor: kv.get("eta").map_or(Ok(3), |v| v.parse()).map_err(|e| format!("{e}"))?,
+                        reduction_factor: kv
+                            .get("eta")
+                            .map_or(Ok(3), |v| v.parse())
+                            .map_err(|e| format!("{e}"))?,
                     },
                     "median" => TuneStrategy::Median,
                     s => return Err(format!("unknown strategy {s}")),
@@ -154,8 +160,7 @@ impl World {
                     let id = c.id();
                     self.tuner.add(&id, &c);
                     self.names.insert(id.clone(), c.name.clone());
-                    self.trials
-                        .push(((name.to_string(), lr.clone()), id, c));
+                    self.trials.push(((name.to_string(), lr.clone()), id, c));
                 }
             }
             ["report", arm, lr, step, loss] => {
@@ -189,6 +194,10 @@ impl World {
             ["fail", arm, lr] => {
                 let id = self.id(arm, lr)?;
                 self.end(&id, Ended::Out, &mut out);
+            }
+            ["cancel", arm, lr] => {
+                let id = self.id(arm, lr)?;
+                self.end(&id, Ended::Cancelled, &mut out);
             }
             ["restart"] => {
                 let mut t = Tuner::new();

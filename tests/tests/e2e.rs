@@ -541,3 +541,115 @@ fn check_tensorboard(dir: &Path) {
     assert_eq!(run["hparams"]["method.kind"], "lora", "{run}");
     assert_eq!(run["hparams"]["method.rank"].as_f64(), Some(4.0), "{run}");
 }
+
+/// A `[tune]` sweep through `ablate run`: every arm searched over a three-point learning-rate
+/// grid with ASHA, some grid points stopped at a rung, each arm's winner confirmed at a second
+/// seed, and the report ranking the arms on their confirm runs.
+#[test]
+fn a_tuned_sweep_stops_grid_points_and_confirms_each_arm() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let sweep = root.join("tuned.toml");
+    let base = tiny_sweep("e2e-tuned");
+    let methods = base.find("[methods]").unwrap();
+    let train = base.find("[train]").unwrap();
+    let text = format!(
+        "{}[train]\nsteps = 30\nbatch_size = 8\nschedule = \"constant\"\neval_every = 5\n\
+         eval_windows = 4\ncheckpoint_every = 15\n\n[methods]\nbaseline = true\n\
+         freeze = [\"all\"]\nlora = {{ ranks = [4], alpha = 8 }}\n\n[tune]\n\
+         lr = [3e-4, 3e-3, 3e-2]\nstrategy = \"asha\"\nreduction_factor = 3\nmin_steps = 5\n\
+         confirm_seeds = [0, 1]\n",
+        &base[..train.min(methods)]
+    );
+    std::fs::write(&sweep, &text).unwrap();
+    let out = root.join("out");
+    let (ok, stdout, _) = run_cmd(
+        Command::new(bin("ablate"))
+            .arg("run")
+            .arg(&sweep)
+            .args(["--workers", "2", "--out"])
+            .arg(&out)
+            .arg("--cache")
+            .arg(shared_cache())
+            .arg("--worker-bin")
+            .arg(bin("ablate-worker")),
+        Duration::from_secs(900),
+    );
+    assert!(ok, "ablate run:\n{stdout}");
+    let rows = read_summary(&out);
+    // pretrain, baseline, 2 arms × 3 grid points, 2 confirm runs.
+    assert_eq!(rows.len(), 10, "{rows:#?}");
+    for arm in ["freeze-all", "lora-4"] {
+        let mine: Vec<&Value> = rows.iter().filter(|r| r["arm"] == arm).collect();
+        assert_eq!(
+            mine.len(),
+            4,
+            "3 grid points and a confirm run of {arm}: {mine:#?}"
+        );
+        let confirm: Vec<&&Value> = mine.iter().filter(|r| r["role"] == "confirm").collect();
+        assert_eq!(
+            confirm.len(),
+            2,
+            "{arm}'s winner and its seed-1 run: {mine:#?}"
+        );
+        let seeds: Vec<u64> = confirm
+            .iter()
+            .map(|r| r["seed"].as_u64().unwrap())
+            .collect();
+        assert_eq!(seeds, [0, 1], "{confirm:#?}");
+        assert_eq!(
+            confirm[0]["lr"], confirm[1]["lr"],
+            "the confirm run carries the winner's lr"
+        );
+        assert!(
+            confirm.iter().all(|r| r["status"] == "finished"),
+            "{confirm:#?}"
+        );
+        let grid_lrs: std::collections::BTreeSet<String> = mine
+            .iter()
+            .filter(|r| r["seed"] == 0)
+            .map(|r| r["lr"].to_string())
+            .collect();
+        assert_eq!(grid_lrs.len(), 3, "{mine:#?}");
+        // The winner has the lowest final loss of the grid points that finished.
+        let finished_losses: Vec<f64> = mine
+            .iter()
+            .filter(|r| r["seed"] == 0 && r["status"] == "finished")
+            .map(|r| r["valid_loss"].as_f64().unwrap())
+            .collect();
+        let best = finished_losses
+            .iter()
+            .copied()
+            .fold(f64::INFINITY, f64::min);
+        assert_eq!(confirm[0]["valid_loss"].as_f64(), Some(best), "{mine:#?}");
+    }
+    let stopped: Vec<&Value> = rows.iter().filter(|r| r["status"] == "stopped").collect();
+    assert!(!stopped.is_empty(), "ASHA stopped no grid point: {rows:#?}");
+    for r in &stopped {
+        assert!(
+            matches!(r["stopped_step"].as_u64(), Some(5 | 15)),
+            "stopped at a rung: {r:#}"
+        );
+        assert!(r["stopped_loss"].as_f64().is_some(), "{r:#}");
+        assert_eq!(r["attempts"], 1, "a stopped trial is not retried: {r:#}");
+        assert_eq!(r["perplexity"], Value::Null, "{r:#}");
+    }
+    let tuning: Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("tuning.json")).unwrap()).unwrap();
+    let spent = tuning["tokens_spent"].as_u64().unwrap();
+    let full = tuning["tokens_full_grid_all_seeds"].as_u64().unwrap();
+    assert!(
+        spent < full,
+        "tuning spent {spent} of the full grid's {full}"
+    );
+    assert!(stdout.contains("tuning spent"), "{stdout}");
+    let md = std::fs::read_to_string(out.join("summary.md")).unwrap();
+    assert!(
+        md.contains("## Tuning") && md.contains("**chosen**"),
+        "{md}"
+    );
+    assert!(
+        md.contains("Tuned arms, ranked by their confirm runs"),
+        "{md}"
+    );
+}

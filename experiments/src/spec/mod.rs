@@ -44,14 +44,14 @@ mod expand;
 mod location;
 mod raw;
 mod resolve;
-mod tune;
 #[cfg(test)]
 mod tests;
+mod tune;
 
 pub use location::line_col;
-pub use tune::{point_name, rungs};
 use location::{sweep_dir, toml_message, Ctx};
 use raw::RawSweep;
+pub use tune::{point_name, rungs};
 
 /// A parsed and expanded sweep.
 #[derive(Clone, Debug)]

@@ -440,3 +440,103 @@ fn lora_errors_point_at_the_value() {
     let e = with("ranks = [4], rank = 2");
     assert!(e.contains("rank"), "{e}");
 }
+
+const TUNED: &str = r#"
+name = "t"
+groups = 3
+[base]
+path = "/models/none"
+[data]
+paths = ["ft.txt"]
+context = 32
+[train]
+steps = 100
+eval_every = 10
+[methods]
+freeze = [1, "all"]
+lora = { ranks = [4], lr = 5e-2 }
+[tune]
+lr = [3e-3, 1e-3, 3e-4]
+confirm_seeds = [0, 1]
+"#;
+
+#[test]
+fn tune_expands_each_arm_into_its_grid_middle_point_first() {
+    let s = parse(TUNED).unwrap();
+    let names: Vec<_> = s.trials.iter().map(|t| t.name.as_str()).collect();
+    assert_eq!(
+        names,
+        [
+            "baseline",
+            "freeze-1 lr=1e-3",
+            "freeze-all lr=1e-3",
+            "lora-4 lr=1e-3",
+            "freeze-1 lr=3e-4",
+            "freeze-all lr=3e-4",
+            "lora-4 lr=3e-4",
+            "freeze-1 lr=3e-3",
+            "freeze-all lr=3e-3",
+            "lora-4 lr=3e-3",
+        ]
+    );
+    assert!(s.trials[0].tune.is_none(), "the baseline is not tuned");
+    let lora: Vec<_> = s
+        .trials
+        .iter()
+        .filter(|t| t.name.starts_with("lora"))
+        .collect();
+    // The grid replaces LoRA's own lr (a tuned key is left out of the arm).
+    assert_eq!(
+        lora.iter().map(|t| t.train.lr).collect::<Vec<_>>(),
+        [1e-3, 3e-4, 3e-3]
+    );
+    let tag = lora[0].tune.as_ref().unwrap();
+    assert_eq!(tag.arm, "lora-4");
+    assert_eq!(tag.rungs, [10, 30, 90]);
+    assert_eq!(tag.lr, [3e-4, 1e-3, 3e-3], "the plan's grid is sorted");
+    assert_eq!(tag.confirm_seeds, [0, 1]);
+    assert!(s.trials[1..].iter().all(|t| t.seed == 0));
+    // One arm key per arm, shared by its grid points and by nothing else.
+    let keys: BTreeSet<_> = s.trials.iter().filter_map(|t| t.arm_key()).collect();
+    assert_eq!(keys.len(), 3);
+    assert_eq!(lora[0].arm_key(), lora[2].arm_key());
+    // An untuned sweep's ids do not change: `tune` is left out of the JSON when absent.
+    assert!(!serde_json::to_string(&s.trials[0])
+        .unwrap()
+        .contains("tune"));
+}
+
+#[test]
+fn tune_errors_point_at_the_value() {
+    let with = |from: &str, to: &str| {
+        assert!(TUNED.contains(from), "{from}");
+        parse(&TUNED.replace(from, to)).unwrap_err().to_string()
+    };
+    let e = with("lr = [3e-3, 1e-3, 3e-4]", "lr = [3e-3, -1e-3]");
+    assert!(
+        e.starts_with("/tmp/sweep.toml:16:13:") && e.contains("positive"),
+        "{e}"
+    );
+    let e = with("confirm_seeds = [0, 1]", "strategy = \"hyperband\"");
+    assert!(e.contains("not `hyperband`") && e.contains(":17:"), "{e}");
+    let e = with(
+        "confirm_seeds = [0, 1]",
+        "strategy = \"median\"\nreduction_factor = 2",
+    );
+    assert!(e.contains("reduction_factor") && e.contains(":18:"), "{e}");
+    let e = with("confirm_seeds = [0, 1]", "reduction_factor = 1");
+    assert!(e.contains("at least 2"), "{e}");
+    let e = with("confirm_seeds = [0, 1]", "min_steps = 100");
+    assert!(
+        e.contains("no rung before its end") && e.contains(":17:"),
+        "{e}"
+    );
+    let e = with("eval_every = 10", "eval_every = 0");
+    assert!(e.contains("eval_every"), "{e}");
+    let e = with("lora = { ranks = [4], lr = 5e-2 }", "seeds = [0, 1]");
+    assert!(e.contains("confirm_seeds") && e.contains(":14:"), "{e}");
+    let e = with("confirm_seeds = [0, 1]", "confirm_seeds = []");
+    assert!(e.contains("must not be empty"), "{e}");
+    let e = with("confirm_seeds = [0, 1]", "budget = 3");
+    assert!(e.contains("budget"), "{e}");
+}

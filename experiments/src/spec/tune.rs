@@ -44,7 +44,11 @@ pub(super) fn apply(
         Some(w) => grid(ctx, w, "weight_decay", |v| v >= 0.0, "at least 0")?,
         None => Vec::new(),
     };
-    let strategy = match t.strategy.as_ref().map(|s| (s.get_ref().as_str(), s.span())) {
+    let strategy = match t
+        .strategy
+        .as_ref()
+        .map(|s| (s.get_ref().as_str(), s.span()))
+    {
         None | Some(("asha", _)) => {
             let eta = match &t.reduction_factor {
                 Some(r) if *r.get_ref() < 2 => {
@@ -268,6 +272,9 @@ mod tests {
         assert_eq!(rungs(&asha, 7, 5, 100), vec![10, 25, 65]);
         assert_eq!(rungs(&asha, 10, 10, 90), vec![10, 30]);
         assert!(rungs(&asha, 100, 10, 100).is_empty());
-        assert_eq!(rungs(&TuneStrategy::Median, 15, 10, 60), vec![20, 30, 40, 50]);
+        assert_eq!(
+            rungs(&TuneStrategy::Median, 15, 10, 60),
+            vec![20, 30, 40, 50]
+        );
     }
 }
