@@ -195,15 +195,15 @@ const NEED_COORDINATOR: &str = "--coordinator URL (or $ABLATE_COORDINATOR) is re
 fn fleet_opts(cli: Cli) -> anyhow::Result<worker::fleet::FleetOpts> {
     // Check what each child would check, once, before starting any.
     if let Some(f) = &cli.token_file {
-        read_token(f)?;
+        ablate_proto::auth::read_token_file(f)?;
     }
     let ca_pem = cli
         .ca
         .as_deref()
-        .map(worker::connect::read_ca)
+        .map(ablate_proto::connect::read_ca)
         .transpose()?;
     let coordinator = cli.coordinator.context(NEED_COORDINATOR)?;
-    worker::connect::endpoint(&coordinator, ca_pem.as_deref())?;
+    ablate_proto::connect::endpoint(&coordinator, ca_pem.as_deref())?;
     let name = match cli.name {
         Some(n) => n,
         None => {
@@ -246,12 +246,12 @@ fn check_name(name: &str) -> anyhow::Result<()> {
 fn remote_opts(cli: Cli) -> anyhow::Result<RemoteOpts> {
     let token = match &cli.token_file {
         None => None,
-        Some(f) => Some(read_token(f)?),
+        Some(f) => Some(ablate_proto::auth::read_token_file(f)?),
     };
     let ca_pem = cli
         .ca
         .as_deref()
-        .map(worker::connect::read_ca)
+        .map(ablate_proto::connect::read_ca)
         .transpose()?;
     let coordinator = cli.coordinator.context(NEED_COORDINATOR)?;
     let cache_dir = cli.cache.unwrap_or_else(worker::local::default_cache_dir);
@@ -281,20 +281,6 @@ fn remote_opts(cli: Cli) -> anyhow::Result<RemoteOpts> {
         price_per_hour: cli.price_per_hour.unwrap_or(0.0),
         stop_grace: cli.stop_grace.0,
     })
-}
-
-/// A token file holds one token; surrounding whitespace is dropped. Errors name the file only.
-fn read_token(path: &std::path::Path) -> anyhow::Result<String> {
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("reading token file {}", path.display()))?;
-    let t = text.trim();
-    if t.is_empty() {
-        anyhow::bail!("token file {} is empty", path.display());
-    }
-    if t.chars().any(|c| c.is_whitespace() || c.is_control()) {
-        anyhow::bail!("token file {} holds more than one token", path.display());
-    }
-    Ok(t.to_string())
 }
 
 async fn watch_signals(stop: Arc<AtomicBool>, drain: Arc<AtomicBool>) {
