@@ -204,17 +204,9 @@ fn fleet_opts(cli: Cli) -> anyhow::Result<worker::fleet::FleetOpts> {
         .transpose()?;
     let coordinator = cli.coordinator.context(NEED_COORDINATOR)?;
     ablate_proto::connect::endpoint(&coordinator, ca_pem.as_deref())?;
-    let name = match cli.name {
-        Some(n) => n,
-        None => {
-            let h = hostname();
-            if h.is_empty() {
-                "worker".into()
-            } else {
-                h
-            }
-        }
-    };
+    let name = cli
+        .name
+        .unwrap_or_else(|| worker::remote::hostname().unwrap_or_else(|| "worker".into()));
     check_name(&name)?;
     Ok(worker::fleet::FleetOpts {
         coordinator,
@@ -228,12 +220,6 @@ fn fleet_opts(cli: Cli) -> anyhow::Result<worker::fleet::FleetOpts> {
         metrics_listen: cli.metrics_listen,
         skip_preflight: cli.skip_preflight,
     })
-}
-
-fn hostname() -> String {
-    std::fs::read_to_string("/etc/hostname")
-        .map(|h| h.trim().to_string())
-        .unwrap_or_default()
 }
 
 fn check_name(name: &str) -> anyhow::Result<()> {
@@ -255,13 +241,8 @@ fn remote_opts(cli: Cli) -> anyhow::Result<RemoteOpts> {
         .transpose()?;
     let coordinator = cli.coordinator.context(NEED_COORDINATOR)?;
     let cache_dir = cli.cache.unwrap_or_else(worker::local::default_cache_dir);
-    let host = hostname();
     let name = cli.name.unwrap_or_else(|| {
-        let host = if host.is_empty() {
-            "worker".to_string()
-        } else {
-            host
-        };
+        let host = worker::remote::hostname().unwrap_or_else(|| "worker".into());
         format!("{host}-{}", cli.device.replace(':', ""))
     });
     check_name(&name)?;

@@ -350,7 +350,7 @@ impl Worker {
             device_kind: kind,
             device_name: name,
             memory_bytes: memory,
-            host: hostname(),
+            host: hostname().unwrap_or_else(|| "unknown".into()),
             worker_name: self.opts.name.clone(),
             price_per_hour: self.opts.price_per_hour,
             protocol_version: ablate_proto::PROTOCOL_VERSION,
@@ -1349,16 +1349,20 @@ fn describe_device(device: &str) -> (String, String, u64) {
     }
 }
 
-fn hostname() -> String {
+/// This machine's name from gethostname(2): the `host` a worker registers with (gang ranks on
+/// one host share it) and the default `--name`, so both always agree. (`main.rs` once read
+/// `/etc/hostname` for the name, which a container may lack or hold another name in.) `None`
+/// when the call fails or the name is empty.
+pub fn hostname() -> Option<String> {
     let mut buf = [0u8; 256];
     // SAFETY: the buffer is valid for its length; gethostname NUL-terminates within it on success.
     let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
-    if rc == 0 {
-        let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
-        String::from_utf8_lossy(&buf[..end]).into_owned()
-    } else {
-        "unknown".into()
+    if rc != 0 {
+        return None;
     }
+    let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+    let name = String::from_utf8_lossy(&buf[..end]).trim().to_string();
+    (!name.is_empty()).then_some(name)
 }
 
 /// A gang's collective between the rendezvous (async, through the coordinator) and the blocking
@@ -1699,6 +1703,14 @@ mod tests {
         );
         assert!(failed[0].deterministic);
         server.abort();
+    }
+
+    #[test]
+    fn the_host_name_is_the_kernels() {
+        let h = hostname().expect("gethostname works here");
+        assert!(!h.is_empty() && !h.contains(['\0', '/']), "{h:?}");
+        let uname = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap();
+        assert_eq!(h, uname.trim());
     }
 
     #[test]
