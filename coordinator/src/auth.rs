@@ -1,4 +1,6 @@
-//! Bearer-token authentication for the two services.
+//! Bearer-token authentication for the two services, server side. (Clients attach the token with
+//! [`ablate_proto::auth::BearerToken`]; token files are read with
+//! [`ablate_proto::auth::read_token_file`], the same rule on both sides.)
 //!
 //! Workers and users hold different secrets: the worker token only opens `WorkerService`, the admin
 //! token only opens `SweepService` (a leaked worker token on a rented machine must not be able to
@@ -14,7 +16,6 @@
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use tonic::metadata::{Ascii, MetadataValue};
 use tonic::service::Interceptor;
 use tonic::{Request, Status};
 
@@ -106,34 +107,6 @@ impl RequireToken {
 impl Interceptor for RequireToken {
     fn call(&mut self, req: Request<()>) -> Result<Request<()>, Status> {
         self.check(req.metadata())?;
-        Ok(req)
-    }
-}
-
-/// Client-side interceptor adding `authorization: Bearer <token>` to every call.
-#[derive(Clone)]
-pub struct BearerToken(Option<MetadataValue<Ascii>>);
-
-impl BearerToken {
-    /// Errors when the token contains characters that cannot travel in a header.
-    pub fn new(token: Option<&str>) -> anyhow::Result<Self> {
-        match token.map(str::trim).filter(|t| !t.is_empty()) {
-            None => Ok(BearerToken(None)),
-            Some(t) => {
-                let v = MetadataValue::try_from(format!("Bearer {t}")).map_err(|_| {
-                    anyhow::anyhow!("token contains characters not allowed in a header")
-                })?;
-                Ok(BearerToken(Some(v)))
-            }
-        }
-    }
-}
-
-impl Interceptor for BearerToken {
-    fn call(&mut self, mut req: Request<()>) -> Result<Request<()>, Status> {
-        if let Some(v) = &self.0 {
-            req.metadata_mut().insert("authorization", v.clone());
-        }
         Ok(req)
     }
 }

@@ -10,6 +10,8 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use ablate_proto::auth::read_token_file;
+use ablate_proto::connect::read_ca;
 use anyhow::{bail, Context as _};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
@@ -220,24 +222,6 @@ pub struct ReportArgs {
     pub out: PathBuf,
     #[command(flatten)]
     pub conn: Conn,
-}
-
-/// Read a token file: surrounding whitespace is dropped; an empty file is an error (an empty
-/// token would silently disable authentication). The error names the file, never the content.
-pub fn read_token_file(path: &Path) -> anyhow::Result<String> {
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("reading token file {}", path.display()))?;
-    let token = text.trim();
-    if token.is_empty() {
-        bail!("token file {} is empty", path.display());
-    }
-    if token.chars().any(|c| c.is_control() || c == ' ') {
-        bail!(
-            "token file {} holds more than one token (whitespace or control characters inside)",
-            path.display()
-        );
-    }
-    Ok(token.to_string())
 }
 
 /// Resolve `--listen`; hostnames (e.g. `localhost:7070`) are looked up.
@@ -486,11 +470,15 @@ pub async fn watch_sweep(
 }
 
 fn token(conn: &Conn) -> anyhow::Result<Option<String>> {
-    conn.token_file.as_deref().map(read_token_file).transpose()
+    Ok(conn
+        .token_file
+        .as_deref()
+        .map(read_token_file)
+        .transpose()?)
 }
 
 pub(crate) async fn connect(conn: &Conn) -> anyhow::Result<Client> {
-    let ca = conn.ca.as_deref().map(crate::tls::read_ca).transpose()?;
+    let ca = conn.ca.as_deref().map(read_ca).transpose()?;
     Client::connect_tls(&conn.coordinator, token(conn)?, ca.as_deref()).await
 }
 
@@ -761,28 +749,14 @@ pub async fn shutdown_signal() {
 // gRPC: the one place that knows the proto types.
 // ---------------------------------------------------------------------------------------------
 
+use ablate_proto::auth::BearerToken;
+use ablate_proto::connect::AuthChannel;
 use ablate_proto::pb;
 use pb::sweep_service_client::SweepServiceClient;
-use tonic::metadata::{Ascii, MetadataValue};
-use tonic::service::interceptor::InterceptedService;
-use tonic::transport::Channel;
-
-/// Adds `authorization: Bearer <token>` to every call (nothing when no token is configured).
-#[derive(Clone)]
-pub struct BearerAuth(Option<MetadataValue<Ascii>>);
-
-impl tonic::service::Interceptor for BearerAuth {
-    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
-        if let Some(v) = &self.0 {
-            req.metadata_mut().insert("authorization", v.clone());
-        }
-        Ok(req)
-    }
-}
 
 /// A `SweepService` client speaking in domain types.
 pub struct Client {
-    pub(crate) inner: SweepServiceClient<InterceptedService<Channel, BearerAuth>>,
+    pub(crate) inner: SweepServiceClient<AuthChannel>,
     pub(crate) url: String,
 }
 
@@ -872,25 +846,15 @@ impl Client {
         token: Option<String>,
         ca_pem: Option<&[u8]>,
     ) -> anyhow::Result<Client> {
-        let auth = match token {
-            Some(t) => Some(
-                format!("Bearer {t}")
-                    .parse::<MetadataValue<Ascii>>()
-                    .map_err(|_| {
-                        anyhow::anyhow!("the token holds characters not allowed in a header")
-                    })?,
-            ),
-            None => None,
-        };
+        let auth = BearerToken::new(token.as_deref())?;
         let endpoint =
-            crate::tls::client_endpoint(url, ca_pem)?.connect_timeout(Duration::from_secs(5));
+            ablate_proto::connect::endpoint(url, ca_pem)?.connect_timeout(Duration::from_secs(5));
         let channel = endpoint
             .connect()
             .await
             .with_context(|| format!("connecting to the coordinator at {url}"))?;
         Ok(Client {
-            inner: SweepServiceClient::with_interceptor(channel, BearerAuth(auth))
-                .max_decoding_message_size(256 << 20),
+            inner: ablate_proto::connect::sweep_client(channel, auth),
             url: url.to_string(),
         })
     }

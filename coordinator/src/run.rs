@@ -510,17 +510,14 @@ fn terminate(child: &Child) {
 }
 
 /// The environment a worker process gets beyond ours: its thread count, and for a GPU worker the
-/// one GPU it may see. `CUDA_VISIBLE_DEVICES` indices are nvidia-smi's only under
-/// `CUDA_DEVICE_ORDER=PCI_BUS_ID` (CUDA's default order is fastest first), so both are set, as
-/// `ablate-worker --all-gpus` does.
+/// one GPU it may see ([`experiments::gpus::pin_to_gpu_env`], as `ablate-worker --all-gpus` does).
 fn worker_env(spec: &WorkerSpec) -> Vec<(&'static str, String)> {
     let mut env = Vec::new();
     if let Some(t) = spec.threads {
         env.push(("RAYON_NUM_THREADS", t.to_string()));
     }
     if let Some(v) = &spec.cuda_visible {
-        env.push(("CUDA_DEVICE_ORDER", "PCI_BUS_ID".to_string()));
-        env.push(("CUDA_VISIBLE_DEVICES", v.clone()));
+        env.extend(experiments::gpus::pin_to_gpu_env(v));
     }
     env
 }

@@ -20,6 +20,9 @@ use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use ablate_proto::auth::BearerToken;
+use ablate_proto::connect::AuthChannel;
+use ablate_proto::limits::{CHUNK_BYTES, MAX_MESSAGE_BYTES};
 use ablate_proto::pb;
 use ablate_proto::pb::sweep_service_client::SweepServiceClient;
 use ablate_proto::pb::sweep_service_server::{SweepService, SweepServiceServer};
@@ -35,15 +38,12 @@ use tonic::{Request, Response, Status, Streaming};
 use tonic_health::pb::health_server::{Health, HealthServer};
 use tonic_health::ServingStatus;
 
-use crate::auth::{BearerToken, RequireToken};
+use crate::auth::RequireToken;
 use crate::scheduler::{Decision, Failure, SchedError, Scheduler, TrialSpec, TrialState};
 use crate::store::{NewTrial, Store, StoreError, TrialRow, WorkerInfo};
 
 /// Longest a `Lease` call is held open, whatever the worker asks for.
 pub const MAX_LEASE_WAIT: Duration = Duration::from_secs(30);
-/// Artifact chunk size on the wire (well under the 16 MiB message limit).
-pub const CHUNK_BYTES: usize = 1 << 20;
-const MAX_MESSAGE_BYTES: usize = 16 << 20;
 
 /// How to run the coordinator. `Debug` shows whether tokens are set, never the tokens.
 #[derive(Clone)]
@@ -159,9 +159,9 @@ impl ServeOpts {
 }
 
 /// Client type for `SweepService` with the admin token attached.
-pub type AdminClient = SweepServiceClient<InterceptedService<Channel, BearerToken>>;
+pub type AdminClient = SweepServiceClient<AuthChannel>;
 /// Client type for `WorkerService` with the worker token attached.
-pub type WorkerClient = WorkerServiceClient<InterceptedService<Channel, BearerToken>>;
+pub type WorkerClient = WorkerServiceClient<AuthChannel>;
 
 /// Connect to a coordinator's `SweepService` (url like `http://127.0.0.1:7070`).
 pub async fn admin_client(url: &str, token: Option<&str>) -> anyhow::Result<AdminClient> {
@@ -175,23 +175,23 @@ pub async fn admin_client_tls(
     ca_pem: Option<&[u8]>,
 ) -> anyhow::Result<AdminClient> {
     let channel = connect(url, ca_pem).await?;
-    Ok(
-        SweepServiceClient::with_interceptor(channel, BearerToken::new(token)?)
-            .max_decoding_message_size(MAX_MESSAGE_BYTES),
-    )
+    Ok(ablate_proto::connect::sweep_client(
+        channel,
+        BearerToken::new(token)?,
+    ))
 }
 
 /// Connect to a coordinator's `WorkerService` (tests; the worker binary has its own client).
 pub async fn worker_client(url: &str, token: Option<&str>) -> anyhow::Result<WorkerClient> {
     let channel = connect(url, None).await?;
-    Ok(
-        WorkerServiceClient::with_interceptor(channel, BearerToken::new(token)?)
-            .max_decoding_message_size(MAX_MESSAGE_BYTES),
-    )
+    Ok(ablate_proto::connect::worker_client(
+        channel,
+        BearerToken::new(token)?,
+    ))
 }
 
 async fn connect(url: &str, ca_pem: Option<&[u8]>) -> anyhow::Result<Channel> {
-    let ep = crate::tls::client_endpoint(url, ca_pem)?;
+    let ep = ablate_proto::connect::endpoint(url, ca_pem)?;
     ep.connect()
         .await
         .map_err(|e| anyhow::anyhow!("connecting to {url}: {e}"))
@@ -898,7 +898,7 @@ async fn token_reload_loop(
             tracing::info!("SIGHUP: re-reading the token files");
         }
         for (i, (path, auth, role)) in files.iter().enumerate() {
-            match crate::cli::read_token_file(path) {
+            match ablate_proto::auth::read_token_file(path) {
                 Ok(t) => {
                     bad[i] = false;
                     if auth.rotate(&t, overlap) {

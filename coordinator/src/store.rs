@@ -1047,45 +1047,16 @@ fn slug(name: &str) -> String {
     }
 }
 
-/// Trial ids are hex hashes; anything else would let a client pick a directory name.
+/// Trial ids become directory names: [`ablate_proto::names::check_trial_id`], the rule the
+/// worker applies too (16 lowercase hex digits, what `TrialConfig::id` produces).
 pub fn validate_trial_id(id: &str) -> Result<()> {
-    if id.is_empty() || id.len() > 64 || !id.chars().all(|c| c.is_ascii_alphanumeric()) {
-        return Err(StoreError::Invalid(format!(
-            "trial_id {id:?}: must be 1-64 ASCII letters or digits"
-        )));
-    }
-    Ok(())
+    ablate_proto::names::check_trial_id(id).map_err(|e| StoreError::Invalid(e.to_string()))
 }
 
-/// Artifact names are relative paths like `model/model.safetensors`: no absolute paths, no `..`,
-/// no empty or dot components, only `[A-Za-z0-9._-]` in each component, at most 200 bytes.
+/// Artifact names become paths under the trial's directory:
+/// [`ablate_proto::names::check_artifact_name`], the rule the worker applies too.
 pub fn validate_artifact_name(name: &str) -> Result<()> {
-    let bad = |why: &str| {
-        Err(StoreError::Invalid(format!(
-            "artifact name {name:?}: {why}"
-        )))
-    };
-    if name.is_empty() || name.len() > 200 {
-        return bad("must be 1-200 bytes");
-    }
-    if name.starts_with('/') {
-        return bad("must be relative");
-    }
-    for comp in name.split('/') {
-        if comp.is_empty() || comp == "." || comp == ".." {
-            return bad("empty, `.` or `..` path component");
-        }
-        if !comp
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
-        {
-            return bad("only letters, digits, `.`, `_`, `-` and `/` are allowed");
-        }
-        if comp.starts_with('.') {
-            return bad("components must not start with `.`");
-        }
-    }
-    Ok(())
+    ablate_proto::names::check_artifact_name(name).map_err(|e| StoreError::Invalid(e.to_string()))
 }
 
 /// An artifact being written: bytes to a temporary sibling file, hashed as they arrive.

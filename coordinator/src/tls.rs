@@ -1,9 +1,8 @@
 //! TLS for the coordinator's port (rustls with the ring provider, through tonic's `tls-ring`).
 //!
-//! The server side is a certificate chain and key in PEM files (`ablate serve --tls-cert --tls-key`);
-//! the client side (CLI commands, tests) trusts either the CA in a PEM file (`--ca`, for a
-//! self-signed or private CA, the usual case for a coordinator on a rented machine) or the system's
-//! roots when the URL is `https://` and no CA is given. Tokens travel in request headers, so a
+//! The server side is a certificate chain and key in PEM files (`ablate serve --tls-cert --tls-key`).
+//! The client side (CLI commands, tests, workers) is [`ablate_proto::connect::endpoint`]: it trusts
+//! either the CA in a PEM file (`--ca`) or the system's roots when the URL is `https://`. Tokens travel in request headers, so a
 //! coordinator reachable beyond loopback should use TLS: without it the tokens cross the network in
 //! clear text (`ablate serve` warns).
 //!
@@ -13,7 +12,6 @@
 
 use std::path::Path;
 use std::sync::Arc;
-use std::time::Duration;
 
 use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tokio_rustls::rustls::server::{ClientHello, ResolvesServerCert};
@@ -21,7 +19,7 @@ use tokio_rustls::rustls::sign::CertifiedKey;
 use tokio_rustls::rustls::ServerConfig;
 
 use anyhow::{bail, Context as _};
-use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity, ServerTlsConfig};
+use tonic::transport::{Identity, ServerTlsConfig};
 
 /// A PEM certificate chain and its private key, checked on load.
 #[derive(Clone)]
@@ -148,41 +146,6 @@ fn contains(hay: &[u8], needle: &[u8]) -> bool {
     hay.windows(needle.len()).any(|w| w == needle)
 }
 
-/// Read a CA bundle given with `--ca`.
-pub fn read_ca(path: &Path) -> anyhow::Result<Vec<u8>> {
-    let pem = std::fs::read(path).with_context(|| format!("reading --ca {}", path.display()))?;
-    if !contains(&pem, b"-----BEGIN CERTIFICATE-----") {
-        bail!(
-            "--ca {}: no PEM certificate in it (expected -----BEGIN CERTIFICATE-----)",
-            path.display()
-        );
-    }
-    Ok(pem)
-}
-
-/// An endpoint for `url`: `http://` as is; `https://` trusting `ca_pem` when given, otherwise
-/// the system's roots. A CA with an `http://` URL is refused rather than silently unused.
-pub fn client_endpoint(url: &str, ca_pem: Option<&[u8]>) -> anyhow::Result<Endpoint> {
-    let ep = Endpoint::from_shared(url.to_string())
-        .with_context(|| format!("--coordinator {url}: not a URL (expected http(s)://HOST:PORT)"))?
-        .connect_timeout(Duration::from_secs(10));
-    let https = url.starts_with("https://");
-    match (https, ca_pem) {
-        (false, None) => Ok(ep),
-        (false, Some(_)) => bail!(
-            "--ca is set but the coordinator URL {url} is not https://: use https:// to talk TLS"
-        ),
-        (true, ca) => {
-            let tls = match ca {
-                Some(pem) => ClientTlsConfig::new().ca_certificate(Certificate::from_pem(pem)),
-                None => ClientTlsConfig::new().with_native_roots(),
-            };
-            ep.tls_config(tls)
-                .with_context(|| format!("TLS settings for {url}"))
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -223,22 +186,5 @@ mod tests {
             key_pem: b"SECRET-KEY-BYTES".to_vec(),
         };
         assert!(!format!("{id:?}").contains("SECRET"));
-    }
-
-    #[test]
-    fn client_endpoints_follow_the_scheme() {
-        assert!(client_endpoint("http://127.0.0.1:7070", None).is_ok());
-        assert!(client_endpoint("https://coord.example:7070", None).is_ok());
-        let pem = b"-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n";
-        assert!(client_endpoint("https://10.0.0.1:7070", Some(pem)).is_ok());
-        let err = client_endpoint("http://10.0.0.1:7070", Some(pem)).unwrap_err();
-        assert!(format!("{err:#}").contains("not https://"), "{err:#}");
-        assert!(client_endpoint("coord:7070 and more", None).is_err());
-
-        let d = tempfile::tempdir().unwrap();
-        let f = d.path().join("ca.pem");
-        std::fs::write(&f, "hello").unwrap();
-        let err = read_ca(&f).unwrap_err();
-        assert!(format!("{err:#}").contains("ca.pem"), "{err:#}");
     }
 }

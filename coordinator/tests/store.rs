@@ -206,7 +206,7 @@ fn artifacts_are_validated_hashed_and_stored_under_the_trial() {
     let dir = tempfile::tempdir().unwrap();
     let mut store = Store::open(dir.path()).unwrap();
     let row = store
-        .put_artifact("abc123", "model/config.json", b"abc", 1)
+        .put_artifact("0123456789abc123", "model/config.json", b"abc", 1)
         .unwrap();
     // FIPS 180-2 test vector.
     assert_eq!(
@@ -215,30 +215,45 @@ fn artifacts_are_validated_hashed_and_stored_under_the_trial() {
     );
     assert_eq!(row.size, 3);
     assert_eq!(
-        std::fs::read(dir.path().join("artifacts/abc123/model/config.json")).unwrap(),
+        std::fs::read(
+            dir.path()
+                .join("artifacts/0123456789abc123/model/config.json")
+        )
+        .unwrap(),
         b"abc"
     );
     store
-        .put_artifact("abc123", "ckpt/state.safetensors", &vec![7u8; 200_000], 2)
+        .put_artifact(
+            "0123456789abc123",
+            "ckpt/state.safetensors",
+            &vec![7u8; 200_000],
+            2,
+        )
         .unwrap();
-    let ckpt = store.artifacts("abc123", Some("ckpt/")).unwrap();
+    let ckpt = store.artifacts("0123456789abc123", Some("ckpt/")).unwrap();
     assert_eq!(ckpt.len(), 1);
     assert_eq!(ckpt[0].size, 200_000);
-    assert_eq!(store.artifacts("abc123", None).unwrap().len(), 2);
-    assert_eq!(store.delete_artifacts("abc123", "ckpt/").unwrap(), 1);
+    assert_eq!(store.artifacts("0123456789abc123", None).unwrap().len(), 2);
+    assert_eq!(
+        store.delete_artifacts("0123456789abc123", "ckpt/").unwrap(),
+        1
+    );
     assert!(!dir
         .path()
-        .join("artifacts/abc123/ckpt/state.safetensors")
+        .join("artifacts/0123456789abc123/ckpt/state.safetensors")
         .exists());
-    assert!(store.artifacts("abc123", Some("ckpt/")).unwrap().is_empty());
+    assert!(store
+        .artifacts("0123456789abc123", Some("ckpt/"))
+        .unwrap()
+        .is_empty());
     store
-        .put_artifact("abc123", "ckpt/state.safetensors", b"again", 2)
+        .put_artifact("0123456789abc123", "ckpt/state.safetensors", b"again", 2)
         .unwrap();
     // Replacing keeps one row.
     store
-        .put_artifact("abc123", "model/config.json", b"abcd", 3)
+        .put_artifact("0123456789abc123", "model/config.json", b"abcd", 3)
         .unwrap();
-    assert_eq!(store.artifacts("abc123", None).unwrap().len(), 2);
+    assert_eq!(store.artifacts("0123456789abc123", None).unwrap().len(), 2);
     for bad in [
         "/etc/passwd",
         "../x",
@@ -249,7 +264,9 @@ fn artifacts_are_validated_hashed_and_stored_under_the_trial() {
         "sp ace",
         "a\\b",
     ] {
-        let err = store.put_artifact("abc123", bad, b"x", 4).unwrap_err();
+        let err = store
+            .put_artifact("0123456789abc123", bad, b"x", 4)
+            .unwrap_err();
         assert!(err.to_string().contains("artifact name"), "{bad}: {err}");
     }
     assert!(store.put_artifact("../etc", "x", b"x", 4).is_err());

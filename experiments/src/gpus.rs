@@ -28,6 +28,18 @@ pub fn visible_gpus() -> Vec<String> {
         .collect()
 }
 
+/// The environment that pins a child process to GPU `gpu` (a value of [`visible_gpus`]: an
+/// nvidia-smi index or a UUID), so that the child's `cuda:0` is that card. `CUDA_VISIBLE_DEVICES`
+/// indices are nvidia-smi's only under `CUDA_DEVICE_ORDER=PCI_BUS_ID` (CUDA's default order is
+/// fastest first), so both are always set together: `ablate run` and `ablate-worker --all-gpus`
+/// start their GPU workers with this, and one of them once set only the first.
+pub fn pin_to_gpu_env(gpu: &str) -> [(&'static str, String); 2] {
+    [
+        ("CUDA_DEVICE_ORDER", "PCI_BUS_ID".to_string()),
+        ("CUDA_VISIBLE_DEVICES", gpu.to_string()),
+    ]
+}
+
 /// `0,2` → ["0", "2"]; `""` and `-1` → none. CUDA stops at the first invalid entry.
 pub fn parse_visible_devices(v: &str) -> Vec<String> {
     v.split(',')
@@ -140,6 +152,13 @@ fn nvidia_smi(args: &[&str]) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_pinned_child_sees_its_gpu_in_nvidia_smi_order() {
+        let env = pin_to_gpu_env("2");
+        assert!(env.contains(&("CUDA_VISIBLE_DEVICES", "2".to_string())));
+        assert!(env.contains(&("CUDA_DEVICE_ORDER", "PCI_BUS_ID".to_string())));
+    }
 
     #[test]
     fn visible_devices_follow_cuda_conventions() {

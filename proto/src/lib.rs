@@ -1,5 +1,22 @@
-//! ablate's gRPC protocol, generated from `ablate.proto` and re-exported. Nothing else lives here:
-//! the coordinator and the worker convert these types to domain types at their service boundary.
+//! ablate's gRPC protocol, generated from `ablate.proto` and re-exported, with the few wire
+//! conventions the coordinator, the `ablate` CLI and the worker must agree on, each written once:
+//!
+//! - [`auth`]: how a token file is read and the client-side `authorization: Bearer` interceptor;
+//! - [`connect`]: the endpoint for a coordinator URL (plain or TLS with `--ca`) and the clients
+//!   with the message limits applied;
+//! - [`limits`]: message and chunk sizes;
+//! - [`names`]: which trial ids and artifact names may become paths on either side.
+//!
+//! Nothing else lives here (no candle, no domain types): the coordinator and the worker convert
+//! these messages to domain types at their service boundary.
+
+pub mod auth;
+pub mod connect;
+mod error;
+pub mod limits;
+pub mod names;
+
+pub use error::{Error, TokenProblem};
 
 /// Generated messages, clients (`worker_service_client`, `sweep_service_client`) and servers.
 pub mod pb {

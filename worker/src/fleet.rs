@@ -137,10 +137,10 @@ pub fn child_command(
         "--work-dir",
         &opts.work_dir.as_ref().map(|d| d.join(format!("gpu{tag}"))),
     );
-    let env = vec![
-        ("CUDA_VISIBLE_DEVICES".to_string(), gpu.to_string()),
-        ("CUDA_DEVICE_ORDER".to_string(), "PCI_BUS_ID".to_string()),
-    ];
+    let env = experiments::gpus::pin_to_gpu_env(gpu)
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
     Ok((args, env))
 }
 

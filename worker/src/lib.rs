@@ -4,7 +4,6 @@
 
 pub mod bench;
 pub mod collective;
-pub mod connect;
 pub mod fleet;
 pub mod local;
 pub mod metrics;

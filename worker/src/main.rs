@@ -195,26 +195,18 @@ const NEED_COORDINATOR: &str = "--coordinator URL (or $ABLATE_COORDINATOR) is re
 fn fleet_opts(cli: Cli) -> anyhow::Result<worker::fleet::FleetOpts> {
     // Check what each child would check, once, before starting any.
     if let Some(f) = &cli.token_file {
-        read_token(f)?;
+        ablate_proto::auth::read_token_file(f)?;
     }
     let ca_pem = cli
         .ca
         .as_deref()
-        .map(worker::connect::read_ca)
+        .map(ablate_proto::connect::read_ca)
         .transpose()?;
     let coordinator = cli.coordinator.context(NEED_COORDINATOR)?;
-    worker::connect::endpoint(&coordinator, ca_pem.as_deref())?;
-    let name = match cli.name {
-        Some(n) => n,
-        None => {
-            let h = hostname();
-            if h.is_empty() {
-                "worker".into()
-            } else {
-                h
-            }
-        }
-    };
+    ablate_proto::connect::endpoint(&coordinator, ca_pem.as_deref())?;
+    let name = cli
+        .name
+        .unwrap_or_else(|| worker::remote::hostname().unwrap_or_else(|| "worker".into()));
     check_name(&name)?;
     Ok(worker::fleet::FleetOpts {
         coordinator,
@@ -230,12 +222,6 @@ fn fleet_opts(cli: Cli) -> anyhow::Result<worker::fleet::FleetOpts> {
     })
 }
 
-fn hostname() -> String {
-    std::fs::read_to_string("/etc/hostname")
-        .map(|h| h.trim().to_string())
-        .unwrap_or_default()
-}
-
 fn check_name(name: &str) -> anyhow::Result<()> {
     if name.is_empty() || name.contains(['/', '\\']) || name == "." || name == ".." {
         anyhow::bail!("--name {name:?}: must be non-empty and contain no path separators");
@@ -246,22 +232,17 @@ fn check_name(name: &str) -> anyhow::Result<()> {
 fn remote_opts(cli: Cli) -> anyhow::Result<RemoteOpts> {
     let token = match &cli.token_file {
         None => None,
-        Some(f) => Some(read_token(f)?),
+        Some(f) => Some(ablate_proto::auth::read_token_file(f)?),
     };
     let ca_pem = cli
         .ca
         .as_deref()
-        .map(worker::connect::read_ca)
+        .map(ablate_proto::connect::read_ca)
         .transpose()?;
     let coordinator = cli.coordinator.context(NEED_COORDINATOR)?;
     let cache_dir = cli.cache.unwrap_or_else(worker::local::default_cache_dir);
-    let host = hostname();
     let name = cli.name.unwrap_or_else(|| {
-        let host = if host.is_empty() {
-            "worker".to_string()
-        } else {
-            host
-        };
+        let host = worker::remote::hostname().unwrap_or_else(|| "worker".into());
         format!("{host}-{}", cli.device.replace(':', ""))
     });
     check_name(&name)?;
@@ -281,20 +262,6 @@ fn remote_opts(cli: Cli) -> anyhow::Result<RemoteOpts> {
         price_per_hour: cli.price_per_hour.unwrap_or(0.0),
         stop_grace: cli.stop_grace.0,
     })
-}
-
-/// A token file holds one token; surrounding whitespace is dropped. Errors name the file only.
-fn read_token(path: &std::path::Path) -> anyhow::Result<String> {
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("reading token file {}", path.display()))?;
-    let t = text.trim();
-    if t.is_empty() {
-        anyhow::bail!("token file {} is empty", path.display());
-    }
-    if t.chars().any(|c| c.is_whitespace() || c.is_control()) {
-        anyhow::bail!("token file {} holds more than one token", path.display());
-    }
-    Ok(t.to_string())
 }
 
 async fn watch_signals(stop: Arc<AtomicBool>, drain: Arc<AtomicBool>) {

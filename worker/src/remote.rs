@@ -34,6 +34,10 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use ablate_proto::auth::BearerToken;
+use ablate_proto::connect::AuthChannel;
+use ablate_proto::limits::CHUNK_BYTES;
+use ablate_proto::names::{check_artifact_name, check_trial_id};
 use ablate_proto::pb;
 use ablate_proto::pb::worker_service_client::WorkerServiceClient;
 use anyhow::Context;
@@ -43,19 +47,13 @@ use experiments::trial::{Progress, TrialConfig};
 use tokio::sync::{mpsc, Notify};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::StreamExt;
-use tonic::metadata::{Ascii, MetadataValue};
-use tonic::service::interceptor::InterceptedService;
-use tonic::service::Interceptor;
-use tonic::transport::Channel;
-use tonic::{Code, Request, Status};
+use tonic::{Code, Status};
 use tracing::Instrument;
 
 /// How long the ranks of a gang wait for rank 0's rendezvous.
 const GANG_JOIN_TIMEOUT: Duration = Duration::from_secs(120);
 /// How long one `Lease` long-poll may wait on the coordinator.
 const LEASE_WAIT: Duration = Duration::from_secs(20);
-const CHUNK_BYTES: usize = 1 << 20;
-const MAX_MESSAGE_BYTES: usize = 16 << 20;
 /// Longest pause between reconnection attempts.
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
 /// Time limit of one short call (report, heartbeat, complete, fail): a call on a connection that
@@ -118,75 +116,7 @@ type EnvFactory = Arc<
         + Sync,
 >;
 
-type Client = WorkerServiceClient<InterceptedService<Channel, Bearer>>;
-
-/// Adds the worker token to every call. With a token file it re-reads the file before a call
-/// when a second has passed since the last look: the coordinator accepts the previous token for
-/// an overlap window after a rotation, and within it the worker picks up the new one from its
-/// file, whatever connection it is on or reconnecting with.
-#[derive(Clone)]
-struct Bearer(Arc<std::sync::Mutex<BearerState>>);
-
-struct BearerState {
-    header: Option<MetadataValue<Ascii>>,
-    file: Option<PathBuf>,
-    /// The file's text when last read, and when that was.
-    last: Option<String>,
-    checked: Option<std::time::Instant>,
-}
-
-fn bearer_header(token: &str) -> Result<MetadataValue<Ascii>, String> {
-    let t = token.trim();
-    if t.is_empty() || t.chars().any(|c| c.is_whitespace() || c.is_control()) {
-        return Err("it does not hold exactly one token".into());
-    }
-    MetadataValue::try_from(format!("Bearer {t}"))
-        .map_err(|_| "the token holds characters not allowed in a header".into())
-}
-
-impl BearerState {
-    fn refresh(&mut self) {
-        let Some(file) = &self.file else { return };
-        let now = std::time::Instant::now();
-        if self
-            .checked
-            .is_some_and(|t| now.duration_since(t) < Duration::from_secs(1))
-        {
-            return;
-        }
-        self.checked = Some(now);
-        let Ok(text) = std::fs::read_to_string(file) else {
-            return;
-        };
-        if self.last.as_deref() == Some(text.as_str()) {
-            return;
-        }
-        match bearer_header(&text) {
-            Ok(h) => {
-                if self.header.as_ref() != Some(&h) && self.last.is_some() {
-                    tracing::info!(file = %file.display(), "worker token file changed: using the new token");
-                }
-                self.header = Some(h);
-            }
-            // Half written, or emptied: keep the token we have.
-            Err(why) => {
-                tracing::warn!(file = %file.display(), "worker token file changed but {why}: keeping the current token")
-            }
-        }
-        self.last = Some(text);
-    }
-}
-
-impl Interceptor for Bearer {
-    fn call(&mut self, mut req: Request<()>) -> Result<Request<()>, Status> {
-        let mut s = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        s.refresh();
-        if let Some(v) = &s.header {
-            req.metadata_mut().insert("authorization", v.clone());
-        }
-        Ok(req)
-    }
-}
+type Client = WorkerServiceClient<AuthChannel>;
 
 /// Run until the stop flag is set (between trials, or after the running trial checkpointed), or
 /// until the drain flag is set (SIGUSR1, or `ablate drain` on the coordinator) and no trial runs.
@@ -299,27 +229,17 @@ async fn watch_state(
 }
 
 fn client(opts: &RemoteOpts) -> anyhow::Result<Client> {
-    let ep = crate::connect::endpoint(&opts.coordinator, opts.ca_pem.as_deref())?;
+    let ep = ablate_proto::connect::endpoint(&opts.coordinator, opts.ca_pem.as_deref())?;
     // Lazy: the channel (re)connects on use, so an unreachable coordinator is just a failed call.
     let channel = ep.connect_lazy();
-    let header = match opts.token.as_deref() {
-        None => None,
-        Some(t) => Some(bearer_header(t).map_err(|why| anyhow::anyhow!("worker token: {why}"))?),
-    };
-    let bearer = Bearer(Arc::new(std::sync::Mutex::new(BearerState {
-        header,
-        file: opts.token_file.clone(),
-        // The file's text is what `opts.token` was read from: a first look that finds it
-        // unchanged is not a rotation.
-        last: opts
-            .token_file
-            .as_deref()
-            .and_then(|f| std::fs::read_to_string(f).ok()),
-        checked: Some(std::time::Instant::now()),
-    })));
-    Ok(WorkerServiceClient::with_interceptor(channel, bearer)
-        .max_decoding_message_size(MAX_MESSAGE_BYTES)
-        .max_encoding_message_size(MAX_MESSAGE_BYTES))
+    // With a token file the token is re-read from it before calls, so a rotated token reaches a
+    // running worker within the coordinator's overlap window.
+    let bearer = match (opts.token.as_deref(), &opts.token_file) {
+        (Some(t), Some(f)) => BearerToken::watching("worker", t, f.clone()),
+        (t, _) => BearerToken::new(t),
+    }
+    .context("worker token")?;
+    Ok(ablate_proto::connect::worker_client(channel, bearer))
 }
 
 /// Errors worth retrying: the coordinator is down, restarting, or the network is cut.
@@ -430,7 +350,7 @@ impl Worker {
             device_kind: kind,
             device_name: name,
             memory_bytes: memory,
-            host: hostname(),
+            host: hostname().unwrap_or_else(|| "unknown".into()),
             worker_name: self.opts.name.clone(),
             price_per_hour: self.opts.price_per_hour,
             protocol_version: ablate_proto::PROTOCOL_VERSION,
@@ -504,11 +424,11 @@ impl Worker {
         tracing::info!("leased");
         // Trial ids become directory names that are later removed: refuse any that is not one
         // plain path component before touching the disk.
-        let ids_ok = check_trial_id("trial_id", &lease.trial_id).and_then(|()| {
+        let ids_ok = check_lease_id("trial_id", &lease.trial_id).and_then(|()| {
             if lease.base_trial_id.is_empty() {
                 Ok(())
             } else {
-                check_trial_id("base_trial_id", &lease.base_trial_id)
+                check_lease_id("base_trial_id", &lease.base_trial_id)
             }
         });
         if let Err(e) = ids_ok {
@@ -915,7 +835,7 @@ impl Worker {
             let ckpt = out_dir.join("ckpt");
             let _ = std::fs::remove_dir_all(&ckpt);
             for n in &lease.resume_artifacts {
-                experiments_safe_name(n)?;
+                check_name_from_coordinator(n)?;
                 self.download(&lease.trial_id, n, &out_dir.join(n)).await?;
             }
             tracing::info!(
@@ -943,7 +863,7 @@ impl Worker {
     }
 
     async fn download(&self, trial_id: &str, name: &str, dest: &Path) -> anyhow::Result<()> {
-        experiments_safe_name(name)?;
+        check_name_from_coordinator(name)?;
         let mut backoff = Backoff::new();
         let mut tries = 0;
         loop {
@@ -970,35 +890,17 @@ impl Worker {
     }
 }
 
-/// Trial ids from the coordinator name directories under the work and cache dirs: the same rule
-/// as the coordinator's store (1-64 ASCII letters or digits; it generates 16 hex digits), so an id
-/// can never be `..`, absolute or hold a `/`.
-fn check_trial_id(field: &str, id: &str) -> anyhow::Result<()> {
-    if id.is_empty() || id.len() > 64 || !id.chars().all(|c| c.is_ascii_alphanumeric()) {
-        anyhow::bail!(
-            "lease {field} {id:?} from the coordinator is not a trial id (1-64 ASCII letters or \
-             digits)"
-        );
-    }
-    Ok(())
+/// Trial ids from the coordinator name directories under the work and cache dirs that are later
+/// removed: the rule the coordinator's store applies too, so an id can never be `..`, absolute or
+/// hold a `/`.
+fn check_lease_id(field: &str, id: &str) -> anyhow::Result<()> {
+    check_trial_id(id).with_context(|| format!("lease {field} from the coordinator"))
 }
 
-/// Names coming from the coordinator become local paths: same rules as the coordinator's store.
-fn experiments_safe_name(name: &str) -> anyhow::Result<()> {
-    let ok = !name.is_empty()
-        && !name.starts_with('/')
-        && name.split('/').all(|c| {
-            !c.is_empty()
-                && c != "."
-                && c != ".."
-                && c.chars()
-                    .all(|ch| ch.is_ascii_alphanumeric() || matches!(ch, '.' | '_' | '-'))
-        });
-    if ok {
-        Ok(())
-    } else {
-        anyhow::bail!("artifact name {name:?} from the coordinator is not a safe relative path")
-    }
+/// Names coming from the coordinator become local paths: the rule the coordinator's store
+/// applies too.
+fn check_name_from_coordinator(name: &str) -> anyhow::Result<()> {
+    check_artifact_name(name).context("from the coordinator")
 }
 
 /// One line of an attempt's report spool.
@@ -1447,16 +1349,20 @@ fn describe_device(device: &str) -> (String, String, u64) {
     }
 }
 
-fn hostname() -> String {
+/// This machine's name from gethostname(2): the `host` a worker registers with (gang ranks on
+/// one host share it) and the default `--name`, so both always agree. (`main.rs` once read
+/// `/etc/hostname` for the name, which a container may lack or hold another name in.) `None`
+/// when the call fails or the name is empty.
+pub fn hostname() -> Option<String> {
     let mut buf = [0u8; 256];
     // SAFETY: the buffer is valid for its length; gethostname NUL-terminates within it on success.
     let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
-    if rc == 0 {
-        let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
-        String::from_utf8_lossy(&buf[..end]).into_owned()
-    } else {
-        "unknown".into()
+    if rc != 0 {
+        return None;
     }
+    let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+    let name = String::from_utf8_lossy(&buf[..end]).trim().to_string();
+    (!name.is_empty()).then_some(name)
 }
 
 /// A gang's collective between the rendezvous (async, through the coordinator) and the blocking
@@ -1571,6 +1477,7 @@ impl Gang {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tonic::Request;
 
     #[test]
     fn backoff_is_capped_and_jitter_in_range() {
@@ -1800,10 +1707,26 @@ mod tests {
     }
 
     #[test]
+    fn the_host_name_is_the_kernels() {
+        let h = hostname().expect("gethostname works here");
+        assert!(!h.is_empty() && !h.contains(['\0', '/']), "{h:?}");
+        let uname = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap();
+        assert_eq!(h, uname.trim());
+    }
+
+    #[test]
     fn names_from_the_coordinator_are_checked() {
-        assert!(experiments_safe_name("ckpt/state.safetensors").is_ok());
-        for bad in ["../x", "/etc/passwd", "a//b", "ckpt/../../x", ""] {
-            assert!(experiments_safe_name(bad).is_err(), "{bad}");
+        assert!(check_name_from_coordinator("ckpt/state.safetensors").is_ok());
+        for bad in [
+            "../x",
+            "/etc/passwd",
+            "a//b",
+            "ckpt/../../x",
+            "",
+            "ckpt/.hidden",
+        ] {
+            let err = format!("{:#}", check_name_from_coordinator(bad).unwrap_err());
+            assert!(err.contains("from the coordinator"), "{bad}: {err}");
         }
     }
 
