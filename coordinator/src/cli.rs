@@ -437,7 +437,7 @@ pub async fn write_sweep_report(
         sweep_text: sweep.text.clone(),
         generated_ms: crate::report::now_ms(),
     };
-    crate::report::write_full_report(out, &meta, &sweep.records(local), &events)
+    crate::report_files::write_full_report(out, &meta, &sweep.records(local), &events)
 }
 
 /// Poll `Get` and show progress until every trial is terminal or `keep_going` says stop.

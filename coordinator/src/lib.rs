@@ -13,6 +13,7 @@ pub mod plan;
 pub mod plots;
 pub mod progress;
 pub mod report;
+pub mod report_files;
 pub mod report_stats;
 pub mod report_tune;
 pub mod run;

@@ -4,8 +4,8 @@
 //! The report reads only what the coordinator stored (through `Get` and `Events`), never a
 //! worker's disk, so `ablate report` on another machine gives the same files as `ablate run`.
 //! Everything here is a pure function over plain structs ([`TrialRecord`] in, [`SummaryRow`] and
-//! strings out) so the formats can be tested without a server; [`write_report`] is the only part
-//! that touches the filesystem.
+//! strings out) so the formats can be tested without a server; [`crate::report_files`] writes
+//! them, with the HTML page ([`crate::html`]) and TensorBoard logs, to disk.
 //!
 //! Machine formats (CSV, JSON) carry full-precision numbers; the human formats (Markdown, the
 //! stdout table) round perplexity to two decimals. Both come from the same [`SummaryRow`], so they
@@ -13,9 +13,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
-use std::path::Path;
 
-use anyhow::Context as _;
 use experiments::trial::{Base, Method, Progress, TrialConfig, TrialMetrics};
 
 use crate::report_stats as stats;
@@ -1192,95 +1190,8 @@ pub struct ReportMeta {
     pub generated_ms: i64,
 }
 
-/// Write every report file into `dir`: summary.{md,csv,json}, curves.csv, samples.md,
-/// trials/<id>.json (the exact resolved config), report.html and tensorboard/<trial name>/. Returns the summary rows (for
-/// the stdout table).
-pub fn write_report(
-    dir: &Path,
-    records: &[TrialRecord],
-    events: &[TrialEvents],
-) -> anyhow::Result<Vec<SummaryRow>> {
-    let meta = ReportMeta {
-        generated_ms: now_ms(),
-        ..ReportMeta::default()
-    };
-    write_full_report(dir, &meta, records, events)
-}
-
 pub fn now_ms() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as i64)
-}
-
-/// [`write_report`] with the sweep's name, id and file for the HTML page. Also writes
-/// aggregate.{csv,json} (and a seed table in summary.md) when the sweep has repeated seeds.
-pub fn write_full_report(
-    dir: &Path,
-    meta: &ReportMeta,
-    records: &[TrialRecord],
-    events: &[TrialEvents],
-) -> anyhow::Result<Vec<SummaryRow>> {
-    let rows = summary_rows(records);
-    let tuning = crate::report_tune::tuning(records);
-    // A tuned sweep is ranked by its confirmed results only: each arm's chosen setting over
-    // its confirm seeds (the other grid points are the search, shown in the tuning section).
-    let aggregate = match &tuning {
-        Some(_) => {
-            let mut rows = aggregate_rows(&crate::report_tune::confirmed_records(records));
-            // Ranked: lowest mean perplexity first (arms without a result last).
-            rows.sort_by(|a, b| {
-                let p = |r: &AggregateRow| r.perplexity_mean.unwrap_or(f64::INFINITY);
-                p(a).total_cmp(&p(b))
-            });
-            rows
-        }
-        None => aggregate_rows(records),
-    };
-    let trials_dir = dir.join("trials");
-    std::fs::create_dir_all(&trials_dir)
-        .with_context(|| format!("creating report directory {}", trials_dir.display()))?;
-    let write = |name: &str, text: String| {
-        let path = dir.join(name);
-        std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))
-    };
-    let mut md = to_markdown(&rows);
-    if let Some(t) = &tuning {
-        md.push_str(&crate::report_tune::tuning_markdown(t));
-        write(
-            "tuning.json",
-            serde_json::to_string_pretty(t).expect("tuning serialises") + "\n",
-        )?;
-    }
-    if !aggregate.is_empty() {
-        md.push_str(if tuning.is_some() {
-            "\n## Tuned arms, ranked by their confirm runs\n\n"
-        } else {
-            "\n## Across seeds\n\n"
-        });
-        md.push_str(&aggregate_markdown(&aggregate));
-        write("aggregate.csv", aggregate_csv(&aggregate))?;
-        write(
-            "aggregate.json",
-            serde_json::to_string_pretty(&aggregate).expect("aggregate rows serialise") + "\n",
-        )?;
-    }
-    write("summary.md", md)?;
-    write("summary.csv", to_csv(&rows))?;
-    write("summary.json", to_json(&rows))?;
-    write("curves.csv", curves_csv(events))?;
-    write("samples.md", samples_md(events))?;
-    for r in records {
-        if let Some(c) = &r.config {
-            let path = trials_dir.join(format!("{}.json", r.id));
-            let text = serde_json::to_string_pretty(c).expect("TrialConfig serialises") + "\n";
-            std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
-        }
-    }
-    write(
-        "report.html",
-        crate::html::report_html(meta, records, &rows, &aggregate, events),
-    )?;
-    crate::tensorboard::write_tensorboard(dir, records, events)?;
-    Ok(rows)
 }

@@ -12,7 +12,8 @@
 use std::path::PathBuf;
 use std::process::Command;
 
-use coordinator::report::{write_full_report, ReportMeta, TrialEvents, TrialRecord};
+use coordinator::report::{ReportMeta, TrialEvents, TrialRecord};
+use coordinator::report_files::write_full_report;
 use coordinator::tensorboard::dir_name;
 use experiments::trial::{Progress, TrialConfig, TrialMetrics};
 use serde_json::Value;
