@@ -501,6 +501,52 @@ fn trials_section(out: &mut String, rows: &[SummaryRow], records: &[TrialRecord]
 }
 
 /// The whole page.
+/// Each tuned arm's grid: the validation loss at every rung (the arm's learning-rate curve), how
+/// each point ended, and the tokens it trained.
+fn tuning_table(out: &mut String, t: &crate::report_tune::Tuning) {
+    let _ = writeln!(
+        out,
+        "<p class=\"muted\">{}.</p>",
+        esc(&crate::report_tune::tokens_line(t))
+    );
+    out.push_str(
+        "<table><thead><tr><th>arm</th><th>lr</th><th>losses at the rungs (step: loss)</th>\
+         <th>final loss</th><th>perplexity</th><th>outcome</th><th>tokens</th></tr></thead><tbody>\n",
+    );
+    for a in &t.arms {
+        for p in &a.points {
+            let rungs = p
+                .rung_losses
+                .iter()
+                .map(|(s, l)| format!("{s}: {}", l.map_or("—".into(), |l| format!("{l:.4}"))))
+                .collect::<Vec<_>>()
+                .join(" · ");
+            let chosen = a.chosen.as_deref() == Some(p.name.as_str());
+            let outcome = match (chosen, p.stopped_step) {
+                (true, _) => "<b>chosen</b>".to_string(),
+                (false, Some(s)) => format!("stopped at step {s}"),
+                (false, None) => esc(&p.status),
+            };
+            let lr = match p.weight_decay {
+                Some(w) => format!("{:e} (wd {w})", p.lr),
+                None => format!("{:e}", p.lr),
+            };
+            let _ = writeln!(
+                out,
+                "<tr><td>{} ({})</td><td class=\"num\">{lr}</td><td>{}</td><td class=\"num\">{}</td>\
+                 <td class=\"num\">{}</td><td>{outcome}</td><td class=\"num\">{}</td></tr>",
+                esc(&a.arm),
+                esc(&a.strategy),
+                if rungs.is_empty() { "—".into() } else { rungs },
+                p.final_loss.map_or("—".into(), |l| format!("{l:.4}")),
+                p.perplexity.map_or("—".into(), |x| format!("{x:.2}")),
+                human_count(p.tokens),
+            );
+        }
+    }
+    out.push_str("</tbody></table>\n");
+}
+
 pub fn report_html(
     meta: &ReportMeta,
     records: &[TrialRecord],
@@ -525,13 +571,18 @@ pub fn report_html(
     let done = rows.iter().filter(|r| is_done(&r.status)).count();
     let failed = rows
         .iter()
-        .filter(|r| matches!(r.status.as_str(), "failed" | "cancelled" | "canceled"))
+        .filter(|r| {
+            matches!(
+                r.status.as_str(),
+                "failed" | "cancelled" | "canceled" | "stopped"
+            )
+        })
         .count();
     let _ = writeln!(
         out,
         "<p class=\"meta\">{}{}generated {} by ablate {}</p>\
          <p class=\"counts\"><span><b>{}</b> trials</span><span><b>{done}</b> finished</span>\
-         <span><b>{failed}</b> failed or cancelled</span><span><b>{}</b> unfinished</span></p>",
+         <span><b>{failed}</b> failed, cancelled or stopped</span><span><b>{}</b> unfinished</span></p>",
         if meta.sweep_id.is_empty() {
             String::new()
         } else {
@@ -561,8 +612,17 @@ pub fn report_html(
          seen: training tokens.</p>\n",
     );
     summary_table(&mut out, rows);
+    let tuning = crate::report_tune::tuning(records);
+    if let Some(t) = &tuning {
+        out.push_str("<h2 id=\"tuning\">Tuning</h2>\n");
+        tuning_table(&mut out, t);
+    }
     if !aggregate.is_empty() {
-        out.push_str("<h2 id=\"seeds\">Across seeds</h2>\n");
+        out.push_str(if tuning.is_some() {
+            "<h2 id=\"seeds\">Tuned arms, ranked by their confirm runs</h2>\n"
+        } else {
+            "<h2 id=\"seeds\">Across seeds</h2>\n"
+        });
         aggregate_table(&mut out, aggregate);
     }
 

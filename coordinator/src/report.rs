@@ -45,9 +45,20 @@ pub struct TrialRecord {
     /// The sweep file's `price_per_hour` (per device), for attempts whose workers set none.
     pub price_per_hour: Option<f64>,
     /// The tuner's decisions about this trial at its rungs (`[tune]` sweeps), in order.
-    pub tune_rungs: Vec<crate::report_tune::TuneRung>,
+    pub tune_rungs: Vec<TuneRung>,
     /// The last training step reported (what a stopped trial trained).
     pub latest_step: u64,
+}
+
+/// One rung decision of the tuner about a trial, as `TrialStatus.tune_json` carries it.
+#[derive(Clone, Debug, PartialEq, Serialize, serde::Deserialize, Default)]
+pub struct TuneRung {
+    pub rung: usize,
+    pub step: u64,
+    /// None when the loss was not finite.
+    pub loss: Option<f64>,
+    /// `continue` or `stop`.
+    pub verdict: String,
 }
 
 /// One row of the summary table. Serialised as-is into `summary.json`.
@@ -152,7 +163,6 @@ pub fn summary_rows(records: &[TrialRecord]) -> Vec<SummaryRow> {
         })
         .collect();
     let best = best_trials(records);
-    let chosen = crate::report_tune::chosen_trials(records);
     sorted
         .into_iter()
         .map(|r| {
@@ -238,13 +248,8 @@ pub fn summary_rows(records: &[TrialRecord]) -> Vec<SummaryRow> {
                     now_ms(),
                 ),
                 arm: tune.map(|t| t.arm.clone()),
-                role: tune.map(|t| {
-                    if chosen.contains(r.id.as_str()) {
-                        "confirm".to_string()
-                    } else {
-                        t.role.as_str().to_string()
-                    }
-                }),
+                // The winning grid trial becomes `confirm` in report_tune::mark_chosen.
+                role: tune.map(|t| t.role.as_str().to_string()),
                 lr: r.config.as_ref().map(|c| c.train.lr),
                 weight_decay: r.config.as_ref().map(|c| c.train.weight_decay),
                 stopped_step: stop.map(|d| d.step),

@@ -37,7 +37,8 @@ pub fn write_full_report(
     records: &[TrialRecord],
     events: &[TrialEvents],
 ) -> anyhow::Result<Vec<SummaryRow>> {
-    let rows = summary_rows(records);
+    let mut rows = summary_rows(records);
+    crate::report_tune::mark_chosen(&mut rows, records);
     let tuning = crate::report_tune::tuning(records);
     // A tuned sweep is ranked by its confirmed results only: each arm's chosen setting over
     // its confirm seeds (the other grid points are the search, shown in the tuning section).

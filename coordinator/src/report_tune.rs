@@ -10,16 +10,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::report::{human_count, is_done, TrialRecord};
 
-/// One rung decision as `TrialStatus.tune_json` carries it.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, Default)]
-pub struct TuneRung {
-    pub rung: usize,
-    pub step: u64,
-    /// None when the loss was not finite.
-    pub loss: Option<f64>,
-    /// `continue` or `stop`.
-    pub verdict: String,
-}
+pub use crate::report::TuneRung;
 
 /// The rung decisions in `TrialStatus.tune_json` (empty for untuned trials or unreadable JSON).
 pub fn parse_tune_json(json: &str) -> Vec<TuneRung> {
@@ -146,6 +137,15 @@ pub fn chosen_trials(records: &[TrialRecord]) -> HashSet<String> {
         }
     }
     out
+}
+
+/// The winning grid trial of each decided arm counts as its first confirm seed: its row's role
+/// is `confirm`.
+pub fn mark_chosen(rows: &mut [crate::report::SummaryRow], records: &[TrialRecord]) {
+    let chosen = chosen_trials(records);
+    for r in rows.iter_mut().filter(|r| chosen.contains(&r.trial)) {
+        r.role = Some("confirm".to_string());
+    }
 }
 
 /// The records a tuned sweep is ranked on: the baseline, and each arm's winning grid trial with
