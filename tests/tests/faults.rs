@@ -234,7 +234,7 @@ impl Cluster {
         self.wait_until("every trial to end", |c| {
             let open: i64 = c
                 .query_row(
-                    "SELECT COUNT(*) FROM trials WHERE state NOT IN ('finished', 'failed', 'cancelled')",
+                    "SELECT COUNT(*) FROM trials WHERE state NOT IN ('finished', 'failed', 'cancelled', 'stopped')",
                     [],
                     |r| r.get(0),
                 )
@@ -1454,4 +1454,145 @@ fn rotated_tokens_overlap_and_the_running_workers_pick_up_the_new_one() {
         "token rotation",
         "worker and admin tokens rotated mid-sweep with a 4 s overlap",
     );
+}
+
+/// A tuned sweep (`[tune]`) through kill -9 of the worker running a grid trial after its first
+/// rung, and kill -9 of the coordinator later: every rung decision taken before a kill is still
+/// there, unchanged, afterwards; a stopped trial is never attempted again; each (trial, rung) is
+/// decided once; the arm gets exactly one confirm run, which finishes.
+#[test]
+fn tuned_sweep_decisions_survive_a_killed_worker_and_a_killed_coordinator() {
+    let mut c = Cluster::new("kill9-tuned", 4, "127.0.0.1");
+    c.start_coordinator();
+    let sweep = fault_sweep(&c.sweep.clone(), PRE_STEPS, FT_STEPS)
+        .replace("freeze = [1, \"all\"]", "freeze = [\"all\"]")
+        .replace(
+            &format!("eval_every = {FT_STEPS}"),
+            &format!("eval_every = {}", FT_STEPS / 10),
+        )
+        + &format!(
+            "\n[tune]\nlr = [3e-4, 3e-3, 3e-2]\nmin_steps = {}\nreduction_factor = 3\n\
+             confirm_seeds = [0, 1]\n",
+            FT_STEPS / 10
+        );
+    c.submit(&sweep);
+    c.spawn_worker("a");
+    c.spawn_worker("b");
+    let rungs = |db: &Connection| -> Vec<(String, i64, Option<f64>, String, i64)> {
+        let mut st = db
+            .prepare(
+                "SELECT trial_id, rung, loss, verdict, decided_ms FROM tune_rungs ORDER BY rowid",
+            )
+            .unwrap();
+        st.query_map([], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+        })
+        .unwrap()
+        .map(Result::unwrap)
+        .collect()
+    };
+    // A grid trial past its first rung (decided "continue") and still running: kill its worker.
+    let (trial, attempt, worker): (String, u32, String) =
+        c.wait_until("a running grid trial past its first rung", |db| {
+            db.query_row(
+                "SELECT t.id, t.attempts, w.name FROM trials t
+                 JOIN tune_rungs r ON r.trial_id = t.id AND r.verdict = 'continue'
+                 JOIN workers w ON w.id = t.worker_id
+                 WHERE t.state = 'running' ORDER BY t.seq LIMIT 1",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )
+            .optional()
+            .unwrap()
+        });
+    let before_worker_kill = rungs(&c.db());
+    let i = c.worker_index(&worker);
+    c.workers[i].signal(libc::SIGKILL);
+    c.workers[i].wait_timeout(Duration::from_secs(10)).unwrap();
+    c.spawn_worker("c");
+    c.wait_next_attempt(&trial, attempt);
+    // Later, with more decisions taken, kill the coordinator and start it again.
+    c.wait_until("a second rung decision", |db| {
+        (rungs(db).len() > before_worker_kill.len().max(1)).then_some(())
+    });
+    let before_coord_kill = rungs(&c.db());
+    c.kill_coordinator();
+    std::thread::sleep(Duration::from_secs(1));
+    c.start_coordinator();
+    c.wait_until("the confirm run to finish", |db| {
+        db.query_row(
+            "SELECT 1 FROM trials WHERE name LIKE '% seed=1' AND state = 'finished'",
+            [],
+            |_| Ok(()),
+        )
+        .optional()
+        .unwrap()
+    });
+    c.wait_all_terminal();
+    let after = rungs(&c.db());
+    assert!(
+        after.starts_with(&before_worker_kill) && after.starts_with(&before_coord_kill),
+        "decisions taken before the kills changed:\nbefore {before_coord_kill:#?}\nafter {after:#?}"
+    );
+    let mut seen = std::collections::BTreeSet::new();
+    for (t, rung, ..) in &after {
+        assert!(
+            seen.insert((t.clone(), *rung)),
+            "({t}, rung {rung}) decided twice"
+        );
+    }
+    let db = c.db();
+    let mut st = db
+        .prepare("SELECT id, name, state, attempts FROM trials ORDER BY seq")
+        .unwrap();
+    let trials: Vec<(String, String, String, u32)> = st
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    // pretrain + 3 grid points + 1 confirm run.
+    assert_eq!(trials.len(), 5, "{trials:#?}");
+    let stopped: Vec<_> = trials.iter().filter(|t| t.2 == "stopped").collect();
+    assert!(
+        !stopped.is_empty(),
+        "ASHA stopped no grid point: {trials:#?}"
+    );
+    for (id, name, _, _) in &stopped {
+        let stop_rung = after
+            .iter()
+            .find(|r| &r.0 == id && r.3 == "stop")
+            .unwrap_or_else(|| panic!("{name} is stopped without a stop decision"));
+        let attempts = c.attempts(id);
+        assert_eq!(
+            attempts.last().and_then(|a| a.1.as_deref()),
+            Some("stopped"),
+            "{name}: {attempts:?} (stopped at rung {})",
+            stop_rung.1
+        );
+        assert!(
+            attempts[..attempts.len() - 1]
+                .iter()
+                .all(|a| a.1.as_deref() != Some("stopped")),
+            "{name} ran again after it was stopped: {attempts:?}"
+        );
+    }
+    let others: Vec<_> = trials
+        .iter()
+        .filter(|t| t.2 != "stopped")
+        .map(|t| (t.1.as_str(), t.2.as_str()))
+        .collect();
+    assert!(
+        others.iter().all(|(_, s)| *s == "finished"),
+        "every other trial finished: {trials:#?}\n{}",
+        c.logs()
+    );
+    assert_eq!(
+        trials.iter().filter(|t| t.1.ends_with(" seed=1")).count(),
+        1,
+        "one confirm run: {trials:#?}"
+    );
+    let arms: i64 = db
+        .query_row("SELECT COUNT(*) FROM tune_arms", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(arms, 1, "the arm was decided once");
 }
