@@ -120,6 +120,44 @@ pub fn table(trials: &[TrialConfig]) -> String {
             t.train.ranks.max(1),
         );
     }
+    // A tuned sweep's confirm runs are added by the coordinator once an arm is decided.
+    let mut arms: BTreeMap<String, (&TrialConfig, usize)> = BTreeMap::new();
+    for t in trials {
+        if let Some(key) = t.arm_key() {
+            arms.entry(key).or_insert((t, 0)).1 += 1;
+        }
+    }
+    if let Some((first, _)) = arms.values().next() {
+        let tag = first.tune.as_ref().expect("tuned");
+        let confirm: u64 = arms
+            .values()
+            .map(|(t, _)| {
+                train_tokens(t)
+                    * t.tune
+                        .as_ref()
+                        .map_or(0, |g| g.confirm_seeds.len().saturating_sub(1))
+                        as u64
+            })
+            .sum();
+        let grid: u64 = trials
+            .iter()
+            .filter(|t| t.tune.is_some())
+            .map(train_tokens)
+            .sum();
+        let _ = writeln!(
+            out,
+            "\ntuned: {} arms × {} grid points ({}, rungs at steps {:?} of the first arm); at most \
+             {} training tokens if nothing is stopped, plus {} for the confirm runs (seeds {:?}) \
+             the coordinator adds when each arm is decided",
+            arms.len(),
+            arms.values().map(|(_, n)| *n).max().unwrap_or(0),
+            tag.strategy.name(),
+            tag.rungs,
+            human(grid),
+            human(confirm),
+            &tag.confirm_seeds[1..],
+        );
+    }
     out
 }
 
@@ -331,4 +369,39 @@ pub fn plan_command(args: PlanArgs) -> anyhow::Result<u8> {
         }
     );
     Ok(u8::from(failed > 0))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_tuned_sweep_says_what_the_confirm_runs_add() {
+        let text = r#"
+name = "t"
+[base]
+path = "/models/none"
+[data]
+paths = ["ft.txt"]
+context = 32
+[train]
+steps = 100
+batch_size = 2
+eval_every = 10
+[methods]
+baseline = true
+freeze = [1, "all"]
+[tune]
+lr = [1e-3, 3e-3]
+confirm_seeds = [0, 1, 2]
+"#;
+        let sweep =
+            experiments::spec::parse_sweep(text, std::path::Path::new("/tmp/t.toml")).unwrap();
+        let out = super::table(&sweep.trials);
+        // 2 arms × 2 points × 100 steps × 2 windows × 32 tokens; confirm: 2 arms × 2 seeds.
+        assert!(
+            out.contains("tuned: 2 arms × 2 grid points (asha, rungs at steps [10, 30, 90]")
+                && out.contains("at most 25.6k training tokens")
+                && out.contains("plus 25.6k for the confirm runs (seeds [1, 2])"),
+            "{out}"
+        );
+    }
 }
