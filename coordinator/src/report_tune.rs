@@ -33,6 +33,8 @@ pub struct Tuning {
     pub arms: Vec<TunedArm>,
     /// Training tokens every grid and confirm trial spent (a stopped trial up to its last step).
     pub tokens_spent: u64,
+    /// Of those, what the grid trials (the search itself) spent.
+    pub tokens_search: u64,
     /// Tokens of running every grid point to the end, at one seed.
     pub tokens_full_grid: u64,
     /// Tokens of running every grid point to the end at every confirm seed.
@@ -170,6 +172,7 @@ pub fn tuning(records: &[TrialRecord]) -> Option<Tuning> {
     let chosen = chosen_trials(records);
     let mut arms: Vec<(String, TunedArm)> = Vec::new();
     let mut spent_all = 0;
+    let mut search = 0;
     for r in records {
         let Some((c, key)) = tuned(r) else { continue };
         let tag = c.tune.as_ref().expect("tuned");
@@ -206,6 +209,7 @@ pub fn tuning(records: &[TrialRecord]) -> Option<Tuning> {
             arm.confirm.push(r.name.clone());
             continue;
         }
+        search += tokens;
         if chosen.contains(&r.id) {
             arm.chosen = Some(r.name.clone());
             arm.chosen_lr = Some(c.train.lr);
@@ -258,6 +262,7 @@ pub fn tuning(records: &[TrialRecord]) -> Option<Tuning> {
     Some(Tuning {
         arms,
         tokens_spent: spent_all,
+        tokens_search: search,
         tokens_full_grid: full,
         tokens_full_grid_all_seeds: full_seeds,
         tokens_without_stopping: without,
@@ -274,16 +279,18 @@ pub fn tokens_line(t: &Tuning) -> String {
         }
     };
     format!(
-        "tuning spent {} training tokens (grid and confirm runs): {:.0} % of the {} the same table \
-         costs without early stopping (the whole grid to the end, then the confirm runs); the \
-         whole grid to the end is {} at one seed ({:.0} %), {} at every confirm seed ({:.0} %)",
+        "the search spent {} training tokens, {:.0} % of the {} of running the whole grid to the \
+         end; with the confirm runs {}, {:.0} % of the {} the same table costs without early \
+         stopping (the whole grid to the end, then the confirm runs) and {:.0} % of the {} of the \
+         whole grid at every confirm seed",
+        human_count(t.tokens_search),
+        pct(t.tokens_search, t.tokens_full_grid),
+        human_count(t.tokens_full_grid),
         human_count(t.tokens_spent),
         pct(t.tokens_spent, t.tokens_without_stopping),
         human_count(t.tokens_without_stopping),
-        human_count(t.tokens_full_grid),
-        pct(t.tokens_spent, t.tokens_full_grid),
-        human_count(t.tokens_full_grid_all_seeds),
         pct(t.tokens_spent, t.tokens_full_grid_all_seeds),
+        human_count(t.tokens_full_grid_all_seeds),
     )
 }
 

@@ -642,7 +642,13 @@ fn a_tuned_sweep_stops_grid_points_and_confirms_each_arm() {
         spent < full,
         "tuning spent {spent} of the full grid's {full}"
     );
-    assert!(stdout.contains("tuning spent"), "{stdout}");
+    let search = tuning["tokens_search"].as_u64().unwrap();
+    let grid = tuning["tokens_full_grid"].as_u64().unwrap();
+    assert!(
+        search < grid,
+        "the search spent {search} of the grid's {grid}"
+    );
+    assert!(stdout.contains("the search spent"), "{stdout}");
     let md = std::fs::read_to_string(out.join("summary.md")).unwrap();
     assert!(
         md.contains("## Tuning") && md.contains("**chosen**"),
