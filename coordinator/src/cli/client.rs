@@ -13,7 +13,8 @@ use pb::sweep_service_client::SweepServiceClient;
 
 use super::Conn;
 use crate::progress::TrialStatus;
-use crate::report::{is_terminal, TrialRecord};
+use crate::report::TrialRecord;
+use crate::scheduler::TrialState;
 
 /// One trial as `Get` reports it, converted from the proto at the boundary.
 #[derive(Clone, Debug, Default)]
@@ -21,8 +22,8 @@ pub struct TrialView {
     pub id: String,
     pub name: String,
     pub family: String,
-    /// Lower-case state: queued, waiting, running, finished, failed, cancelled.
-    pub state: String,
+    /// Parsed once from the coordinator's lower-case state name.
+    pub state: TrialState,
     pub attempts: u32,
     pub config: Option<TrialConfig>,
     pub metrics: Option<TrialMetrics>,
@@ -50,7 +51,7 @@ impl TrialView {
             id: self.id.clone(),
             config: self.config.clone(),
             name: self.name.clone(),
-            state: self.state.clone(),
+            state: self.state.as_str().to_string(),
             attempts: self.attempts,
             metrics: self.metrics.clone(),
             reason: self.reason.clone(),
@@ -69,7 +70,7 @@ impl TrialView {
         TrialStatus {
             id: self.id.clone(),
             name: self.name.clone(),
-            state: self.state.clone(),
+            state: self.state,
             attempts: self.attempts,
             step: self.step,
             total: self.total,
@@ -96,7 +97,7 @@ pub struct SweepView {
 
 impl SweepView {
     pub fn all_terminal(&self) -> bool {
-        self.trials.iter().all(|t| is_terminal(&t.state))
+        self.trials.iter().all(|t| t.state.is_terminal())
     }
 
     pub fn statuses(&self) -> Vec<TrialStatus> {
@@ -174,6 +175,13 @@ fn opt(s: String) -> Option<String> {
     (!s.is_empty()).then_some(s)
 }
 
+/// The one place a trial state from the wire (`TrialStatus.state`) becomes a [`TrialState`].
+pub(crate) fn wire_state(trial: &str, state: &str) -> anyhow::Result<TrialState> {
+    TrialState::parse(&state.to_ascii_lowercase()).with_context(|| {
+        format!("trial {trial}: unknown state {state:?} from the coordinator (a newer version?)")
+    })
+}
+
 fn trial_view(t: pb::TrialStatus) -> anyhow::Result<TrialView> {
     let metrics = if t.metrics_json.is_empty() {
         None
@@ -190,13 +198,14 @@ fn trial_view(t: pb::TrialStatus) -> anyhow::Result<TrialView> {
         (Some(w), Some(d)) => Some(format!("{w} ({d})")),
         (w, d) => w.or(d),
     };
+    let state = wire_state(&t.id, &t.state)?;
     let p = t.progress.unwrap_or_default();
     let has_progress = p.total > 0 || p.step > 0;
     Ok(TrialView {
         id: t.id,
         name: t.name,
         family: t.method,
-        state: t.state.to_ascii_lowercase(),
+        state,
         attempts: t.attempts,
         config,
         metrics,

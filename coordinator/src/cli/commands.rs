@@ -6,6 +6,7 @@ use std::time::Duration;
 use super::client::{connect, Client, SweepView, TrialView};
 use super::{BackupArgs, CancelArgs, DrainArgs, ListArgs, RestoreArgs, StatusArgs, SubmitArgs};
 use crate::progress::ProgressView;
+use crate::scheduler::TrialState;
 
 /// Poll `Get` and show progress until every trial is terminal or `keep_going` says stop.
 /// Returns the last snapshot.
@@ -65,7 +66,7 @@ pub async fn status(args: StatusArgs) -> anyhow::Result<u8> {
     let running: Vec<&TrialView> = sweep
         .trials
         .iter()
-        .filter(|t| t.state == "running")
+        .filter(|t| t.state == TrialState::Running)
         .collect();
     for t in running {
         println!(

@@ -22,7 +22,7 @@ pub mod commands;
 pub mod report;
 pub mod serve;
 
-pub(crate) use client::{connect, status_error};
+pub(crate) use client::{connect, status_error, wire_state};
 pub use client::{Client, SubmitOutcome, SweepListing, SweepView, TrialView};
 pub use commands::{backup, cancel, drain, list, restore, status, submit, watch_sweep};
 pub use report::{report, write_sweep_report};
