@@ -20,6 +20,7 @@ use anyhow::Context;
 use sha2::{Digest, Sha256};
 
 use crate::cli::{Client, Conn};
+use crate::scheduler::TrialState;
 use crate::store::Store;
 
 #[derive(clap::Args, Debug)]
@@ -46,7 +47,7 @@ pub struct ExportArgs {
 pub struct ExportTrial {
     pub id: String,
     pub name: String,
-    pub state: String,
+    pub state: TrialState,
     pub config_json: String,
     pub metrics_json: String,
 }
@@ -68,14 +69,16 @@ impl Source {
                 let trials = r
                     .trials
                     .into_iter()
-                    .map(|t| ExportTrial {
-                        id: t.id,
-                        name: t.name,
-                        state: t.state,
-                        config_json: t.config_json,
-                        metrics_json: t.metrics_json,
+                    .map(|t| {
+                        Ok(ExportTrial {
+                            state: crate::cli::wire_state(&t.id, &t.state)?,
+                            id: t.id,
+                            name: t.name,
+                            config_json: t.config_json,
+                            metrics_json: t.metrics_json,
+                        })
                     })
-                    .collect();
+                    .collect::<anyhow::Result<_>>()?;
                 Ok((r.name, trials))
             }
             Source::Local(store) => {
@@ -95,7 +98,7 @@ impl Source {
                     .map(|t| ExportTrial {
                         id: t.id,
                         name: t.name,
-                        state: t.state.as_str().to_string(),
+                        state: t.state,
                         config_json: t.config_json,
                         metrics_json: t.metrics_json.unwrap_or_default(),
                     })
@@ -324,7 +327,7 @@ pub async fn export(args: ExportArgs) -> anyhow::Result<ExportReport> {
     let mut report = ExportReport::default();
     let mut used = std::collections::HashSet::new();
     for t in chosen {
-        if t.state != "finished" {
+        if t.state != TrialState::Finished {
             let why = format!("its state is {}", t.state);
             if explicit {
                 anyhow::bail!("trial {} cannot be exported: {why}", t.name);

@@ -14,9 +14,10 @@ use experiments::trial::Progress;
 
 use crate::plots::{self, Curve};
 use crate::report::{
-    fmt_ci, fmt_mean_std, human_count, human_duration, is_done, losses_by_step, vs_best_mark,
-    AggregateRow, ReportMeta, SummaryRow, TrialEvents, TrialRecord,
+    fmt_ci, fmt_mean_std, human_count, human_duration, is_done, losses_by_step, trial_state,
+    vs_best_mark, AggregateRow, ReportMeta, SummaryRow, TrialEvents, TrialRecord,
 };
+use crate::scheduler::TrialState;
 
 /// Escape text for HTML element content and attribute values.
 pub fn esc(s: &str) -> String {
@@ -573,8 +574,8 @@ pub fn report_html(
         .iter()
         .filter(|r| {
             matches!(
-                r.status.as_str(),
-                "failed" | "cancelled" | "canceled" | "stopped"
+                trial_state(&r.status),
+                Some(TrialState::Failed | TrialState::Cancelled | TrialState::Stopped)
             )
         })
         .count();

@@ -15,15 +15,16 @@ use std::time::{Duration, Instant};
 
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 
-use crate::report::{human_duration, is_done, is_terminal};
+use crate::report::human_duration;
+use crate::scheduler::TrialState;
 
 /// What the view needs to know about one trial at one moment.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct TrialStatus {
     pub id: String,
     pub name: String,
-    /// Lower-case coordinator state (queued, running, done, failed, cancelled, ...).
-    pub state: String,
+    /// Parsed once, where the client receives the coordinator's answer.
+    pub state: TrialState,
     pub attempts: u32,
     pub step: u64,
     pub total: u64,
@@ -55,16 +56,12 @@ impl Counts {
             ..Counts::default()
         };
         for t in trials {
-            if is_done(&t.state) {
-                c.done += 1;
-            } else if t.state == "stopped" {
-                c.stopped += 1;
-            } else if is_terminal(&t.state) {
-                c.failed += 1;
-            } else if t.state == "running" {
-                c.running += 1;
-            } else {
-                c.queued += 1;
+            match t.state {
+                TrialState::Finished => c.done += 1,
+                TrialState::Stopped => c.stopped += 1,
+                TrialState::Failed | TrialState::Cancelled => c.failed += 1,
+                TrialState::Running => c.running += 1,
+                TrialState::Queued | TrialState::Waiting => c.queued += 1,
             }
         }
         c
@@ -111,7 +108,7 @@ fn step_text(t: &TrialStatus) -> String {
 
 /// One line for a trial that reached a terminal state.
 pub fn final_line(t: &TrialStatus) -> String {
-    if is_done(&t.state) {
+    if t.state == TrialState::Finished {
         let ppl = t
             .perplexity
             .map_or_else(String::new, |p| format!(" perplexity {p:.2}"));
@@ -119,7 +116,7 @@ pub fn final_line(t: &TrialStatus) -> String {
             .wall_seconds
             .map_or_else(String::new, |w| format!(" in {}", human_duration(w)));
         format!("✓ {} done{ppl}{wall}", t.name)
-    } else if t.state == "stopped" {
+    } else if t.state == TrialState::Stopped {
         // The message says where and why ("stopped by the tuner at step 10 ...").
         format!(
             "■ {} {}",
@@ -222,10 +219,10 @@ impl ProgressView {
         for t in trials {
             let prev = self.last.get(&t.id);
             let changed_state = prev.is_none_or(|p| p.state != t.state || p.attempts != t.attempts);
-            if changed_state && is_terminal(&t.state) && prev.is_some() {
+            if changed_state && t.state.is_terminal() && prev.is_some() {
                 lines.push(final_line(t));
             }
-            if changed_state && t.state == "running" {
+            if changed_state && t.state == TrialState::Running {
                 let on = t
                     .worker
                     .as_deref()
@@ -254,7 +251,7 @@ impl ProgressView {
                     counts.running, counts.failed
                 ));
                 for t in trials {
-                    let running = t.state == "running";
+                    let running = t.state == TrialState::Running;
                     match (running, bars.get(&t.id)) {
                         (true, None) => {
                             let bar = multi.add(
@@ -307,7 +304,7 @@ impl ProgressView {
                 }
                 for t in trials
                     .iter()
-                    .filter(|t| t.state == "running" && t.total > 0)
+                    .filter(|t| t.state == TrialState::Running && t.total > 0)
                 {
                     // A line every tenth of the steps, or every 30 s on slow trials.
                     let tenth = (t.total / 10).max(1);
@@ -388,7 +385,7 @@ mod tests {
         TrialStatus {
             id: id.into(),
             name: format!("trial-{id}"),
-            state: state.into(),
+            state: TrialState::parse(state).expect("a trial state"),
             attempts: 1,
             step,
             total: 100,
@@ -396,6 +393,33 @@ mod tests {
             tokens_per_sec: Some(1000.0),
             ..TrialStatus::default()
         }
+    }
+
+    #[test]
+    fn counts_put_every_state_in_one_bucket() {
+        let all = [
+            "queued",
+            "waiting",
+            "running",
+            "finished",
+            "failed",
+            "cancelled",
+            "stopped",
+        ]
+        .map(|s| t(s, s, 0));
+        let c = Counts::of(&all);
+        assert_eq!(
+            c,
+            Counts {
+                done: 1,
+                failed: 2,
+                stopped: 1,
+                running: 1,
+                queued: 2,
+                total: 7,
+            }
+        );
+        assert_eq!(c.finished(), 4);
     }
 
     #[test]

@@ -17,6 +17,7 @@ use std::fmt::Write as _;
 use experiments::trial::{Base, Method, Progress, TrialConfig, TrialMetrics};
 
 use crate::report_stats as stats;
+use crate::scheduler::TrialState;
 use serde::Serialize;
 
 /// One trial as the coordinator stores it: the input of every report function.
@@ -352,14 +353,25 @@ fn best_trials(records: &[TrialRecord]) -> std::collections::HashMap<&str, &Tria
     out
 }
 
+/// A record's state string read as a [`TrialState`], the one place that does so for records:
+/// they keep the string because they are written to and read back from summary.json, and a
+/// record written by another tool may say "done", "succeeded", "completed" or "canceled".
+pub fn trial_state(state: &str) -> Option<TrialState> {
+    TrialState::parse(state).or(match state {
+        "done" | "succeeded" | "completed" => Some(TrialState::Finished),
+        "canceled" => Some(TrialState::Cancelled),
+        _ => None,
+    })
+}
+
 /// True for the state of a trial that finished successfully.
 pub fn is_done(state: &str) -> bool {
-    matches!(state, "finished" | "done" | "succeeded" | "completed")
+    trial_state(state) == Some(TrialState::Finished)
 }
 
 /// True for states from which a trial never moves again.
 pub fn is_terminal(state: &str) -> bool {
-    is_done(state) || matches!(state, "failed" | "cancelled" | "canceled" | "stopped")
+    trial_state(state).is_some_and(TrialState::is_terminal)
 }
 
 fn fmt_ppl(p: Option<f64>) -> String {
@@ -436,7 +448,7 @@ pub fn human_duration(secs: f64) -> String {
 
 /// Status cell: a failed row carries its reason so the table alone says what went wrong.
 fn status_cell(r: &SummaryRow) -> String {
-    if let (Some(step), "stopped") = (r.stopped_step, r.status.as_str()) {
+    if let (Some(step), Some(TrialState::Stopped)) = (r.stopped_step, trial_state(&r.status)) {
         return format!("stopped@{step}");
     }
     match &r.reason {

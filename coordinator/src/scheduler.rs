@@ -42,9 +42,10 @@ use std::fmt;
 pub const DEFAULT_RETRY_BUDGET: u32 = 3;
 
 /// Where a trial is in its life. Stored as the lowercase name ([`TrialState::as_str`]).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub enum TrialState {
     /// Ready to be leased.
+    #[default]
     Queued,
     /// Waiting for the trial it starts from to finish.
     Waiting,

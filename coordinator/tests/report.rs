@@ -908,3 +908,32 @@ fn cost_sums_attempts_per_trial_and_per_arm_in_every_format() {
     assert_eq!(arm.cost.device_seconds, 2400.0 * arm.trials.len() as f64);
     assert!(aggregate_markdown(&agg).contains("| device time | cost |"));
 }
+
+#[test]
+fn record_states_read_as_trial_states_with_other_tools_aliases() {
+    use coordinator::report::{is_terminal, trial_state};
+    use coordinator::scheduler::TrialState;
+    for s in [
+        "queued",
+        "waiting",
+        "running",
+        "finished",
+        "failed",
+        "cancelled",
+        "stopped",
+    ] {
+        assert_eq!(trial_state(s).map(TrialState::as_str), Some(s));
+    }
+    for s in ["done", "succeeded", "completed"] {
+        assert_eq!(trial_state(s), Some(TrialState::Finished), "{s}");
+        assert!(is_done(s) && is_terminal(s), "{s}");
+    }
+    assert_eq!(trial_state("canceled"), Some(TrialState::Cancelled));
+    assert_eq!(
+        trial_state("Finished"),
+        None,
+        "records hold lower-case states"
+    );
+    assert!(!is_done("running") && !is_done("stopped"));
+    assert!(is_terminal("stopped") && !is_terminal("waiting") && !is_terminal("bogus"));
+}
