@@ -41,7 +41,7 @@ use tonic_health::ServingStatus;
 
 use crate::auth::RequireToken;
 use crate::scheduler::{Decision, Failure, SchedError, Scheduler, TrialSpec, TrialState};
-use crate::store::{NewTrial, Store, StoreError, TrialRow, WorkerInfo};
+use crate::store::{NewTrial, Scope, Store, StoreError, TrialDetails, TrialRow, WorkerInfo};
 
 /// Longest a `Lease` call is held open, whatever the worker asks for.
 pub const MAX_LEASE_WAIT: Duration = Duration::from_secs(30);
@@ -631,8 +631,9 @@ impl Shared {
                 wake |= *state == TrialState::Queued;
                 if seen.insert(trial_id.clone()) {
                     if let Ok(Some(row)) = inner.store.trial(trial_id) {
-                        let status = trial_status(&inner.store, &row);
-                        let _ = self.bus.send(Bus::Trial(Box::new(status)));
+                        if let Ok(status) = one_trial_status(&inner.store, &row) {
+                            let _ = self.bus.send(Bus::Trial(Box::new(status)));
+                        }
                     }
                 }
             }
@@ -1018,21 +1019,17 @@ fn non_empty(field: &str, v: &str) -> Result<(), Status> {
     }
 }
 
-/// The status a user sees for one trial.
-fn trial_status(store: &Store, row: &TrialRow) -> pb::TrialStatus {
+/// The status a user sees for one trial, from its row and the details read for it.
+fn trial_status(d: &TrialDetails, row: &TrialRow) -> pb::TrialStatus {
     let worker = row
         .worker_id
         .as_deref()
         // A gang's attempt lists its members; rank 0 stands for it.
-        .and_then(|w| {
-            store
-                .worker(w.split(',').next().unwrap_or(w))
-                .ok()
-                .flatten()
-        });
+        .and_then(|w| d.workers.get(w.split(',').next().unwrap_or(w)));
     let progress =
-        store.latest_step_event(&row.id).ok().flatten().and_then(
-            |json| match serde_json::from_str::<Progress>(&json) {
+        d.latest_step
+            .get(&row.id)
+            .and_then(|json| match serde_json::from_str::<Progress>(json) {
                 Ok(Progress::Step {
                     step,
                     total,
@@ -1046,8 +1043,7 @@ fn trial_status(store: &Store, row: &TrialRow) -> pb::TrialStatus {
                     tokens_per_sec,
                 }),
                 _ => None,
-            },
-        );
+            });
     pb::TrialStatus {
         id: row.id.clone(),
         name: row.name.clone(),
@@ -1058,7 +1054,6 @@ fn trial_status(store: &Store, row: &TrialRow) -> pb::TrialStatus {
         failure_reason: row.failure_reason.clone(),
         failure_message: row.failure_message.clone(),
         worker_name: worker
-            .as_ref()
             .map(|w| {
                 let ranks = row
                     .worker_id
@@ -1072,27 +1067,31 @@ fn trial_status(store: &Store, row: &TrialRow) -> pb::TrialStatus {
             })
             .unwrap_or_default(),
         device_name: worker
-            .as_ref()
             .map(|w| w.info.device_name.clone())
             .unwrap_or_default(),
         started_unix_ms: row.started_ms.unwrap_or(0),
         finished_unix_ms: row.finished_ms.unwrap_or(0),
         progress,
         config_json: row.config_json.clone(),
-        attempt_costs: attempt_costs(store, &row.id),
+        attempt_costs: attempt_costs(d, &row.id),
         wait_reason: String::new(),
-        tune_json: tune_json(store, &row.id),
+        tune_json: tune_json(d, &row.id),
     }
 }
 
+/// The status of one trial, read from the store.
+fn one_trial_status(store: &Store, row: &TrialRow) -> Result<pb::TrialStatus, Status> {
+    let d = store
+        .trial_details(Scope::Trial(&row.id), row.worker_id.as_deref())
+        .map_err(store_status)?;
+    Ok(trial_status(&d, row))
+}
+
 /// The tuner's rung decisions about a trial as JSON (empty when it has none).
-fn tune_json(store: &Store, trial_id: &str) -> String {
-    let Ok(rungs) = store.rung_decisions(Some(trial_id)) else {
+fn tune_json(d: &TrialDetails, trial_id: &str) -> String {
+    let Some(rungs) = d.rungs.get(trial_id).filter(|r| !r.is_empty()) else {
         return String::new();
     };
-    if rungs.is_empty() {
-        return String::new();
-    }
     let list: Vec<serde_json::Value> = rungs
         .iter()
         .map(|d| {
@@ -1109,21 +1108,17 @@ fn tune_json(store: &Store, trial_id: &str) -> String {
 }
 
 /// Each attempt's span, devices and price, for the report's cost table.
-fn attempt_costs(store: &Store, trial_id: &str) -> Vec<pb::AttemptCost> {
-    let Ok(attempts) = store.attempts(trial_id) else {
+fn attempt_costs(d: &TrialDetails, trial_id: &str) -> Vec<pb::AttemptCost> {
+    let Some(attempts) = d.attempts.get(trial_id) else {
         return Vec::new();
     };
     attempts
-        .into_iter()
+        .iter()
         .map(|a| {
-            let members: Vec<_> = a
-                .worker_id
-                .split(',')
-                .map(|w| store.worker(w).ok().flatten())
-                .collect();
+            let members: Vec<_> = a.worker_id.split(',').map(|w| d.workers.get(w)).collect();
             pb::AttemptCost {
                 attempt: a.attempt,
-                outcome: a.outcome.unwrap_or_default(),
+                outcome: a.outcome.clone().unwrap_or_default(),
                 started_unix_ms: a.started_ms,
                 ended_unix_ms: a.ended_ms.unwrap_or(0),
                 devices: members.len() as u32,
@@ -1149,6 +1144,13 @@ fn sweep_snapshot(inner: &Inner, clock: &Clock, key: &str) -> Result<pb::GetResp
         .map_err(store_status)?
         .ok_or_else(|| Status::not_found(format!("no sweep with id or name {key:?}")))?;
     let trials = store.sweep_trials(&sweep.id).map_err(store_status)?;
+    // One query per table for the whole sweep, not several per trial.
+    let details = store
+        .trial_details(
+            Scope::Sweep(&sweep.id),
+            trials.iter().filter_map(|t| t.worker_id.as_deref()),
+        )
+        .map_err(store_status)?;
     let mut why = inner
         .sched
         .wait_reasons(trials.iter().map(|t| t.id.as_str()), clock.sched_ms());
@@ -1161,7 +1163,7 @@ fn sweep_snapshot(inner: &Inner, clock: &Clock, key: &str) -> Result<pb::GetResp
             .iter()
             .map(|t| pb::TrialStatus {
                 wait_reason: why.remove(&t.id).unwrap_or_default(),
-                ..trial_status(store, t)
+                ..trial_status(&details, t)
             })
             .collect(),
     })

@@ -1443,6 +1443,27 @@ async fn back_to_back_calls_do_not_wait_for_delayed_acks() {
             .unwrap();
         rounds.push(t0.elapsed());
     }
+    // The status read for the whole sweep at once says what the per-trial reads said.
+    let snap = admin
+        .get(pb::GetRequest {
+            sweep: sub.sweep_id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(snap.trials.len(), trials.len());
+    for t in &snap.trials {
+        assert_eq!(
+            (t.state.as_str(), t.worker_name.as_str()),
+            ("finished", "quick")
+        );
+        assert_eq!(t.device_name, "cpu");
+        assert_eq!(t.progress.as_ref().map(|p| p.step), Some(1), "{}", t.id);
+        assert_eq!(t.attempt_costs.len(), 1, "{}", t.id);
+        assert_eq!(t.attempt_costs[0].device_kind, "cpu");
+        assert_eq!(t.attempt_costs[0].devices, 1);
+        assert!(t.tune_json.is_empty());
+    }
     rounds.sort();
     let median = rounds[rounds.len() / 2];
     assert!(
