@@ -30,9 +30,10 @@ use ablate_proto::pb::worker_service_client::WorkerServiceClient;
 use ablate_proto::pb::worker_service_server::{WorkerService, WorkerServiceServer};
 use experiments::trial::{Progress, TrialConfig, TrialMetrics};
 use tokio::sync::{broadcast, mpsc, watch, Notify};
-use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
+use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::StreamExt;
 use tonic::service::interceptor::InterceptedService;
+use tonic::transport::server::TcpIncoming;
 use tonic::transport::Channel;
 use tonic::{Request, Response, Status, Streaming};
 use tonic_health::pb::health_server::{Health, HealthServer};
@@ -40,7 +41,7 @@ use tonic_health::ServingStatus;
 
 use crate::auth::RequireToken;
 use crate::scheduler::{Decision, Failure, SchedError, Scheduler, TrialSpec, TrialState};
-use crate::store::{NewTrial, Store, StoreError, TrialRow, WorkerInfo};
+use crate::store::{NewTrial, Scope, Store, StoreError, TrialDetails, TrialRow, WorkerInfo};
 
 /// Longest a `Lease` call is held open, whatever the worker asks for.
 pub const MAX_LEASE_WAIT: Duration = Duration::from_secs(30);
@@ -245,23 +246,23 @@ pub async fn serve_with_metrics(
         clock: opts.clock.clone(),
     });
     install_gauges(&metrics, &shared);
-    {
-        let mut inner = shared.lock();
-        let lost = decisions
-            .iter()
-            .filter(|d| matches!(d, Decision::Ended { .. }))
-            .count();
-        if lost > 0 {
-            tracing::info!(
-                requeued = lost,
-                "attempts of unknown workers lost in a restart"
-            );
-        }
-        shared
-            .apply(&mut inner, &decisions, shared.clock.wall_ms())
-            .map_err(status_to_anyhow)?;
-        shared.restore_tuner(&mut inner).map_err(status_to_anyhow)?;
-    }
+    shared
+        .locked(move |shared, inner| {
+            let lost = decisions
+                .iter()
+                .filter(|d| matches!(d, Decision::Ended { .. }))
+                .count();
+            if lost > 0 {
+                tracing::info!(
+                    requeued = lost,
+                    "attempts of unknown workers lost in a restart"
+                );
+            }
+            shared.apply(inner, &decisions, shared.clock.wall_ms())?;
+            shared.restore_tuner(inner)
+        })
+        .await
+        .map_err(status_to_anyhow)?;
     let addr = listener.local_addr().ok();
     tracing::info!(?addr, state_dir = %opts.state_dir.display(), "coordinator listening");
 
@@ -320,7 +321,7 @@ pub async fn serve_with_metrics(
             Some(tokio::spawn(
                 tonic::transport::Server::builder()
                     .add_service(svc)
-                    .serve_with_incoming_shutdown(TcpListenerStream::new(l), async move {
+                    .serve_with_incoming_shutdown(no_delay(l), async move {
                         let _ = stop.wait_for(|s| *s).await;
                     }),
             ))
@@ -373,7 +374,7 @@ pub async fn serve_with_metrics(
     let result = match tls {
         None => {
             router
-                .serve_with_incoming_shutdown(TcpListenerStream::new(listener), signal)
+                .serve_with_incoming_shutdown(no_delay(listener), signal)
                 .await
         }
         Some((acceptor, reload)) => {
@@ -407,6 +408,14 @@ const HEALTH_NAMES: [&str; 3] = [
 /// How often the store is probed for the health service, and how long a probe waits for it.
 const HEALTH_PERIOD: Duration = Duration::from_millis(500);
 const HEALTH_PROBE_WAIT: Duration = Duration::from_millis(250);
+
+/// Accepted connections with Nagle's algorithm off. `serve_with_incoming` does not apply the
+/// builder's `tcp_nodelay`, and with Nagle on a small response segment written behind an
+/// unacknowledged one waits for the client's delayed ACK: about 40 ms added to every
+/// lease/complete round trip on loopback.
+fn no_delay(listener: tokio::net::TcpListener) -> TcpIncoming {
+    TcpIncoming::from(listener).with_nodelay(Some(true))
+}
 
 async fn set_health(health: &tonic_health::server::HealthReporter, status: ServingStatus) {
     for name in HEALTH_NAMES {
@@ -572,6 +581,24 @@ impl Shared {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Run `f` with the lock held on one of tokio's blocking threads, so that SQLite calls (and
+    /// waiting for the lock behind them) never stall the runtime's workers. The lock spans the
+    /// whole of `f`: the scheduler decides, the store persists, and only then does the caller
+    /// answer, in the order the calls took the lock.
+    async fn locked<T, F>(self: &Arc<Self>, f: F) -> Result<T, Status>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Shared, &mut Inner) -> Result<T, Status> + Send + 'static,
+    {
+        let shared = self.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut inner = shared.lock();
+            f(&shared, &mut inner)
+        })
+        .await
+        .map_err(|e| Status::internal(format!("coordinator state task: {e}")))?
+    }
+
     /// Persist decisions, then announce state changes and wake lease waiters. A grid trial of a
     /// tuned arm that ended is passed to the tuner, whose arm decision (and confirm trials) is
     /// persisted in turn.
@@ -604,8 +631,9 @@ impl Shared {
                 wake |= *state == TrialState::Queued;
                 if seen.insert(trial_id.clone()) {
                     if let Ok(Some(row)) = inner.store.trial(trial_id) {
-                        let status = trial_status(&inner.store, &row);
-                        let _ = self.bus.send(Bus::Trial(Box::new(status)));
+                        if let Ok(status) = one_trial_status(&inner.store, &row) {
+                            let _ = self.bus.send(Bus::Trial(Box::new(status)));
+                        }
                     }
                 }
             }
@@ -762,21 +790,23 @@ async fn tick_loop(shared: Arc<Shared>) {
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         interval.tick().await;
-        let mut inner = shared.lock();
-        let decisions = inner.sched.tick(shared.clock.sched_ms());
-        if !decisions.is_empty() {
-            for d in &decisions {
-                if let Decision::Ended {
-                    trial_id, attempt, ..
-                } = d
-                {
-                    tracing::warn!(trial = %trial_id, attempt, "lease expired");
-                    shared.metrics.leases_expired(1);
+        let r = shared
+            .locked(|shared, inner| {
+                let decisions = inner.sched.tick(shared.clock.sched_ms());
+                for d in &decisions {
+                    if let Decision::Ended {
+                        trial_id, attempt, ..
+                    } = d
+                    {
+                        tracing::warn!(trial = %trial_id, attempt, "lease expired");
+                        shared.metrics.leases_expired(1);
+                    }
                 }
-            }
-            if let Err(e) = shared.apply(&mut inner, &decisions, shared.clock.wall_ms()) {
-                tracing::error!(cause = %e.message(), "could not persist expired leases");
-            }
+                shared.apply(inner, &decisions, shared.clock.wall_ms())
+            })
+            .await;
+        if let Err(e) = r {
+            tracing::error!(cause = %e.message(), "could not persist expired leases");
         }
     }
 }
@@ -989,21 +1019,17 @@ fn non_empty(field: &str, v: &str) -> Result<(), Status> {
     }
 }
 
-/// The status a user sees for one trial.
-fn trial_status(store: &Store, row: &TrialRow) -> pb::TrialStatus {
+/// The status a user sees for one trial, from its row and the details read for it.
+fn trial_status(d: &TrialDetails, row: &TrialRow) -> pb::TrialStatus {
     let worker = row
         .worker_id
         .as_deref()
         // A gang's attempt lists its members; rank 0 stands for it.
-        .and_then(|w| {
-            store
-                .worker(w.split(',').next().unwrap_or(w))
-                .ok()
-                .flatten()
-        });
+        .and_then(|w| d.workers.get(w.split(',').next().unwrap_or(w)));
     let progress =
-        store.latest_step_event(&row.id).ok().flatten().and_then(
-            |json| match serde_json::from_str::<Progress>(&json) {
+        d.latest_step
+            .get(&row.id)
+            .and_then(|json| match serde_json::from_str::<Progress>(json) {
                 Ok(Progress::Step {
                     step,
                     total,
@@ -1017,8 +1043,7 @@ fn trial_status(store: &Store, row: &TrialRow) -> pb::TrialStatus {
                     tokens_per_sec,
                 }),
                 _ => None,
-            },
-        );
+            });
     pb::TrialStatus {
         id: row.id.clone(),
         name: row.name.clone(),
@@ -1029,7 +1054,6 @@ fn trial_status(store: &Store, row: &TrialRow) -> pb::TrialStatus {
         failure_reason: row.failure_reason.clone(),
         failure_message: row.failure_message.clone(),
         worker_name: worker
-            .as_ref()
             .map(|w| {
                 let ranks = row
                     .worker_id
@@ -1043,27 +1067,31 @@ fn trial_status(store: &Store, row: &TrialRow) -> pb::TrialStatus {
             })
             .unwrap_or_default(),
         device_name: worker
-            .as_ref()
             .map(|w| w.info.device_name.clone())
             .unwrap_or_default(),
         started_unix_ms: row.started_ms.unwrap_or(0),
         finished_unix_ms: row.finished_ms.unwrap_or(0),
         progress,
         config_json: row.config_json.clone(),
-        attempt_costs: attempt_costs(store, &row.id),
+        attempt_costs: attempt_costs(d, &row.id),
         wait_reason: String::new(),
-        tune_json: tune_json(store, &row.id),
+        tune_json: tune_json(d, &row.id),
     }
 }
 
+/// The status of one trial, read from the store.
+fn one_trial_status(store: &Store, row: &TrialRow) -> Result<pb::TrialStatus, Status> {
+    let d = store
+        .trial_details(Scope::Trial(&row.id), row.worker_id.as_deref())
+        .map_err(store_status)?;
+    Ok(trial_status(&d, row))
+}
+
 /// The tuner's rung decisions about a trial as JSON (empty when it has none).
-fn tune_json(store: &Store, trial_id: &str) -> String {
-    let Ok(rungs) = store.rung_decisions(Some(trial_id)) else {
+fn tune_json(d: &TrialDetails, trial_id: &str) -> String {
+    let Some(rungs) = d.rungs.get(trial_id).filter(|r| !r.is_empty()) else {
         return String::new();
     };
-    if rungs.is_empty() {
-        return String::new();
-    }
     let list: Vec<serde_json::Value> = rungs
         .iter()
         .map(|d| {
@@ -1080,21 +1108,17 @@ fn tune_json(store: &Store, trial_id: &str) -> String {
 }
 
 /// Each attempt's span, devices and price, for the report's cost table.
-fn attempt_costs(store: &Store, trial_id: &str) -> Vec<pb::AttemptCost> {
-    let Ok(attempts) = store.attempts(trial_id) else {
+fn attempt_costs(d: &TrialDetails, trial_id: &str) -> Vec<pb::AttemptCost> {
+    let Some(attempts) = d.attempts.get(trial_id) else {
         return Vec::new();
     };
     attempts
-        .into_iter()
+        .iter()
         .map(|a| {
-            let members: Vec<_> = a
-                .worker_id
-                .split(',')
-                .map(|w| store.worker(w).ok().flatten())
-                .collect();
+            let members: Vec<_> = a.worker_id.split(',').map(|w| d.workers.get(w)).collect();
             pb::AttemptCost {
                 attempt: a.attempt,
-                outcome: a.outcome.unwrap_or_default(),
+                outcome: a.outcome.clone().unwrap_or_default(),
                 started_unix_ms: a.started_ms,
                 ended_unix_ms: a.ended_ms.unwrap_or(0),
                 devices: members.len() as u32,
@@ -1120,6 +1144,13 @@ fn sweep_snapshot(inner: &Inner, clock: &Clock, key: &str) -> Result<pb::GetResp
         .map_err(store_status)?
         .ok_or_else(|| Status::not_found(format!("no sweep with id or name {key:?}")))?;
     let trials = store.sweep_trials(&sweep.id).map_err(store_status)?;
+    // One query per table for the whole sweep, not several per trial.
+    let details = store
+        .trial_details(
+            Scope::Sweep(&sweep.id),
+            trials.iter().filter_map(|t| t.worker_id.as_deref()),
+        )
+        .map_err(store_status)?;
     let mut why = inner
         .sched
         .wait_reasons(trials.iter().map(|t| t.id.as_str()), clock.sched_ms());
@@ -1132,7 +1163,7 @@ fn sweep_snapshot(inner: &Inner, clock: &Clock, key: &str) -> Result<pb::GetResp
             .iter()
             .map(|t| pb::TrialStatus {
                 wait_reason: why.remove(&t.id).unwrap_or_default(),
-                ..trial_status(store, t)
+                ..trial_status(&details, t)
             })
             .collect(),
     })
@@ -1172,14 +1203,19 @@ impl WorkerService for WorkerApi {
                 0.0
             },
         };
-        let mut inner = self.0.lock();
-        let id = inner
-            .store
-            .register_worker(&info, self.0.clock.wall_ms())
-            .map_err(store_status)?;
-        inner.sched.register_worker(&id, &info.host);
-        self.0.metrics.worker_seen(&id);
-        tracing::info!(worker = %id, name = %info.name, host = %info.host, device = %info.device_name, "worker registered");
+        let id = self
+            .0
+            .locked(move |shared, inner| {
+                let id = inner
+                    .store
+                    .register_worker(&info, shared.clock.wall_ms())
+                    .map_err(store_status)?;
+                inner.sched.register_worker(&id, &info.host);
+                shared.metrics.worker_seen(&id);
+                tracing::info!(worker = %id, name = %info.name, host = %info.host, device = %info.device_name, "worker registered");
+                Ok(id)
+            })
+            .await?;
         Ok(Response::new(pb::RegisterResponse {
             worker_id: id,
             lease_ttl_ms: self.0.ttl_ms as u64,
@@ -1211,11 +1247,21 @@ impl WorkerService for WorkerApi {
             let notified = self.0.notify.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            if self.0.lock().drained.contains_key(&r.worker_id) {
+            let worker_id = r.worker_id.clone();
+            let got = self
+                .0
+                .locked(move |shared, inner| {
+                    if inner.drained.contains_key(&worker_id) {
+                        return Ok(Err(()));
+                    }
+                    try_lease(shared, inner, &worker_id).map(Ok)
+                })
+                .await?;
+            let Ok(got) = got else {
                 tracing::info!(worker = %r.worker_id, "drained worker asked for work: telling it to exit");
                 return none(true);
-            }
-            if let Some(lease) = self.try_lease(&r.worker_id)? {
+            };
+            if let Some(lease) = got {
                 waiting.leased = true;
                 return Ok(Response::new(pb::LeaseResponse {
                     lease: Some(lease),
@@ -1248,26 +1294,35 @@ impl WorkerService for WorkerApi {
             if r.post.len() > 4096 {
                 return Err(Status::invalid_argument("post: at most 4096 bytes"));
             }
-            let mut inner = self.0.lock();
-            inner
-                .sched
-                .post_rendezvous(&r.worker_id, &r.trial_id, r.attempt, r.post.clone())
-                .map_err(sched_status)?;
+            let (worker_id, trial_id, post) =
+                (r.worker_id.clone(), r.trial_id.clone(), r.post.clone());
+            self.0
+                .locked(move |_, inner| {
+                    inner
+                        .sched
+                        .post_rendezvous(&worker_id, &trial_id, r.attempt, post)
+                        .map_err(sched_status)
+                })
+                .await?;
             tracing::info!(trial = %r.trial_id, attempt = r.attempt, "gang rendezvous posted");
             return Ok(Response::new(pb::RendezvousResponse { blob: r.post }));
         }
         let until =
             tokio::time::Instant::now() + Duration::from_millis(r.wait_ms).min(MAX_LEASE_WAIT);
         loop {
-            {
-                let inner = self.0.lock();
-                let blob = inner
-                    .sched
-                    .rendezvous(&r.worker_id, &r.trial_id, r.attempt)
-                    .map_err(sched_status)?;
-                if let Some(b) = blob {
-                    return Ok(Response::new(pb::RendezvousResponse { blob: b.to_vec() }));
-                }
+            let (worker_id, trial_id) = (r.worker_id.clone(), r.trial_id.clone());
+            let blob = self
+                .0
+                .locked(move |_, inner| {
+                    Ok(inner
+                        .sched
+                        .rendezvous(&worker_id, &trial_id, r.attempt)
+                        .map_err(sched_status)?
+                        .map(|b| b.to_vec()))
+                })
+                .await?;
+            if let Some(blob) = blob {
+                return Ok(Response::new(pb::RendezvousResponse { blob }));
             }
             if tokio::time::Instant::now() >= until || self.0.stopping() {
                 return Ok(Response::new(pb::RendezvousResponse { blob: Vec::new() }));
@@ -1287,11 +1342,17 @@ impl WorkerService for WorkerApi {
             .map(|h| (h.trial_id, h.attempt))
             .collect();
         self.0.metrics.worker_seen(&r.worker_id);
-        let mut inner = self.0.lock();
-        let ans = inner
-            .sched
-            .heartbeat(&r.worker_id, &held, self.0.clock.sched_ms())
-            .map_err(sched_status)?;
+        let worker_id = r.worker_id;
+        let (ans, drain_checkpoint) = self
+            .0
+            .locked(move |shared, inner| {
+                let ans = inner
+                    .sched
+                    .heartbeat(&worker_id, &held, shared.clock.sched_ms())
+                    .map_err(sched_status)?;
+                Ok((ans, inner.drained.get(&worker_id) == Some(&true)))
+            })
+            .await?;
         let clock = &self.0.clock;
         Ok(Response::new(pb::HeartbeatResponse {
             renewed: ans
@@ -1308,7 +1369,7 @@ impl WorkerService for WorkerApi {
                 .into_iter()
                 .map(|(trial_id, attempt)| pb::HeldLease { trial_id, attempt })
                 .collect(),
-            drain_checkpoint: inner.drained.get(&r.worker_id) == Some(&true),
+            drain_checkpoint,
         }))
     }
 
@@ -1322,32 +1383,34 @@ impl WorkerService for WorkerApi {
             .map_err(|e| Status::invalid_argument(format!("progress_json: {e}")))?;
         // Stored in canonical form (tag first, no whitespace) so the store can find step events.
         let json = serde_json::to_string(&progress).expect("Progress serialises");
-        let mut inner = self.0.lock();
-        if !inner.sched.report(&r.trial_id, r.attempt) {
-            return Ok(Response::new(pb::ReportResponse { accepted: false }));
-        }
-        let fresh = inner
-            .store
-            .record_event(&r.trial_id, r.attempt, r.seq, &json, self.0.clock.wall_ms())
-            .map_err(store_status)?;
-        if fresh {
-            self.0.metrics.event_recorded();
-            let _ = self.0.bus.send(Bus::Progress(pb::TrialProgress {
-                trial_id: r.trial_id.clone(),
-                attempt: r.attempt,
-                progress_json: json,
-            }));
-        }
-        if let Progress::Eval { step, valid_loss } = progress {
-            if inner.tuner.knows(&r.trial_id) {
-                let now = self.0.clock.wall_ms();
-                let go_on = self
-                    .0
-                    .tune_rung(&mut inner, &r.trial_id, step, valid_loss, now)?;
-                return Ok(Response::new(pb::ReportResponse { accepted: go_on }));
-            }
-        }
-        Ok(Response::new(pb::ReportResponse { accepted: true }))
+        let accepted = self
+            .0
+            .locked(move |shared, inner| {
+                if !inner.sched.report(&r.trial_id, r.attempt) {
+                    return Ok(false);
+                }
+                let fresh = inner
+                    .store
+                    .record_event(&r.trial_id, r.attempt, r.seq, &json, shared.clock.wall_ms())
+                    .map_err(store_status)?;
+                if fresh {
+                    shared.metrics.event_recorded();
+                    let _ = shared.bus.send(Bus::Progress(pb::TrialProgress {
+                        trial_id: r.trial_id.clone(),
+                        attempt: r.attempt,
+                        progress_json: json,
+                    }));
+                }
+                if let Progress::Eval { step, valid_loss } = progress {
+                    if inner.tuner.knows(&r.trial_id) {
+                        let now = shared.clock.wall_ms();
+                        return shared.tune_rung(inner, &r.trial_id, step, valid_loss, now);
+                    }
+                }
+                Ok(true)
+            })
+            .await?;
+        Ok(Response::new(pb::ReportResponse { accepted }))
     }
 
     async fn complete(
@@ -1357,20 +1420,24 @@ impl WorkerService for WorkerApi {
         let r = req.into_inner();
         let metrics: TrialMetrics = serde_json::from_str(&r.metrics_json)
             .map_err(|e| Status::invalid_argument(format!("metrics_json: {e}")))?;
-        let mut inner = self.0.lock();
-        let decisions = inner.sched.complete(&r.trial_id, r.attempt, r.metrics_json);
-        let accepted = !decisions.is_empty();
-        self.0
-            .apply(&mut inner, &decisions, self.0.clock.wall_ms())?;
-        if accepted {
-            tracing::info!(trial = %r.trial_id, attempt = r.attempt, perplexity = metrics.perplexity, "trial finished");
-            // The final model is kept; the resumable checkpoint is no longer needed.
-            if let Err(e) = inner.store.delete_artifacts(&r.trial_id, "ckpt/") {
-                tracing::warn!(trial = %r.trial_id, cause = %e, "could not delete the checkpoint");
-            }
-        } else {
-            tracing::info!(trial = %r.trial_id, attempt = r.attempt, "stale completion ignored");
-        }
+        let accepted = self
+            .0
+            .locked(move |shared, inner| {
+                let decisions = inner.sched.complete(&r.trial_id, r.attempt, r.metrics_json);
+                let accepted = !decisions.is_empty();
+                shared.apply(inner, &decisions, shared.clock.wall_ms())?;
+                if accepted {
+                    tracing::info!(trial = %r.trial_id, attempt = r.attempt, perplexity = metrics.perplexity, "trial finished");
+                    // The final model is kept; the resumable checkpoint is no longer needed.
+                    if let Err(e) = inner.store.delete_artifacts(&r.trial_id, "ckpt/") {
+                        tracing::warn!(trial = %r.trial_id, cause = %e, "could not delete the checkpoint");
+                    }
+                } else {
+                    tracing::info!(trial = %r.trial_id, attempt = r.attempt, "stale completion ignored");
+                }
+                Ok(accepted)
+            })
+            .await?;
         Ok(Response::new(pb::CompleteResponse { accepted }))
     }
 
@@ -1390,11 +1457,14 @@ impl WorkerService for WorkerApi {
             preempted: r.preempted,
         };
         tracing::info!(trial = %r.trial_id, attempt = r.attempt, reason = %failure.reason, preempted = failure.preempted, "attempt failed");
-        let mut inner = self.0.lock();
-        let decisions = inner.sched.fail(&r.trial_id, r.attempt, failure);
-        let accepted = !decisions.is_empty();
-        self.0
-            .apply(&mut inner, &decisions, self.0.clock.wall_ms())?;
+        let accepted = self
+            .0
+            .locked(move |shared, inner| {
+                let decisions = inner.sched.fail(&r.trial_id, r.attempt, failure);
+                shared.apply(inner, &decisions, shared.clock.wall_ms())?;
+                Ok(!decisions.is_empty())
+            })
+            .await?;
         Ok(Response::new(pb::FailResponse { accepted }))
     }
 
@@ -1409,16 +1479,20 @@ impl WorkerService for WorkerApi {
             .ok_or_else(|| Status::invalid_argument("upload stream was empty"))??;
         let (trial_id, attempt, name) = (first.trial_id.clone(), first.attempt, first.name.clone());
         let mut writer = {
-            let inner = self.0.lock();
-            if !inner.sched.is_current(&trial_id, attempt) {
-                return Err(Status::failed_precondition(format!(
-                    "attempt {attempt} of trial {trial_id} does not own the trial"
-                )));
-            }
-            inner
-                .store
-                .artifact_writer(&trial_id, &name)
-                .map_err(store_status)?
+            let (trial_id, name) = (trial_id.clone(), name.clone());
+            self.0
+                .locked(move |_, inner| {
+                    if !inner.sched.is_current(&trial_id, attempt) {
+                        return Err(Status::failed_precondition(format!(
+                            "attempt {attempt} of trial {trial_id} does not own the trial"
+                        )));
+                    }
+                    inner
+                        .store
+                        .artifact_writer(&trial_id, &name)
+                        .map_err(store_status)
+                })
+                .await?
         };
         writer.write(&first.data).map_err(store_status)?;
         while let Some(chunk) = stream.next().await {
@@ -1432,18 +1506,24 @@ impl WorkerService for WorkerApi {
         // The stream may have taken longer than the lease: a stale attempt's late `ckpt/` upload
         // would replace the new attempt's checkpoint. Check ownership again under the lock that
         // puts the file in place, so no new attempt can start between the check and the rename.
-        let mut inner = self.0.lock();
-        if !inner.sched.is_current(&trial_id, attempt) {
-            return Err(Status::failed_precondition(format!(
-                "attempt {attempt} of trial {trial_id} lost the trial during its upload of {name}"
-            )));
-        }
-        let now = self.0.clock.wall_ms();
-        let row = inner
-            .store
-            .commit_artifact(&trial_id, sealed, now)
-            .map_err(store_status)?;
-        tracing::debug!(trial = %trial_id, name = %row.name, size = row.size, "artifact stored");
+        let row = self
+            .0
+            .locked(move |shared, inner| {
+                if !inner.sched.is_current(&trial_id, attempt) {
+                    return Err(Status::failed_precondition(format!(
+                        "attempt {attempt} of trial {trial_id} lost the trial during its upload of {name}"
+                    )));
+                }
+                let now = shared.clock.wall_ms();
+                let row = inner
+                    .store
+                    .commit_artifact(&trial_id, sealed, now)
+                    .map_err(store_status)?;
+                tracing::debug!(trial = %trial_id, name = %row.name, size = row.size, "artifact stored");
+                Ok(row)
+            })
+            .await?;
+
         Ok(Response::new(pb::UploadArtifactResponse {
             size: row.size,
             sha256: row.sha256,
@@ -1463,36 +1543,39 @@ impl WorkerService for WorkerApi {
         &self,
         req: Request<pb::ListArtifactsRequest>,
     ) -> Result<Response<pb::ListArtifactsResponse>, Status> {
-        list_artifacts(&self.0, req.into_inner())
+        list_artifacts(&self.0, req.into_inner()).await
     }
 }
 
 /// One stored artifact as a stream of chunks: the worker side (a base model, a checkpoint to
 /// resume) and the user side (`ablate export`) both read through here.
 async fn download_artifact(
-    shared: &Shared,
+    shared: &Arc<Shared>,
     r: pb::DownloadArtifactRequest,
 ) -> Result<Response<ChunkStream>, Status> {
-    let path = {
-        let inner = shared.lock();
-        let path = inner
-            .store
-            .artifact_path(&r.trial_id, &r.name)
-            .map_err(store_status)?;
-        let known = inner
-            .store
-            .artifacts(&r.trial_id, Some(&r.name))
-            .map_err(store_status)?
-            .into_iter()
-            .any(|a| a.name == r.name);
-        if !known {
-            return Err(Status::not_found(format!(
-                "trial {} has no artifact {}",
-                r.trial_id, r.name
-            )));
-        }
-        path
-    };
+    let (trial_id, name) = (r.trial_id.clone(), r.name.clone());
+    let path = shared
+        .locked(move |_, inner| {
+            let r = pb::DownloadArtifactRequest { trial_id, name };
+            let path = inner
+                .store
+                .artifact_path(&r.trial_id, &r.name)
+                .map_err(store_status)?;
+            let known = inner
+                .store
+                .artifacts(&r.trial_id, Some(&r.name))
+                .map_err(store_status)?
+                .into_iter()
+                .any(|a| a.name == r.name);
+            if !known {
+                return Err(Status::not_found(format!(
+                    "trial {} has no artifact {}",
+                    r.trial_id, r.name
+                )));
+            }
+            Ok(path)
+        })
+        .await?;
     let mut file = tokio::fs::File::open(&path)
         .await
         .map_err(|e| Status::internal(format!("{}: {e}", path.display())))?;
@@ -1536,15 +1619,18 @@ async fn download_artifact(
 }
 
 /// The stored artifacts of one trial (names, sizes, SHA-256).
-fn list_artifacts(
-    shared: &Shared,
+async fn list_artifacts(
+    shared: &Arc<Shared>,
     r: pb::ListArtifactsRequest,
 ) -> Result<Response<pb::ListArtifactsResponse>, Status> {
-    let inner = shared.lock();
-    let rows = inner
-        .store
-        .artifacts(&r.trial_id, None)
-        .map_err(store_status)?;
+    let rows = shared
+        .locked(move |_, inner| {
+            inner
+                .store
+                .artifacts(&r.trial_id, None)
+                .map_err(store_status)
+        })
+        .await?;
     Ok(Response::new(pb::ListArtifactsResponse {
         artifacts: rows
             .into_iter()
@@ -1572,43 +1658,45 @@ impl Drop for Waiting<'_> {
     }
 }
 
-impl WorkerApi {
-    fn try_lease(&self, worker_id: &str) -> Result<Option<pb::Lease>, Status> {
-        let mut inner = self.0.lock();
-        let clock = &self.0.clock;
-        let (grant, decisions) = inner
-            .sched
-            .lease(worker_id, clock.sched_ms())
-            .map_err(sched_status)?;
-        let Some(grant) = grant else { return Ok(None) };
-        self.0.apply(&mut inner, &decisions, clock.wall_ms())?;
-        let row = inner
-            .store
-            .trial(&grant.trial_id)
-            .map_err(store_status)?
-            .ok_or_else(|| {
-                Status::internal(format!("leased trial {} is not stored", grant.trial_id))
-            })?;
-        let resume = inner
-            .store
-            .artifacts(&grant.trial_id, Some("ckpt/"))
-            .map_err(store_status)?
-            .into_iter()
-            .map(|a| a.name)
-            .collect();
-        tracing::info!(trial = %grant.trial_id, attempt = grant.attempt, worker = %worker_id, "lease granted");
-        self.0.metrics.lease_granted();
-        Ok(Some(pb::Lease {
-            trial_id: grant.trial_id,
-            attempt: grant.attempt,
-            config_json: row.config_json,
-            base_trial_id: row.depends_on.unwrap_or_default(),
-            resume_artifacts: resume,
-            deadline_unix_ms: clock.shown(grant.deadline_ms),
-            rank: grant.rank,
-            world: grant.world,
-        }))
-    }
+/// One try at a lease for a worker, under the lock: granted, persisted, then answered.
+fn try_lease(
+    shared: &Shared,
+    inner: &mut Inner,
+    worker_id: &str,
+) -> Result<Option<pb::Lease>, Status> {
+    let clock = &shared.clock;
+    let (grant, decisions) = inner
+        .sched
+        .lease(worker_id, clock.sched_ms())
+        .map_err(sched_status)?;
+    let Some(grant) = grant else { return Ok(None) };
+    shared.apply(inner, &decisions, clock.wall_ms())?;
+    let row = inner
+        .store
+        .trial(&grant.trial_id)
+        .map_err(store_status)?
+        .ok_or_else(|| {
+            Status::internal(format!("leased trial {} is not stored", grant.trial_id))
+        })?;
+    let resume = inner
+        .store
+        .artifacts(&grant.trial_id, Some("ckpt/"))
+        .map_err(store_status)?
+        .into_iter()
+        .map(|a| a.name)
+        .collect();
+    tracing::info!(trial = %grant.trial_id, attempt = grant.attempt, worker = %worker_id, "lease granted");
+    shared.metrics.lease_granted();
+    Ok(Some(pb::Lease {
+        trial_id: grant.trial_id,
+        attempt: grant.attempt,
+        config_json: row.config_json,
+        base_trial_id: row.depends_on.unwrap_or_default(),
+        resume_artifacts: resume,
+        deadline_unix_ms: clock.shown(grant.deadline_ms),
+        rank: grant.rank,
+        world: grant.world,
+    }))
 }
 
 // ------------------------------------------------------------------------------- SweepService
@@ -1630,7 +1718,7 @@ impl SweepService for SweepApi {
         &self,
         req: Request<pb::ListArtifactsRequest>,
     ) -> Result<Response<pb::ListArtifactsResponse>, Status> {
-        list_artifacts(&self.0, req.into_inner())
+        list_artifacts(&self.0, req.into_inner()).await
     }
 
     async fn drain(
@@ -1639,41 +1727,50 @@ impl SweepService for SweepApi {
     ) -> Result<Response<pb::DrainResponse>, Status> {
         let r = req.into_inner();
         non_empty("worker_name", &r.worker_name)?;
-        let mut inner = self.0.lock();
-        let ids: Vec<String> = inner
-            .store
-            .workers()
-            .map_err(store_status)?
-            .into_iter()
-            .filter(|w| w.info.name == r.worker_name)
-            .map(|w| w.id)
-            .collect();
-        if ids.is_empty() {
-            return Err(Status::not_found(format!(
-                "worker_name: no worker named {:?} has registered with this coordinator \
+        let (worker_name, checkpoint) = (r.worker_name.clone(), r.checkpoint);
+        let (ids, running) = self
+            .0
+            .locked(move |_, inner| {
+                let r = pb::DrainRequest {
+                    worker_name,
+                    checkpoint,
+                };
+                let ids: Vec<String> = inner
+                    .store
+                    .workers()
+                    .map_err(store_status)?
+                    .into_iter()
+                    .filter(|w| w.info.name == r.worker_name)
+                    .map(|w| w.id)
+                    .collect();
+                if ids.is_empty() {
+                    return Err(Status::not_found(format!(
+                        "worker_name: no worker named {:?} has registered with this coordinator \
                  (ablate status lists the workers of running trials)",
-                r.worker_name
-            )));
-        }
-        for id in &ids {
-            *inner.drained.entry(id.clone()).or_insert(false) |= r.checkpoint;
-        }
-        let running: Vec<String> = inner
-            .store
-            .trials()
-            .map_err(store_status)?
-            .into_iter()
-            .filter(|t| inner.sched.state(&t.id) == Some(TrialState::Running))
-            .filter(|t| {
-                inner
-                    .sched
-                    .members(&t.id)
-                    .iter()
-                    .any(|m| ids.iter().any(|i| i == m))
+                        r.worker_name
+                    )));
+                }
+                for id in &ids {
+                    *inner.drained.entry(id.clone()).or_insert(false) |= r.checkpoint;
+                }
+                let running: Vec<String> = inner
+                    .store
+                    .trials()
+                    .map_err(store_status)?
+                    .into_iter()
+                    .filter(|t| inner.sched.state(&t.id) == Some(TrialState::Running))
+                    .filter(|t| {
+                        inner
+                            .sched
+                            .members(&t.id)
+                            .iter()
+                            .any(|m| ids.iter().any(|i| i == m))
+                    })
+                    .map(|t| t.id)
+                    .collect();
+                Ok((ids, running))
             })
-            .map(|t| t.id)
-            .collect();
-        drop(inner);
+            .await?;
         // Wake a drained worker's pending long-poll so that it hears at once.
         self.0.notify.notify_waiters();
         tracing::info!(worker = %r.worker_name, ids = ?ids, checkpoint = r.checkpoint, running = ?running, "worker drained");
@@ -1703,22 +1800,27 @@ impl SweepService for SweepApi {
             trials.push(NewTrial { id, config });
         }
         let now = self.0.clock.wall_ms();
-        let mut inner = self.0.lock();
-        let submitted = inner
-            .store
-            .submit(&r.sweep_name, &r.sweep_text, &trials, now)
-            .map_err(store_status)?;
-        let mut decisions = Vec::new();
-        for t in &trials {
-            inner.tuner.add(&t.id, &t.config);
-            decisions.extend(inner.sched.submit(TrialSpec {
-                id: t.id.clone(),
-                depends_on: t.config.depends_on().map(str::to_string),
-                cost: t.config.expected_cost(),
-                ranks: t.config.train.ranks,
-            }));
-        }
-        self.0.apply(&mut inner, &decisions, now)?;
+        let submitted = self
+            .0
+            .locked(move |shared, inner| {
+                let submitted = inner
+                    .store
+                    .submit(&r.sweep_name, &r.sweep_text, &trials, now)
+                    .map_err(store_status)?;
+                let mut decisions = Vec::new();
+                for t in &trials {
+                    inner.tuner.add(&t.id, &t.config);
+                    decisions.extend(inner.sched.submit(TrialSpec {
+                        id: t.id.clone(),
+                        depends_on: t.config.depends_on().map(str::to_string),
+                        cost: t.config.expected_cost(),
+                        ranks: t.config.train.ranks,
+                    }));
+                }
+                shared.apply(inner, &decisions, now)?;
+                Ok(submitted)
+            })
+            .await?;
         tracing::info!(sweep = %submitted.sweep_id, added = submitted.added.len(), present = submitted.already_present.len(), "sweep submitted");
         Ok(Response::new(pb::SubmitResponse {
             sweep_id: submitted.sweep_id,
@@ -1731,35 +1833,40 @@ impl SweepService for SweepApi {
         &self,
         _req: Request<pb::ListRequest>,
     ) -> Result<Response<pb::ListResponse>, Status> {
-        let inner = self.0.lock();
-        let mut sweeps = Vec::new();
-        for s in inner.store.sweeps().map_err(store_status)? {
-            let trials = inner.store.sweep_trials(&s.id).map_err(store_status)?;
-            let count = |st: TrialState| trials.iter().filter(|t| t.state == st).count() as u32;
-            sweeps.push(pb::SweepSummary {
-                sweep_id: s.id,
-                name: s.name,
-                created_unix_ms: s.created_ms,
-                trials: trials.len() as u32,
-                queued: count(TrialState::Queued) + count(TrialState::Waiting),
-                running: count(TrialState::Running),
-                finished: count(TrialState::Finished),
-                failed: count(TrialState::Failed),
-                cancelled: count(TrialState::Cancelled),
-                stopped: count(TrialState::Stopped),
-            });
-        }
+        let sweeps = self
+            .0
+            .locked(|_, inner| {
+                let mut sweeps = Vec::new();
+                for s in inner.store.sweeps().map_err(store_status)? {
+                    let trials = inner.store.sweep_trials(&s.id).map_err(store_status)?;
+                    let count =
+                        |st: TrialState| trials.iter().filter(|t| t.state == st).count() as u32;
+                    sweeps.push(pb::SweepSummary {
+                        sweep_id: s.id,
+                        name: s.name,
+                        created_unix_ms: s.created_ms,
+                        trials: trials.len() as u32,
+                        queued: count(TrialState::Queued) + count(TrialState::Waiting),
+                        running: count(TrialState::Running),
+                        finished: count(TrialState::Finished),
+                        failed: count(TrialState::Failed),
+                        cancelled: count(TrialState::Cancelled),
+                        stopped: count(TrialState::Stopped),
+                    });
+                }
+                Ok(sweeps)
+            })
+            .await?;
         Ok(Response::new(pb::ListResponse { sweeps }))
     }
 
     async fn get(&self, req: Request<pb::GetRequest>) -> Result<Response<pb::GetResponse>, Status> {
         let r = req.into_inner();
-        let inner = self.0.lock();
-        Ok(Response::new(sweep_snapshot(
-            &inner,
-            &self.0.clock,
-            &r.sweep,
-        )?))
+        let snap = self
+            .0
+            .locked(move |shared, inner| sweep_snapshot(inner, &shared.clock, &r.sweep))
+            .await?;
+        Ok(Response::new(snap))
     }
 
     type WatchStream = WatchStream;
@@ -1771,10 +1878,10 @@ impl SweepService for SweepApi {
         let key = req.into_inner().sweep;
         // Subscribe before the snapshot so nothing falls between them.
         let mut rx = self.0.bus.subscribe();
-        let snapshot = {
-            let inner = self.0.lock();
-            sweep_snapshot(&inner, &self.0.clock, &key)?
-        };
+        let snapshot = self
+            .0
+            .locked(move |shared, inner| sweep_snapshot(inner, &shared.clock, &key))
+            .await?;
         let ids: HashSet<String> = snapshot.trials.iter().map(|t| t.id.clone()).collect();
         let sweep_id = snapshot.sweep_id.clone();
         let (tx, out) = mpsc::channel(256);
@@ -1803,10 +1910,10 @@ impl SweepService for SweepApi {
                     Ok(_) => continue,
                     Err(broadcast::error::RecvError::Lagged(_)) => {
                         // Too slow to follow every event: send the whole picture again.
-                        let snap = {
-                            let inner = shared.lock();
-                            sweep_snapshot(&inner, &shared.clock, &sweep_id)
-                        };
+                        let id = sweep_id.clone();
+                        let snap = shared
+                            .locked(move |shared, inner| sweep_snapshot(inner, &shared.clock, &id))
+                            .await;
                         match snap {
                             Ok(s) => pb::watch_event::Event::Snapshot(s),
                             Err(e) => {
@@ -1830,43 +1937,47 @@ impl SweepService for SweepApi {
         req: Request<pb::CancelRequest>,
     ) -> Result<Response<pb::CancelResponse>, Status> {
         let r = req.into_inner();
-        let mut inner = self.0.lock();
-        let mut ids = Vec::new();
-        if !r.sweep.is_empty() {
-            let sweep = inner
-                .store
-                .find_sweep(&r.sweep)
-                .map_err(store_status)?
-                .ok_or_else(|| {
-                    Status::not_found(format!("no sweep with id or name {:?}", r.sweep))
-                })?;
-            ids.extend(
-                inner
-                    .store
-                    .sweep_trials(&sweep.id)
-                    .map_err(store_status)?
-                    .into_iter()
-                    .map(|t| t.id),
-            );
-        }
-        ids.extend(r.trial_ids);
-        // Validate every id before the scheduler changes anything: an error half way used to
-        // leave the first trials cancelled in memory but running in the store (and a restart
-        // revived them). Then decide, then persist.
-        if let Some(unknown) = ids.iter().find(|id| inner.sched.state(id).is_none()) {
-            return Err(sched_status(SchedError::UnknownTrial(unknown.clone())));
-        }
-        let mut decisions = Vec::new();
-        let mut cancelled = Vec::new();
-        for id in ids {
-            let ds = inner.sched.cancel(&id).map_err(sched_status)?;
-            if !ds.is_empty() {
-                cancelled.push(id);
-            }
-            decisions.extend(ds);
-        }
-        self.0
-            .apply(&mut inner, &decisions, self.0.clock.wall_ms())?;
+        let cancelled = self
+            .0
+            .locked(move |shared, inner| {
+                let mut ids = Vec::new();
+                if !r.sweep.is_empty() {
+                    let sweep = inner
+                        .store
+                        .find_sweep(&r.sweep)
+                        .map_err(store_status)?
+                        .ok_or_else(|| {
+                            Status::not_found(format!("no sweep with id or name {:?}", r.sweep))
+                        })?;
+                    ids.extend(
+                        inner
+                            .store
+                            .sweep_trials(&sweep.id)
+                            .map_err(store_status)?
+                            .into_iter()
+                            .map(|t| t.id),
+                    );
+                }
+                ids.extend(r.trial_ids);
+                // Validate every id before the scheduler changes anything: an error half way used to
+                // leave the first trials cancelled in memory but running in the store (and a restart
+                // revived them). Then decide, then persist.
+                if let Some(unknown) = ids.iter().find(|id| inner.sched.state(id).is_none()) {
+                    return Err(sched_status(SchedError::UnknownTrial(unknown.clone())));
+                }
+                let mut decisions = Vec::new();
+                let mut cancelled = Vec::new();
+                for id in ids {
+                    let ds = inner.sched.cancel(&id).map_err(sched_status)?;
+                    if !ds.is_empty() {
+                        cancelled.push(id);
+                    }
+                    decisions.extend(ds);
+                }
+                shared.apply(inner, &decisions, shared.clock.wall_ms())?;
+                Ok(cancelled)
+            })
+            .await?;
         tracing::info!(n = cancelled.len(), "trials cancelled");
         Ok(Response::new(pb::CancelResponse { cancelled }))
     }
@@ -1876,16 +1987,20 @@ impl SweepService for SweepApi {
         req: Request<pb::EventsRequest>,
     ) -> Result<Response<pb::EventsResponse>, Status> {
         let r = req.into_inner();
-        let inner = self.0.lock();
-        if inner
-            .store
-            .trial(&r.trial_id)
-            .map_err(store_status)?
-            .is_none()
-        {
-            return Err(Status::not_found(format!("unknown trial {}", r.trial_id)));
-        }
-        let events = inner.store.events(&r.trial_id).map_err(store_status)?;
+        let events = self
+            .0
+            .locked(move |_, inner| {
+                if inner
+                    .store
+                    .trial(&r.trial_id)
+                    .map_err(store_status)?
+                    .is_none()
+                {
+                    return Err(Status::not_found(format!("unknown trial {}", r.trial_id)));
+                }
+                inner.store.events(&r.trial_id).map_err(store_status)
+            })
+            .await?;
         Ok(Response::new(pb::EventsResponse {
             events: events
                 .into_iter()

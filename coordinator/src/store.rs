@@ -11,6 +11,7 @@
 //! The store is synchronous (rusqlite); the server serialises access behind one mutex, which is
 //! plenty for a few dozen workers reporting a few times per second.
 
+use std::collections::HashMap;
 use std::fs;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -691,18 +692,7 @@ impl Store {
             )
             .map_err(|e| self.db(e))?;
         let rows = st
-            .query_map(params![trial_id], |r| {
-                let verdict: String = r.get(4)?;
-                Ok(crate::tune::RungDecision {
-                    trial_id: r.get(0)?,
-                    rung: r.get::<_, i64>(1)? as usize,
-                    step: r.get::<_, i64>(2)? as u64,
-                    loss: r.get::<_, Option<f64>>(3)?.unwrap_or(f64::NAN),
-                    verdict: crate::tune::Verdict::parse(&verdict)
-                        .unwrap_or(crate::tune::Verdict::Continue),
-                    detail: r.get(5)?,
-                })
-            })
+            .query_map(params![trial_id], rung_row)
             .map_err(|e| self.db(e))?;
         rows.collect::<rusqlite::Result<Vec<_>>>()
             .map_err(|e| self.db(e))
@@ -1011,6 +1001,147 @@ impl Store {
             .filter(|a| prefix.is_none_or(|p| a.name.starts_with(p)))
             .collect())
     }
+}
+
+/// Which trials [`Store::trial_details`] reads for.
+#[derive(Clone, Copy, Debug)]
+pub enum Scope<'a> {
+    /// Every trial of a sweep.
+    Sweep(&'a str),
+    /// One trial.
+    Trial(&'a str),
+}
+
+/// What a status table needs about trials beyond their rows, read with one query per table
+/// (attempts, latest step events, rung decisions, workers) rather than several per trial.
+#[derive(Clone, Debug, Default)]
+pub struct TrialDetails {
+    /// Attempts of each trial, in attempt order.
+    pub attempts: HashMap<String, Vec<AttemptRow>>,
+    /// The latest `step` progress event of each trial that has one (JSON).
+    pub latest_step: HashMap<String, String>,
+    /// The tuner's rung decisions about each trial, in the order they were taken.
+    pub rungs: HashMap<String, Vec<crate::tune::RungDecision>>,
+    /// The workers named by the trials' rows and attempts.
+    pub workers: HashMap<String, WorkerRow>,
+}
+
+impl Store {
+    /// The attempts, latest step events, rung decisions and workers of the trials in `scope`.
+    /// `worker_ids` are worker ids (a gang's are joined with commas) to read besides those the
+    /// attempts name, such as the trial rows' current workers.
+    pub fn trial_details<'a>(
+        &self,
+        scope: Scope<'_>,
+        worker_ids: impl IntoIterator<Item = &'a str>,
+    ) -> Result<TrialDetails> {
+        let db = |e| self.db(e);
+        let (sweep, trial) = match scope {
+            Scope::Sweep(s) => (Some(s), None),
+            Scope::Trial(t) => (None, Some(t)),
+        };
+        const IDS: &str = "WITH ids(trial_id) AS (
+                SELECT trial_id FROM sweep_trials WHERE sweep_id = ?1
+                UNION SELECT ?2 WHERE ?2 IS NOT NULL)";
+        let mut d = TrialDetails::default();
+        let mut st = self
+            .conn
+            .prepare_cached(&format!(
+                "{IDS} SELECT a.trial_id, a.attempt, a.worker_id, a.started_ms, a.ended_ms,
+                 a.outcome, a.reason, a.message
+                 FROM attempts a JOIN ids ON ids.trial_id = a.trial_id
+                 ORDER BY a.trial_id, a.attempt"
+            ))
+            .map_err(db)?;
+        let rows = st
+            .query_map(params![sweep, trial], |r| {
+                Ok(AttemptRow {
+                    trial_id: r.get(0)?,
+                    attempt: r.get(1)?,
+                    worker_id: r.get(2)?,
+                    started_ms: r.get(3)?,
+                    ended_ms: r.get(4)?,
+                    outcome: r.get(5)?,
+                    reason: r.get(6)?,
+                    message: r.get(7)?,
+                })
+            })
+            .map_err(db)?;
+        for a in rows {
+            let a = a.map_err(db)?;
+            d.attempts.entry(a.trial_id.clone()).or_default().push(a);
+        }
+        let mut st = self
+            .conn
+            .prepare_cached(&format!(
+                "{IDS} SELECT ids.trial_id, (SELECT e.json FROM events e
+                     WHERE e.trial_id = ids.trial_id AND e.json LIKE '{{\"kind\":\"step\"%'
+                     ORDER BY e.attempt DESC, e.seq DESC LIMIT 1)
+                 FROM ids"
+            ))
+            .map_err(db)?;
+        let rows = st
+            .query_map(params![sweep, trial], |r| {
+                Ok((r.get::<_, String>(0)?, r.get::<_, Option<String>>(1)?))
+            })
+            .map_err(db)?;
+        for row in rows {
+            if let (id, Some(json)) = row.map_err(db)? {
+                d.latest_step.insert(id, json);
+            }
+        }
+        let mut st = self
+            .conn
+            .prepare_cached(&format!(
+                "{IDS} SELECT r.trial_id, r.rung, r.step, r.loss, r.verdict, r.detail
+                 FROM tune_rungs r JOIN ids ON ids.trial_id = r.trial_id ORDER BY r.rowid"
+            ))
+            .map_err(db)?;
+        let rows = st.query_map(params![sweep, trial], rung_row).map_err(db)?;
+        for r in rows {
+            let r = r.map_err(db)?;
+            d.rungs.entry(r.trial_id.clone()).or_default().push(r);
+        }
+        let mut wanted: Vec<&str> = worker_ids.into_iter().flat_map(|w| w.split(',')).collect();
+        wanted.extend(
+            d.attempts
+                .values()
+                .flatten()
+                .flat_map(|a| a.worker_id.split(',')),
+        );
+        wanted.retain(|w| !w.is_empty());
+        wanted.sort_unstable();
+        wanted.dedup();
+        if !wanted.is_empty() {
+            let list = serde_json::to_string(&wanted).expect("strings serialise");
+            let mut st = self
+                .conn
+                .prepare_cached(
+                    "SELECT id, name, host, device_kind, device_name, memory_bytes, registered_ms,
+                     price_per_hour FROM workers WHERE id IN (SELECT value FROM json_each(?1))",
+                )
+                .map_err(db)?;
+            let rows = st
+                .query_map([list], worker_row)
+                .map_err(db)?
+                .collect::<rusqlite::Result<Vec<_>>>()
+                .map_err(db)?;
+            d.workers = rows.into_iter().map(|w| (w.id.clone(), w)).collect();
+        }
+        Ok(d)
+    }
+}
+
+fn rung_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<crate::tune::RungDecision> {
+    let verdict: String = r.get(4)?;
+    Ok(crate::tune::RungDecision {
+        trial_id: r.get(0)?,
+        rung: r.get::<_, i64>(1)? as usize,
+        step: r.get::<_, i64>(2)? as u64,
+        loss: r.get::<_, Option<f64>>(3)?.unwrap_or(f64::NAN),
+        verdict: crate::tune::Verdict::parse(&verdict).unwrap_or(crate::tune::Verdict::Continue),
+        detail: r.get(5)?,
+    })
 }
 
 fn worker_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<WorkerRow> {

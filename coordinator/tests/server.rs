@@ -1389,3 +1389,87 @@ async fn the_tuner_stops_at_rungs_confirms_the_winner_and_its_decisions_survive_
     assert_eq!(get(&mut admin).await.trials.len(), 4);
     server.shutdown().await;
 }
+
+/// One trial's round of calls on a loopback connection costs milliseconds, not the 40 ms of a
+/// delayed ACK: the accepted sockets have Nagle's algorithm off (a small response segment
+/// written behind an unacknowledged one used to wait for the peer's delayed ACK, which made
+/// every lease of the `overhead` example ~45 ms slower than its work).
+#[tokio::test]
+async fn back_to_back_calls_do_not_wait_for_delayed_acks() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), Duration::from_secs(30)).await;
+    let mut admin = server.admin().await;
+    let mut w = server.worker().await;
+    let wid = register(&mut w, "quick").await;
+    let trials: Vec<TrialConfig> = (0..20)
+        .map(|i| config(&format!("t{i}"), Base::HfDir { path: "/m".into() }, 1))
+        .collect();
+    let sub = admin
+        .submit(pb::SubmitRequest {
+            sweep_name: "quick".into(),
+            sweep_text: String::new(),
+            trials: trials.iter().map(submitted).collect(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let metrics = "{\"perplexity\":1.0,\"valid_loss\":0,\"valid_tokens\":0,\"train_tokens\":0,\"steps\":1,\"trainable_params\":0,\"total_params\":0,\"final_train_loss\":null,\"wall_seconds\":0}";
+    let mut rounds = Vec::new();
+    for _ in 0..trials.len() {
+        let t0 = std::time::Instant::now();
+        let l = lease(&mut w, &wid, 1000).await.expect("a queued trial");
+        w.report(pb::ReportRequest {
+            trial_id: l.trial_id.clone(),
+            attempt: l.attempt,
+            seq: 0,
+            progress_json: step_json(1),
+        })
+        .await
+        .unwrap();
+        let done = w
+            .complete(pb::CompleteRequest {
+                trial_id: l.trial_id.clone(),
+                attempt: l.attempt,
+                metrics_json: metrics.into(),
+            })
+            .await
+            .unwrap();
+        assert!(done.into_inner().accepted);
+        admin
+            .get(pb::GetRequest {
+                sweep: sub.sweep_id.clone(),
+            })
+            .await
+            .unwrap();
+        rounds.push(t0.elapsed());
+    }
+    // The status read for the whole sweep at once says what the per-trial reads said.
+    let snap = admin
+        .get(pb::GetRequest {
+            sweep: sub.sweep_id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(snap.trials.len(), trials.len());
+    for t in &snap.trials {
+        assert_eq!(
+            (t.state.as_str(), t.worker_name.as_str()),
+            ("finished", "quick")
+        );
+        assert_eq!(t.device_name, "cpu");
+        assert_eq!(t.progress.as_ref().map(|p| p.step), Some(1), "{}", t.id);
+        assert_eq!(t.attempt_costs.len(), 1, "{}", t.id);
+        assert_eq!(t.attempt_costs[0].device_kind, "cpu");
+        assert_eq!(t.attempt_costs[0].devices, 1);
+        assert!(t.tune_json.is_empty());
+    }
+    rounds.sort();
+    let median = rounds[rounds.len() / 2];
+    assert!(
+        median < Duration::from_millis(30),
+        "lease + report + complete + get took {median:?} (median of {}): sockets wait for delayed ACKs?",
+        rounds.len()
+    );
+    server.shutdown().await;
+}
