@@ -5,11 +5,14 @@
 //! `ablate-worker` processes (one per visible GPU, or a few CPU workers), submits, shows progress,
 //! writes the report and prints the summary table. Workers are real child processes talking gRPC
 //! to the embedded server — the same path a multi-machine deployment takes — so a crash in one
-//! trial cannot take the sweep down, and a worker that dies is restarted (a bounded number of
-//! times) while its lease re-queues the trial.
+//! trial cannot take the sweep down, and a worker that dies is restarted while its lease re-queues
+//! the trial, by the same rule as `ablate-worker --all-gpus` ([`experiments::supervise`]: growing
+//! delays, at most `--max-restarts` in a row, never after the coordinator refused it).
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+
+use experiments::supervise::{Event, Policy, Standing, Supervisor};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _};
@@ -119,7 +122,6 @@ async fn drive(
 
     let mut snapshot = client.get(&outcome.sweep_id).await?;
     let mut interrupted = false;
-    let mut workers: Vec<WorkerProc> = Vec::new();
     let mut failure: Option<anyhow::Error> = None;
     if !snapshot.all_terminal() {
         let env = WorkerEnv {
@@ -137,9 +139,12 @@ async fn drive(
             },
             out.join("workers").display()
         );
-        for spec in plan {
-            workers.push(WorkerProc::spawn(spec, &env)?);
-        }
+        let mut spawn = |_: usize, spec: &WorkerSpec| spawn_worker(spec, &env);
+        let policy = Policy {
+            refused_code: i32::from(ablate_proto::EXIT_CONFIG),
+            ..Policy::new(args.max_restarts)
+        };
+        let mut workers = Supervisor::start(policy, plan, &mut spawn)?;
         let mut view = ProgressView::new(&sweep.name);
         let mut ticker = tokio::time::interval(Duration::from_millis(500));
         let mut signal = std::pin::pin!(crate::cli::shutdown_signal());
@@ -172,20 +177,23 @@ async fn drive(
                     }
                 }
             }
-            if let Err(e) = supervise(&mut workers, &env, args.max_restarts, &mut view) {
-                failure = Some(e);
-                break;
-            }
-            if workers.iter().all(|w| w.child.is_none()) {
+            let events = workers.poll(Instant::now(), &mut spawn);
+            report_events(&workers, events, &mut view);
+            if let Standing::AllGone { refused } = workers.standing() {
                 failure = Some(anyhow::anyhow!(
-                    "every worker exited and used up its restarts; see the logs in {}",
+                    "every worker {}; see the logs in {}",
+                    if refused {
+                        "was refused by the coordinator"
+                    } else {
+                        "kept exiting and was given up"
+                    },
                     out.join("workers").display()
                 ));
                 break;
             }
         }
         view.finish();
-        stop_all(&mut workers, STOP_GRACE).await;
+        stop_all(&mut workers, &env, STOP_GRACE).await;
     }
 
     // Write the report even after a failure or an interrupt: it shows what did finish.
@@ -222,65 +230,69 @@ async fn drive(
     Ok(0)
 }
 
-/// Restart workers that exited on their own, each at most `max_restarts` times.
-fn supervise(
-    workers: &mut [WorkerProc],
-    env: &WorkerEnv,
-    max_restarts: u32,
+/// Tell the user what the supervisor did.
+fn report_events(
+    workers: &Supervisor<WorkerSpec>,
+    events: Vec<Event<anyhow::Error>>,
     view: &mut ProgressView,
-) -> anyhow::Result<()> {
-    for w in workers.iter_mut() {
-        let Some(status) = w.exited() else { continue };
-        if w.restarts < max_restarts {
-            view.println(&format!(
-                "worker {} exited ({status}); restarting ({}/{max_restarts}), its trial is re-queued when the lease expires",
-                w.spec.name,
-                w.restarts + 1
-            ));
-            w.respawn(env)?;
-        } else {
-            view.println(&format!(
-                "worker {} exited ({status}) and was restarted {max_restarts} times already; see {}",
-                w.spec.name,
-                w.spec.log.display()
-            ));
-        }
+) {
+    let spec = |i: usize| &workers.members()[i].spec;
+    let max = workers.policy().max_in_a_row;
+    for event in events {
+        let line = match event {
+            Event::Restarting {
+                index,
+                status,
+                delay,
+                in_a_row,
+            } => format!(
+                "worker {} exited ({status}); restarting in {} s ({in_a_row}/{max} in a row), its trial is re-queued when the lease expires",
+                spec(index).name,
+                delay.as_secs()
+            ),
+            Event::Drained { index } => {
+                format!("worker {} exited 0 (drained); starting it again", spec(index).name)
+            }
+            Event::Refused { index, status } => format!(
+                "worker {} was refused by the coordinator ({status}); not restarting it, see {}",
+                spec(index).name,
+                spec(index).log.display()
+            ),
+            Event::GaveUp { index, status, .. } => format!(
+                "worker {} exited ({status}) after {max} restarts in a row; giving it up, see {}",
+                spec(index).name,
+                spec(index).log.display()
+            ),
+            Event::Restarted { .. } => continue,
+            Event::RestartFailed {
+                index,
+                error,
+                retry_in,
+            } => format!(
+                "restarting worker {} failed: {error:#}; trying again in {} s",
+                spec(index).name,
+                retry_in.as_secs()
+            ),
+        };
+        view.println(&line);
     }
-    Ok(())
 }
 
 /// SIGTERM every worker at once, then wait for all of them up to `grace`, then SIGKILL.
-async fn stop_all(workers: &mut [WorkerProc], grace: Duration) {
-    for w in workers.iter() {
-        if let Some(c) = &w.child {
-            terminate(c);
-        }
-    }
+async fn stop_all(workers: &mut Supervisor<WorkerSpec>, env: &WorkerEnv, grace: Duration) {
+    workers.stop();
+    workers.signal(libc::SIGTERM);
     let deadline = Instant::now() + grace;
+    let mut spawn = |_: usize, spec: &WorkerSpec| spawn_worker(spec, env);
     loop {
-        let mut alive = 0;
-        for w in workers.iter_mut() {
-            if let Some(c) = &mut w.child {
-                match c.try_wait() {
-                    Ok(Some(_)) | Err(_) => w.child = None,
-                    Ok(None) => alive += 1,
-                }
-            }
-        }
-        if alive == 0 {
-            return;
-        }
-        if Instant::now() >= deadline {
+        // Stopped: this only reaps the workers that exited.
+        let _ = workers.poll(Instant::now(), &mut spawn);
+        if workers.running() == 0 || Instant::now() >= deadline {
             break;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    for w in workers.iter_mut() {
-        if let Some(mut c) = w.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
+    workers.kill_all();
 }
 
 /// Connect to the embedded server (already bound, so this normally succeeds at once).
@@ -433,14 +445,6 @@ pub fn plan_workers(
     }
 }
 
-/// A running local worker and its restart budget.
-pub struct WorkerProc {
-    pub spec: WorkerSpec,
-    pub child: Option<Child>,
-    pub restarts: u32,
-    pub started: Instant,
-}
-
 /// What `ablate-worker` needs to reach the embedded coordinator.
 #[derive(Clone, Debug)]
 pub struct WorkerEnv {
@@ -448,65 +452,6 @@ pub struct WorkerEnv {
     pub coordinator: String,
     pub token_file: Option<PathBuf>,
     pub cache: Option<PathBuf>,
-}
-
-impl WorkerProc {
-    pub fn spawn(spec: WorkerSpec, env: &WorkerEnv) -> anyhow::Result<WorkerProc> {
-        let child = spawn_worker(&spec, env)?;
-        Ok(WorkerProc {
-            spec,
-            child: Some(child),
-            restarts: 0,
-            started: Instant::now(),
-        })
-    }
-
-    pub fn respawn(&mut self, env: &WorkerEnv) -> anyhow::Result<()> {
-        self.child = Some(spawn_worker(&self.spec, env)?);
-        self.restarts += 1;
-        self.started = Instant::now();
-        Ok(())
-    }
-
-    /// The exit status if the child has exited (and reaps it).
-    pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
-        let child = self.child.as_mut()?;
-        match child.try_wait() {
-            Ok(Some(status)) => {
-                self.child = None;
-                Some(status)
-            }
-            _ => None,
-        }
-    }
-
-    /// SIGTERM (the worker checkpoints and reports the attempt as preempted), then SIGKILL after
-    /// `grace`.
-    pub fn stop(&mut self, grace: Duration) {
-        let Some(mut child) = self.child.take() else {
-            return;
-        };
-        terminate(&child);
-        let deadline = Instant::now() + grace;
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let _ = child.kill();
-        let _ = child.wait();
-    }
-}
-
-fn terminate(child: &Child) {
-    #[cfg(unix)]
-    // SAFETY: kill(2) on the pid of a child we own and have not reaped yet.
-    unsafe {
-        libc::kill(child.id() as libc::pid_t, libc::SIGTERM);
-    }
-    #[cfg(not(unix))]
-    let _ = child;
 }
 
 /// The environment a worker process gets beyond ours: its thread count, and for a GPU worker the
@@ -552,26 +497,9 @@ fn spawn_worker(spec: &WorkerSpec, env: &WorkerEnv) -> anyhow::Result<Child> {
         cmd.arg("--cache").arg(c);
     }
     cmd.envs(worker_env(spec));
-    // Own process group: a Ctrl-C in the terminal reaches `ablate run` only, which then stops the
-    // workers in order (SIGTERM → checkpoint → exit) instead of racing them.
-    #[cfg(unix)]
-    {
-        use std::os::unix::process::CommandExt;
-        cmd.process_group(0);
-    }
-    // If `ablate run` itself is killed (SIGKILL, OOM), take the workers with it rather than
-    // leaving them retrying a coordinator that is gone.
-    #[cfg(target_os = "linux")]
-    {
-        use std::os::unix::process::CommandExt;
-        // SAFETY: prctl is async-signal-safe and touches only the child's own attributes.
-        unsafe {
-            cmd.pre_exec(|| {
-                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
-                Ok(())
-            });
-        }
-    }
+    // Its own process group (a Ctrl-C reaches `ablate run` only, which then stops the workers in
+    // order: SIGTERM → checkpoint → exit), and it dies with `ablate run` if that is killed.
+    experiments::supervise::isolate(&mut cmd);
     cmd.spawn()
         .with_context(|| format!("starting {}", env.bin.display()))
 }

@@ -154,6 +154,72 @@ fn run_with_a_missing_worker_binary_says_so() {
     );
 }
 
+/// `ablate run` keeps its local workers by the same rule as `ablate-worker --all-gpus`
+/// (`experiments::supervise`): a worker that keeps crashing is restarted after growing delays up
+/// to `--max-restarts` in a row and then given up; one the coordinator refused (exit 78) is not
+/// restarted at all; when every worker is gone the run fails and says why. The workers are a
+/// script standing in for a broken `ablate-worker` build: worker local-1 is refused, local-0
+/// crashes.
+#[test]
+fn run_restarts_a_crashing_worker_with_backoff_gives_it_up_and_never_restarts_a_refused_one() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let bin = dir.path().join("broken-worker");
+    let starts = dir.path().join("starts");
+    std::fs::write(
+        &bin,
+        format!(
+            "#!/bin/sh\necho \"$*\" >> {}\ncase \"$*\" in *local-1*) exit 78;; esac\nexit 3\n",
+            starts.display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let t0 = Instant::now();
+    let out = ablate(&[
+        "run",
+        quickstart().to_str().unwrap(),
+        "--out",
+        dir.path().join("out").to_str().unwrap(),
+        "--worker-bin",
+        bin.to_str().unwrap(),
+        "--workers",
+        "2",
+        "--max-restarts",
+        "2",
+    ]);
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("worker local-0 exited (exit status: 3); restarting in 1 s (1/2 in a row)"),
+        "{err}"
+    );
+    assert!(err.contains("restarting in 2 s (2/2 in a row)"), "{err}");
+    assert!(
+        err.contains(
+            "worker local-0 exited (exit status: 3) after 2 restarts in a row; giving it up"
+        ),
+        "{err}"
+    );
+    assert!(
+        err.contains("worker local-1 was refused by the coordinator"),
+        "{err}"
+    );
+    assert!(
+        err.contains("every worker kept exiting and was given up"),
+        "{err}"
+    );
+    let starts = std::fs::read_to_string(&starts).unwrap();
+    assert_eq!(starts.matches("local-0").count(), 3, "{starts}");
+    assert_eq!(
+        starts.matches("local-1").count(),
+        1,
+        "refused once, never restarted: {starts}"
+    );
+    // 1 s + 2 s of backoff, not a tight loop and not minutes.
+    assert!(t0.elapsed() >= Duration::from_secs(3), "{:?}", t0.elapsed());
+    assert!(t0.elapsed() < Duration::from_secs(30), "{:?}", t0.elapsed());
+}
 #[test]
 fn serve_refuses_a_public_address_without_tokens() {
     let dir = tempfile::tempdir().unwrap();

@@ -1,13 +1,15 @@
 //! `experiments`: the ML and the experiment vocabulary of ablate, with no networking.
 //!
 //! Without the default `ml` feature only the vocabulary is compiled ([`trial`], [`spec`],
-//! [`error`], and [`gpus`], which finds GPUs without linking CUDA), which is what the coordinator depends on: it validates and expands sweep files but
+//! [`error`], [`gpus`], which finds GPUs without linking CUDA, and [`supervise`], the restart rule
+//! for worker processes), which is what the coordinator depends on: it validates and expands sweep files but
 //! never links candle. With `ml`: the model families (GPT-2, Llama) behind one seam, the fused ops
 //! and the manual CPU backward, the data pipeline, methods, training and evaluation.
 
 pub mod error;
 pub mod gpus;
 pub mod spec;
+pub mod supervise;
 pub mod trial;
 
 #[cfg(feature = "ml")]

@@ -105,7 +105,8 @@ pub struct RunArgs {
     /// The ablate-worker binary (default: next to this executable, then PATH).
     #[arg(long, env = "ABLATE_WORKER_BIN")]
     pub worker_bin: Option<PathBuf>,
-    /// How often a worker that died unexpectedly is restarted, per worker.
+    /// Restarts in a row (1 s, 2 s, 4 s … apart) after which a local worker that keeps exiting is
+    /// given up; a worker that ran five minutes starts a fresh count.
     #[arg(long, default_value_t = 3)]
     pub max_restarts: u32,
 }
