@@ -264,7 +264,11 @@ pub async fn serve_metrics(
         tokio::spawn(async move {
             let answer = tokio::time::timeout(Duration::from_secs(5), async {
                 let head = read_head(&mut sock).await?;
-                let response = respond(&head, &metrics);
+                // Rendering reads the store's gauges (SQLite, under the coordinator's lock): on a
+                // blocking thread, so a scrape never stalls the runtime that serves gRPC.
+                let response = tokio::task::spawn_blocking(move || respond(&head, &metrics))
+                    .await
+                    .map_err(std::io::Error::other)?;
                 sock.write_all(response.as_bytes()).await?;
                 sock.shutdown().await
             })

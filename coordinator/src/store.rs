@@ -149,6 +149,14 @@ pub struct Store {
     db_path: PathBuf,
 }
 
+/// What [`Store::counts`] returns.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct StoreCounts {
+    pub trials_by_state: std::collections::BTreeMap<String, u64>,
+    pub workers: u64,
+    pub sweeps: u64,
+}
+
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS sweeps (
     id TEXT PRIMARY KEY,
@@ -413,6 +421,37 @@ impl Store {
             sweep_id,
             added,
             already_present: already,
+        })
+    }
+
+    /// How many trials are in each state (by [`TrialState::as_str`]), and how many workers and sweeps
+    /// the store holds: three counting queries, whatever the size of the store (the metrics
+    /// endpoint asks at every scrape).
+    pub fn counts(&self) -> Result<StoreCounts> {
+        let db = |e| self.db(e);
+        let mut st = self
+            .conn
+            .prepare("SELECT state, COUNT(*) FROM trials GROUP BY state")
+            .map_err(db)?;
+        let trials_by_state = st
+            .query_map([], |r| {
+                Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)? as u64))
+            })
+            .map_err(db)?
+            .collect::<rusqlite::Result<_>>()
+            .map_err(db)?;
+        let count = |table: &str| -> Result<u64> {
+            self.conn
+                .query_row(&format!("SELECT COUNT(*) FROM {table}"), [], |r| {
+                    r.get::<_, i64>(0)
+                })
+                .map(|n| n as u64)
+                .map_err(db)
+        };
+        Ok(StoreCounts {
+            trials_by_state,
+            workers: count("workers")?,
+            sweeps: count("sweeps")?,
         })
     }
 

@@ -96,6 +96,21 @@ fn submit_is_idempotent_and_trials_are_shared_between_sweeps() {
     assert_eq!(row.depends_on.as_deref(), Some(a.id.as_str()));
     assert_eq!(row.method, "freeze");
     assert_eq!(row.state, TrialState::Waiting);
+    // What the metrics endpoint reads at each scrape: counts, agreeing with the rows.
+    let counts = store.counts().unwrap();
+    assert_eq!(counts.sweeps, 2);
+    assert_eq!(counts.workers, 0);
+    let by_state: std::collections::BTreeMap<String, u64> =
+        store
+            .trials()
+            .unwrap()
+            .iter()
+            .fold(Default::default(), |mut m, t| {
+                *m.entry(t.state.as_str().to_string()).or_default() += 1;
+                m
+            });
+    assert_eq!(counts.trials_by_state, by_state);
+    assert_eq!(counts.trials_by_state.get("waiting"), Some(&2), "{counts:?}");
     assert!(
         store.submit(" ", "t", &[], 4).is_err(),
         "empty sweep name is rejected"

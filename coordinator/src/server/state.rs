@@ -43,14 +43,11 @@ pub(super) fn install_gauges(metrics: &crate::metrics::Metrics, shared: &Arc<Sha
         let Some(shared) = weak.upgrade() else {
             return g;
         };
-        let inner = shared.lock();
-        for t in inner.store.trials().unwrap_or_default() {
-            *g.trials_by_state
-                .entry(t.state.as_str().to_string())
-                .or_default() += 1;
-        }
-        g.workers_registered = inner.store.workers().map_or(0, |w| w.len() as u64);
-        g.sweeps = inner.store.sweeps().map_or(0, |s| s.len() as u64);
+        // Called on a blocking thread (the metrics endpoint's scrape), never on the runtime's.
+        let counts = shared.lock().store.counts().unwrap_or_default();
+        g.trials_by_state = counts.trials_by_state;
+        g.workers_registered = counts.workers;
+        g.sweeps = counts.sweeps;
         g
     });
 }
