@@ -204,8 +204,8 @@ async fn drive(
         .await
         .context("writing the report")?;
     print!("{}", crate::report::to_terminal_table(&rows));
-    if let Some(t) = crate::report_tune::tuning(&snapshot.records(Some(&local))) {
-        println!("{}", crate::report_tune::tokens_line(&t));
+    if let Some(t) = crate::report::tune::tuning(&snapshot.records(Some(&local))) {
+        println!("{}", crate::report::tune::tokens_line(&t));
     }
     use std::io::Write as _;
     let _ = std::io::stdout().flush();

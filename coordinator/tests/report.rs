@@ -4,12 +4,12 @@
 
 use std::path::Path;
 
+use coordinator::report::files::{write_full_report, write_report};
 use coordinator::report::{
     aggregate_csv, aggregate_markdown, aggregate_rows, curves_csv, is_done, mean_std, samples_md,
     summary_rows, to_csv, to_json, to_markdown, to_terminal_table, ReportMeta, SummaryRow,
     TrialEvents, TrialRecord, CSV_COLUMNS,
 };
-use coordinator::report_files::{write_full_report, write_report};
 use experiments::trial::{Progress, TrialConfig, TrialMetrics};
 
 fn quickstart() -> Vec<TrialConfig> {

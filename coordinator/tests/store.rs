@@ -110,7 +110,11 @@ fn submit_is_idempotent_and_trials_are_shared_between_sweeps() {
                 m
             });
     assert_eq!(counts.trials_by_state, by_state);
-    assert_eq!(counts.trials_by_state.get("waiting"), Some(&2), "{counts:?}");
+    assert_eq!(
+        counts.trials_by_state.get("waiting"),
+        Some(&2),
+        "{counts:?}"
+    );
     assert!(
         store.submit(" ", "t", &[], 4).is_err(),
         "empty sweep name is rejected"

@@ -12,8 +12,8 @@
 use std::path::PathBuf;
 use std::process::Command;
 
+use coordinator::report::files::write_full_report;
 use coordinator::report::{ReportMeta, TrialEvents, TrialRecord};
-use coordinator::report_files::write_full_report;
 use coordinator::tensorboard::dir_name;
 use experiments::trial::{Progress, TrialConfig, TrialMetrics};
 use serde_json::Value;

@@ -15,7 +15,7 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use coordinator::tune::{ArmDecision, Ended, RungDecision, Tuner, Verdict};
+use coordinator::scheduler::tune::{ArmDecision, Ended, RungDecision, Tuner, Verdict};
 use experiments::trial::*;
 
 fn base_config() -> TrialConfig {

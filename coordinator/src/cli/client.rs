@@ -42,7 +42,7 @@ pub struct TrialView {
     /// Why a queued or waiting trial does not run yet (the coordinator's words).
     pub wait_reason: Option<String>,
     /// The tuner's rung decisions (`[tune]` sweeps).
-    pub tune_rungs: Vec<crate::report_tune::TuneRung>,
+    pub tune_rungs: Vec<crate::report::tune::TuneRung>,
 }
 
 impl TrialView {
@@ -219,7 +219,7 @@ fn trial_view(t: pb::TrialStatus) -> anyhow::Result<TrialView> {
         started_ms: (t.started_unix_ms > 0).then_some(t.started_unix_ms),
         finished_ms: (t.finished_unix_ms > 0).then_some(t.finished_unix_ms),
         wait_reason: opt(t.wait_reason),
-        tune_rungs: crate::report_tune::parse_tune_json(&t.tune_json),
+        tune_rungs: crate::report::tune::parse_tune_json(&t.tune_json),
         attempt_spans: t
             .attempt_costs
             .into_iter()

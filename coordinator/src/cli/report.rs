@@ -37,7 +37,7 @@ pub async fn write_sweep_report(
         sweep_text: sweep.text.clone(),
         generated_ms: crate::report::now_ms(),
     };
-    crate::report_files::write_full_report(out, &meta, &sweep.records(local), &events)
+    crate::report::files::write_full_report(out, &meta, &sweep.records(local), &events)
 }
 
 /// `ablate report`.
@@ -46,8 +46,8 @@ pub async fn report(args: ReportArgs) -> anyhow::Result<()> {
     let sweep = client.get(&args.sweep).await?;
     let rows = write_sweep_report(&mut client, &sweep, None, &args.out).await?;
     print!("{}", crate::report::to_terminal_table(&rows));
-    if let Some(t) = crate::report_tune::tuning(&sweep.records(None)) {
-        println!("{}", crate::report_tune::tokens_line(&t));
+    if let Some(t) = crate::report::tune::tuning(&sweep.records(None)) {
+        println!("{}", crate::report::tune::tokens_line(&t));
     }
     eprintln!(
         "report written to {} (open {} in a browser)",

@@ -12,7 +12,7 @@ pub(super) struct Inner {
     /// new id and is not drained.
     pub(super) drained: std::collections::HashMap<String, bool>,
     /// The tuner of `[tune]` sweeps, rebuilt from the store's decisions on start.
-    pub(super) tuner: crate::tune::Tuner,
+    pub(super) tuner: crate::scheduler::tune::Tuner,
 }
 
 /// Messages for `Watch` streams.
@@ -145,10 +145,10 @@ impl Shared {
                     .and_then(|r| r.metrics_json)
                     .and_then(|j| serde_json::from_str::<TrialMetrics>(&j).ok())
                     .map_or(f64::NAN, |m| m.valid_loss);
-                crate::tune::Ended::Finished { valid_loss: loss }
+                crate::scheduler::tune::Ended::Finished { valid_loss: loss }
             }
-            TrialState::Cancelled => crate::tune::Ended::Cancelled,
-            _ => crate::tune::Ended::Out,
+            TrialState::Cancelled => crate::scheduler::tune::Ended::Cancelled,
+            _ => crate::scheduler::tune::Ended::Out,
         };
         let Some(arm) = inner.tuner.ended(trial_id, how) else {
             return Ok(());
@@ -198,7 +198,7 @@ impl Shared {
         };
         inner.store.record_rung(&d, now).map_err(store_status)?;
         tracing::info!(trial = %trial_id, rung = d.rung, step, loss, verdict = d.verdict.as_str(), detail = %d.detail, "tuner decided");
-        if d.verdict == crate::tune::Verdict::Continue {
+        if d.verdict == crate::scheduler::tune::Verdict::Continue {
             return Ok(true);
         }
         self.stop_trial(inner, &d, now)?;
@@ -208,7 +208,7 @@ impl Shared {
     pub(super) fn stop_trial(
         &self,
         inner: &mut Inner,
-        d: &crate::tune::RungDecision,
+        d: &crate::scheduler::tune::RungDecision,
         now: i64,
     ) -> Result<(), Status> {
         let message = format!(
@@ -243,7 +243,7 @@ impl Shared {
         let now = self.clock.wall_ms();
         for d in rungs
             .iter()
-            .filter(|d| d.verdict == crate::tune::Verdict::Stop)
+            .filter(|d| d.verdict == crate::scheduler::tune::Verdict::Stop)
         {
             if inner
                 .sched

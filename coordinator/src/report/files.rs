@@ -1,5 +1,5 @@
 //! Writing a report directory: every format of [`crate::report`], the HTML page of
-//! [`crate::html`] and the TensorBoard logs of [`crate::tensorboard`], from the same
+//! [`crate::report::html`] and the TensorBoard logs of [`crate::tensorboard`], from the same
 //! [`SummaryRow`]s. The only part of the report that touches the filesystem; it sits above the
 //! format modules so that none of them imports another's caller (`html` reads `report`'s rows,
 //! `report` knows nothing of `html`).
@@ -38,13 +38,13 @@ pub fn write_full_report(
     events: &[TrialEvents],
 ) -> anyhow::Result<Vec<SummaryRow>> {
     let mut rows = summary_rows(records);
-    crate::report_tune::mark_chosen(&mut rows, records);
-    let tuning = crate::report_tune::tuning(records);
+    crate::report::tune::mark_chosen(&mut rows, records);
+    let tuning = crate::report::tune::tuning(records);
     // A tuned sweep is ranked by its confirmed results only: each arm's chosen setting over
     // its confirm seeds (the other grid points are the search, shown in the tuning section).
     let aggregate = match &tuning {
         Some(_) => {
-            let mut rows = aggregate_rows(&crate::report_tune::confirmed_records(records));
+            let mut rows = aggregate_rows(&crate::report::tune::confirmed_records(records));
             // Ranked: lowest mean perplexity first (arms without a result last).
             rows.sort_by(|a, b| {
                 let p = |r: &AggregateRow| r.perplexity_mean.unwrap_or(f64::INFINITY);
@@ -63,7 +63,7 @@ pub fn write_full_report(
     };
     let mut md = to_markdown(&rows);
     if let Some(t) = &tuning {
-        md.push_str(&crate::report_tune::tuning_markdown(t));
+        md.push_str(&crate::report::tune::tuning_markdown(t));
         write(
             "tuning.json",
             serde_json::to_string_pretty(t).expect("tuning serialises") + "\n",
@@ -96,7 +96,7 @@ pub fn write_full_report(
     }
     write(
         "report.html",
-        crate::html::report_html(meta, records, &rows, &aggregate, events),
+        crate::report::html::report_html(meta, records, &rows, &aggregate, events),
     )?;
     crate::tensorboard::write_tensorboard(dir, records, events)?;
     Ok(rows)

@@ -701,7 +701,11 @@ impl Store {
 
     /// Record the tuner's decision about a trial at a rung, before it is acted on. A decision
     /// already stored for that (trial, rung) is kept: decisions are final.
-    pub fn record_rung(&mut self, d: &crate::tune::RungDecision, now_ms: i64) -> Result<()> {
+    pub fn record_rung(
+        &mut self,
+        d: &crate::scheduler::tune::RungDecision,
+        now_ms: i64,
+    ) -> Result<()> {
         self.conn
             .execute(
                 "INSERT OR IGNORE INTO tune_rungs (trial_id, rung, step, loss, verdict, detail, decided_ms)
@@ -722,7 +726,10 @@ impl Store {
     }
 
     /// The tuner's rung decisions, in the order they were taken (of one trial, or all).
-    pub fn rung_decisions(&self, trial_id: Option<&str>) -> Result<Vec<crate::tune::RungDecision>> {
+    pub fn rung_decisions(
+        &self,
+        trial_id: Option<&str>,
+    ) -> Result<Vec<crate::scheduler::tune::RungDecision>> {
         let mut st = self
             .conn
             .prepare(
@@ -738,7 +745,11 @@ impl Store {
     }
 
     /// Record that an arm was decided (after its confirm trials were added).
-    pub fn record_arm(&mut self, d: &crate::tune::ArmDecision, now_ms: i64) -> Result<()> {
+    pub fn record_arm(
+        &mut self,
+        d: &crate::scheduler::tune::ArmDecision,
+        now_ms: i64,
+    ) -> Result<()> {
         self.conn
             .execute(
                 "INSERT OR IGNORE INTO tune_arms (arm_key, arm, best_trial, detail, decided_ms)
@@ -1060,7 +1071,7 @@ pub struct TrialDetails {
     /// The latest `step` progress event of each trial that has one (JSON).
     pub latest_step: HashMap<String, String>,
     /// The tuner's rung decisions about each trial, in the order they were taken.
-    pub rungs: HashMap<String, Vec<crate::tune::RungDecision>>,
+    pub rungs: HashMap<String, Vec<crate::scheduler::tune::RungDecision>>,
     /// The workers named by the trials' rows and attempts.
     pub workers: HashMap<String, WorkerRow>,
 }
@@ -1171,14 +1182,15 @@ impl Store {
     }
 }
 
-fn rung_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<crate::tune::RungDecision> {
+fn rung_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<crate::scheduler::tune::RungDecision> {
     let verdict: String = r.get(4)?;
-    Ok(crate::tune::RungDecision {
+    Ok(crate::scheduler::tune::RungDecision {
         trial_id: r.get(0)?,
         rung: r.get::<_, i64>(1)? as usize,
         step: r.get::<_, i64>(2)? as u64,
         loss: r.get::<_, Option<f64>>(3)?.unwrap_or(f64::NAN),
-        verdict: crate::tune::Verdict::parse(&verdict).unwrap_or(crate::tune::Verdict::Continue),
+        verdict: crate::scheduler::tune::Verdict::parse(&verdict)
+            .unwrap_or(crate::scheduler::tune::Verdict::Continue),
         detail: r.get(5)?,
     })
 }

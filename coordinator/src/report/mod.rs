@@ -4,19 +4,25 @@
 //! The report reads only what the coordinator stored (through `Get` and `Events`), never a
 //! worker's disk, so `ablate report` on another machine gives the same files as `ablate run`.
 //! Everything here is a pure function over plain structs ([`TrialRecord`] in, [`SummaryRow`] and
-//! strings out) so the formats can be tested without a server; [`crate::report_files`] writes
-//! them, with the HTML page ([`crate::html`]) and TensorBoard logs, to disk.
+//! strings out) so the formats can be tested without a server; [`files`] writes
+//! them, with the HTML page ([`html`], its charts in [`plots`]) and TensorBoard logs, to disk;
+//! [`stats`] holds the paired bootstrap intervals and [`tune`] the tuning table.
 //!
 //! Machine formats (CSV, JSON) carry full-precision numbers; the human formats (Markdown, the
 //! stdout table) round perplexity to two decimals. Both come from the same [`SummaryRow`], so they
 //! cannot disagree beyond that rounding.
+
+pub mod files;
+pub mod html;
+pub mod plots;
+pub mod stats;
+pub mod tune;
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
 use experiments::trial::{Base, Method, Progress, TrialConfig, TrialMetrics};
 
-use crate::report_stats as stats;
 use crate::scheduler::TrialState;
 use serde::Serialize;
 

@@ -12,7 +12,7 @@ use std::fmt::Write as _;
 
 use experiments::trial::Progress;
 
-use crate::plots::{self, Curve};
+use super::plots::{self, Curve};
 use crate::report::{
     fmt_ci, fmt_mean_std, human_count, human_duration, is_done, losses_by_step, trial_state,
     vs_best_mark, AggregateRow, ReportMeta, SummaryRow, TrialEvents, TrialRecord,
@@ -504,11 +504,11 @@ fn trials_section(out: &mut String, rows: &[SummaryRow], records: &[TrialRecord]
 /// The whole page.
 /// Each tuned arm's grid: the validation loss at every rung (the arm's learning-rate curve), how
 /// each point ended, and the tokens it trained.
-fn tuning_table(out: &mut String, t: &crate::report_tune::Tuning) {
+fn tuning_table(out: &mut String, t: &crate::report::tune::Tuning) {
     let _ = writeln!(
         out,
         "<p class=\"muted\">{}.</p>",
-        esc(&crate::report_tune::tokens_line(t))
+        esc(&crate::report::tune::tokens_line(t))
     );
     out.push_str(
         "<table><thead><tr><th>arm</th><th>lr</th><th>losses at the rungs (step: loss)</th>\
@@ -613,7 +613,7 @@ pub fn report_html(
          seen: training tokens.</p>\n",
     );
     summary_table(&mut out, rows);
-    let tuning = crate::report_tune::tuning(records);
+    let tuning = crate::report::tune::tuning(records);
     if let Some(t) = &tuning {
         out.push_str("<h2 id=\"tuning\">Tuning</h2>\n");
         tuning_table(&mut out, t);

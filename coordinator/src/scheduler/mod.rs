@@ -2,7 +2,8 @@
 //!
 //! It never touches a socket, a file or the clock. The server feeds it events (a trial submitted, a
 //! lease request, a heartbeat, a report, a completion or failure, a cancel, a clock tick with the
-//! current time in Unix milliseconds) and applies the [`Decision`]s it returns to the store, exactly
+//! current time in milliseconds of a monotonic clock: the server never feeds it wall time, so a
+//! clock step cannot expire leases) and applies the [`Decision`]s it returns to the store, exactly
 //! like toydb's raft node is driven by `step` and `tick`. That keeps every scheduling rule testable
 //! with explicit times and no gRPC:
 //!
@@ -33,6 +34,9 @@
 //!   spending budget.
 //!
 //! [`TrialConfig::expected_cost`]: experiments::trial::TrialConfig::expected_cost
+
+/// ASHA and median stopping for `[tune]` sweeps: the tuning rungs, as pure as the rest.
+pub mod tune;
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet};
