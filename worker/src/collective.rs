@@ -242,7 +242,7 @@ pub use nccl::NcclGroup;
 mod nccl {
     //! Gradients averaged on the GPUs with NCCL (one communicator per trial attempt).
     use std::collections::BTreeMap;
-    use std::sync::Arc;
+    use std::sync::{Mutex, MutexGuard};
 
     use candle_core::backend::BackendStorage;
     use candle_core::cuda_backend::cudarc::nccl::{Comm, Id, ReduceOp};
@@ -253,13 +253,33 @@ mod nccl {
 
     const PREFIX: &[u8] = b"nccl ";
 
+    /// One rank's NCCL communicator. `GradSync` needs `Send + Sync`; cudarc's `Comm` is neither
+    /// (it holds NCCL's raw `ncclComm_t`). NCCL lets a communicator be used from any thread but
+    /// not from two at once, so the communicator sits behind a mutex that every collective takes
+    /// for its whole duration: `Sync` follows from the `Mutex`, and the only promise made by hand
+    /// is that the communicator may move to another thread ([`SendComm`]).
     pub struct NcclGroup {
-        comm: Arc<Comm>,
+        comm: Mutex<SendComm>,
+        rank: usize,
+        world: usize,
     }
 
-    // The communicator is used from the training thread only, one collective at a time.
-    unsafe impl Send for NcclGroup {}
-    unsafe impl Sync for NcclGroup {}
+    /// A communicator that may be moved to (and dropped on) another thread.
+    struct SendComm(Comm);
+
+    // SAFETY: `ncclComm_t` is not tied to the thread that created it: NCCL's rule is only that
+    // calls on one communicator are not made concurrently, which the `Mutex` in `NcclGroup`
+    // (the only owner) guarantees. The other fields of `Comm` are an `Arc<CudaStream>` (Send and
+    // Sync in cudarc) and two integers; `Drop` calls ncclCommAbort, which any thread may call.
+    unsafe impl Send for SendComm {}
+
+    impl NcclGroup {
+        fn comm(&self) -> MutexGuard<'_, SendComm> {
+            // A collective that panicked leaves the communicator as NCCL left it; the next call
+            // reports NCCL's error, so go on rather than poisoning every later step.
+            self.comm.lock().unwrap_or_else(|e| e.into_inner())
+        }
+    }
 
     impl NcclGroup {
         /// Rank 0: a fresh NCCL unique id (this process hosts NCCL's bootstrap) and its blob.
@@ -293,7 +313,9 @@ mod nccl {
             let comm = Comm::from_rank(dev.cuda_stream(), rank, world, id)
                 .map_err(|e| Error::Other(format!("ncclCommInitRank: {e:?}")))?;
             Ok(NcclGroup {
-                comm: Arc::new(comm),
+                comm: Mutex::new(SendComm(comm)),
+                rank,
+                world,
             })
         }
     }
@@ -324,6 +346,8 @@ mod nccl {
             };
             let src = s.as_cuda_slice::<f32>()?.slice(start..end);
             let dev = s.device().clone();
+            // SAFETY: `alloc` leaves the buffer uninitialised; ncclAllReduce writes all `n`
+            // elements of it before anything reads it (an error returns before the wrap).
             let mut dst = unsafe { dev.alloc::<f32>(n) }?;
             self.0
                 .all_reduce(&src, &mut dst, &ReduceOp::Avg)
@@ -334,11 +358,11 @@ mod nccl {
 
     impl GradSync for NcclGroup {
         fn rank(&self) -> usize {
-            self.comm.rank()
+            self.rank
         }
 
         fn world(&self) -> usize {
-            self.comm.world_size()
+            self.world
         }
 
         fn all_reduce_mean(
@@ -346,7 +370,10 @@ mod nccl {
             grads: &mut BTreeMap<String, Tensor>,
             loss: &mut f64,
         ) -> Result<()> {
-            let op = AllReduceAvg(&self.comm);
+            // Held for every tensor of the step: one collective at a time, in the same order
+            // on every rank.
+            let comm = self.comm();
+            let op = AllReduceAvg(&comm.0);
             for g in grads.values_mut() {
                 let dtype = g.dtype();
                 let f = g.to_dtype(candle_core::DType::F32)?.contiguous()?;
