@@ -70,6 +70,7 @@ impl Server {
 
     /// SIGTERM and wait: the server must exit cleanly and soon.
     fn terminate(mut self) -> std::process::ExitStatus {
+        // SAFETY: kill(2) on the pid of our own child, not reaped before the wait below.
         unsafe {
             libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM);
         }
