@@ -403,22 +403,27 @@ fn reference_python() -> PathBuf {
                 .join("bin/python")
         });
     let ok = Command::new(&py)
-        .args(["-c", "import grpc, grpc_health.v1, grpc_reflection.v1alpha"])
+        .args([
+            "-c",
+            "import grpc, grpc_health.v1, grpc_reflection.v1alpha, grpc_tools.protoc",
+        ])
         .status()
         .map(|s| s.success())
         .unwrap_or(false);
     assert!(
         ok,
-        "no Python with grpcio, grpcio-health-checking and grpcio-reflection at {} (run `bash \
-         scripts/pyenv.sh`, or set ABLATE_PYTHON)",
+        "no Python with grpcio, grpcio-tools, grpcio-health-checking and grpcio-reflection at {} \
+         (run `bash scripts/pyenv.sh`, or set ABLATE_PYTHON)",
         py.display()
     );
     py
 }
 
-/// Python's grpcio (another gRPC implementation, no stubs from ablate.proto) lists the services
-/// by reflection, checks health without a token, and calls SweepService.List with the admin
-/// token from the reflected descriptors (and is refused without it).
+/// Python's grpcio (another gRPC implementation) against a real `ablate serve`: lists the
+/// services by reflection, checks health without a token, calls SweepService.List with the admin
+/// token from the reflected descriptors (and is refused without it); then, with stubs grpcio-tools
+/// generates from proto/ablate.proto, finds the served schema equal to the file's, lists and gets
+/// the sweep, resubmits its trials (nothing added) and cancels an unknown sweep (NOT_FOUND).
 #[test]
 fn python_grpc_client_uses_reflection_health_and_the_admin_api() {
     let py = reference_python();
@@ -450,6 +455,7 @@ fn python_grpc_client_uses_reflection_health_and_the_admin_api() {
         .arg(&script)
         .arg(server.url.trim_start_matches("http://"))
         .arg("ad-py-4c5b6a")
+        .arg("quickstart")
         .output()
         .unwrap();
     assert!(
@@ -479,6 +485,36 @@ fn python_grpc_client_uses_reflection_health_and_the_admin_api() {
     }
     assert_eq!(got["sweeps"], serde_json::json!(["quickstart"]), "{got}");
     assert_eq!(got["anonymous_list"], "UNAUTHENTICATED", "{got}");
+    assert_eq!(got["unknown_health"], "NOT_FOUND", "{got}");
+    // The stubs from proto/ablate.proto: the same schema as served, and the same sweep.
+    assert_eq!(got["schema_mismatch"], serde_json::json!([]), "{got}");
+    assert_eq!(
+        got["stub_sweeps"],
+        serde_json::json!(["quickstart"]),
+        "{got}"
+    );
+    let planned = experiments::spec::load_sweep(&quickstart()).unwrap().trials;
+    let trials = got["stub_trials"].as_array().unwrap();
+    assert_eq!(trials.len(), planned.len(), "{got}");
+    for t in &planned {
+        let seen = trials
+            .iter()
+            .find(|s| s["id"] == t.id().as_str())
+            .unwrap_or_else(|| panic!("{} ({}) not in {got}", t.name, t.id()));
+        assert_eq!(seen["name"], t.name.as_str(), "{got}");
+        assert_eq!(seen["method"], t.method.family(), "{got}");
+        assert!(
+            ["queued", "waiting"].contains(&seen["state"].as_str().unwrap()),
+            "no worker yet: {got}"
+        );
+    }
+    // Resubmitting the sweep's own trials through the stubs: the same sweep, nothing new.
+    assert_eq!(got["resubmit_sweep_id"], got["get_sweep_id"], "{got}");
+    assert_eq!(got["resubmit_added"], serde_json::json!([]), "{got}");
+    let mut ids: Vec<String> = planned.iter().map(|t| t.id()).collect();
+    ids.sort();
+    assert_eq!(got["resubmit_present"], serde_json::json!(ids), "{got}");
+    assert_eq!(got["cancel_unknown"], "NOT_FOUND", "{got}");
     assert!(server.terminate().success());
 }
 
