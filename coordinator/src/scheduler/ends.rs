@@ -55,42 +55,36 @@ impl Scheduler {
 
     /// Cancel a trial that has not ended. Returns no decisions when it already ended.
     pub fn cancel(&mut self, trial_id: &str) -> Result<Vec<Decision>, SchedError> {
-        let t = self
-            .trials
-            .get(trial_id)
-            .ok_or_else(|| SchedError::UnknownTrial(trial_id.to_string()))?;
-        let mut out = Vec::new();
-        if t.state.is_terminal() {
-            return Ok(out);
-        }
-        let held = !self.trials[trial_id].lease.is_empty();
-        let attempt = self.trials[trial_id].attempts;
-        if held {
-            self.end_lease(trial_id);
-            out.push(Decision::Ended {
-                trial_id: trial_id.to_string(),
-                attempt,
-                outcome: AttemptOutcome::Cancelled,
-                reason: "cancelled".into(),
-                message: "cancelled by the user".into(),
-                metrics_json: None,
-            });
-        }
-        self.set_state(
+        self.end_early(
             trial_id,
+            AttemptOutcome::Cancelled,
             TrialState::Cancelled,
-            "cancelled",
             "cancelled by the user",
-            &mut out,
-        );
-        self.cancel_dependants(trial_id, &mut out);
-        Ok(out)
+        )
     }
 
     /// The tuner stopped the trial at a rung: its running attempt ends (the worker is told at its
     /// next report or heartbeat) and the trial ends `stopped`, with `message` saying where and why.
     /// Trials that start from it are cancelled. A trial already ended is left as it is.
     pub fn stop(&mut self, trial_id: &str, message: &str) -> Result<Vec<Decision>, SchedError> {
+        self.end_early(
+            trial_id,
+            AttemptOutcome::Stopped,
+            TrialState::Stopped,
+            message,
+        )
+    }
+
+    /// End a trial that has not ended from outside (the user, the tuner): its running attempt
+    /// ends with `outcome`, the trial takes `state` (whose name is also the reason), and the
+    /// trials that start from it are cancelled. No decisions when it already ended.
+    fn end_early(
+        &mut self,
+        trial_id: &str,
+        outcome: AttemptOutcome,
+        state: TrialState,
+        message: &str,
+    ) -> Result<Vec<Decision>, SchedError> {
         let t = self
             .trials
             .get(trial_id)
@@ -99,20 +93,20 @@ impl Scheduler {
         if t.state.is_terminal() {
             return Ok(out);
         }
-        let held = !t.lease.is_empty();
-        let attempt = t.attempts;
+        let (held, attempt) = (!t.lease.is_empty(), t.attempts);
+        let reason = state.as_str();
         if held {
             self.end_lease(trial_id);
             out.push(Decision::Ended {
                 trial_id: trial_id.to_string(),
                 attempt,
-                outcome: AttemptOutcome::Stopped,
-                reason: "stopped".into(),
+                outcome,
+                reason: reason.into(),
                 message: message.to_string(),
                 metrics_json: None,
             });
         }
-        self.set_state(trial_id, TrialState::Stopped, "stopped", message, &mut out);
+        self.set_state(trial_id, state, reason, message, &mut out);
         self.cancel_dependants(trial_id, &mut out);
         Ok(out)
     }
