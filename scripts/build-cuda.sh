@@ -4,6 +4,9 @@
 #
 #   scripts/build-cuda.sh            # release build -> target/cuda/release/ablate-worker
 #   scripts/build-cuda.sh --check    # only `cargo check` the cuda feature (still runs nvcc)
+#   scripts/build-cuda.sh --clippy   # `cargo clippy --all-targets -D warnings` of worker and
+#                                    # experiments with the feature: the workspace lints (SAFETY
+#                                    # comments, ...) cover the GPU code too
 #
 # Settings (environment):
 #   CUDA_COMPUTE_CAP   GPU architecture to compile the kernels for: 90 = H100/H200 (default),
@@ -39,13 +42,14 @@ cd "$(dirname "$0")/.."
 mode=build
 case "${1:-}" in
   --check) mode=check ;;
+  --clippy) mode=clippy ;;
   "") ;;
   -h | --help)
-    sed -n '2,30p' "$0"
+    awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"
     exit 0
     ;;
   *)
-    echo "build-cuda.sh: unknown argument $1 (use --check or nothing)" >&2
+    echo "build-cuda.sh: unknown argument $1 (use --check, --clippy or nothing)" >&2
     exit 2
     ;;
 esac
@@ -150,6 +154,11 @@ echo "build-cuda: nvcc $("$NVCC" --version | sed -n 's/.*release \([0-9.]*\).*/\
 if [ "$mode" = check ]; then
   cargo check -p worker --features "$FEATURES" --bins
   echo "build-cuda: the $FEATURES feature compiles"
+  exit 0
+fi
+if [ "$mode" = clippy ]; then
+  cargo clippy -p worker -p experiments --features "worker/$FEATURES" --all-targets -- -D warnings
+  echo "build-cuda: clippy is clean with the $FEATURES feature"
   exit 0
 fi
 bin="$CARGO_TARGET_DIR/release/ablate-worker"
