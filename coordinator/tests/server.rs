@@ -1335,6 +1335,17 @@ async fn the_tuner_stops_at_rungs_confirms_the_winner_and_its_decisions_survive_
     assert!(report(&mut w, &ids[0], 1, eval_json(10, 9.0)).await);
     // A late report from a stopped trial is refused.
     assert!(!report(&mut w, &ids[1], 1, eval_json(10, 1.0)).await);
+    // A watcher of the sweep, opened while it has only the grid trials, must learn of the
+    // confirm trial the decision adds (or it would think the sweep done without it).
+    let mut watch = admin
+        .watch(pb::WatchRequest { sweep: "s".into() })
+        .await
+        .unwrap()
+        .into_inner();
+    match watch.next().await.unwrap().unwrap().event {
+        Some(pb::watch_event::Event::Snapshot(s)) => assert_eq!(s.trials.len(), 3),
+        e => panic!("first watch event: {e:?}"),
+    }
     let accepted = w
         .complete(pb::CompleteRequest {
             trial_id: ids[0].clone(),
@@ -1382,6 +1393,23 @@ async fn the_tuner_stops_at_rungs_confirms_the_winner_and_its_decisions_survive_
         })
         .collect();
     assert_eq!(states, ["finished", "stopped", "stopped"]);
+    let seen = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            match watch.next().await.unwrap().unwrap().event {
+                Some(pb::watch_event::Event::Snapshot(s))
+                    if s.trials.iter().any(|t| t.id == confirm.id) =>
+                {
+                    break s.trials.len();
+                }
+                Some(pb::watch_event::Event::Trial(t)) if t.id == confirm.id => break 0,
+                _ => {}
+            }
+        }
+    })
+    .await
+    .expect("the watch shows the confirm trial added to the sweep");
+    assert_eq!(seen, 4, "a new snapshot with the confirm trial");
+    drop(watch);
     server.shutdown().await;
     // Another restart decides nothing again: no second confirm run.
     let server = Server::start(dir.path(), Duration::from_secs(30)).await;

@@ -20,6 +20,9 @@ pub(super) struct Inner {
 pub(super) enum Bus {
     Trial(Box<pb::TrialStatus>),
     Progress(pb::TrialProgress),
+    /// Trials were added to this sweep (a tuned arm's confirm runs): its watchers need a new
+    /// snapshot, since the trials they follow were fixed by the last one.
+    Sweep(String),
 }
 
 pub(super) struct Shared {
@@ -165,10 +168,13 @@ impl Shared {
                 })
                 .collect();
             for sweep in inner.store.sweeps_of(best).map_err(store_status)? {
-                inner
+                let added = inner
                     .store
                     .add_to_sweep(&sweep, &trials)
                     .map_err(store_status)?;
+                if !added.is_empty() {
+                    let _ = self.bus.send(Bus::Sweep(sweep));
+                }
             }
             for t in &trials {
                 decisions.extend(inner.sched.submit(TrialSpec {

@@ -183,13 +183,14 @@ impl SweepService for SweepApi {
             .0
             .locked(move |shared, inner| sweep_snapshot(inner, &shared.clock, &key))
             .await?;
-        let ids: HashSet<String> = snapshot.trials.iter().map(|t| t.id.clone()).collect();
         let sweep_id = snapshot.sweep_id.clone();
         let (tx, out) = mpsc::channel(256);
         let shared = self.0.clone();
         let mut stop = self.0.stop.clone();
         tokio::spawn(async move {
             let send = |e| pb::WatchEvent { event: Some(e) };
+            // The trials this watcher follows: those of the last snapshot it was sent.
+            let mut ids: HashSet<String> = snapshot.trials.iter().map(|t| t.id.clone()).collect();
             if tx
                 .send(Ok(send(pb::watch_event::Event::Snapshot(snapshot))))
                 .await
@@ -204,26 +205,28 @@ impl SweepService for SweepApi {
                     _ = stop.changed() => return,
                 };
                 let event = match msg {
-                    Ok(Bus::Trial(t)) if ids.contains(&t.id) => pb::watch_event::Event::Trial(*t),
+                    Ok(Bus::Trial(t)) if ids.contains(&t.id) => {
+                        Some(pb::watch_event::Event::Trial(*t))
+                    }
                     Ok(Bus::Progress(p)) if ids.contains(&p.trial_id) => {
-                        pb::watch_event::Event::Progress(p)
+                        Some(pb::watch_event::Event::Progress(p))
                     }
+                    // Trials were added to the sweep, or this watcher was too slow to follow
+                    // every event: send the whole picture again.
+                    Ok(Bus::Sweep(id)) if id == sweep_id => None,
+                    Err(broadcast::error::RecvError::Lagged(_)) => None,
                     Ok(_) => continue,
-                    Err(broadcast::error::RecvError::Lagged(_)) => {
-                        // Too slow to follow every event: send the whole picture again.
-                        let id = sweep_id.clone();
-                        let snap = shared
-                            .locked(move |shared, inner| sweep_snapshot(inner, &shared.clock, &id))
-                            .await;
-                        match snap {
-                            Ok(s) => pb::watch_event::Event::Snapshot(s),
-                            Err(e) => {
-                                let _ = tx.send(Err(e)).await;
-                                return;
-                            }
-                        }
-                    }
                     Err(broadcast::error::RecvError::Closed) => return,
+                };
+                let event = match event {
+                    Some(e) => e,
+                    None => match resnapshot(&shared, &sweep_id, &mut ids).await {
+                        Ok(s) => s,
+                        Err(e) => {
+                            let _ = tx.send(Err(e)).await;
+                            return;
+                        }
+                    },
                 };
                 if tx.send(Ok(send(event))).await.is_err() {
                     return;
@@ -314,4 +317,18 @@ impl SweepService for SweepApi {
                 .collect(),
         }))
     }
+}
+
+/// A new snapshot of `sweep_id` for a watcher, whose followed trials become the snapshot's.
+async fn resnapshot(
+    shared: &Arc<Shared>,
+    sweep_id: &str,
+    ids: &mut HashSet<String>,
+) -> Result<pb::watch_event::Event, Status> {
+    let id = sweep_id.to_string();
+    let snap = shared
+        .locked(move |shared, inner| sweep_snapshot(inner, &shared.clock, &id))
+        .await?;
+    *ids = snap.trials.iter().map(|t| t.id.clone()).collect();
+    Ok(pb::watch_event::Event::Snapshot(snap))
 }
