@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _};
 
-use crate::cli::{Client, DeviceKind, RunArgs};
+use crate::cli::{Client, DeviceKind, RunArgs, SweepWatch};
 use crate::progress::ProgressView;
 use crate::report::is_done;
 
@@ -148,11 +148,34 @@ async fn drive(
         let mut view = ProgressView::new(&sweep.name);
         let mut ticker = tokio::time::interval(Duration::from_millis(500));
         let mut signal = std::pin::pin!(crate::cli::shutdown_signal());
-        let mut poll_failures = 0u32;
+        // Progress comes from a Watch stream (a change costs the coordinator one trial's read);
+        // the ticker drives the worker supervisor and reopens a stream that ended.
+        let mut watch: Option<SweepWatch> = None;
+        let mut watch_failures = 0u32;
         loop {
+            if watch.is_none() {
+                match client.watch(&outcome.sweep_id).await {
+                    Ok(w) => {
+                        view.update(&w.view().statuses());
+                        if w.view().all_terminal() {
+                            break;
+                        }
+                        watch = Some(w);
+                    }
+                    Err(e) => {
+                        watch_failures += 1;
+                        if watch_failures > 20 {
+                            failure = Some(e.context("watching the embedded coordinator"));
+                            break;
+                        }
+                    }
+                }
+            }
+            let mut changed = None;
             tokio::select! {
                 _ = &mut signal => { interrupted = true; break; }
                 _ = ticker.tick() => {}
+                r = next_change(&mut watch) => changed = Some(r),
             }
             if server.is_finished() {
                 failure = Some(anyhow::anyhow!(
@@ -160,22 +183,25 @@ async fn drive(
                 ));
                 break;
             }
-            match client.get(&outcome.sweep_id).await {
-                Ok(s) => {
-                    poll_failures = 0;
-                    view.update(&s.statuses());
-                    snapshot = s;
-                    if snapshot.all_terminal() {
+            match (changed, &watch) {
+                (Some(Ok(true)), Some(w)) => {
+                    watch_failures = 0;
+                    view.update(&w.view().statuses());
+                    if w.view().all_terminal() {
                         break;
                     }
                 }
-                Err(e) => {
-                    poll_failures += 1;
-                    if poll_failures > 20 {
-                        failure = Some(e.context("polling the embedded coordinator"));
+                (Some(Ok(false) | Err(_)), _) => {
+                    watch = None;
+                    watch_failures += 1;
+                    if watch_failures > 20 {
+                        failure = Some(anyhow::anyhow!(
+                            "the embedded coordinator kept ending the progress stream"
+                        ));
                         break;
                     }
                 }
+                _ => {}
             }
             let events = workers.poll(Instant::now(), &mut spawn);
             report_events(&workers, events, &mut view);
@@ -531,6 +557,14 @@ pub fn write_secret(path: &Path, secret: &str) -> anyhow::Result<()> {
     f.write_all(secret.as_bytes())
         .with_context(|| format!("writing {}", path.display()))?;
     Ok(())
+}
+
+/// The next change of the sweep, or never when there is no stream (the caller reopens it).
+async fn next_change(watch: &mut Option<SweepWatch>) -> anyhow::Result<bool> {
+    match watch {
+        Some(w) => w.next().await,
+        None => std::future::pending().await,
+    }
 }
 
 #[cfg(test)]

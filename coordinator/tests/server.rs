@@ -1501,3 +1501,85 @@ async fn back_to_back_calls_do_not_wait_for_delayed_acks() {
     );
     server.shutdown().await;
 }
+
+/// `Client::watch` (what `ablate status --watch` and `ablate run` follow a sweep with): the
+/// snapshot, then a worker's lease, step report and completion arrive as changes applied to the
+/// view, with no `Get` in between.
+#[tokio::test]
+async fn a_client_watch_applies_each_change_to_its_view() {
+    use coordinator::cli::{Client, SweepView, SweepWatch};
+    use coordinator::scheduler::TrialState;
+    async fn until(watch: &mut SweepWatch, what: &str, ok: impl Fn(&SweepView) -> bool) {
+        tokio::time::timeout(Duration::from_secs(5), async {
+            while !ok(watch.view()) {
+                assert!(watch.next().await.unwrap(), "the stream ended");
+            }
+        })
+        .await
+        .unwrap_or_else(|_| panic!("{what}: {:?}", watch.view().trials));
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), Duration::from_secs(30)).await;
+    let mut admin = server.admin().await;
+    let mut w = server.worker().await;
+    let c = config("a", Base::HfDir { path: "/m".into() }, 10);
+    admin
+        .submit(pb::SubmitRequest {
+            sweep_name: "s".into(),
+            sweep_text: "t".into(),
+            trials: vec![submitted(&c)],
+        })
+        .await
+        .unwrap();
+    let mut client = Client::connect(&server.url, Some(ADMIN_TOKEN.into()))
+        .await
+        .unwrap();
+    let mut watch = client.watch("s").await.unwrap();
+    assert_eq!(watch.view().trials.len(), 1);
+    assert_eq!(watch.view().trials[0].state, TrialState::Queued);
+    let wid = register(&mut w, "one").await;
+    let l = lease(&mut w, &wid, 1000).await.unwrap();
+    until(&mut watch, "running", |v| {
+        v.trials[0].state == TrialState::Running
+    })
+    .await;
+    let accepted = w
+        .report(pb::ReportRequest {
+            trial_id: l.trial_id.clone(),
+            attempt: 1,
+            seq: 0,
+            progress_json: step_json(3),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .accepted;
+    assert!(accepted);
+    until(&mut watch, "step 3", |v| v.trials[0].step == 3).await;
+    let t = &watch.view().trials[0];
+    assert_eq!(
+        (t.total, t.loss, t.tokens_per_sec),
+        (10, Some(4.5), Some(123.0))
+    );
+    let metrics = TrialMetrics {
+        perplexity: 42.0,
+        valid_loss: 3.7,
+        ..Default::default()
+    };
+    let done = w
+        .complete(pb::CompleteRequest {
+            trial_id: l.trial_id.clone(),
+            attempt: 1,
+            metrics_json: serde_json::to_string(&metrics).unwrap(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(done.accepted);
+    until(&mut watch, "finished", |v| v.all_terminal()).await;
+    let t = &watch.view().trials[0];
+    assert_eq!(t.state, TrialState::Finished);
+    assert_eq!(t.metrics.as_ref().map(|m| m.perplexity), Some(42.0));
+    drop(watch);
+    server.shutdown().await;
+}

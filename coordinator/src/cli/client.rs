@@ -132,6 +132,77 @@ impl SweepView {
     }
 }
 
+/// A sweep followed through `Watch` ([`Client::watch`]): the view is the coordinator's snapshot
+/// with every change since applied to it.
+pub struct SweepWatch {
+    stream: tonic::Streaming<pb::WatchEvent>,
+    view: SweepView,
+    url: String,
+    what: String,
+}
+
+impl SweepWatch {
+    pub fn view(&self) -> &SweepView {
+        &self.view
+    }
+
+    pub fn into_view(self) -> SweepView {
+        self.view
+    }
+
+    /// Wait for the next change and apply it. `Ok(false)`: the coordinator ended the stream (it
+    /// is shutting down); watch again to go on.
+    pub async fn next(&mut self) -> anyhow::Result<bool> {
+        let Some(event) = self
+            .stream
+            .message()
+            .await
+            .map_err(|s| status_error(&self.url, &self.what, s))?
+        else {
+            return Ok(false);
+        };
+        match event.event {
+            Some(pb::watch_event::Event::Snapshot(s)) => self.view = sweep_view(s)?,
+            Some(pb::watch_event::Event::Trial(t)) => {
+                let mut new = trial_view(t)?;
+                match self.view.trials.iter_mut().find(|t| t.id == new.id) {
+                    Some(old) => {
+                        // A change carries no wait reason (the coordinator works those out for
+                        // Get only): a trial still waiting keeps the one it had.
+                        if matches!(new.state, TrialState::Queued | TrialState::Waiting) {
+                            new.wait_reason = old.wait_reason.take();
+                        }
+                        *old = new;
+                    }
+                    None => self.view.trials.push(new),
+                }
+            }
+            Some(pb::watch_event::Event::Progress(p)) => {
+                let step = serde_json::from_str::<Progress>(&p.progress_json);
+                let trial = self.view.trials.iter_mut().find(|t| t.id == p.trial_id);
+                if let (
+                    Ok(Progress::Step {
+                        step,
+                        total,
+                        loss,
+                        tokens_per_sec,
+                        ..
+                    }),
+                    Some(t),
+                ) = (step, trial)
+                {
+                    t.step = step;
+                    t.total = total;
+                    t.loss = loss.is_finite().then_some(loss);
+                    t.tokens_per_sec = (tokens_per_sec > 0.0).then_some(tokens_per_sec);
+                }
+            }
+            None => {}
+        }
+        Ok(true)
+    }
+}
+
 /// What `Submit` answered.
 #[derive(Clone, Debug)]
 pub struct SubmitOutcome {
@@ -179,6 +250,19 @@ fn opt(s: String) -> Option<String> {
 pub(crate) fn wire_state(trial: &str, state: &str) -> anyhow::Result<TrialState> {
     TrialState::parse(&state.to_ascii_lowercase()).with_context(|| {
         format!("trial {trial}: unknown state {state:?} from the coordinator (a newer version?)")
+    })
+}
+
+fn sweep_view(r: pb::GetResponse) -> anyhow::Result<SweepView> {
+    Ok(SweepView {
+        id: r.sweep_id,
+        name: r.name,
+        text: r.sweep_text,
+        trials: r
+            .trials
+            .into_iter()
+            .map(trial_view)
+            .collect::<anyhow::Result<_>>()?,
     })
 }
 
@@ -299,15 +383,36 @@ impl Client {
             .await
             .map_err(|s| status_error(&self.url, &format!("sweep {sweep}"), s))?
             .into_inner();
-        Ok(SweepView {
-            id: r.sweep_id,
-            name: r.name,
-            text: r.sweep_text,
-            trials: r
-                .trials
-                .into_iter()
-                .map(trial_view)
-                .collect::<anyhow::Result<_>>()?,
+        sweep_view(r)
+    }
+
+    /// Follow a sweep through `Watch`: its snapshot now, then each change as it happens (see
+    /// [`SweepWatch`]). Following a sweep this way costs the coordinator a query per change,
+    /// where polling `Get` read every trial each time.
+    pub async fn watch(&mut self, sweep: &str) -> anyhow::Result<SweepWatch> {
+        let what = format!("watching sweep {sweep}");
+        let mut stream = self
+            .inner
+            .watch(pb::WatchRequest {
+                sweep: sweep.to_string(),
+            })
+            .await
+            .map_err(|s| status_error(&self.url, &what, s))?
+            .into_inner();
+        let first = stream
+            .message()
+            .await
+            .map_err(|s| status_error(&self.url, &what, s))?
+            .with_context(|| format!("{what}: the stream ended before its snapshot"))?;
+        let view = match first.event {
+            Some(pb::watch_event::Event::Snapshot(s)) => sweep_view(s)?,
+            other => anyhow::bail!("{what}: the stream began with {other:?}, not a snapshot"),
+        };
+        Ok(SweepWatch {
+            stream,
+            view,
+            url: self.url.clone(),
+            what,
         })
     }
 

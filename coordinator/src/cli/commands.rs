@@ -8,8 +8,9 @@ use super::{BackupArgs, CancelArgs, DrainArgs, ListArgs, RestoreArgs, StatusArgs
 use crate::progress::ProgressView;
 use crate::scheduler::TrialState;
 
-/// Poll `Get` and show progress until every trial is terminal or `keep_going` says stop.
-/// Returns the last snapshot.
+/// Follow a sweep through `Watch` and show progress until every trial is terminal or
+/// `keep_going` says stop. Returns the last view. A stream that ends or fails (a coordinator
+/// restart) is opened again, up to 30 times in a row without a change seen in between.
 pub async fn watch_sweep(
     client: &mut Client,
     sweep: &str,
@@ -18,20 +19,34 @@ pub async fn watch_sweep(
 ) -> anyhow::Result<SweepView> {
     let mut failures = 0u32;
     loop {
-        match client.get(sweep).await {
-            Ok(s) => {
-                failures = 0;
-                view.update(&s.statuses());
-                if s.all_terminal() || !keep_going(&s)? {
-                    return Ok(s);
+        match client.watch(sweep).await {
+            Ok(mut watch) => loop {
+                view.update(&watch.view().statuses());
+                if watch.view().all_terminal() || !keep_going(watch.view())? {
+                    return Ok(watch.into_view());
                 }
-            }
-            // A coordinator restart should not end a watch: retry for a while.
+                match watch.next().await {
+                    Ok(true) => failures = 0,
+                    Ok(false) => {
+                        failures += 1;
+                        tracing::warn!("the coordinator ended the watch; watching again");
+                        break;
+                    }
+                    Err(e) => {
+                        failures += 1;
+                        tracing::warn!(cause = %e, "the watch failed; watching again");
+                        break;
+                    }
+                }
+            },
             Err(e) if failures < 30 => {
                 failures += 1;
-                tracing::warn!(cause = %e, "status poll failed; retrying");
+                tracing::warn!(cause = %e, "watching the sweep failed; retrying");
             }
             Err(e) => return Err(e),
+        }
+        if failures > 30 {
+            anyhow::bail!("watching sweep {sweep}: the coordinator kept ending the stream");
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }

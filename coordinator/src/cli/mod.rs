@@ -23,7 +23,7 @@ pub mod report;
 pub mod serve;
 
 pub(crate) use client::{connect, status_error, wire_state};
-pub use client::{Client, SubmitOutcome, SweepListing, SweepView, TrialView};
+pub use client::{Client, SubmitOutcome, SweepListing, SweepView, SweepWatch, TrialView};
 pub use commands::{backup, cancel, drain, list, restore, status, submit, watch_sweep};
 pub use report::{report, write_sweep_report};
 pub use serve::{check_exposure, lease_ttl, resolve_listen, serve, serve_on, shutdown_signal};
