@@ -136,6 +136,24 @@ async fn lease(w: &mut WorkerClient, worker_id: &str, wait_ms: u64) -> Option<pb
     .lease
 }
 
+/// Complete attempt `attempt` of `trial_id` with `metrics`; whether the coordinator accepted it.
+async fn complete(
+    w: &mut WorkerClient,
+    trial_id: &str,
+    attempt: u32,
+    metrics: &TrialMetrics,
+) -> bool {
+    w.complete(pb::CompleteRequest {
+        trial_id: trial_id.into(),
+        attempt,
+        metrics_json: serde_json::to_string(metrics).unwrap(),
+    })
+    .await
+    .unwrap()
+    .into_inner()
+    .accepted
+}
+
 fn step_json(step: u64) -> String {
     serde_json::to_string(&Progress::Step {
         step,
@@ -298,15 +316,7 @@ async fn submit_lease_report_complete_get() {
         steps: 10,
         ..Default::default()
     };
-    let done = w
-        .complete(pb::CompleteRequest {
-            trial_id: l.trial_id.clone(),
-            attempt: 1,
-            metrics_json: serde_json::to_string(&metrics).unwrap(),
-        })
-        .await
-        .unwrap();
-    assert!(done.into_inner().accepted);
+    assert!(complete(&mut w, &l.trial_id, 1, &metrics).await);
     // The finished trial keeps its model but not its resumable checkpoint.
     let names: Vec<String> = w
         .list_artifacts(pb::ListArtifactsRequest {
@@ -575,17 +585,11 @@ async fn restart_keeps_results_and_leases_for_one_ttl_then_requeues_and_watch_st
         let la = lease(&mut w, &wid, 1000).await.unwrap();
         assert_eq!(la.trial_id, a.id());
         let lb = lease(&mut w, &wid, 1000).await.unwrap();
-        w.complete(pb::CompleteRequest {
-            trial_id: lb.trial_id,
-            attempt: 1,
-            metrics_json: serde_json::to_string(&TrialMetrics {
-                perplexity: 7.0,
-                ..Default::default()
-            })
-            .unwrap(),
-        })
-        .await
-        .unwrap();
+        let seven = TrialMetrics {
+            perplexity: 7.0,
+            ..Default::default()
+        };
+        complete(&mut w, &lb.trial_id, 1, &seven).await;
         // A watch stream must not hold up shutdown.
         let _watch = admin
             .watch(pb::WatchRequest { sweep: "s".into() })
@@ -813,19 +817,11 @@ async fn a_worker_that_heartbeats_after_a_restart_keeps_its_attempt() {
             .unwrap();
         assert!(r.into_inner().accepted);
     }
-    let c = w
-        .complete(pb::CompleteRequest {
-            trial_id: a.id(),
-            attempt: 1,
-            metrics_json: serde_json::to_string(&TrialMetrics {
-                perplexity: 5.0,
-                ..Default::default()
-            })
-            .unwrap(),
-        })
-        .await
-        .unwrap();
-    assert!(c.into_inner().accepted);
+    let five = TrialMetrics {
+        perplexity: 5.0,
+        ..Default::default()
+    };
+    assert!(complete(&mut w, &a.id(), 1, &five).await);
     let got = admin
         .get(pb::GetRequest { sweep: "s".into() })
         .await
@@ -1346,22 +1342,12 @@ async fn the_tuner_stops_at_rungs_confirms_the_winner_and_its_decisions_survive_
         Some(pb::watch_event::Event::Snapshot(s)) => assert_eq!(s.trials.len(), 3),
         e => panic!("first watch event: {e:?}"),
     }
-    let accepted = w
-        .complete(pb::CompleteRequest {
-            trial_id: ids[0].clone(),
-            attempt: 1,
-            metrics_json: serde_json::to_string(&TrialMetrics {
-                perplexity: 50.0,
-                valid_loss: 3.9,
-                ..Default::default()
-            })
-            .unwrap(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .accepted;
-    assert!(accepted);
+    let winner = TrialMetrics {
+        perplexity: 50.0,
+        valid_loss: 3.9,
+        ..Default::default()
+    };
+    assert!(complete(&mut w, &ids[0], 1, &winner).await);
     // The arm is decided: the winner's setting runs at the second confirm seed.
     let got = get(&mut admin).await;
     assert_eq!(
@@ -1566,16 +1552,7 @@ async fn a_client_watch_applies_each_change_to_its_view() {
         valid_loss: 3.7,
         ..Default::default()
     };
-    let done = w
-        .complete(pb::CompleteRequest {
-            trial_id: l.trial_id.clone(),
-            attempt: 1,
-            metrics_json: serde_json::to_string(&metrics).unwrap(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    assert!(done.accepted);
+    assert!(complete(&mut w, &l.trial_id, 1, &metrics).await);
     until(&mut watch, "finished", |v| v.all_terminal()).await;
     let t = &watch.view().trials[0];
     assert_eq!(t.state, TrialState::Finished);
