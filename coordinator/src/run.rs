@@ -153,6 +153,8 @@ async fn drive(
         let mut watch: Option<SweepWatch> = None;
         let mut watch_failures = 0u32;
         loop {
+            // Why the stream was lost this turn, if it was.
+            let mut lost = None;
             if watch.is_none() {
                 match client.watch(&outcome.sweep_id).await {
                     Ok(w) => {
@@ -162,13 +164,7 @@ async fn drive(
                         }
                         watch = Some(w);
                     }
-                    Err(e) => {
-                        watch_failures += 1;
-                        if watch_failures > 20 {
-                            failure = Some(e.context("watching the embedded coordinator"));
-                            break;
-                        }
-                    }
+                    Err(e) => lost = Some(e),
                 }
             }
             let mut changed = None;
@@ -183,25 +179,27 @@ async fn drive(
                 ));
                 break;
             }
-            match (changed, &watch) {
-                (Some(Ok(true)), Some(w)) => {
+            match changed {
+                Some(Ok(true)) => {
                     watch_failures = 0;
-                    view.update(&w.view().statuses());
-                    if w.view().all_terminal() {
-                        break;
+                    if let Some(w) = &watch {
+                        view.update(&w.view().statuses());
+                        if w.view().all_terminal() {
+                            break;
+                        }
                     }
                 }
-                (Some(Ok(false) | Err(_)), _) => {
-                    watch = None;
-                    watch_failures += 1;
-                    if watch_failures > 20 {
-                        failure = Some(anyhow::anyhow!(
-                            "the embedded coordinator kept ending the progress stream"
-                        ));
-                        break;
-                    }
+                Some(Ok(false)) => lost = Some(anyhow::anyhow!("the stream ended")),
+                Some(Err(e)) => lost = Some(e),
+                None => {}
+            }
+            if let Some(e) = lost {
+                watch = None;
+                watch_failures += 1;
+                if watch_failures > 20 {
+                    failure = Some(e.context("following the embedded coordinator's progress"));
+                    break;
                 }
-                _ => {}
             }
             let events = workers.poll(Instant::now(), &mut spawn);
             report_events(&workers, events, &mut view);

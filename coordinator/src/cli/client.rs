@@ -46,6 +46,15 @@ pub struct TrialView {
 }
 
 impl TrialView {
+    /// The latest training step as the coordinator reports it: a loss that is not finite and a
+    /// throughput of 0 are "not known yet".
+    fn set_step(&mut self, step: u64, total: u64, loss: f64, tokens_per_sec: f64) {
+        self.step = step;
+        self.total = total;
+        self.loss = loss.is_finite().then_some(loss);
+        self.tokens_per_sec = (tokens_per_sec > 0.0).then_some(tokens_per_sec);
+    }
+
     pub fn record(&self) -> TrialRecord {
         TrialRecord {
             id: self.id.clone(),
@@ -191,10 +200,7 @@ impl SweepWatch {
                     Some(t),
                 ) = (step, trial)
                 {
-                    t.step = step;
-                    t.total = total;
-                    t.loss = loss.is_finite().then_some(loss);
-                    t.tokens_per_sec = (tokens_per_sec > 0.0).then_some(tokens_per_sec);
+                    t.set_step(step, total, loss, tokens_per_sec);
                 }
             }
             None => {}
@@ -284,8 +290,7 @@ fn trial_view(t: pb::TrialStatus) -> anyhow::Result<TrialView> {
     };
     let state = wire_state(&t.id, &t.state)?;
     let p = t.progress.unwrap_or_default();
-    let has_progress = p.total > 0 || p.step > 0;
-    Ok(TrialView {
+    let mut view = TrialView {
         id: t.id,
         name: t.name,
         family: t.method,
@@ -296,10 +301,10 @@ fn trial_view(t: pb::TrialStatus) -> anyhow::Result<TrialView> {
         reason: opt(t.failure_reason),
         message: opt(t.failure_message),
         worker,
-        step: p.step,
-        total: p.total,
-        loss: (has_progress && p.loss.is_finite()).then_some(p.loss),
-        tokens_per_sec: (has_progress && p.tokens_per_sec > 0.0).then_some(p.tokens_per_sec),
+        step: 0,
+        total: 0,
+        loss: None,
+        tokens_per_sec: None,
         started_ms: (t.started_unix_ms > 0).then_some(t.started_unix_ms),
         finished_ms: (t.finished_unix_ms > 0).then_some(t.finished_unix_ms),
         wait_reason: opt(t.wait_reason),
@@ -317,7 +322,12 @@ fn trial_view(t: pb::TrialStatus) -> anyhow::Result<TrialView> {
                 price_per_hour: a.price_per_hour,
             })
             .collect(),
-    })
+    };
+    // No progress yet when the coordinator sent neither a step nor a total.
+    if p.total > 0 || p.step > 0 {
+        view.set_step(p.step, p.total, p.loss, p.tokens_per_sec);
+    }
+    Ok(view)
 }
 
 impl Client {

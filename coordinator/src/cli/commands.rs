@@ -19,7 +19,7 @@ pub async fn watch_sweep(
 ) -> anyhow::Result<SweepView> {
     let mut failures = 0u32;
     loop {
-        match client.watch(sweep).await {
+        let why = match client.watch(sweep).await {
             Ok(mut watch) => loop {
                 view.update(&watch.view().statuses());
                 if watch.view().all_terminal() || !keep_going(watch.view())? {
@@ -27,27 +27,17 @@ pub async fn watch_sweep(
                 }
                 match watch.next().await {
                     Ok(true) => failures = 0,
-                    Ok(false) => {
-                        failures += 1;
-                        tracing::warn!("the coordinator ended the watch; watching again");
-                        break;
-                    }
-                    Err(e) => {
-                        failures += 1;
-                        tracing::warn!(cause = %e, "the watch failed; watching again");
-                        break;
-                    }
+                    Ok(false) => break anyhow::anyhow!("the coordinator ended the stream"),
+                    Err(e) => break e,
                 }
             },
-            Err(e) if failures < 30 => {
-                failures += 1;
-                tracing::warn!(cause = %e, "watching the sweep failed; retrying");
-            }
-            Err(e) => return Err(e),
-        }
+            Err(e) => e,
+        };
+        failures += 1;
         if failures > 30 {
-            anyhow::bail!("watching sweep {sweep}: the coordinator kept ending the stream");
+            return Err(why.context(format!("watching sweep {sweep}: 30 tries in a row failed")));
         }
+        tracing::warn!(cause = %why, "watching the sweep again");
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
 }
